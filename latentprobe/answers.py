@@ -8,9 +8,13 @@ named objects in the ``PARSERS`` registry, so a subject names its format as data
 - ``letter``: an option letter ("A", "(B)", "B.", "Answer: C", "The answer is D"), or an option's text mapped to
   its letter.
 - ``tags``:   the content of the last ``<answer>...</answer>``.
+- ``answer_tag_letter``: LVR's evaluation rule: the text after the last ``<answer>`` (up to ``</answer``), its
+  first word's first character; with no tag, the first character of the whole output.
 - ``exact``:  the whole text, compared after SQuAD-style normalisation.
 
-``score_answer`` parses a text and compares it with the instance's gold answer. "unparsable" is a status of its
+``score_answer`` parses a text and compares it with the instance's gold answer. An instance may name its own
+check in ``attributes["answer_check"]`` (``CHECKS``): VSP planning instances say ``"plan_on_map"`` and are scored
+by simulating the stated plan on the map, as VSP's and Mirage's evaluations do, not by string equality. "unparsable" is a status of its
 own, never counted as correct, so summaries can report it apart from "wrong". When the instance has options the
 comparison goes both ways: a parsed letter or a parsed option text matches a gold given as a letter or as text.
 
@@ -172,8 +176,44 @@ def _marked_letter(text: str, instance: Instance | None, explicit: bool = False)
     return letter if letter in _letters(instance) else None
 
 
+@dataclass(frozen=True)
+class AnswerCheck:
+    """An instance-specific way to judge a parsed answer (named in ``instance.attributes["answer_check"]``).
+
+    ``judge(parsed, instance)`` returns True/False, or None when the parsed text states no answer of this kind
+    (unparsable); ``canonical(parsed, instance)`` is the form compared across runs (flip rates).
+    """
+
+    name: str
+    judge: Callable[[str, Instance], bool | None]
+    canonical: Callable[[str, Instance], str | None]
+
+
+def _plan_check() -> AnswerCheck:
+    from .benchmarks.vsp import judge_plan, canonical_plan  # the maze rules live with the benchmark
+
+    return AnswerCheck("plan_on_map", judge_plan, canonical_plan)
+
+
+CHECKS: dict[str, Callable[[], AnswerCheck]] = {"plan_on_map": _plan_check}
+
+
+def instance_check(instance: Instance) -> AnswerCheck | None:
+    """The instance's own answer check, if it names one."""
+    name = (instance.attributes or {}).get("answer_check")
+    if not name:
+        return None
+    if name not in CHECKS:
+        raise LatentProbeError(f"instance {instance.id} asks for answer check {name!r}, which latentprobe lacks",
+                               f"use one of {', '.join(sorted(CHECKS))} or drop attributes['answer_check']")
+    return CHECKS[name]()
+
+
 def answers_match(parsed: str, instance: Instance) -> bool:
     """Whether a parsed answer is the instance's gold answer, comparing letters and option texts both ways."""
+    check = instance_check(instance)
+    if check is not None:
+        return bool(check.judge(parsed, instance))
     if instance.options:
         parsed_letter, gold_letter = option_letter(parsed, instance), option_letter(instance.answer, instance)
         if parsed_letter is not None and gold_letter is not None:
@@ -282,6 +322,26 @@ def extract_tags(text: str, instance: Instance | None = None) -> str | None:
     return contents[-1] if contents else None
 
 
+@register_parser("answer_tag_letter", "LVR: first character of the first word inside the last <answer>")
+def extract_answer_tag_letter(text: str, instance: Instance | None = None) -> str | None:
+    """LVR's reading of an answer (VincentLeebang/lvr, evaluation/evaluation.py ``accuracy_reward``).
+
+    The text after the last ``<answer>`` and before ``</answer``, stripped; its first word; that word's first
+    character. With no ``<answer>`` the whole output is read the same way. The authors compare that character with
+    the gold letter as is (case-sensitive); here a character that is not an option letter is unparsable, which
+    scores the same (never correct) but is reported apart.
+
+    >>> inst = Instance(id="q", question="?", answer="B", options=["cat", "dog"])
+    >>> [extract_answer_tag_letter(t, inst) for t in ["\\n<answer> B </answer>", "<answer>B. dog</answer>", "A", "dog"]]
+    ['B', 'B', 'A', None]
+    """
+    content = text.split("<answer>")[-1].split("</answer")[0].strip()
+    if not content:
+        return None
+    character = content.split()[0][0]
+    return character if character in _letters(instance) else None
+
+
 @register_parser("exact", "the whole text, compared after SQuAD normalisation")
 def extract_exact(text: str, instance: Instance | None = None) -> str | None:
     """The whole text, stripped; empty output is unparsable.
@@ -307,5 +367,12 @@ def score_answer(text: str | None, instance: Instance, parser: str | AnswerParse
     parsed = extract(text, instance) if text else None
     if parsed is None or not parsed.strip():
         return ParsedAnswer(parsed=None, status="unparsable")
+    check = instance_check(instance)
+    if check is not None:
+        verdict = check.judge(parsed, instance)
+        if verdict is None:  # e.g. a box holding no move at all
+            return ParsedAnswer(parsed=None, status="unparsable")
+        return ParsedAnswer(parsed=parsed, status="correct" if verdict else "wrong",
+                            canonical=check.canonical(parsed, instance))
     status = "correct" if answers_match(parsed, instance) else "wrong"
     return ParsedAnswer(parsed=parsed, status=status, canonical=canonical_answer(parsed, instance))

@@ -16,8 +16,9 @@ from PIL import Image
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from latentprobe.benchmarks import BENCHMARKS, detect, load_benchmark  # noqa: E402
-from latentprobe.benchmarks.vsp import plan_is_safe, shortest_plan  # noqa: E402
-from latentprobe.benchmarks.vstar import parse_question_text  # noqa: E402
+from latentprobe.benchmarks.vsp import (judge_plan, parse_plan, plan_is_safe, shortest_plan,  # noqa: E402
+                                        simulate_plan)
+from latentprobe.benchmarks.vstar import parse_question_text, shuffled_option_order  # noqa: E402
 from latentprobe.data import load_images  # noqa: E402
 from latentprobe.errors import InstanceError, LatentProbeError  # noqa: E402
 
@@ -180,11 +181,26 @@ def test_vstar_split_and_limit(vstar_hf):
         load_benchmark("vstar", vstar_hf, split="colour")
 
 
-def test_vstar_original_folders_put_gold_first(vstar_hf):
+def test_vstar_original_folders_shuffle_options_per_instance_and_record_the_order(vstar_hf):
     (vstar_hf / "test_questions.jsonl").unlink()
     (vstar_hf / "relative_position" / "sa_10.jpg").unlink()
+    listed = ["rubber", "cotton", "kevlar", "leather"]  # the release lists the gold (rubber) first
     [glove] = load_benchmark("vstar", vstar_hf)
-    assert glove.options == ["rubber", "cotton", "kevlar", "leather"] and glove.answer == "rubber"
+    order = glove.attributes["option_order"]
+    assert sorted(order) == [0, 1, 2, 3] and glove.options == [listed[i] for i in order]
+    assert glove.answer == "rubber" and glove.gold_letter == "ABCD"[order.index(0)]
+    [again] = load_benchmark("vstar", vstar_hf)
+    assert again.options == glove.options  # same seed, same order
+    # over many instance ids the gold lands on every letter, and another seed gives other orders
+    golds = {shuffled_option_order(f"direct_attributes/sa_{i}", 4).index(0) for i in range(40)}
+    assert golds == {0, 1, 2, 3}
+    assert any(shuffled_option_order(f"x/{i}", 4, seed=1) != shuffled_option_order(f"x/{i}", 4) for i in range(5))
+
+
+def test_vstar_release_keeps_its_labels_and_raw_text(vstar_hf):
+    glove, _ = load_benchmark("vstar", vstar_hf)
+    assert glove.gold_letter == "D" and "option_order" not in glove.attributes
+    assert glove.attributes["raw_text"].startswith("What is the material of the glove?\n(A) rubber")
 
 
 def test_vstar_lmms_parquet_writes_embedded_image_to_cache(tmp_path):
@@ -363,6 +379,78 @@ def test_vsp_maze_logic():
     assert shortest_plan(rows) == ["D", "D", "D", "D"]
     assert plan_is_safe(rows, list("RD")) is False and plan_is_safe(rows, list("LDDDDR")) is True
     assert shortest_plan(["SH", "HG"]) is None
+
+
+# A hand-made 4x4 map: S start, G goal, H holes (rows top to bottom).
+MAZE = ["SFFH",
+        "FHFF",
+        "FFFH",
+        "HFFG"]
+
+
+@pytest.mark.parametrize("plan", ["R,R,D,D,D,R", "D,D,R,R,D,R", "D, D, R, D, R, R", "DDRDRR", "'Right', 'Right', "
+                                  "'Down', 'Down', 'Down', 'Right'", "R R D R L D D R", "L,U,D,D,R,R,D,R"])
+def test_every_valid_plan_reaches_the_goal(plan):
+    moves = parse_plan(plan)
+    assert simulate_plan(MAZE, moves) == "goal" and simulate_plan(MAZE, moves, rule="end") == "goal"
+
+
+@pytest.mark.parametrize("plan, outcome", [
+    ("R,D", "hole"),                 # (2,2) is a hole
+    ("R,R,R", "hole"),               # (1,4) is a hole
+    ("D,D,D", "hole"),               # (4,1) is a hole
+    ("D,D,R,R", "not_reached"),      # safe but short of the goal
+    ("U,U,L,L", "not_reached"),      # off the map: the player stays in place
+    ("R,R,D,D,R", "hole"),           # (3,4) is a hole
+    ("D,D,R,R,D,R,R,D", "goal"),     # reaches the goal (the moves after it are never walked)
+])
+def test_plans_through_holes_or_short_or_off_map(plan, outcome):
+    assert simulate_plan(MAZE, parse_plan(plan)) == outcome
+
+
+def test_the_two_evaluations_differ_only_after_the_goal():
+    walks_on = parse_plan("D,D,R,R,D,R,L")  # reaches the goal, then leaves it
+    assert simulate_plan(MAZE, walks_on, rule="reach") == "goal"  # VSP: the episode ends on the goal
+    assert simulate_plan(MAZE, walks_on, rule="end") == "not_reached"  # Mirage: the walk must end there
+    falls_after = parse_plan("D,D,R,R,D,R,U")  # ... or goes up into the hole at (3,4)
+    assert simulate_plan(MAZE, falls_after, rule="end") == "hole"
+    stays = parse_plan("D,D,R,R,D,R,R,D")  # off the map from the goal: still on it
+    assert simulate_plan(MAZE, stays, rule="end") == "goal"
+
+
+def test_vsp_planning_is_scored_by_simulation_not_string_equality(vsp_folder):
+    from latentprobe.answers import score_answer
+
+    [plan] = load_benchmark("vsp", vsp_folder, split="spatial_planning")
+    assert plan.answer == "D" and plan.attributes["answer_check"] == "plan_on_map"
+    # map FFF / HSF / HGH: D is the shortest plan; R,L,D and U,D,D,U,D (off nothing) also reach the goal
+    assert score_answer(r"The answer is \boxed{D}", plan, "boxed").correct
+    assert score_answer(r"\boxed{R, L, D}", plan, "boxed").correct
+    assert score_answer(r"\boxed{Up, Down, Down}", plan, "boxed").correct
+    wrong = score_answer(r"\boxed{L}", plan, "boxed")
+    assert (wrong.status, wrong.canonical) == ("wrong", "L")
+    assert score_answer(r"\boxed{R, D}", plan, "boxed").status == "wrong"
+    assert score_answer(r"\boxed{no idea}", plan, "boxed").status == "unparsable"
+    assert score_answer("D", plan, "boxed").status == "unparsable"  # no box: Mirage reads nothing either
+    assert judge_plan("R,D,L", plan) is False  # R to (2,3), D into the hole at (3,3)
+
+
+def test_vsp_levels_plan_rule_and_pure_text_maps(vsp_folder):
+    level = vsp_folder / "maze" / "task-main" / "maps" / "level4"
+    save_png(level / "img" / "0.png")
+    (level / "pure_text").mkdir(parents=True)
+    (level / "pure_text" / "0.txt").write_text(
+        "This is a 4x4 map.\nThe player is at: row 1, column 1;\nThe hole(s) are at: Row 1, Column 4; Row 2, "
+        "Column 2; Row 3, Column 4; Row 4, Column 1;\nThe goal is at: Row 4, Column 4.")
+    planning = load_benchmark("vsp", vsp_folder, split="spatial_planning")
+    assert [i.attributes["level"] for i in planning] == [3, 4]
+    assert planning[1].attributes["map_rows"] == MAZE
+    only4 = load_benchmark("vsp", vsp_folder, split="spatial_planning", levels=[4], plan_rule="end")
+    assert [i.id for i in only4] == ["spatial_planning/level4/0"] and only4[0].attributes["plan_rule"] == "end"
+    with pytest.raises(LatentProbeError, match="plan rule"):
+        load_benchmark("vsp", vsp_folder, plan_rule="shortest")
+    with pytest.raises(LatentProbeError, match="takes no option"):
+        load_benchmark("mmvp", vsp_folder, levels=[3])
 
 
 # ---------------------------------------------------------------- registry and bad input

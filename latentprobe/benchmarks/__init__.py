@@ -97,15 +97,25 @@ def looks_like(folder: str | Path, name: str) -> bool:
 
 
 def load_benchmark(name: str, folder: str | Path, limit: int | None = None, split: str | None = None,
-                   cache_dir: str | Path | None = None) -> list[Instance]:
+                   cache_dir: str | Path | None = None, **options) -> list[Instance]:
     """Load benchmark ``name`` from the local copy in ``folder``.
 
     ``limit`` keeps the first N instances (after ``split`` filtering); ``split`` names a sub-task (comma-separated
     for several; see each loader); ``cache_dir`` receives images that the benchmark embeds in its files.
+    ``options`` go to the loader (e.g. VSP's ``levels`` and ``plan_rule``; a subject family's evaluation settings
+    come from `latentprobe.subjects.benchmark_options`).
     """
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise LatentProbeError(f"limit must be a positive integer, got {limit!r}", "pass --limit N with N >= 1")
-    return BENCHMARKS[canonical_name(name)](folder, limit=limit, split=split, cache_dir=cache_dir)
+    loader = BENCHMARKS[canonical_name(name)]
+    import inspect
+
+    accepted = set(inspect.signature(loader).parameters)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise LatentProbeError(f"the {canonical_name(name)} loader takes no option(s) {', '.join(unknown)}",
+                               f"its options are {', '.join(sorted(accepted - {'folder', 'limit', 'split', 'cache_dir'})) or 'none'}")
+    return loader(folder, limit=limit, split=split, cache_dir=cache_dir, **options)
 
 
 __all__ = ["BENCHMARKS", "canonical_name", "detect", "load_benchmark", "looks_like"]

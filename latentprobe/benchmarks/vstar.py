@@ -7,8 +7,12 @@ Reads any of these published layouts of a local copy:
   instruction line), ``category`` (``direct_attributes`` or ``relative_position``), ``question_id`` and ``label``
   (the gold letter). The per-split folders below sit beside it and add ``target_object`` and ``bbox``.
 * **Original per-split folders** alone: ``direct_attributes/`` and ``relative_position/``, each with
-  ``<name>.jpg`` + ``<name>.json`` pairs; the JSON holds ``question``, ``options`` (the gold option listed first,
-  as the authors' evaluation script assumes), ``target_object`` and ``bbox`` (``[x, y, w, h]`` per target).
+  ``<name>.jpg`` + ``<name>.json`` pairs; the JSON holds ``question``, ``options`` (the gold option listed first:
+  the authors' script scores every option by likelihood, so order does not matter there), ``target_object`` and
+  ``bbox`` (``[x, y, w, h]`` per target). A generative evaluation must not always put the gold at A: when
+  ``test_questions.jsonl`` is beside the folders its labels and option order are used; otherwise each instance's
+  options are shuffled by a permutation seeded by (``option_seed``, instance id), recorded in
+  ``attributes["option_order"]`` (the release's option index shown at each letter).
 * **lmms-eval parquet dump** ``lmms-lab/vstar-bench``: ``*.parquet`` with columns ``question_id``, ``image``
   (embedded bytes), ``text``, ``label``, ``category``.
 * **VLMEvalKit TSV** ``VStarBench.tsv``: ``index``, ``image`` (base64), ``question``, ``A``..``D``, ``answer``,
@@ -57,8 +61,11 @@ def looks_like(path: Path) -> bool:
 
 
 def load(folder: str | Path, limit: int | None = None, split: str | None = None,
-         cache_dir: str | Path | None = None) -> list[Instance]:
-    """Load V*Bench from a local copy in any published layout (see the module docstring)."""
+         cache_dir: str | Path | None = None, option_seed: int = 0) -> list[Instance]:
+    """Load V*Bench from a local copy in any published layout (see the module docstring).
+
+    ``option_seed`` seeds the per-instance option shuffle of the per-split folders (used only without
+    ``test_questions.jsonl``)."""
     path = require_path(folder, TITLE, DOWNLOAD_HINT)
     cache = ImageCache(cache_dir or default_cache_dir(path, NAME))
     split_filter = SplitFilter(split)
@@ -66,7 +73,7 @@ def load(folder: str | Path, limit: int | None = None, split: str | None = None,
     if (root / QUESTIONS_FILE).exists():
         instances = _from_questions_jsonl(root, limit, split_filter)
     elif path.is_dir() and any((path / s).is_dir() for s in SPLITS):
-        instances = _from_split_folders(path, limit, split_filter)
+        instances = _from_split_folders(path, limit, split_filter, option_seed)
     else:
         # The lmms-eval dump keeps its parquet under data/; VLMEvalKit names its TSV VStarBench.tsv.
         tables = (tables_with_columns(files_matching(path, ["*.parquet"], depth=1), LMMS_COLUMNS)
@@ -118,7 +125,9 @@ def _from_questions_jsonl(root: Path, limit: int | None, split_filter: SplitFilt
             question, options = parse_question_text(row["text"])
             image_path = root / row["image"]
             stem = Path(row["image"]).stem
-            attributes = {"category": category, "question_id": row.get("question_id"),
+            # raw_text: the release's own question text (options and instruction included), which LVR's
+            # evaluation feeds as is (see the lvr family's prompt style)
+            attributes = {"category": category, "question_id": row.get("question_id"), "raw_text": str(row["text"]),
                           **_annotation_attributes(image_path.with_suffix(".json"))}
             letter = parse_letter(row["label"])
             instances.append(Instance(
@@ -142,7 +151,23 @@ def _annotation_attributes(json_path: Path) -> dict[str, Any]:
     return {key: annotation[key] for key in ("target_object", "bbox") if key in annotation}
 
 
-def _from_split_folders(root: Path, limit: int | None, split_filter: SplitFilter) -> list[Instance]:
+def shuffled_option_order(instance_id: str, n_options: int, seed: int = 0) -> list[int]:
+    """A permutation of ``range(n_options)`` fixed by (seed, instance id): the same on every machine and run.
+
+    >>> shuffled_option_order("direct_attributes/sa_1", 4) == shuffled_option_order("direct_attributes/sa_1", 4)
+    True
+    """
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256(f"vstar-options:{seed}:{instance_id}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    return [int(i) for i in rng.permutation(n_options)]
+
+
+def _from_split_folders(root: Path, limit: int | None, split_filter: SplitFilter,
+                        option_seed: int = 0) -> list[Instance]:
     instances: list[Instance] = []
     for category in SPLITS:
         folder = root / category
@@ -156,12 +181,15 @@ def _from_split_folders(root: Path, limit: int | None, split_filter: SplitFilter
                                        f"every image needs its annotation file; {DOWNLOAD_HINT}")
             annotation = json.loads(json_path.read_text(encoding="utf-8"))
             require_columns(TITLE, json_path, annotation, ("question", "options"), DOWNLOAD_HINT)
-            options = [str(o) for o in annotation["options"]]
+            listed = [str(o) for o in annotation["options"]]
+            instance_id = f"{category}/{image_path.stem}"
+            # The release lists the gold option first; shuffle so the gold letter is not always A.
+            order = shuffled_option_order(instance_id, len(listed), option_seed)
             instances.append(Instance(
-                id=f"{category}/{image_path.stem}", question=str(annotation["question"]),
-                # The authors' evaluation scores option 0 as correct: the release lists the gold option first.
-                answer=options[0], images=[str(image_path)], options=options,
-                attributes={"category": category, **_annotation_attributes(json_path)},
+                id=instance_id, question=str(annotation["question"]),
+                answer=listed[0], images=[str(image_path)], options=[listed[i] for i in order],
+                attributes={"category": category, "option_order": order, "option_seed": option_seed,
+                            **_annotation_attributes(json_path)},
                 split="test", task=category))
             if full(instances, limit):
                 return instances
@@ -183,6 +211,7 @@ def _from_tables(tables: list[Path], cache: ImageCache, limit: int | None,
                 continue
             if lmms_layout:
                 question, options = parse_question_text(row["text"])
+                raw_text = str(row["text"])
                 image_cell = row["image"]
                 name = image_cell.get("path") if isinstance(image_cell, dict) else None
                 stem = Path(name).stem if name else str(row.get("question_id"))
@@ -190,6 +219,7 @@ def _from_tables(tables: list[Path], cache: ImageCache, limit: int | None,
                 gold = row["label"]
             else:
                 question, options = str(row["question"]), letter_options(row)
+                raw_text = None
                 stem = str(row["index"])
                 images = vlmeval_images.paths(row, f"{category}_{stem}")
                 gold = row["answer"]
@@ -197,7 +227,8 @@ def _from_tables(tables: list[Path], cache: ImageCache, limit: int | None,
                 id=f"{category}/{stem}" if category else stem, question=question,
                 answer=option_for_letter(parse_letter(gold), options) or str(gold).strip(),
                 images=images, options=options or None,
-                attributes={"category": category, "question_id": row.get("question_id", row.get("index"))},
+                attributes={"category": category, "question_id": row.get("question_id", row.get("index")),
+                            **({"raw_text": raw_text} if raw_text else {})},
                 split="test", task=category or None))
             if full(instances, limit):
                 break
