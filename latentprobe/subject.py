@@ -20,19 +20,71 @@ from .errors import InstanceError, LatentProbeError
 from .protocol import LatentProtocol, ResolvedProtocol
 
 
+IMAGE_PLACEHOLDER = "<image>"  # in a question template: where the image goes (Mirage's "Here is the map: <image>")
+
+
 @dataclass
 class PromptStyle:
-    """How a model family's own code phrases a question."""
+    """How a model family's own evaluation code phrases a question.
+
+    The user turn is the images (in order) then the question text, unless the text holds ``<image>``
+    placeholders, which put the images inline there. The question text is, first match wins:
+    ``task_templates[instance.task]`` (``{question}`` and ``{options}`` filled in), the instance's own text in
+    ``attributes[raw_text_attribute]`` (a benchmark's text, options included) plus ``suffix``, or
+    ``question_prefix`` + question + options + ``suffix``.
+    """
 
     system_prompt: str | None = None  # None: the chat template's default; "" : no system turn
     suffix: str = ""  # appended after the question and options
     option_format: str = "\n{letter}. {text}"
     options_header: str = "\nOptions:"
+    options_footer: str = ""  # after the options, only when there are options (VLMEvalKit's "Please select ...")
     force_latent_start: bool = False  # the prompt ends with the protocol's start token
     assistant_prefix: str = ""  # text the assistant turn begins with (before any forced start token)
+    question_prefix: str = ""  # before the question (VLMEvalKit: "Question: ")
+    raw_text_attribute: str | None = None  # an instance attribute holding the benchmark's own full text
+    task_templates: dict[str, str] = field(default_factory=dict)  # instance.task -> the family's own prompt
+    # None: the template's generation prompt ("<|im_start|>assistant\n"); else the prompt is rendered without it
+    # and this string appended (Mirage's test.py appends "<|im_start|>assistant", no newline)
+    generation_prompt: str | None = None
 
     def describe(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def _user_content(text: str, n_images: int) -> list[dict[str, str]]:
+    """Images first then the text; or, when the text holds ``<image>`` placeholders, each image at its own."""
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    if len(pieces) == 1:
+        return [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+    if len(pieces) - 1 != n_images:
+        raise InstanceError(f"the prompt has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholder(s) but the instance "
+                            f"has {n_images} image(s)", "give the template one placeholder per image")
+    content: list[dict[str, str]] = []
+    for k, piece in enumerate(pieces):
+        if k:
+            content.append({"type": "image"})
+        if piece:
+            content.append({"type": "text", "text": piece})
+    return content
+
+
+def validate_markers(markers: Any, where: str = "mediator markers") -> tuple[str, str]:
+    """Two non-empty, distinct strings (open, close) around a text mediator; anything else is an error."""
+    if isinstance(markers, str):
+        markers = markers.split(",")
+    try:
+        open_marker, close_marker = (str(m) for m in markers)
+    except (TypeError, ValueError):
+        raise LatentProbeError(f"{where}: expected two strings OPEN,CLOSE, got {markers!r}",
+                               "pass e.g. --mediator-markers '<think_image>,</think_image>'") from None
+    if not open_marker.strip() or not close_marker.strip():
+        raise LatentProbeError(f"{where}: markers must not be empty, got {(open_marker, close_marker)!r}",
+                               "pass two non-empty strings, e.g. '<think_image>,</think_image>'")
+    if open_marker == close_marker:
+        raise LatentProbeError(f"{where}: the open and close markers are both {open_marker!r}",
+                               "the close marker must differ from the open one, e.g. '<think_image>,</think_image>'")
+    return open_marker, close_marker
 
 
 @dataclass
@@ -97,10 +149,14 @@ class Subject:
     max_new_tokens: int = 32
     description: str = ""
     text_mediator_markers: tuple[str, str] | None = None  # (open, close) strings around imagination text
+    authors_settings: dict[str, Any] = field(default_factory=dict)  # the family's own decoding and image budget
+    added_tokens: list[str] = field(default_factory=list)  # tokens added to the tokenizer at load (Mirage)
     _resolved: ResolvedProtocol | None = field(default=None, init=False, repr=False)
     _fingerprint: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
+        if self.text_mediator_markers is not None:
+            self.text_mediator_markers = validate_markers(self.text_mediator_markers, f"subject {self.name}")
         if self.protocol is not None:
             self._resolved = self.protocol.resolve(self.tokenizer)
         self._check_vision_tokens()
@@ -152,6 +208,8 @@ class Subject:
             "protocol": self.protocol.describe() if self.protocol else None,
             "prompt_style": self.prompt_style.describe(), "answer_parser": self.answer_parser,
             "mediator": self.mediator, "max_new_tokens": self.max_new_tokens,
+            "text_mediator_markers": list(self.text_mediator_markers) if self.text_mediator_markers else None,
+            "authors_settings": self.authors_settings or None, "added_tokens": list(self.added_tokens),
             "layers": self.num_layers, "hidden_size": self.hidden_size,
         }
 
@@ -214,31 +272,55 @@ class Subject:
         return None if letter is None else instance.option_letters.index(letter)
 
     # -- prompts -----------------------------------------------------------------------------------------
+    def options_text(self, instance: Instance) -> str:
+        style = self.prompt_style
+        if not instance.options:
+            return ""
+        listed = "".join(style.option_format.format(letter=letter, text=option)
+                         for letter, option in zip(instance.option_letters, instance.options))
+        return style.options_header + listed + style.options_footer
+
     def question_text(self, instance: Instance) -> str:
-        text = instance.question
-        if instance.options:
-            text += self.prompt_style.options_header
-            for letter, option in zip(instance.option_letters, instance.options):
-                text += self.prompt_style.option_format.format(letter=letter, text=option)
-        return text + self.prompt_style.suffix
+        """The user turn's text as the family's evaluation writes it (see `PromptStyle`)."""
+        style = self.prompt_style
+        template = style.task_templates.get(instance.task or "")
+        if template is not None:
+            return template.format(question=instance.question, options=self.options_text(instance))
+        raw = instance.attributes.get(style.raw_text_attribute) if style.raw_text_attribute else None
+        if raw:
+            return str(raw) + style.suffix
+        return style.question_prefix + instance.question + self.options_text(instance) + style.suffix
 
     def prompt_text(self, instance: Instance, n_images: int | None = None, question: str | None = None) -> str:
-        """The chat-formatted prompt with one placeholder per image (before expansion to patch tokens)."""
+        """The chat-formatted prompt with one placeholder per image (before expansion to patch tokens).
+
+        ``question`` replaces the instance's question only (a question swap): options, suffix and template stay
+        this instance's; a benchmark's raw text, which holds the original question, is then not used."""
+        import dataclasses
+
         style = self.prompt_style
         n_images = len(instance.images) if n_images is None else n_images
-        content = [{"type": "image"} for _ in range(n_images)]
-        content.append({"type": "text", "text": self.question_text(instance) if question is None else question})
+        if question is not None:
+            attributes = {k: v for k, v in instance.attributes.items() if k != style.raw_text_attribute}
+            instance = dataclasses.replace(instance, question=question, attributes=attributes)
+        text = self.question_text(instance)
+        content = _user_content(text, n_images)
         messages = []
         if style.system_prompt:
             messages.append({"role": "system", "content": style.system_prompt})
         messages.append({"role": "user", "content": content})
         kwargs = {"skip_default_system": style.system_prompt == ""}
+        add_generation = style.generation_prompt is None
         if self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation,
+                                                      **kwargs)
         else:  # a bare tokenizer: fall back to the Qwen layout
             from .subjects.tiny import QWEN_VL_CHAT_TEMPLATE
             from jinja2 import Template
-            text = Template(QWEN_VL_CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=True, **kwargs)
+            text = Template(QWEN_VL_CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=add_generation,
+                                                          **kwargs)
+        if not add_generation:
+            text += style.generation_prompt
         text += style.assistant_prefix
         if style.force_latent_start:
             if self.protocol is None:

@@ -141,3 +141,31 @@ def test_parsed_answer_correct_follows_status():
     assert not ParsedAnswer(parsed=None, status="unparsable").correct
     with pytest.raises(ValueError):
         ParsedAnswer(parsed="A", status="maybe")
+
+
+# ------------------------------------------------------------------------------------- LVR's <answer> rule
+
+@pytest.mark.parametrize("text, expected", [
+    ("\n<answer> B </answer>", "B"),
+    ("<answer>B</answer>", "B"),
+    ("<answer> C. owl </answer>", "C"),          # first word, first character
+    ("<answer>Dog</answer>", "D"),                # the authors' rule reads "D" here: kept as they score it
+    ("<answer> A </answer> then <answer> D </answer>", "D"),  # the last tag
+    ("<answer> B", "B"),                          # unclosed: everything after the tag
+    ("B", "B"),                                   # no tag: the first character of the output
+    ("<answer> (B) </answer>", None),             # "(" is no option letter: unparsable (the authors: wrong)
+    ("<answer> b </answer>", None),               # the authors compare case-sensitively
+    ("The answer is B", None),                    # no tag: "T" is no option letter
+    ("<answer>  </answer>", None),
+])
+def test_lvr_answer_tag_letter_follows_the_authors_evaluation(text, expected):
+    from latentprobe.answers import extract_answer_tag_letter
+
+    assert extract_answer_tag_letter(text, animal_question("B")) == expected
+
+
+def test_lvr_output_scores_as_its_gold_letter():
+    result = score_answer("\n<answer> B </answer>", animal_question("dog"), "answer_tag_letter")
+    assert (result.status, result.canonical) == ("correct", "B")
+    # the plain letter parser cannot read it: what made nearly every LVR row wrong before
+    assert score_answer("\n<answer> B </answer>", animal_question("dog"), "letter").status == "unparsable"

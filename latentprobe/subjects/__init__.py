@@ -63,9 +63,16 @@ def register(spec: SubjectSpec) -> None:
 
 
 def load_subject(name_or_path: str, protocol: str | None = None, device: str | None = None,
-                 dtype: str | None = None, **kwargs: Any) -> Subject:
-    """Load a subject by registered name, or a local checkpoint folder (with ``protocol`` naming its family)."""
+                 dtype: str | None = None, mediator_markers: Any = None, **kwargs: Any) -> Subject:
+    """Load a subject by registered name, or a local checkpoint folder (with ``protocol`` naming its family).
+
+    ``mediator_markers`` ("OPEN,CLOSE" or a pair) replaces a text-mediator subject's imagination markers."""
     _register_builtin_families()
+    markers = None
+    if mediator_markers is not None:
+        from ..subject import validate_markers
+
+        markers = validate_markers(mediator_markers, "--mediator-markers")
     if name_or_path in SUBJECTS:
         spec = SUBJECTS[name_or_path]
         if protocol is not None:
@@ -78,6 +85,11 @@ def load_subject(name_or_path: str, protocol: str | None = None, device: str | N
     else:
         raise LatentProbeError(f"unknown subject {name_or_path!r}",
                                f"choose one of {', '.join(sorted(SUBJECTS))}, a checkpoint folder or a hub id")
+    if markers is not None:
+        if subject.mediator != "text":
+            raise LatentProbeError(f"--mediator-markers: subject {subject.name} has no text mediator",
+                                   "mediator markers apply to text-imagination subjects such as capimagine")
+        subject.text_mediator_markers = markers
     if device is not None and str(device).startswith("cuda") and dtype is None:
         dtype = "bfloat16"  # on a GPU, bf16 unless asked otherwise
     if device == "auto":  # spread a model larger than one GPU over all of them
@@ -89,8 +101,14 @@ def load_subject(name_or_path: str, protocol: str | None = None, device: str | N
 
 def load_checkpoint(folder: str, protocol: str | None = None, name: str | None = None,
                     prompt_style: PromptStyle | None = None, answer_parser: str = "letter",
-                    attn_implementation: str | None = None, torch_dtype: Any = None, **kwargs: Any) -> Subject:
-    """Load a Qwen2.5-VL checkpoint folder with safetensors weights and wrap it as a Subject."""
+                    attn_implementation: str | None = None, torch_dtype: Any = None,
+                    add_tokens: tuple[str, ...] = (), image_pixels: tuple[int, int] | None = None,
+                    **kwargs: Any) -> Subject:
+    """Load a Qwen2.5-VL checkpoint folder with safetensors weights and wrap it as a Subject.
+
+    ``add_tokens``: tokens to add to the tokenizer, in order, where it lacks them (as Mirage's inference does
+    after loading); the ones added are listed in ``subject.added_tokens``. ``image_pixels``: the (min, max) pixel
+    budget of the image processor (Monet's 256-8192 x 28 x 28), overriding the checkpoint's."""
     import torch
     from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
@@ -108,18 +126,26 @@ def load_checkpoint(folder: str, protocol: str | None = None, name: str | None =
         raise LatentProbeError(f"{folder} has no .safetensors weights",
                                "convert the weights to safetensors; latentprobe never unpickles .bin files")
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    added = [token for token in add_tokens if token not in tokenizer.get_vocab()]
+    for token in added:  # one call per token, in the authors' order, so the ids are the ones they got
+        tokenizer.add_tokens(token, special_tokens=True)
     extra = {"device_map": "auto"} if kwargs.pop("device_map", None) == "auto" else {}
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         path, use_safetensors=True, attn_implementation=attn_implementation or "eager",
         dtype=torch_dtype if torch_dtype is not None else torch.float32, **extra).eval()
-    image_processor = _load_image_processor(path)
+    if added and max(tokenizer.convert_tokens_to_ids(added)) >= model.get_input_embeddings().weight.shape[0]:
+        raise LatentProbeError(f"{folder}: the tokenizer lacks {', '.join(added)} and the model has no embedding rows "
+                               "for them", "this is not a checkpoint trained with these tokens; check the folder")
+    image_processor = _load_image_processor(path, image_pixels)
     proto = get_protocol(protocol) if protocol else None
-    return Subject(name=name or path.name, model=model, tokenizer=tokenizer, image_processor=image_processor,
-                   protocol=proto, prompt_style=prompt_style or PromptStyle(force_latent_start=False),
-                   answer_parser=answer_parser, checkpoint=str(path.resolve()), **kwargs)
+    subject = Subject(name=name or path.name, model=model, tokenizer=tokenizer, image_processor=image_processor,
+                      protocol=proto, prompt_style=prompt_style or PromptStyle(force_latent_start=False),
+                      answer_parser=answer_parser, checkpoint=str(path.resolve()), **kwargs)
+    subject.added_tokens = added
+    return subject
 
 
-def _load_image_processor(path: Path):
+def _load_image_processor(path: Path, image_pixels: tuple[int, int] | None = None):
     # The video processor needs torchvision, which has no CPU build here; the PIL image processor does not.
     import json
 
@@ -137,8 +163,11 @@ def _load_image_processor(path: Path):
             kwargs["min_pixels"] = min_pixels
         if max_pixels:
             kwargs["max_pixels"] = max_pixels
-        return Qwen2VLImageProcessorPil(**kwargs)
-    return Qwen2VLImageProcessorPil()
+    else:
+        kwargs = {}
+    if image_pixels is not None:
+        kwargs["min_pixels"], kwargs["max_pixels"] = image_pixels
+    return Qwen2VLImageProcessorPil(**kwargs)
 
 
 def _looks_like_path(value: str) -> bool:
