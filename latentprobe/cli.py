@@ -17,6 +17,8 @@ def _add_subject_args(p: argparse.ArgumentParser):
     p.add_argument("--latent-steps", type=int, default=None, help="override the protocol's fixed K or cap")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: the subject's)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--mediator-markers", default=None, metavar="OPEN,CLOSE",
+                   help="a text-mediator subject's imagination markers (capimagine: <think_image>,</think_image>)")
 
 
 def _add_data_args(p: argparse.ArgumentParser):
@@ -34,6 +36,8 @@ def _add_decode_args(p: argparse.ArgumentParser):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--decoding", default="greedy", choices=["greedy", "authors"],
+                   help="greedy (the analysis default) or the family's own sampling settings (subjects --show NAME)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="where to write weights (default: the package's weights folder)")
     train.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("check", help="conformance check of a checkpoint against its family (run before a long run)")
+    p.add_argument("--subject", required=True, help="the family: monet, lvr, mirage, capimagine or qwen2.5-vl")
+    p.add_argument("--checkpoint", default=None, help="a local folder or hub id (default: the family's own)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-new-tokens", type=int, default=256, help="budget for the decoded built-in instance")
+    p.add_argument("--latent-steps", type=int, default=None)
+    p.add_argument("--mediator-markers", default=None, metavar="OPEN,CLOSE")
+    p.add_argument("--decoding", default="greedy", choices=["greedy", "authors"])
+
     p = sub.add_parser("subjects", help="list subjects and their protocols")
     p.add_argument("--show", default=None, metavar="NAME", help="print everything a subject will do")
     return parser
@@ -159,10 +173,31 @@ def select_instances(args):
     from .data import load_instances
     from .distributed import distributed_shard
 
-    instances, source = load_instances(args.data, limit=args.limit, split=args.split)
+    options = family_benchmark_options(args)
+    instances, source = load_instances(args.data, limit=args.limit, split=args.split, benchmark_options=options)
     instances, writer_id = shard_instances(instances, args.shard)
     instances, writer_id = distributed_shard(instances, writer_id)
     return instances, source, writer_id
+
+
+def family_benchmark_options(args) -> dict:
+    """A family's own evaluation settings for the benchmark in --data (Mirage: VSP levels 3-6), said on stderr."""
+    from pathlib import Path
+
+    if not args.data or ":" not in args.data or Path(args.data).exists():
+        return {}
+    from .subjects import _register_builtin_families
+    from .subjects.families import benchmark_options
+
+    _register_builtin_families()
+    try:
+        options = benchmark_options(args.subject, args.data.partition(":")[0])
+    except LatentProbeError:  # an unknown benchmark name: its loader says so
+        return {}
+    if options:
+        print(f"latentprobe: {args.subject} is evaluated by its authors with "
+              f"{', '.join(f'{k}={v}' for k, v in options.items())}; using them", file=sys.stderr)
+    return options
 
 
 def shard_instances(instances, shard: str | None):
@@ -180,15 +215,28 @@ def load_subject_from_args(args):
     from .subjects import load_subject
 
     kwargs = {"checkpoint": args.checkpoint} if args.checkpoint else {}
+    if getattr(args, "mediator_markers", None):
+        kwargs["mediator_markers"] = args.mediator_markers
     return load_subject(args.subject, protocol=args.protocol, device=args.device, dtype=args.dtype, **kwargs)
 
 
 def decode_config_from_args(args, subject):
     from .decoding import DecodeConfig
 
-    return DecodeConfig(max_new_tokens=args.max_new_tokens or subject.max_new_tokens, do_sample=args.sample,
-                        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                        latent_steps=args.latent_steps)
+    sampling = {"do_sample": args.sample, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    if getattr(args, "decoding", "greedy") == "authors":
+        from .subjects.families import decoding_preset
+
+        if args.sample:
+            raise LatentProbeError("--sample and --decoding authors both set the sampling",
+                                   "use one: --decoding authors runs the family's own settings")
+        applied, ignored = decoding_preset(subject, "authors")
+        sampling.update({k: v for k, v in applied.items() if k != "max_new_tokens"})
+        if ignored:
+            print(f"latentprobe: the authors' {', '.join(f'{k}={v}' for k, v in ignored.items())} is not supported "
+                  "by latentprobe's decoder and is not applied", file=sys.stderr)
+    return DecodeConfig(max_new_tokens=args.max_new_tokens or subject.max_new_tokens, seed=args.seed,
+                        latent_steps=args.latent_steps, **sampling)
 
 
 def parse_layers(text: str):
@@ -330,6 +378,17 @@ def _cmd_organisms(args):
              if key in metrics]
     lines.append(f"weights                {result.folder}")
     print_block(f"latentprobe organisms train: organism-{args.name}", lines)
+
+
+def _cmd_check(args):
+    from .conformance import run_check
+
+    report = run_check(args.subject, args.checkpoint, device=args.device, dtype=args.dtype,
+                       max_new_tokens=args.max_new_tokens, decoding=args.decoding,
+                       mediator_markers=args.mediator_markers, latent_steps=args.latent_steps)
+    print_block(f"latentprobe check: {args.subject} at {report.checkpoint or 'its default checkpoint'}",
+                report.table().splitlines())
+    return 0 if report.ok else 1
 
 
 def _cmd_subjects(args):

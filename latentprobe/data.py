@@ -123,10 +123,11 @@ def load_jsonl(path: str | Path, limit: int | None = None, split: str | None = N
     return instances
 
 
-def load_instances(source: str | None, limit: int | None = None, split: str | None = None
-                   ) -> tuple[list[Instance], str]:
+def load_instances(source: str | None, limit: int | None = None, split: str | None = None,
+                   benchmark_options: dict[str, Any] | None = None) -> tuple[list[Instance], str]:
     """Instances from ``source``: None (the built-in images), a JSONL file, or ``BENCHMARK:FOLDER`` for a
-    benchmark in its own published format. Returns (instances, a label of the source for the manifest)."""
+    benchmark in its own published format (``benchmark_options`` go to its loader). Returns (instances, a label
+    of the source for the manifest)."""
     if source is None:
         instances = builtin_instances()
         return (instances[:limit] if limit else instances), "builtin"
@@ -134,7 +135,7 @@ def load_instances(source: str | None, limit: int | None = None, split: str | No
     if sep and not Path(source).exists():
         from .benchmarks import load_benchmark
 
-        return load_benchmark(name, folder, limit=limit, split=split), source
+        return load_benchmark(name, folder, limit=limit, split=split, **(benchmark_options or {})), source
     path = Path(source)
     if path.is_dir():
         raise LatentProbeError(f"data source {path} is a folder",
