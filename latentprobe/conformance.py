@@ -293,13 +293,18 @@ def _decode_checks(report: CheckReport, subject, max_new_tokens: int, latent_ste
     try:
         with context:
             batch = subject.encode([instance])
-            result = decoder.run(batch)
+            try:
+                result = decoder.run(batch)
+            except Exception as exc:  # noqa: BLE001 - any failure to decode is this check's finding
+                report.add("decode", "fail", f"{type(exc).__name__}: {exc}",
+                           "the checkpoint cannot be decoded as this family; check --subject and the folder")
+                return
             row = result.rows[0]
-            _cache_vs_recompute(report, subject, decoder, batch, result, hidden_log)
-    except Exception as exc:  # noqa: BLE001 - any failure to decode is this check's finding
-        report.add("decode", "fail", f"{type(exc).__name__}: {exc}",
-                   "the checkpoint cannot be decoded as this family; check --subject and the folder")
-        return
+            try:
+                _cache_vs_recompute(report, subject, decoder, batch, result, hidden_log)
+            except Exception as exc:  # noqa: BLE001 - the recompute failing is this check's finding
+                report.add("cache vs recompute", "fail", f"the no-cache recompute failed: {type(exc).__name__}: "
+                                                         f"{exc}", "report it with this table and the decoded text")
     finally:
         handle.remove()
     _answer(report, subject, instance, row, max_new_tokens)

@@ -40,11 +40,10 @@ SPARE_EMBEDDING_ROWS = 8
 # What each family writes, as its authors' evaluation reads it. Every script answers "B", which is not the gold of
 # the built-in instance 0, so a test can tell a parsed answer from a scored one.
 SCRIPTS = {
-    "monet": ("<abs_vis_token></abs_vis_token>Looking at the top-left cell, it is green. "
-              "The answer is \\boxed{B}."),
+    "monet": "<abs_vis_token></abs_vis_token>It is green. \\boxed{B}",
     "lvr": "<|lvr_start|><|lvr_latent_end|><|lvr_end|>\n<answer> B </answer>",
-    "mirage": "<|latent_start|><|latent_end|>The answer is \\boxed{B}.",
-    "capimagine": "<think_image>The top-left cell is green.</think_image>The answer is \\boxed{B}.",
+    "mirage": "<|latent_start|><|latent_end|>\\boxed{B}",
+    "capimagine": "<think_image>green cell</think_image>\\boxed{B}",
     "qwen2.5-vl": "B",
 }
 SCRIPT_LATENT_STEPS = {"monet": 3, "mirage": 4}
