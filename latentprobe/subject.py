@@ -285,7 +285,8 @@ class Subject:
         style = self.prompt_style
         template = style.task_templates.get(instance.task or "")
         if template is not None:
-            return template.format(question=instance.question, options=self.options_text(instance))
+            # literal replacement, not str.format: templates hold LaTeX braces ("\\boxed{}")
+            return template.replace("{question}", instance.question).replace("{options}", self.options_text(instance))
         raw = instance.attributes.get(style.raw_text_attribute) if style.raw_text_attribute else None
         if raw:
             return str(raw) + style.suffix

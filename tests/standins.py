@@ -127,10 +127,12 @@ class ScriptedOutputs:
     next token (its end token). Rows are told apart by their final-norm hidden state, which the LM head receives.
     """
 
-    def __init__(self, subject, script: str | list[int], latent_steps: int = 0, bonus: float = 1e4):
+    def __init__(self, subject, script: str | list[str], latent_steps: int = 0, bonus: float = 1e4):
         tokenizer = subject.tokenizer
-        ids = tokenizer.encode(script, add_special_tokens=False) if isinstance(script, str) else list(script)
-        self.script = ids + [subject.eos_token_ids[0]]
+        scripts = [script] if isinstance(script, str) else list(script)
+        eos = subject.eos_token_ids[0]
+        # one script for every row, or one per row (rows of a batch, or the M copies of decode(repeats=M))
+        self.scripts = [tokenizer.encode(text, add_special_tokens=False) + [eos] for text in scripts]
         self.subject = subject
         self.latent_steps = latent_steps
         self.bonus = bonus
@@ -141,6 +143,10 @@ class ScriptedOutputs:
         self.history: list[list[int]] = []
         self.last_hidden: torch.Tensor | None = None
         self._handles = []
+
+    @property
+    def script(self) -> list[int]:
+        return self.scripts[0]
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def __enter__(self):
@@ -170,6 +176,9 @@ class ScriptedOutputs:
                     row.extend(ids)
             return
         if embeds is not None and embeds.shape[1] == 1 and self.history:
+            if embeds.shape[0] > len(self.history) and embeds.shape[0] % len(self.history) == 0:
+                copies = embeds.shape[0] // len(self.history)  # decode(repeats=M): row b -> rows b*M .. b*M+M-1
+                self.history = [list(row) for row in self.history for _ in range(copies)]
             table = self.subject.model.get_input_embeddings().weight
             for row, vector in zip(self.history, embeds[:, 0]):
                 match = (table == vector.to(table.dtype)).all(dim=-1).nonzero()
@@ -184,31 +193,40 @@ class ScriptedOutputs:
         hidden = args[0]
         if self.last_hidden is None or hidden.dim() != 2 or not self.history:
             return output
+        if hidden.shape[0] > len(self.history) and hidden.shape[0] % len(self.history) == 0:
+            copies = hidden.shape[0] // len(self.history)  # the first choice of decode(repeats=M)
+            self.history = [list(row) for row in self.history for _ in range(copies)]
+            self.last_hidden = self.last_hidden.repeat_interleave(copies, dim=0)
         output = output.clone()
+        taken: set[int] = set()
         for i, vector in enumerate(hidden):
-            rows = (self.last_hidden == vector).all(dim=-1).nonzero()
-            if len(rows) and int(rows[0]) < len(self.history):
-                output[i, self._next(self.history[int(rows[0])])] = output[i].max() + self.bonus
+            # identical rows (copies of one prompt) come in ascending order: give each the first one not taken
+            rows = [int(r) for r in (self.last_hidden == vector).all(dim=-1).nonzero().flatten() if int(r) not in taken]
+            if rows and rows[0] < len(self.history):
+                taken.add(rows[0])
+                output[i, self._next(rows[0])] = output[i].max() + self.bonus
         return output
 
     # -- the script ----------------------------------------------------------------------------------------
-    def _next(self, fed: list[int]) -> int:
+    def _next(self, row: int) -> int:
+        fed = self.history[row]
+        script = self.scripts[row % len(self.scripts)] if len(self.scripts) > 1 else self.scripts[0]
         position = 0
         for token in fed:
             if token < 0:
                 continue
-            if position < len(self.script) and self.script[position] == token:
+            if position < len(script) and script[position] == token:
                 position += 1
-            elif token in self.script[position:]:
-                position = self.script.index(token, position) + 1
-        position = min(position, len(self.script) - 1)
+            elif token in script[position:]:
+                position = script.index(token, position) + 1
+        position = min(position, len(script) - 1)
         latent_run = 0
         while latent_run < len(fed) and fed[-1 - latent_run] < 0:
             latent_run += 1
         in_latent = (self.model_ends_latent and len(fed) > latent_run and fed[-1 - latent_run] == self.start_id)
         if in_latent and latent_run < self.latent_steps and self.continue_id is not None:
             return self.continue_id
-        return self.script[position]
+        return script[position]
 
 
 def scripted(subject, family: str) -> ScriptedOutputs:
