@@ -435,6 +435,19 @@ def test_vsp_planning_is_scored_by_simulation_not_string_equality(vsp_folder):
     assert judge_plan("R,D,L", plan) is False  # R to (2,3), D into the hole at (3,3)
 
 
+def test_vsp_reads_mirages_own_copy_of_the_planning_maps(tmp_path):
+    """Mirage ships the planning maps as imgs_test/level<N>/{img,pure_text,table} (no task-main/)."""
+    level = tmp_path / "vsp_spatial_planning" / "imgs_test" / "level3"
+    save_png(level / "img" / "31.png")
+    (level / "table").mkdir(parents=True)
+    (level / "table" / "31.txt").write_text(
+        "| | Col 1 | Col 2 | Col 3 |\n| Row 1 | * | # | @ |\n| Row 2 | _ | _ | _ |\n| Row 3 | _ | _ | _ |\n")
+    assert detect(tmp_path / "vsp_spatial_planning") == ["vsp"]
+    [plan] = load_benchmark("vsp", tmp_path / "vsp_spatial_planning")
+    # Mirage's map_desc for this map is [[2, -1, 1], [0, 0, 0], [0, 0, 0]] (goal, hole, start)
+    assert plan.attributes["map_rows"] == ["GHS", "FFF", "FFF"] and plan.answer == "D,L,L,U"
+
+
 def test_vsp_levels_plan_rule_and_pure_text_maps(vsp_folder):
     level = vsp_folder / "maze" / "task-main" / "maps" / "level4"
     save_png(level / "img" / "0.png")

@@ -12,6 +12,8 @@ and a goal. Two of its task folders are read:
   the map in ``attributes["map_rows"]``): any plan that reaches the goal without entering a hole is correct, as in
   VSP's ``maze/task-main/eval.py`` and Mirage's ``src/task.py``. ``levels`` keeps only some map sizes (Mirage is
   evaluated on 3-6); ``plan_rule`` picks between the two evaluations' one difference (see `simulate_plan`).
+  Mirage's own copy of the planning maps (``imgs_test/level<N>/{img,pure_text,table}``, unpacked from its
+  ``data/vsp_spatial_planning``) is read the same way.
 * ``maze/task4`` -> task ``spatial_reasoning``: ``maps/level_step<K>/img/<i>.png`` with a K-move action sequence
   in ``question/<i>.txt`` (``"LUU"``) and the gold safety verdict in ``answer/<i>.txt`` (``Y``/``N``); where the
   answer file is absent the verdict is computed from the map in ``text/`` or ``table/``. Options are Yes / No.
@@ -37,7 +39,8 @@ TITLE = "VSP"
 PLANNING, REASONING = "spatial_planning", "spatial_reasoning"
 DOWNLOAD_HINT = ("clone the GitHub repository UCSB-NLP-Chang/Visual-Spatial-Planning and pass its folder "
                  "(the one holding maze/task-main and maze/task4)")
-EXPECTED = "a maze/ folder with task-main/maps/level<N>/ and task4/maps/level_step<K>/ sub-folders"
+EXPECTED = ("a maze/ folder with task-main/maps/level<N>/ and task4/maps/level_step<K>/ sub-folders, or Mirage's "
+            "imgs_test/ with level<N>/img/")
 TABLE_SYMBOLS = {"_": "F", "#": "H", "@": "S", "*": "G"}
 MOVES = {"U": (-1, 0), "D": (1, 0), "L": (0, -1), "R": (0, 1)}
 MOVE_NAMES = {"U": "Up", "D": "Down", "L": "Left", "R": "Right"}
@@ -96,6 +99,16 @@ def _maze_folder(path: Path) -> Path | None:
     for candidate in (path, path / "maze", path / "VSP-main" / "maze"):
         if (candidate / "task-main" / "maps").is_dir() or (candidate / "task4" / "maps").is_dir():
             return candidate
+    if _planning_maps(path) is not None:  # Mirage's release: imgs_test/level<N>/ (planning maps only)
+        return path
+    return None
+
+
+def _planning_maps(maze: Path) -> Path | None:
+    """VSP's ``task-main/maps``, or a folder of ``level<N>/img`` maps as Mirage ships them (``imgs_test``)."""
+    for candidate in (maze / "task-main" / "maps", maze / "imgs_test", maze):
+        if candidate.is_dir() and any((level / "img").is_dir() for _, level in _levels(candidate, "level")):
+            return candidate
     return None
 
 
@@ -112,8 +125,8 @@ def _images(level_dir: Path) -> list[Path]:
 
 
 def _planning_instances(maze: Path):
-    maps = maze / "task-main" / "maps"
-    if not maps.is_dir():
+    maps = _planning_maps(maze)
+    if maps is None:
         return
     for level, level_dir in _levels(maps, "level"):
         for image in _images(level_dir):
