@@ -251,7 +251,9 @@ class Subject:
         None when the instance has no options or two candidates share a first token."""
         if not instance.options:
             return None
-        strings = instance.option_letters if self.answer_parser in ("letter", "boxed") else instance.options
+        from .answers import LETTER_PARSERS
+
+        strings = instance.option_letters if self.answer_parser in LETTER_PARSERS else instance.options
         ids = []
         for text in strings:
             tokens = self.tokenizer.encode(text, add_special_tokens=False)

@@ -78,6 +78,9 @@ def test_lvr_prompt_is_the_raw_vstar_text_plus_its_instruction(family_subjects):
     assert user_text(subject.prompt_text(options_instance())).endswith(
         "Which colour is the top-left cell?\nOptions:\nA. red\nB. green\nC. blue\nD. yellow\n" + LETTER_SUFFIX)
     assert "<|im_start|>system\nYou are a helpful assistant.<|im_end|>" in subject.prompt_text(vstar_like)
+    # gold_prob is read over the option letters, as for the other letter parsers
+    letters = [subject.tokenizer.encode(letter, add_special_tokens=False)[0] for letter in "ABCD"]
+    assert subject.answer_candidate_ids(vstar_like) == letters
     # a question swap replaces the question, not the instance's options
     swapped = user_text(subject.prompt_text(vstar_like, question="How many cells?"))
     assert swapped.endswith("How many cells?\nOptions:\nA. red\nB. green\nC. blue\nD. yellow\n" + LETTER_SUFFIX)
