@@ -74,6 +74,15 @@ class LatentCache(Mapping):
         states = [site_tensor(record, self.layer_ids, site, image=image) for record in self.records]
         return torch.from_numpy(stack_site_states(states))
 
+    def __contains__(self, site) -> bool:
+        """A site is in the cache when its group was recorded at its layer (any step of it can be read)."""
+        try:
+            site = as_site(site)
+        except LatentProbeError:
+            return False
+        return Site(site.group, site.layer) in self._sites or (
+            site.group == "latent" and site.layer == 0 and any(s.group == "latent" for s in self._sites))
+
     def __iter__(self) -> Iterator[Site]:
         return iter(self._sites)
 
