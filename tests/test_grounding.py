@@ -118,6 +118,14 @@ def test_ground_and_lens_commands_write_tables_and_figures(tmp_path, transform_d
     lens = pd.read_parquet(lens_out / "lens.parquet")
     assert set(lens["layer"]) == {0, 2} and lens["gold_rank"].notna().all()
     assert (lens_out / "figures" / "lens-gold-rank.png").exists()
+    from latentprobe.where_report import is_where_run, where_and_when_markdown
+
+    markdown = where_and_when_markdown([out, lens_out, transform_data.parent], relative_to=tmp_path)
+    assert markdown.startswith("## Where and when") and "### Grounding: tiny" in markdown
+    assert "### Lens: tiny" in markdown and "latent steps" in markdown and "prompt end" in markdown
+    for link in [line.split("](")[1].rstrip(")") for line in markdown.splitlines() if line.startswith("![")]:
+        assert (tmp_path / link).exists(), link
+    assert not is_where_run(transform_data.parent) and where_and_when_markdown([transform_data.parent]) == ""
     assert main(["ground", "--subject", "tiny", "--limit", "2", "--layers", "7", "--out", str(tmp_path / "bad")]) == 2
     assert "has 2 blocks" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
