@@ -132,11 +132,14 @@ def test_ground_and_lens_commands_write_tables_and_figures(tmp_path, transform_d
 
 
 @pytest.mark.slow
-def test_organism_grounding_on_defaults_lvr_above_chance(tmp_path):
-    """`latentprobe ground --subject organism-lvr` on its own held-out split: LVR's latents (trained to regress
-    onto the answer cell's image tokens) point into the answer cell more often than random same-size regions."""
+def test_organism_grounding_on_defaults(tmp_path):
+    """`latentprobe ground --subject organism-lvr` on its own held-out split. At layer 1 the latent steps point
+    into the answer cell more often than random same-size regions (measured: 0.37 vs 0.23 on 200 instances),
+    but the fed-back vectors themselves (layer 0) sit at chance: the shipped LVR organism's MSE alignment
+    collapsed to the mean image token (README, "Where and when"), which this guards against going unnoticed."""
     out = tmp_path / "lvr"
     assert main(["ground", "--subject", "organism-lvr", "--limit", "64", "--out", str(out), "--overlays", "0"]) == 0
-    summary = pd.read_csv(out / "grounding-summary.csv")
-    pooled = summary[(summary.latent_step == "all") & (summary.measure == "centred") & (summary.layer == 1)].iloc[0]
-    assert pooled.hit_rate > pooled.chance_hit + 0.1 and pooled.p_above_chance < 0.01
+    summary = pd.read_csv(out / "grounding-summary.csv", dtype={"latent_step": str})
+    pooled = summary[(summary.latent_step == "all") & (summary.measure == "centred")].set_index("layer")
+    assert pooled.loc[1, "hit_rate"] > pooled.loc[1, "chance_hit"] + 0.08 and pooled.loc[1, "p_above_chance"] < 0.01
+    assert pooled.loc[0, "hit_ci_low"] <= pooled.loc[0, "chance_hit"] <= pooled.loc[0, "hit_ci_high"]
