@@ -164,15 +164,21 @@ def nearest_embedding_table(subject, cache, instances, *, top_k: int = 5, interv
 
 def gold_rank_summary(table: pd.DataFrame) -> pd.DataFrame:
     """Per (subject, layer, latent step): instances, median gold rank, mean reciprocal rank (1 / (rank + 1)),
-    the fraction with the gold token on top, and the mean gold rank among the candidates."""
+    the fraction with the gold token on top, the mean gold rank among the candidates, and the fraction where the
+    gold candidate beats the other candidates (the lens's answer accuracy; chance = 1 / n_candidates, given)."""
+    columns = ["subject", "layer", "latent_step", "n", "median_gold_rank", "mrr", "gold_top1", "mean_candidate_rank",
+               "candidate_top1", "candidate_chance"]
     scored = table.dropna(subset=["gold_rank"])
     if scored.empty:
-        return pd.DataFrame(columns=["subject", "layer", "latent_step", "n", "median_gold_rank", "mrr",
-                                     "gold_top1", "mean_candidate_rank"])
-    grouped = scored.assign(rr=1.0 / (scored["gold_rank"] + 1), top1=scored["gold_rank"] == 0).groupby(
-        ["subject", "layer", "latent_step"])
-    return grouped.agg(n=("gold_rank", "size"), median_gold_rank=("gold_rank", "median"), mrr=("rr", "mean"),
-                       gold_top1=("top1", "mean"), mean_candidate_rank=("gold_candidate_rank", "mean")).reset_index()
+        return pd.DataFrame(columns=columns)
+    grouped = scored.assign(rr=1.0 / (scored["gold_rank"] + 1), top1=scored["gold_rank"] == 0,
+                            candidate_top1=scored["gold_candidate_rank"] == 0,
+                            candidate_chance=1.0 / scored["n_candidates"]).groupby(["subject", "layer", "latent_step"])
+    frame = grouped.agg(n=("gold_rank", "size"), median_gold_rank=("gold_rank", "median"), mrr=("rr", "mean"),
+                        gold_top1=("top1", "mean"), mean_candidate_rank=("gold_candidate_rank", "mean"),
+                        candidate_top1=("candidate_top1", "mean"),
+                        candidate_chance=("candidate_chance", "mean")).reset_index()
+    return frame[columns]
 
 
 def run_lens(subject, instances, *, config=None, layers: Sequence[int] | None = None, top_k: int = 5,

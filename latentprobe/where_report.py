@@ -89,15 +89,18 @@ def lens_markdown(run_dir: str | Path, relative_to: str | Path | None = None) ->
     summary = pd.read_csv(run_dir / "lens-summary.csv")
     lines = [f"### Lens: {subject}", "",
              f"{manifest['data']['n_instances']} instances. Final norm and LM head applied to each layer's state at "
-             "each latent step; rank 0 = the gold answer token is the lens's top token.", ""]
+             "each latent step; rank 0 = the gold answer token is the lens's top token; *gold beats options* = the "
+             "gold option's token outranks the other options' (chance = 1 / options).", ""]
     if summary.empty:
         lines += ["No instance has a gold answer token the tokenizer tells apart from the other options.", ""]
     else:
         per_layer = summary.groupby("layer").agg(steps=("latent_step", "nunique"),
                                                  median_gold_rank=("median_gold_rank", "median"),
                                                  mrr=("mrr", "mean"), gold_on_top=("gold_top1", "mean"),
-                                                 candidate_rank=("mean_candidate_rank", "mean")).reset_index()
-        for column in ("mrr", "gold_on_top", "candidate_rank"):
+                                                 candidate_rank=("mean_candidate_rank", "mean"),
+                                                 gold_beats_options=("candidate_top1", "mean"),
+                                                 chance=("candidate_chance", "mean")).reset_index()
+        for column in ("mrr", "gold_on_top", "candidate_rank", "gold_beats_options", "chance"):
             per_layer[column] = per_layer[column].map("{:.3f}".format)
         lines += [_table(per_layer), ""]
     nearest_path = run_dir / "nearest.parquet"

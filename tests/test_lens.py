@@ -68,6 +68,9 @@ def test_lens_table_ranks_and_nearest_embeddings(tiny_subject, lensed):
     assert row.gold_candidate_rank == sorted(candidates, key=lambda c: -float(logits[c])).index(gold)
     summary = gold_rank_summary(table)
     assert len(summary) == 12 and summary["n"].eq(3).all() and summary["mrr"].between(0, 1).all()
+    cell = table[(table.layer == 2) & (table.latent_step == 1)]
+    expected = (cell.gold_candidate_rank == 0).mean()
+    assert summary.set_index(["layer", "latent_step"]).loc[(2, 1), "candidate_top1"] == pytest.approx(expected)
 
     nearest = nearest_embedding_table(tiny_subject, cache, instances, top_k=2)
     z = cache["latent[0].layer[0]"][0]
