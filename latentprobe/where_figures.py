@@ -121,21 +121,28 @@ def grounding_hit_heatmap(summary: pd.DataFrame, *, measure: str = "centred") ->
     return fig
 
 
-def lens_heatmap(summary: pd.DataFrame, *, value: str = "median_gold_rank") -> Figure:
-    """The lens's gold-token rank by layer (rows) and latent step (columns), per subject (log colour scale)."""
+def lens_heatmap(summary: pd.DataFrame) -> Figure:
+    """The lens by layer (rows) and latent step (columns), per subject: the median rank of the gold answer token
+    in the vocabulary (log colour scale) and how often the gold option outranks the other options."""
     if summary.empty:
         raise LatentProbeError("no lens summary rows (no instance had a gold answer token)",
                                "use instances with options whose first tokens differ")
     subjects = list(dict.fromkeys(summary["subject"]))
-    fig = Figure(figsize=(3.0 * len(subjects) + 0.8, 2.8))
-    axes = fig.subplots(1, len(subjects), squeeze=False)[0]
-    top = max(float(summary[value].max()), 2.0)
-    for ax, subject in zip(axes, subjects):
-        table = _pivot(summary[summary["subject"] == subject], value)
-        image = _annotated_heatmap(ax, table + 1, ".0f", cmap="viridis_r", norm=LogNorm(vmin=1, vmax=top + 1))
-        ax.set_title(subject, fontsize=8)
-        ax.set_xlabel("latent step", fontsize=8)
-        ax.set_ylabel("layer", fontsize=8)
-    fig.colorbar(image, ax=list(axes), shrink=0.8, label="median gold rank + 1 (1 = top token)")
-    fig.suptitle("logit lens on latent steps: where the gold answer token ranks", fontsize=9)
+    fig = Figure(figsize=(6.4, 2.7 * len(subjects) + 0.4))
+    axes = fig.subplots(len(subjects), 2, squeeze=False)
+    top = max(float(summary["median_gold_rank"].max()), 2.0)
+    for (rank_ax, option_ax), subject in zip(axes, subjects):
+        part = summary[summary["subject"] == subject]
+        image = _annotated_heatmap(rank_ax, _pivot(part, "median_gold_rank") + 1, ".0f", cmap="viridis_r",
+                                   norm=LogNorm(vmin=1, vmax=top + 1))
+        fig.colorbar(image, ax=rank_ax, shrink=0.8)
+        rank_ax.set_title(f"{subject}: median gold rank + 1", fontsize=8)
+        chance = float(part["candidate_chance"].mean())
+        image = _annotated_heatmap(option_ax, _pivot(part, "candidate_top1"), ".2f", cmap="viridis", vmin=0, vmax=1)
+        fig.colorbar(image, ax=option_ax, shrink=0.8)
+        option_ax.set_title(f"gold option on top of the options (chance {chance:.2f})", fontsize=8)
+        for ax in (rank_ax, option_ax):
+            ax.set_xlabel("latent step", fontsize=8)
+            ax.set_ylabel("layer", fontsize=8)
+    fig.suptitle("logit lens on latent steps", fontsize=9)
     return fig
