@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-init", default=None, metavar="TRACE_DIR",
                    help="a trace of the same data by a randomly initialised model, as a further baseline")
 
+    _add_where_parsers(sub)  # ground, lens
+
     p = sub.add_parser("report", help="one Markdown and one self-contained HTML report from runs")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True)
@@ -413,6 +415,89 @@ def _cmd_subjects(args):
     for name, proto in sorted(PROTOCOLS.items()):
         print(f"  {name:<8} start {proto.start_token}  end {proto.end_token}  rule {proto.stop_rule} "
               f"({'K' if proto.stop_rule == 'fixed' else 'cap'}={proto.num_steps})")
+
+
+# -- where and when: ground, lens ------------------------------------------------------------------------------
+def _add_where_parsers(sub):
+    for name, help_text in (("ground", "grounding maps: where in the image each latent step looks, scored against "
+                                       "the answer region (pointing game, mass inside, random-region chance)"),
+                            ("lens", "logit lens at every layer of every latent step, and the nearest input "
+                                     "embeddings of the fed-back vectors")):
+        p = sub.add_parser(name, help=help_text)
+        _add_subject_args(p)
+        _add_data_args(p)
+        _add_decode_args(p)
+        p.add_argument("--out", required=True, help="output folder (must be new)")
+        p.add_argument("--layers", default="all",
+                       help="hidden-state layers: 'all', 'final' or comma-separated (0 = embeddings, N = final norm)")
+        if name == "ground":
+            p.add_argument("--image-layer", type=int, default=None,
+                           help="compare every latent layer with the image tokens at this one layer "
+                                "(default: the same layer)")
+            p.add_argument("--random-regions", type=int, default=100,
+                           help="random same-size regions for the chance baseline (all placements when fewer)")
+            p.add_argument("--overlays", type=int, default=4, help="instances drawn as overlay PNGs")
+            p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for intervals")
+        else:
+            p.add_argument("--top-tokens", type=int, default=5, help="top tokens kept per cell")
+
+
+def _where_inputs(args):
+    """Subject, instances (the subject's default data unless --data) and decoding settings for ground / lens."""
+    from .where_runs import DEFAULT_LIMIT, default_instances
+
+    subject = load_subject_from_args(args)
+    if args.data is None:
+        instances, source = default_instances(args.subject, limit=args.limit or DEFAULT_LIMIT)
+    else:
+        from .data import load_instances
+
+        instances, source = load_instances(args.data, limit=args.limit, split=args.split)
+    layers = parse_layers(args.layers)
+    if layers == "all":
+        layers = None
+    elif layers == "final":
+        layers = [subject.num_layers]
+    return subject, instances, source, decode_config_from_args(args, subject), layers
+
+
+def _cmd_ground(args):
+    from .where_runs import ground_run
+
+    subject, instances, source, config, layers = _where_inputs(args)
+    result = ground_run(subject, instances, args.out, source=source, config=config, layers=layers,
+                        image_layer=args.image_layer, n_random=args.random_regions, batch_size=args.batch_size,
+                        n_overlays=args.overlays, n_boot=args.bootstrap, seed=args.seed)
+    summary = result["summary"]
+    lines = [f"{len(instances)} instances from {source}"]
+    pooled = summary[summary["latent_step"].isin(["all", "prompt_last"])] if len(summary) else summary
+    for row in pooled.itertuples():
+        lines.append(f"{row.measure:<8} layer {row.layer:>2} {row.latent_step:<11} hit {row.hit_rate:.3f} "
+                     f"[{row.hit_ci_low:.2f}, {row.hit_ci_high:.2f}]  chance {row.chance_hit:.3f}  "
+                     f"mass {row.mass_inside:.3f} vs {row.chance_mass:.3f}")
+    if not len(summary):
+        lines.append("no instance has a known answer region: maps only (see grounding.parquet)")
+    lines.append(f"tables and figures in {args.out}")
+    print_block(f"latentprobe ground: {subject.name}", lines)
+
+
+def _cmd_lens(args):
+    from .where_runs import lens_run
+
+    subject, instances, source, config, layers = _where_inputs(args)
+    if args.top_tokens < 1:
+        raise LatentProbeError(f"--top-tokens must be >= 1, got {args.top_tokens}", "pass a positive number")
+    result = lens_run(subject, instances, args.out, source=source, config=config, layers=layers,
+                      top_k=args.top_tokens,
+                      batch_size=args.batch_size, seed=args.seed)
+    summary = result["summary"]
+    lines = [f"{len(instances)} instances from {source}"]
+    if len(summary):
+        for layer, part in summary.groupby("layer"):
+            lines.append(f"layer {layer:>2}  median gold rank by step {part['median_gold_rank'].tolist()}  "
+                         f"MRR {part['mrr'].mean():.3f}  gold on top {part['gold_top1'].mean():.3f}")
+    lines.append(f"tables and figures in {args.out}")
+    print_block(f"latentprobe lens: {subject.name}", lines)
 
 
 if __name__ == "__main__":

@@ -138,6 +138,7 @@ class LatentIntervention(Intervention):
                  seed: int = 0):
         if semantics not in ("recompute", "pin"):
             raise LatentProbeError(f"unknown semantics {semantics!r}", "use 'recompute' or 'pin'")
+        steps, layer = _steps_and_layer_from_site(steps, layer)
         self.steps = None if steps is None else sorted({int(s) for s in steps})
         if self.steps is not None and any(s < 0 for s in self.steps):
             raise LatentProbeError(f"latent steps must be >= 0, got {self.steps}", "steps count from 0")
@@ -185,6 +186,24 @@ class LatentIntervention(Intervention):
         if hit.any():
             out[hit] = self.transform(out[hit], steps[hit], binding).to(out)
         return out
+
+
+def _steps_and_layer_from_site(steps, layer):
+    """Layer edits accept a `Site` (or its string) for ``layer``: ``latent[2].layer[5]`` = layer 5 at step 2."""
+    if layer is None or isinstance(layer, int):
+        return steps, layer
+    from .sites import as_site
+
+    site = as_site(layer)
+    if site.group != "latent":
+        raise LatentProbeError(f"a latent edit cannot act at site {site}",
+                               "give a latent site, e.g. 'latent[2].layer[5]' or 'latent.layer[5]'")
+    if site.step is not None:
+        if steps is not None and sorted({int(s) for s in steps}) != [site.step]:
+            raise LatentProbeError(f"steps {list(steps)} disagree with site {site}",
+                                   "give the step in the site or in steps, not both")
+        steps = [site.step]
+    return steps, site.layer
 
 
 def _take_steps(vectors, steps, source, order=None) -> torch.Tensor:
@@ -462,6 +481,14 @@ class NNsightRunner:
         self.decoder = decoder
         self.fn = fn
         self.wrapped = NNsight(decoder.inner_model)
+
+    def hidden(self, site):
+        """Inside ``fn``: the live hidden state at ``site``'s layer (a `Site`, its string or a layer number, in
+        the one hidden_states numbering), e.g. ``runner.hidden("latent[2].layer[1]")[rows, -1] = 0.0`` with
+        ``rows = site_rows(ctx, site)``."""
+        from .sites import nnsight_hidden
+
+        return nnsight_hidden(self.wrapped, self.decoder.model, site, self.decoder.subject.num_layers)
 
     def _forward(self, **kwargs):
         with self.wrapped.trace(**kwargs):

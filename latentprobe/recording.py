@@ -13,35 +13,62 @@ norm output. What is recorded per row:
     prompt_last    (n_layers, D)            the last prompt token (prefill)
     answer_layers  (n_layers, n_answer, D)  text positions after the row's latent phase (with answer=True)
 
+Each recorded tensor is a set of `Site`s (``latent[k].layer[L]``, ``image.layer[L]``, ``prompt_last.layer[L]``,
+``answer[j].layer[L]``); `site_tensor` reads one site out of a record, and the TraceStore readers and
+`run_with_cache` use it, so every part of latentprobe names the same place the same way.
+
 Example::
 
     >>> with Recorder(decoder, RecordSpec(layers=[0, 2])) as recorder:   # doctest: +SKIP
     ...     result = decoder.run(batch)
     >>> recorder.records()[0]["latent_layers"].shape                     # doctest: +SKIP
     torch.Size([2, 4, 64])
+    >>> site_tensor(recorder.records()[0], recorder.layers, Site.parse("latent[1].layer[2]")).shape  # doctest: +SKIP
+    torch.Size([64])
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
+from . import sites as _sites
 from .decoding import LATENT, TEXT, LatentDecoder, StepContext
 from .errors import LatentProbeError
+from .sites import Site, as_site
 
 
 @dataclass
 class RecordSpec:
-    """Which layers and which positions to record."""
+    """Which layers and which positions to record.
 
-    layers: Sequence[int] | str | None = "final"  # list of ints, "all", "final" (= N), or None for no hooks
+    ``layers`` is ``"final"`` (= N), ``"all"``, None (no hooks) or a list of hidden-state indices, `Site`s or site
+    strings (their layers are recorded; ``-1`` counts from the end). `RecordSpec.for_sites` builds a spec that
+    records exactly what a list of sites needs, and `sites` lists the sites a spec's records hold.
+    """
+
+    layers: Sequence[int | Site | str] | str | None = "final"
     latent: bool = True
     image: str | None = "mean"  # "mean", "all" or None
     prompt_last: bool = True
     answer: bool = False
+
+    @classmethod
+    def for_sites(cls, sites: Sequence[Site | str]) -> "RecordSpec":
+        """The smallest spec whose records hold every site in ``sites`` (image sites record every image token)."""
+        sites = [as_site(s) for s in sites]
+        if not sites:
+            raise LatentProbeError("no sites given to record", "name at least one site, e.g. 'latent.layer[0]'")
+        groups = {s.group for s in sites}
+        if "question" in groups:
+            raise LatentProbeError("question-token sites are not recorded by the Recorder",
+                                   "read image, prompt_last, latent or answer sites")
+        return cls(layers=sorted({s.layer for s in sites}), latent="latent" in groups,
+                   image="all" if "image" in groups else None, prompt_last="prompt_last" in groups,
+                   answer="answer" in groups)
 
     def resolve_layers(self, num_layers: int) -> list[int]:
         if self.layers is None:
@@ -50,8 +77,13 @@ class RecordSpec:
             return list(range(num_layers + 1))
         if self.layers == "final":
             return [num_layers]
+        if isinstance(self.layers, str):
+            raise LatentProbeError(f"layers {self.layers!r} is not 'final', 'all' or a list",
+                                   "give 'final', 'all', or a list of layer numbers or sites")
         layers = []
         for layer in self.layers:
+            if isinstance(layer, (Site, str)):
+                layer = as_site(layer).check_layer(num_layers).layer
             layer = int(layer)
             resolved = num_layers + 1 + layer if layer < 0 else layer
             if not 0 <= resolved <= num_layers:
@@ -60,19 +92,87 @@ class RecordSpec:
             layers.append(resolved)
         return sorted(set(layers))
 
+    def sites(self, num_layers: int) -> list[Site]:
+        """The group-level sites (every step of a group) whose states this spec records, in layer order."""
+        groups = [g for g, on in (("latent", self.latent), ("image", self.image), ("prompt_last", self.prompt_last),
+                                  ("answer", self.answer)) if on]
+        return [Site(g, layer) for g in groups for layer in self.resolve_layers(num_layers)]
+
     def describe(self) -> dict:
-        return dict(layers=self.layers if isinstance(self.layers, str) or self.layers is None else list(self.layers),
-                    latent=self.latent, image=self.image, prompt_last=self.prompt_last, answer=self.answer)
+        layers = self.layers if isinstance(self.layers, str) or self.layers is None else \
+            [str(l) if isinstance(l, Site) else l for l in self.layers]
+        return dict(layers=layers, latent=self.latent, image=self.image, prompt_last=self.prompt_last,
+                    answer=self.answer)
 
 
 def layer_modules(model, num_layers: int) -> dict[int, tuple[torch.nn.Module, bool]]:
-    """Map each hidden-state index to (module, is_pre_hook): 0 is the first block's input."""
-    text_model = model.model.language_model
-    modules = {0: (text_model.layers[0], True)}
-    for i in range(1, num_layers):
-        modules[i] = (text_model.layers[i - 1], False)
-    modules[num_layers] = (text_model.norm, False)
-    return modules
+    """Map each hidden-state index to (module, is_pre_hook); see `latentprobe.sites.layer_modules`."""
+    return _sites.layer_modules(model, num_layers)
+
+
+# Which record tensor holds each position group (the TraceStore names, written by `trace`).
+_GROUP_TENSORS = {"latent": "latent_layers", "answer": "answer_layers", "prompt_last": "prompt_last"}
+
+
+def site_tensor(tensors: Mapping[str, torch.Tensor], layer_ids: Sequence[int], site: Site | str,
+                image: str = "tokens") -> torch.Tensor | None:
+    """One site's states out of one record (a Recorder record or a stored one).
+
+    Parameters
+    ----------
+    tensors : mapping of str to Tensor
+        The record: ``latent_layers`` (n_layers, n_latent, D), ``image_tokens`` / ``image_mean``,
+        ``prompt_last`` (n_layers, D), ``answer_layers`` (n_layers, n_answer, D), and ``latent`` (n_latent, D),
+        the fed-back vectors, which are layer 0 at the latent steps whether or not layer 0 was hooked.
+    layer_ids : sequence of int
+        The hidden-state layer of each entry of the tensors' first axis (``Recorder.layers``,
+        ``manifest['record']['layer_ids']``).
+    site : Site or str
+    image : {"tokens", "mean"}
+        For image sites: every image token (n_image, D), or their mean (D,).
+
+    Returns
+    -------
+    Tensor or None
+        ``latent[k]``, ``answer[j]``, ``prompt_last``: (D,); ``latent``, ``answer``: (n_steps, D); ``image``: as
+        asked. None when the record has no such step (a row with fewer latent steps or answer tokens).
+    """
+    site = as_site(site)
+    layer_ids = list(layer_ids)
+    if site.group == "question":
+        raise LatentProbeError(f"site {site}: question-token states are not recorded",
+                               "read image, prompt_last, latent or answer sites")
+    if site.group == "latent" and site.layer == 0 and "latent" in tensors and 0 not in layer_ids:
+        states = tensors["latent"]
+    elif site.group == "image":
+        name = "image_tokens" if image == "tokens" else "image_mean"
+        if image not in ("tokens", "mean"):
+            raise LatentProbeError(f"image={image!r} is not a way to read image sites", "use 'tokens' or 'mean'")
+        if image == "mean" and name not in tensors and "image_tokens" in tensors:
+            states = _layer_slice(tensors["image_tokens"], layer_ids, site).mean(0)
+            return states
+        if name not in tensors:
+            fix = "record with image='all' (--image-states all)" if image == "tokens" else \
+                "record image states (--image-states mean or all)"
+            raise LatentProbeError(f"site {site}: the record holds no {name}", fix)
+        return _layer_slice(tensors[name], layer_ids, site)
+    else:
+        name = _GROUP_TENSORS[site.group]
+        if name not in tensors:
+            flag = {"latent_layers": "latent states", "answer_layers": "answer states (--answer-states)",
+                    "prompt_last": "prompt states"}[name]
+            raise LatentProbeError(f"site {site}: the record holds no {name}", f"record {flag} when tracing")
+        states = _layer_slice(tensors[name], layer_ids, site)
+    if site.step is None:
+        return states
+    return states[site.step] if site.step < states.shape[0] else None
+
+
+def _layer_slice(tensor: torch.Tensor, layer_ids: list[int], site: Site) -> torch.Tensor:
+    if site.layer not in layer_ids:
+        raise LatentProbeError(f"site {site}: layer {site.layer} was not recorded (recorded: {layer_ids})",
+                               "read a recorded layer, or record this one (--layers)")
+    return tensor[layer_ids.index(site.layer)]
 
 
 class Recorder:
@@ -83,6 +183,7 @@ class Recorder:
         self.spec = spec or RecordSpec()
         self.num_layers = decoder.subject.num_layers
         self.layers = self.spec.resolve_layers(self.num_layers)
+        self.sites = self.spec.sites(self.num_layers)
         self._handles: list = []
         self._paused = False
         self._reset()
@@ -98,7 +199,7 @@ class Recorder:
 
     # -- context manager --------------------------------------------------------------------------------------
     def __enter__(self) -> "Recorder":
-        modules = layer_modules(self.decoder.model, self.num_layers)
+        modules = _sites.layer_modules(self.decoder.model, self.num_layers)
         for layer in self.layers:
             module, is_pre = modules[layer]
             if is_pre:

@@ -148,3 +148,96 @@ def layer_modules(model, n_layers: int | None = None) -> dict[int, tuple[torch.n
         modules[i] = (blocks[i - 1], False)
     modules[n_layers] = (norm, False)
     return modules
+
+
+# ----------------------------------------------------------------------------------- reading sites from users
+def as_site(value, group: str = "latent", step: int | None = None) -> Site:
+    """A `Site` from a Site, its string form (``"latent[2].layer[14]"``) or a bare layer number (the old int form,
+    read in the group ``group``). Bare ints keep older call sites working; new code passes sites.
+
+    >>> as_site(3), as_site("image.layer[1]")
+    (Site(group='latent', layer=3, step=None), Site(group='image', layer=1, step=None))
+    """
+    if isinstance(value, Site):
+        return value
+    if isinstance(value, str):
+        return Site.parse(value)
+    if isinstance(value, bool) or not isinstance(value, (int,)) and not hasattr(value, "__index__"):
+        raise LatentProbeError(f"cannot read {value!r} as a site",
+                               "pass a Site, its string form (e.g. 'latent[2].layer[14]') or a layer number")
+    return Site(group, int(value), step)
+
+
+def check_sites(sites, n_layers: int, max_latent_steps: int | None = None,
+                groups: tuple[str, ...] | None = None) -> list[Site]:
+    """Validate sites against a model and a protocol before anything runs; returns them as `Site` objects.
+
+    Parameters
+    ----------
+    sites : iterable of Site, str or int
+        The places asked for (ints are latent-group layers).
+    n_layers : int
+        The model's number of decoder blocks N (valid layers are 0..N).
+    max_latent_steps : int or None
+        The protocol's number of latent steps (fixed K or cap); steps must be below it. None skips the check.
+    groups : tuple of str or None
+        The position groups the caller can serve; others are refused with the list of those it can.
+    """
+    checked = []
+    for value in sites:
+        site = as_site(value).check_layer(n_layers)
+        if groups is not None and site.group not in groups:
+            raise LatentProbeError(f"site {site} is in the {site.group!r} group, which this reader does not provide",
+                                   f"use one of the groups {', '.join(groups)}")
+        if site.group == "latent" and site.step is not None and max_latent_steps is not None \
+                and site.step >= max_latent_steps:
+            raise LatentProbeError(f"site {site} names latent step {site.step}, but the protocol runs at most "
+                                   f"{max_latent_steps} latent steps",
+                                   f"use latent steps 0..{max_latent_steps - 1}")
+        checked.append(site)
+    return checked
+
+
+def site_rows(ctx, site: Site) -> torch.Tensor:
+    """Rows of the decoder's current `StepContext` whose last position is at ``site`` (decoding steps only).
+
+    ``latent[k]``: rows whose input is latent step k; ``latent``: rows at any latent step; ``answer``: text rows
+    after their latent phase (``answer[j]`` cannot be told from the context alone and is refused). Prompt
+    groups (``image``, ``question``, ``prompt_last``) live in the prefill, not at a decoding step: empty.
+    """
+    if ctx is None or ctx.is_prefill or site.group in ("image", "question", "prompt_last"):
+        return torch.zeros(0, dtype=torch.long)
+    if site.group == "latent":
+        hit = ctx.kinds == StepKind.LATENT
+        if site.step is not None:
+            hit = hit & (ctx.latent_index == site.step)
+        return hit.nonzero(as_tuple=True)[0]
+    if site.step is not None:
+        raise LatentProbeError(f"site {site}: a single answer position cannot be found from the step context",
+                               "use 'answer.layer[L]' (every answer position) inside a decoding hook")
+    return ((ctx.kinds == StepKind.TEXT) & ctx.after_latent).nonzero(as_tuple=True)[0]
+
+
+def module_path(root: torch.nn.Module, module: torch.nn.Module) -> str:
+    """The dotted path of ``module`` inside ``root`` (what nnsight's ``Envoy.get`` takes)."""
+    for name, candidate in root.named_modules():
+        if candidate is module:
+            return name
+    raise LatentProbeError("the backbone's module for this site is not inside the wrapped model",
+                           "wrap the subject's backbone (subject.model.model) or the whole subject.model")
+
+
+def nnsight_hidden(envoy, model, site: Site | int, n_layers: int | None = None):
+    """Inside an nnsight trace: the live hidden-state value at ``site``'s layer (all rows, all positions).
+
+    ``envoy`` is the nnsight wrapper (``NNsightRunner`` passes it as ``model``), ``model`` the subject's full
+    model (for the backbone registry). Layer 0 is the first block's input, layer i the output of block i-1,
+    layer N the final norm's output, exactly as in the Recorder and the store. Index and assign it like a
+    tensor, e.g. ``nnsight_hidden(envoy, model, site)[rows, -1] = 0.0``.
+    """
+    site = as_site(site)
+    modules = layer_modules(model, n_layers)
+    site.check_layer(max(modules))
+    module, is_pre = modules[site.layer]
+    path = module_path(envoy._module, module)
+    return envoy.get(f"{path}.input" if is_pre else f"{path}.output")

@@ -238,8 +238,13 @@ class TraceStore:
     def layer_ids(self) -> list[int]:
         return list(self.manifest.get("record", {}).get("layer_ids", []))
 
-    def layer_position(self, layer: int | None) -> int:
-        """Index into recorded layers of hidden-state layer ``layer`` (None: the last recorded)."""
+    def layer_position(self, layer) -> int:
+        """Index into recorded layers of hidden-state layer ``layer`` (an int, a `Site` or a site string; None:
+        the last recorded)."""
+        if layer is not None and not isinstance(layer, int):  # a Site or its string form names the layer too
+            from .sites import as_site
+
+            layer = as_site(layer).layer
         ids = self.layer_ids
         if not ids:
             raise LatentProbeError(f"{self.run_dir} recorded no layer states", "re-run the trace with --layers")
@@ -249,6 +254,88 @@ class TraceStore:
             raise LatentProbeError(f"layer {layer} was not recorded in {self.run_dir} (recorded: {ids})",
                                    "pick a recorded layer or re-run the trace with --layers")
         return ids.index(layer)
+
+
+    # -- readers by site (one name per place; see latentprobe.sites) ------------------------------------------
+    def record_tensors(self, record_id: str) -> "RecordTensors":
+        """A lazy, read-only mapping name -> tensor over one record (tensors load when first read)."""
+        return RecordTensors(self, record_id)
+
+    def site_tensor(self, record_id: str, site, image: str = "tokens") -> torch.Tensor | None:
+        """One record's states at ``site`` (a `Site` or its string form, e.g. ``"latent[2].layer[14]"``).
+
+        Shapes as in `latentprobe.recording.site_tensor`: (D,) for one latent step, answer position or the last
+        prompt token; (n_steps, D) for every latent step or answer position; image tokens (n_image, D) or their
+        mean (D,) with ``image="mean"``. None when the record has no such step.
+        """
+        from .recording import site_tensor
+
+        return site_tensor(self.record_tensors(record_id), self.layer_ids, site, image=image)
+
+    def site_array(self, record_ids: Iterable[str], site, image: str = "tokens") -> np.ndarray:
+        """Stack `site_tensor` over records: (N, D) or (N, S, D) padded with NaN where a record has fewer steps
+        (or image tokens), NaN rows where it lacks the step. The same arrays `run_with_cache` returns.
+
+        >>> store.site_array(index.record_id, "latent[0].layer[0]").shape        # doctest: +SKIP
+        (48, 64)
+        """
+        from .sites import as_site
+
+        site = as_site(site)
+        return stack_site_states([self.site_tensor(rid, site, image=image) for rid in record_ids],
+                                 self.manifest.get("record", {}).get("hidden_size"))
+
+    @property
+    def sites(self) -> list:
+        """The group-level sites this run recorded (from its manifest)."""
+        from .sites import Site
+
+        record = self.manifest.get("record", {})
+        groups = [g for g, key in (("latent", "latent"), ("image", "image"), ("prompt_last", "prompt_last"),
+                                   ("answer", "answer")) if record.get(key)]
+        return [Site(g, layer) for g in groups for layer in self.layer_ids]
+
+
+class RecordTensors:
+    """Read-only mapping over one stored record's tensors, loaded on first access."""
+
+    def __init__(self, store: TraceStore, record_id: str):
+        self.store, self.record_id = store, record_id
+        shard = store._shard(record_id.rsplit("-", 1)[0])
+        prefix = f"{record_id}/"
+        self._names = {k[len(prefix):] for k in shard.keys() if k.startswith(prefix)}
+
+    def __contains__(self, name) -> bool:
+        return name in self._names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.store.tensor(self.record_id, name)
+
+    def keys(self):
+        return sorted(self._names)
+
+
+def stack_site_states(states: Sequence[torch.Tensor | None], dim: int | None = None) -> np.ndarray:
+    """Stack per-record site states into one float32 array padded with NaN (shared by the store and the cache).
+
+    (D,) states give (N, D); (S, D) states give (N, max S, D). A None (a record without that step) is a NaN row.
+    """
+    present = [t for t in states if t is not None]
+    if not present:
+        return np.full((len(states), dim or 0), np.nan, dtype=np.float32)
+    dim = present[0].shape[-1]
+    if present[0].dim() == 1:
+        out = np.full((len(states), dim), np.nan, dtype=np.float32)
+        for i, t in enumerate(states):
+            if t is not None:
+                out[i] = t.float().numpy()
+        return out
+    steps = max(t.shape[0] for t in present)
+    out = np.full((len(states), steps, dim), np.nan, dtype=np.float32)
+    for i, t in enumerate(states):
+        if t is not None:
+            out[i, :t.shape[0]] = t.float().numpy()
+    return out
 
 
 def _check_compatible(previous: dict, current: dict, run_dir: Path):
