@@ -158,6 +158,12 @@ class KnockoutHooks:
                     raise LatentProbeError(f"{knockout.name}: block {layer} does not exist (the model has {n})",
                                            f"use blocks 0..{n - 1}")
                 self.layer_rows[layer, r] = True
+        # blocks whose knocked-out rows are the same share one mask per step (one computation, no host syncs)
+        self.patterns: dict[tuple[bool, ...], list[int]] = {}
+        for layer in range(n):
+            if self.layer_rows[layer].any():
+                self.patterns.setdefault(tuple(self.layer_rows[layer].tolist()), []).append(layer)
+        self._on_device = None
         self.implementation = getattr(self.decoder.model.config, "_attn_implementation", "eager")
         for layer in range(n):
             if self.layer_rows[layer].any():
@@ -189,17 +195,19 @@ class KnockoutHooks:
         if len(ctx.kinds) != len(self.row_edits):
             raise LatentProbeError(f"{len(self.row_edits)} edits given for a decode of {len(ctx.kinds)} rows",
                                    "pass one edit per decoded row (prompt rows x repeats)")
+        if self._on_device is None:  # move the per-row facts to the model's device once
+            self._on_device = ({e: r.to(device) for e, r in self.edge_rows.items() if r.any()},
+                               [(torch.tensor(p, device=device).unsqueeze(1), layers) for p, layers in self.patterns.items()])
+        edge_rows, patterns = self._on_device
         blocked = torch.zeros((len(ctx.kinds), length), dtype=torch.bool, device=device)
-        for edge, rows in self.edge_rows.items():
+        for edge, rows in edge_rows.items():
             query, key = edge.split("->")
-            active = rows.to(device) & queries[query]
-            if active.any():
-                blocked |= active.unsqueeze(1) & keys[key]
-        if not blocked.any():
+            blocked |= (rows & queries[query]).unsqueeze(1) & keys[key]
+        if not blocked.any():  # one host sync per step: a step with nothing blocked runs untouched
             return
-        for layer in range(self.layer_rows.shape[0]):
-            mask = blocked & self.layer_rows[layer].to(device).unsqueeze(1)
-            if mask.any():
+        for rows, layers in patterns:
+            mask = blocked & rows
+            for layer in layers:
                 self.blocked[layer] = mask
 
     def _hook(self, layer: int):
