@@ -535,13 +535,20 @@ class PatchResult:
         out = []
         for direction in self.table.direction.unique():
             exact = self.table[(self.table.direction == direction) & (self.table.method == "exact")
-                               & (self.table.metric == METRIC_OF[direction])].sort_values("estimate", ascending=False)
-            for row in exact.head(5).itertuples():
+                               & (self.table.metric == METRIC_OF[direction])]
+            shown = exact.dropna(subset=["estimate"]).sort_values("estimate", ascending=False)
+            if shown.empty:
+                excluded = int(exact.n_excluded.max()) if len(exact) else 0
+                out.append(f"{direction:<8} no instance left: the corruption moved p_gold by less than min_gap in "
+                           f"all {excluded} (use another corruption, or a subject that reads the image)")
+            for row in shown.head(5).itertuples():
                 out.append(f"{direction:<8} {row.site:<24} {row.metric:<9} {row.estimate:+.3f} "
                            f"[{row.ci_low:+.3f}, {row.ci_high:+.3f}] n={row.n} (excluded {row.n_excluded})")
-        for row in self.agreement.itertuples():
+        for row in self.agreement.dropna(subset=["spearman_rho"]).itertuples():
             out.append(f"attribution vs exact ({row.direction}): Spearman rho {row.spearman_rho:+.3f} "
                        f"over {row.n_sites} sites")
+        if self.failures:
+            out.append(f"skipped   {len(self.failures)} instances (e.g. {self.failures[0][0]}: {self.failures[0][1]})")
         if self.out_dir:
             out.append(f"results   {self.out_dir}/patching_summary.csv")
         return out
