@@ -1,7 +1,6 @@
 """Activation patching maps: exact against independent code paths (the decoder's own latent edits), against
 what the organisms' wiring forces, and refusing bad grids before any model runs."""
 
-import dataclasses
 
 import numpy as np
 import pandas as pd
@@ -14,7 +13,6 @@ from latentprobe.errors import LatentProbeError
 from latentprobe.interventions import LatentPatch, LayerEditHooks, RowBinding
 from latentprobe.patching import (PatchGrid, attribution_agreement, default_instances, normalized_effect,
                                   patch_map, reference_run, resolve_grid, run_cells, summarize_patching)
-from latentprobe.sites import Site
 from latentprobe.subjects import load_subject
 
 
