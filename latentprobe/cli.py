@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", default=None, help="latent steps, comma-separated from 0 (default: all)")
     p.add_argument("--groups", default=None,
                    help="position groups: image, question, prompt_last, latent, answer (default: all that exist)")
+    p.add_argument("--sites", default=None,
+                   help="patch only these sites, comma-separated (e.g. latent[2].layer[14],image.layer[3]) "
+                        "instead of the --layers/--steps/--groups grid")
     p.add_argument("--direction", default="denoise,noise", help="denoise, noise or both (comma-separated)")
     p.add_argument("--corruption", default="image-swap", choices=["image-swap", "image-noise"],
                    help="image-swap (another instance's image) or image-noise (ROME-style, on image-token embeddings)")
@@ -299,9 +302,11 @@ def _cmd_patch(args):
     directions = [d.strip() for d in args.direction.split(",") if d.strip()]
     subject = load_subject_from_args(args)
     config = decode_config_from_args(args, subject)
-    from .patching import check_patch_request, resolve_grid
+    from .patching import check_patch_request, grid_of_sites, resolve_grid
 
-    grid = resolve_grid(subject, layers, steps, groups, config)  # bad layers/steps/groups fail before data loads
+    sites = [v.strip() for v in args.sites.split(",") if v.strip()] if args.sites else None
+    # bad layers, steps, groups or sites fail before the data loads and before any model runs
+    grid = grid_of_sites(subject, sites, config) if sites else resolve_grid(subject, layers, steps, groups, config)
     if args.data is None:
         instances, source = default_instances(subject.name, limit=args.limit or 64)
     else:
@@ -310,7 +315,7 @@ def _cmd_patch(args):
         instances, source = load_instances(args.data, limit=args.limit, split=args.split)
     check_patch_request(subject, grid, len(instances), directions, args.corruption, args.noise_scale, args.min_gap,
                         args.semantics)
-    result = patch_map(subject, instances, args.out, layers=layers, steps=steps, groups=groups,
+    result = patch_map(subject, instances, args.out, layers=layers, steps=steps, groups=groups, sites=sites,
                        directions=directions, corruption=args.corruption, noise_scale=args.noise_scale,
                        semantics=args.semantics, min_gap=args.min_gap, attribution=not args.no_attribution,
                        config=config, batch_size=args.batch_size, max_rows=args.max_rows, seed=args.seed,

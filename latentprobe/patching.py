@@ -40,6 +40,7 @@ prefill and are run as one batched prefill per chunk. ``bench/bench_patching.py`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,23 +71,58 @@ SUMMARY_COLUMNS = ["subject", "method", "direction", "corruption", "semantics", 
 # ------------------------------------------------------------------------------------------------ the grid
 @dataclass(frozen=True)
 class PatchGrid:
-    """The sites of one patching map: every (layer, latent step) and every (layer, position group)."""
+    """The sites of one patching map: every (layer, latent step) and every (layer, position group), or only the
+    sites in ``only`` (e.g. the ones attribution patching ranked highest)."""
 
     layers: tuple[int, ...]
     steps: tuple[int, ...]
     groups: tuple[str, ...]
+    only: tuple[Site, ...] | None = None
 
     def step_sites(self) -> list[Site]:
-        return [Site("latent", layer, step) for layer in self.layers for step in self.steps]
+        return [s for s in (Site("latent", layer, step) for layer in self.layers for step in self.steps)
+                if self.only is None or s in self.only]
 
     def group_sites(self) -> list[Site]:
-        return [Site(group, layer) for layer in self.layers for group in self.groups]
+        return [s for s in (Site(group, layer) for layer in self.layers for group in self.groups)
+                if self.only is None or s in self.only]
 
     def sites(self) -> list[Site]:
         return self.step_sites() + self.group_sites()
 
     def describe(self) -> dict:
-        return {"layers": list(self.layers), "steps": list(self.steps), "groups": list(self.groups)}
+        out = {"layers": list(self.layers), "steps": list(self.steps), "groups": list(self.groups)}
+        return out if self.only is None else {**out, "sites": [str(s) for s in self.only]}
+
+
+def grid_of_sites(subject, sites: Sequence[Site | str], config: DecodeConfig | None = None) -> PatchGrid:
+    """A grid holding exactly ``sites`` (strings like ``latent[2].layer[14]`` or `Site` objects), each checked
+    against the subject as `resolve_grid` checks a full grid."""
+    parsed = tuple(dict.fromkeys(s if isinstance(s, Site) else Site.parse(s) for s in sites))
+    if not parsed:
+        raise LatentProbeError("no sites given", "name sites like latent[2].layer[14] or image.layer[3]")
+    for site in parsed:
+        if site.group == "answer" and site.step is not None:
+            raise LatentProbeError(f"site {site}: single answer positions are not patched one by one",
+                                   "use answer.layer[L] (the whole answer region)")
+    steps = sorted({s.step for s in parsed if s.group == "latent" and s.step is not None})
+    groups = [g for g in POSITION_GROUPS if any(s.group == g and s.step is None for s in parsed)]
+    full = resolve_grid(subject, sorted({s.layer for s in parsed}), steps, groups, config)
+    return dataclasses.replace(full, only=parsed)
+
+
+def top_attribution_sites(table: pd.DataFrame, k: int = 10, direction: str = "denoise") -> list[Site]:
+    """The ``k`` sites with the largest |attribution estimate| in a patching summary: what to patch exactly when
+    the full map is too large (a 7B model at every layer)."""
+    if k < 1:
+        raise LatentProbeError(f"k must be >= 1, got {k}", "ask for at least one site")
+    rows = table[(table.method == "attribution") & (table.direction == direction)
+                 & (table.metric == LOGODDS_METRIC_OF.get(direction, ""))].dropna(subset=["estimate"])
+    if rows.empty:
+        raise LatentProbeError(f"no attribution estimates for direction {direction!r} in this table",
+                               "run patch_map with attribution=True first")
+    ranked = rows.assign(size=rows.estimate.abs()).sort_values("size", ascending=False)
+    return [Site.parse(s) for s in ranked.site.head(k)]
 
 
 def resolve_grid(subject, layers: Sequence[int] | str | None = None, steps: Sequence[int] | None = None,
@@ -556,8 +592,8 @@ class PatchResult:
 
 def patch_map(subject, instances: Sequence[Instance], out_dir: str | Path | None = None, *,
               layers: Sequence[int] | str | None = None, steps: Sequence[int] | None = None,
-              groups: Sequence[str] | None = None, directions: Sequence[str] = DIRECTIONS,
-              corruption: str = "image-swap", noise_scale: float = 3.0, semantics: str = "recompute",
+              groups: Sequence[str] | None = None, sites: Sequence[Site | str] | None = None,
+              directions: Sequence[str] = DIRECTIONS, corruption: str = "image-swap", noise_scale: float = 3.0, semantics: str = "recompute",
               min_gap: float = 0.05, attribution: bool = True, config: DecodeConfig | None = None,
               batch_size: int = 8, max_rows: int = 512, seed: int = 0, n_boot: int = 1000,
               figures: bool = True, progress: bool = False) -> PatchResult:
@@ -573,6 +609,8 @@ def patch_map(subject, instances: Sequence[Instance], out_dir: str | Path | None
         heatmaps and ``patching_manifest.json`` go (nothing is written when None).
     layers, steps, groups :
         The grid (defaults: every layer 0..N, every latent step, every position group).
+    sites : sequence of Site or str, optional
+        Patch exactly these sites instead of a grid (e.g. `top_attribution_sites` of a cheaper run).
     directions : ``denoise`` and/or ``noise``.
     corruption : ``image-swap`` (another instance's image, a seeded derangement) or ``image-noise``
         (``noise_scale`` x the per-dimension std of the image-token embeddings).
@@ -592,7 +630,8 @@ def patch_map(subject, instances: Sequence[Instance], out_dir: str | Path | None
     started = time.time()
     config = config or DecodeConfig(max_new_tokens=subject.max_new_tokens, seed=seed)
     instances = list(instances)
-    grid = resolve_grid(subject, layers, steps, groups, config)
+    grid = grid_of_sites(subject, sites, config) if sites is not None else resolve_grid(subject, layers, steps, groups,
+                                                                                       config)
     directions = tuple(dict.fromkeys(directions))
     check_patch_request(subject, grid, len(instances), directions, corruption, noise_scale, min_gap, semantics)
     if batch_size < 1 or max_rows < 1:
@@ -952,6 +991,6 @@ def describe_grid_cost(grid: PatchGrid, n_instances: int) -> dict[str, Any]:
             "prefills_reused": 2 * n_instances, "prefills_independent": (decode_cells + prompt_cells) * n_instances}
 
 
-__all__ = ["PatchGrid", "PatchResult", "resolve_grid", "patch_map", "reference_run", "run_cells",
+__all__ = ["PatchGrid", "PatchResult", "resolve_grid", "grid_of_sites", "top_attribution_sites", "patch_map", "reference_run", "run_cells",
            "summarize_patching", "attribution_agreement", "normalized_effect", "read_patching", "default_instances",
            "DecodePatcher", "PrefillPatcher", "ImageEmbeddingNoise", "image_embedding_std"]

@@ -183,6 +183,9 @@ def test_agreement_is_spearman_over_shared_sites():
     (["--groups", "image,pixels"], "unknown position group 'pixels'"),
     (["--direction", "sideways"], "unknown patching direction"),
     (["--min-gap", "nan"], "min_gap"),
+    (["--sites", "latent[9].layer[0]"], "latent step 9 is out of range"),
+    (["--sites", "latent[0].layer[0],pixels.layer[0]"], "unknown position group 'pixels'"),
+    (["--sites", "latent[0].layer[0],latent-2"], "cannot read 'latent-2' as a site"),
 ])
 def test_bad_grid_is_one_line_before_any_model_runs(argv, needle, capsys, monkeypatch, tmp_path):
     import latentprobe.decoding as decoding
@@ -225,13 +228,28 @@ def test_cli_patch_runs_on_the_subjects_default_data(tmp_path, capsys):
     assert section.figures and section.figures[0].exists()
 
 
+def test_exact_patching_of_the_sites_attribution_ranks_first(subjects, held_out):
+    """The large-map workflow: attribution over the whole grid, then exact patching of its top sites only; the
+    exact values equal the full exact map's at those sites."""
+    from latentprobe.patching import top_attribution_sites
+
+    subject = _subject(subjects, "bottleneck")
+    full = patch_map(subject, held_out[:6], None, directions=["denoise"], n_boot=20)
+    top = top_attribution_sites(full.table, k=3)
+    assert len(top) == 3 and str(top[0]) == "answer.layer[1]"  # the slot's own final-norm state is linear in m
+    only = patch_map(subject, held_out[:6], None, sites=top, directions=["denoise"], attribution=False, n_boot=20)
+    assert set(only.rows.site) == {str(s) for s in top}
+    merged = only.rows.merge(full.rows[full.rows.method == "exact"], on=["site", "instance_id"])
+    np.testing.assert_allclose(merged.p_patched_x, merged.p_patched_y, atol=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["bottleneck", "shortcut", "lvr", "mirage"])
 def test_organism_patching_numbers(subjects, held_out, name, capsys):
     """The numbers quoted in the README (64 held-out instances, image-swap)."""
     subject = _subject(subjects, name)
     result = patch_map(subject, held_out[:64], None, n_boot=1000)
-    table = result.table.set_index(["method", "direction", "site", "metric"])
+    table = result.table.set_index(["method", "direction", "site", "metric"]).sort_index()
     fed_back = table.loc[("exact", "denoise", "latent.layer[0]", "recovery")]
     steps = table.loc["exact", "denoise"].reset_index()
     steps = steps[(steps.metric == "recovery") & (steps.step >= 0)]
