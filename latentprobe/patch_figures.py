@@ -133,7 +133,7 @@ def patching_markdown(table: pd.DataFrame, agreement: pd.DataFrame | None, figur
                 shown = Path(fig).relative_to(relative_to) if relative_to and Path(fig).is_relative_to(relative_to) \
                     else Path(fig)
                 lines += [f"![{subject} patching maps]({shown.as_posix()})", ""]
-        lines += ["| direction | site | metric | estimate [95% CI] | n | excluded (|gap| small) | flip rate [95% CI] |",
+        lines += ["| direction | site | metric | estimate [95% CI] | n | excluded (gap < min_gap) | flip rate [95% CI] |",
                   "|---|---|---|---|---|---|---|"]
         for direction in ("denoise", "noise"):
             metric = METRIC_OF[direction]
