@@ -63,11 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_decode_args(p)
     p.add_argument("--out", required=True, help="output folder (must be new unless --resume)")
-    p.add_argument("--target", required=True, choices=["latent", "input", "text"])
+    p.add_argument("--target", required=True, choices=["latent", "input", "text", "attention"])
     p.add_argument("--kind", required=True, action="append",
                    help="intervention kind(s), comma-separated or repeated. latent: noise, constant, zero, patch, "
                         "drop, shuffle; input: image-swap, image-noise, image-blank, image-mask, question-swap, "
-                        "no-image; text: text-swap, text-truncate, text-shuffle")
+                        "no-image; text: text-swap, text-truncate, text-shuffle; attention: answer->latent, "
+                        "answer->image, latent->image (join with + to block together), or knockout (each of the three)")
+    p.add_argument("--attention-layers", default=None,
+                   help="attention: decoder blocks whose attention is knocked out, comma-separated 0..N-1 (default all)")
     p.add_argument("--steps", default=None, help="latent steps to edit, comma-separated from 0 (default: all)")
     p.add_argument("--scale", default=None,
                    help="comma-separated sweep: noise scale (x data std or x mean norm), image-noise level, "
@@ -81,6 +84,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for intervals")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--shard", default=None, help="i/n: run only the i-th of n interleaved shards of the data")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("patch", help="activation patching maps: layer x latent step and layer x position group")
+    _add_subject_args(p)
+    p.add_argument("--data", default=None,
+                   help="a JSONL file or BENCHMARK:FOLDER (default: the subject's own held-out split for organisms, "
+                        "else the built-in images)")
+    p.add_argument("--split", default=None, help="only instances of this split")
+    p.add_argument("--limit", type=int, default=None, help="at most this many instances (default 64 on default data)")
+    _add_decode_args(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--layers", default="all", help="hidden-state layers 0..N, comma-separated, or 'all'")
+    p.add_argument("--steps", default=None, help="latent steps, comma-separated from 0 (default: all)")
+    p.add_argument("--groups", default=None,
+                   help="position groups: image, question, prompt_last, latent, answer (default: all that exist)")
+    p.add_argument("--sites", default=None,
+                   help="patch only these sites, comma-separated (e.g. latent[2].layer[14],image.layer[3]) "
+                        "instead of the --layers/--steps/--groups grid")
+    p.add_argument("--direction", default="denoise,noise", help="denoise, noise or both (comma-separated)")
+    p.add_argument("--corruption", default="image-swap", choices=["image-swap", "image-noise"],
+                   help="image-swap (another instance's image) or image-noise (ROME-style, on image-token embeddings)")
+    p.add_argument("--noise-scale", type=float, default=3.0, help="image-noise: x the image-embedding std (default 3)")
+    p.add_argument("--semantics", default="recompute", choices=["recompute", "pin"],
+                   help="after a patched latent step: recompute later steps, or pin them to the patched run's")
+    p.add_argument("--min-gap", type=float, default=0.05,
+                   help="exclude instances with |p_clean - p_corrupt| below this from normalised metrics")
+    p.add_argument("--no-attribution", action="store_true", help="skip attribution patching")
+    p.add_argument("--max-rows", type=int, default=512, help="rows decoded side by side at most")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for intervals")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("similarity", help="collapse analysis: cosine similarity of latents across instances/steps")
@@ -290,16 +322,58 @@ def _cmd_intervene(args):
     from .interventions import make_interventions
 
     kinds = [k.strip() for spec in args.kind for k in spec.split(",") if k.strip()]
-    interventions = make_interventions(
-        args.target, kinds, steps=_split_list(args.steps, int, "--steps"), scales=_split_list(args.scale, float, "--scale"),
-        layer=args.layer, semantics=[s.strip() for s in args.semantics.split(",")], seed=args.seed,
-        relative_to=args.relative_to, value=args.value)
+    if args.target == "attention":
+        from .knockout import make_knockouts
+
+        interventions = make_knockouts(kinds, _split_list(args.attention_layers, int, "--attention-layers"), args.seed)
+    else:
+        interventions = make_interventions(
+            args.target, kinds, steps=_split_list(args.steps, int, "--steps"),
+            scales=_split_list(args.scale, float, "--scale"), layer=args.layer,
+            semantics=[s.strip() for s in args.semantics.split(",")], seed=args.seed,
+            relative_to=args.relative_to, value=args.value)
     instances, source, writer_id = select_instances(args)
     subject = load_subject_from_args(args)
     summary = intervene(subject, instances, interventions, args.out, config=decode_config_from_args(args, subject),
                         batch_size=args.batch_size, seed=args.seed, n_boot=args.bootstrap, resume=args.resume,
                         progress=not args.quiet and sys.stderr.isatty(), data_source=source, writer_id=writer_id)
     print_block(f"latentprobe intervene: {subject.name}, target {args.target}", summary.lines())
+
+
+def _cmd_patch(args):
+    from .patching import default_instances, patch_map
+
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--max-rows", args.max_rows)):
+        if value is not None and value < 1:
+            raise LatentProbeError(f"{flag} must be >= 1, got {value}", f"pass a positive {flag}")
+    layers = "all" if args.layers.strip() == "all" else _split_list(args.layers, int, "--layers")
+    steps = _split_list(args.steps, int, "--steps")
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()] if args.groups else None
+    directions = [d.strip() for d in args.direction.split(",") if d.strip()]
+    subject = load_subject_from_args(args)
+    config = decode_config_from_args(args, subject)
+    from .patching import check_patch_request, grid_of_sites, resolve_grid
+
+    sites = [v.strip() for v in args.sites.split(",") if v.strip()] if args.sites else None
+    # bad layers, steps, groups or sites fail before the data loads and before any model runs
+    grid = grid_of_sites(subject, sites, config) if sites else resolve_grid(subject, layers, steps, groups, config)
+    if args.data is None:
+        instances, source = default_instances(subject.name, limit=args.limit or 64)
+    else:
+        from .data import load_instances
+
+        instances, source = load_instances(args.data, limit=args.limit, split=args.split)
+    check_patch_request(subject, grid, len(instances), directions, args.corruption, args.noise_scale, args.min_gap,
+                        args.semantics)
+    result = patch_map(subject, instances, args.out, layers=layers, steps=steps, groups=groups, sites=sites,
+                       directions=directions, corruption=args.corruption, noise_scale=args.noise_scale,
+                       semantics=args.semantics, min_gap=args.min_gap, attribution=not args.no_attribution,
+                       config=config, batch_size=args.batch_size, max_rows=args.max_rows, seed=args.seed,
+                       n_boot=args.bootstrap, progress=not args.quiet and sys.stderr.isatty())
+    lines = [f"data      {len(instances)} instances ({source})"] + result.lines()
+    lines += [f"figure    {f}" for f in result.figures]
+    print_block(f"latentprobe patch: {subject.name}, {result.table.corruption.iloc[0] if len(result.table) else ''}",
+                lines)
 
 
 def _cmd_similarity(args):

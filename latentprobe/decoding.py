@@ -64,6 +64,10 @@ class StepContext:
     is_prefill: bool = False
     prefill_image_mask: torch.Tensor | None = None  # (B, L) image-token positions, prefill only
     prefill_attention: torch.Tensor | None = None  # (B, L)
+    # Decode steps only: which keys are image tokens (B, L prompt columns) and latent inputs (B, keys so far,
+    # the current position included); attention knockout reads them to block edges at chosen layers.
+    image_keys: torch.Tensor | None = None
+    latent_keys: torch.Tensor | None = None
 
     def rows(self, kind: int) -> torch.Tensor:
         return (self.kinds == kind).nonzero(as_tuple=True)[0]
@@ -259,7 +263,7 @@ class LatentDecoder:
                 inputs = torch.where((kinds == LATENT).view(-1, 1, 1), next_latent.unsqueeze(1).to(inputs.dtype), inputs)
             attention = state.effective_attention(answer_mask, image_mask)
             self._publish(StepContext(step, kinds, state.input_latent_index.clone(), state.after_latent.clone(),
-                                      batch.instance_ids))
+                                      batch.instance_ids, image_keys=image_mask, latent_keys=state.latent_mark))
             hidden = self._forward(inputs_embeds=inputs, attention_mask=attention, position_ids=positions,
                                    past_key_values=cache, use_cache=True)[:, -1]
             state.advance_positions()

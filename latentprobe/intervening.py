@@ -31,6 +31,7 @@ from .decoding import DecodeConfig, DecodeResult, LatentDecoder, RowOutput
 from .effects import latent_change_metrics, summarize
 from .errors import LatentProbeError
 from .fileio import atomic_write
+from .knockout import KnockoutHooks
 from .interventions import (InputIntervention, Intervention, LatentIntervention, LatentStats, LayerEditHooks,
                             PinLatents, RowBinding, TextIntervention, derangement)
 from .recording import Recorder, RecordSpec
@@ -86,6 +87,8 @@ def check_interventions(subject, interventions: Sequence[Intervention], n_instan
                                    "use --target input, or a latent subject (monet, lvr, mirage, organisms)")
     max_steps = config.latent_steps or (subject.protocol.num_steps if subject.protocol else 0)
     for iv in interventions:
+        if hasattr(iv, "check_subject"):  # checks that need the subject (attention knockout: latent phase, blocks)
+            iv.check_subject(subject)
         iv.check(max_steps, n_instances)
 
 
@@ -219,7 +222,7 @@ class _Run:
             todo = [iv for iv in self.latent_ivs if any((i.id, iv.name) not in done for i in chunk)]
             if todo:
                 edits = [iv.bind(self._binding(inst, iv, clean, donor_of)) for inst in chunk for iv in todo]
-                with LayerEditHooks(decoder, edits):
+                with LayerEditHooks(decoder, edits), KnockoutHooks(decoder, edits):
                     result = decoder.decode(clean_prefill(), edits, repeats=len(todo))
                 records = self.recorder.records()
                 for k, (row, tensors) in enumerate(zip(result.rows, records)):
