@@ -1,6 +1,8 @@
 """The latent decoder against independent oracles: transformers' generate, a full recompute without cache,
 get_rope_index over the full sequence, and the same instance decoded alone."""
 
+from dataclasses import replace
+
 import torch
 
 from latentprobe.decoding import LATENT, DecodeConfig, LatentDecoder, replay
@@ -97,7 +99,7 @@ def test_sampling_is_seeded_and_batch_independent(tiny_subject, tmp_path):
 
 
 def test_fixed_rule_runs_exactly_k_steps_then_forces_end(tiny_subject, tmp_path):
-    subject = with_protocol(tiny_subject, LVR.with_steps(6), force_start=True)
+    subject = with_protocol(tiny_subject, replace(LVR, exit_rule="force_end").with_steps(6), force_start=True)
     result = LatentDecoder(subject, DecodeConfig(max_new_tokens=12)).run(
         subject.encode(make_instances(tmp_path, SIZES[:2])))
     end, pad = subject.resolved_protocol.end_id, subject.resolved_protocol.pad_id
@@ -131,15 +133,23 @@ def test_monet_keeps_the_models_ids_at_latent_steps(tiny_subject, tmp_path):
 
 
 def test_latent_mode_skips_the_lm_head_when_the_rule_needs_no_logits(tiny_subject, tmp_path):
-    calls = []
-    handle = tiny_subject.model.lm_head.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    try:
-        LatentDecoder(tiny_subject, DecodeConfig(max_new_tokens=6)).run(
-            tiny_subject.encode(make_instances(tmp_path, SIZES[:2])))
-    finally:
-        handle.remove()
-    # 6 generated positions: 4 latent pads and the forced end need no head; only the last text token does
-    assert calls == [2]
+    forced_end = with_protocol(tiny_subject, replace(LVR, exit_rule="force_end"), force_start=True)
+    own_exit = with_protocol(tiny_subject, LVR, force_start=True)  # LVR's exit: the model's own choice
+    counts = {}
+    for name, subject in (("forced", forced_end), ("own", own_exit)):
+        calls = []
+        handle = subject.model.lm_head.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+        try:
+            LatentDecoder(subject, DecodeConfig(max_new_tokens=6)).run(
+                subject.encode(make_instances(tmp_path, SIZES[:2])))
+        finally:
+            handle.remove()
+        counts[name] = calls
+    # 6 generated positions: 4 latent pads and the forced end need no head; only the last text token does (then
+    # the answer slot is read once per row: the end token was found, its logged state goes through the head)
+    assert counts["forced"] == [2, 2]
+    # the model's own exit needs the head once more, after the last latent step
+    assert counts["own"][:2] == [2, 2]
 
 
 def test_zeroed_latents_replay_as_latents(tiny_subject, tmp_path):

@@ -21,6 +21,7 @@ from ..errors import LatentProbeError
 from ..protocol import get_protocol
 from ..subject import PromptStyle, Subject
 from . import SubjectSpec, download_checkpoint, load_checkpoint, register, _looks_like_hub_id
+from .lvr_head import attach_feedback_head  # noqa: F401  (LVR's head, src/model/lvr_heads.py)
 
 QWEN_DEFAULT_SYSTEM = None  # the chat template's own "You are a helpful assistant."
 LETTER_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
@@ -39,6 +40,7 @@ class FamilySpec(SubjectSpec):
     mediator: str | None = "latent"
     max_new_tokens: int = 1024
     text_mediator_markers: tuple[str, str] | None = None
+    answer_prefix: str | None = None  # text just before the answer (latentprobe.answer_slot); None: the default rule
     notes: str = ""
 
     def describe(self) -> dict[str, Any]:
@@ -47,7 +49,9 @@ class FamilySpec(SubjectSpec):
                 "protocol": protocol, "prompt_style": self.prompt_style.describe(),
                 "answer_parser": self.answer_parser, "mediator": self.mediator,
                 "text_mediator_markers": self.text_mediator_markers, "max_new_tokens": self.max_new_tokens,
-                "decoding": "greedy unless --sample", "notes": self.notes}
+                "decoding": "greedy unless --sample", "notes": self.notes,
+                "answer_slot": _answer_slot_rule(self),
+                "latent_layout": protocol["latent_layout"] if protocol else None}
 
 
 def _builder(spec_name: str):
@@ -63,7 +67,8 @@ def _builder(spec_name: str):
                                   answer_parser=spec.answer_parser, torch_dtype=torch_dtype,
                                   attn_implementation=attn_implementation or _best_attention(),
                                   mediator=spec.mediator, max_new_tokens=spec.max_new_tokens,
-                                  text_mediator_markers=spec.text_mediator_markers, description=spec.summary)
+                                  text_mediator_markers=spec.text_mediator_markers, description=spec.summary,
+                                  answer_prefix=spec.answer_prefix)
         if subject.protocol is not None and subject.protocol.head_module:
             attach_feedback_head(subject, Path(folder))
         return subject
@@ -71,55 +76,37 @@ def _builder(spec_name: str):
     return build
 
 
+def _answer_slot_rule(spec: "FamilySpec") -> str:
+    if spec.answer_prefix:
+        return f"right after the last {spec.answer_prefix!r} in the output (appended when absent)"
+    if spec.text_mediator_markers:
+        return f"right after the close marker {spec.text_mediator_markers[1]!r} (appended when absent)"
+    if spec.protocol_name:
+        return "right after the latent end token"
+    return "the first generated position"
+
+
 def _best_attention() -> str:
     """sdpa on GPU (fast); eager on CPU so attention weights are available and tiny tests are exact."""
     return "sdpa" if torch.cuda.is_available() else "eager"
 
 
-def attach_feedback_head(subject: Subject, folder: Path) -> bool:
-    """Load LVR's optional feedback head (LayerNorm-Linear-GELU-Linear) from the checkpoint's safetensors, if
-    present; the 7B stage-1 model has none. Returns whether a head was attached."""
-    from safetensors import safe_open
-
-    prefix = subject.protocol.head_module + "."
-    tensors = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                if key.startswith(prefix) or key.startswith("model." + prefix):
-                    tensors[key.split(prefix, 1)[1]] = handle.get_tensor(key)
-    if not tensors:
-        return False
-    expected = {"0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias"}
-    if set(tensors) != expected:
-        raise LatentProbeError(
-            f"{folder}: the {prefix[:-1]} weights have keys {sorted(tensors)}, not the LayerNorm-Linear-GELU-Linear "
-            f"head latentprobe knows ({sorted(expected)})", "open an issue with the checkpoint's head definition")
-    dim, hidden = tensors["1.weight"].shape[1], tensors["1.weight"].shape[0]
-    head = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, hidden), torch.nn.GELU(),
-                               torch.nn.Linear(hidden, dim))
-    head.load_state_dict(tensors)
-    param = next(subject.model.parameters())
-    head.to(device=param.device, dtype=param.dtype)
-    subject.model.add_module(subject.protocol.head_module, head)
-    return True
-
-
 FAMILIES = [
     FamilySpec(name="monet", summary="Monet-7B: latent visual tokens, model-emitted end or quota 10",
                build=_builder("monet"), needs_checkpoint=True, hub_id="NOVAglow646/Monet-7B", protocol_name="monet",
-               prompt_style=PromptStyle(system_prompt=MONET_SYSTEM), answer_parser="boxed",
+               prompt_style=PromptStyle(system_prompt=MONET_SYSTEM), answer_parser="boxed", answer_prefix="\\boxed{",
                notes="Monet keeps its sampled ids at latent steps (stripped from the answer); users report it often "
                      "never enters latent mode: the index records whether, where and how long each row did."),
     FamilySpec(name="lvr", summary="LVR-7B: fixed-K latent visual reasoning (4; 8 and 16 with --latent-steps)",
                build=_builder("lvr"), needs_checkpoint=True, hub_id="VincentLeebang/LVR-7B", protocol_name="lvr",
                prompt_style=PromptStyle(system_prompt="You are a helpful assistant.", suffix=LETTER_SUFFIX),
-               answer_parser="letter", max_new_tokens=64,
+               answer_parser="letter", max_new_tokens=64, answer_prefix="<answer>",
                notes="An LVRHead in the checkpoint (lvr_head.*) maps the hidden state before feedback; the 7B "
                      "stage-1 model has none."),
     FamilySpec(name="mirage", summary="Mirage: latent tokens until <|latent_end|>, cap 8 (trained with 4)",
                build=_builder("mirage"), needs_checkpoint=True, hub_id="UMass-Embodied-AGI/Mirage",
                protocol_name="mirage", prompt_style=PromptStyle(system_prompt=""), answer_parser="boxed",
+               answer_prefix="\\boxed{",
                notes="No system message."),
     FamilySpec(name="capimagine", summary="CapImagine-7B: imagines in text, then answers (text mediator)",
                build=_builder("capimagine"), needs_checkpoint=True, hub_id="Michael4933/CapImagine-7B",
