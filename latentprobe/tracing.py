@@ -72,6 +72,9 @@ def manifest_for(subject, instances: Sequence[Instance], config: DecodeConfig, s
         "seed": config.seed,
         "decode": asdict(config),
         "record": {**spec.describe(), "layer_ids": layer_ids, "num_layers": subject.num_layers},
+        # which latent layout ran (latentprobe.protocol) and where the answer slot is read (latentprobe.answer_slot)
+        "latent_layout": (config.latent_layout or subject.protocol.latent_layout) if subject.protocol else None,
+        "answer_prefix": subject.answer_slot_prefix,
         **(extra or {}),
     }
 
@@ -91,6 +94,8 @@ def row_record(subject, instance: Instance, row: RowOutput, **extra: Any) -> dic
         "entered_latent": row.entered_latent, "latent_start": -1 if row.latent_start is None else row.latent_start,
         "n_latent_steps": row.n_latent_steps, "latent_segments": [list(s) for s in row.latent_segments],
         "forced_start": row.forced_start, "stop_reason": row.stop_reason, "n_generated": len(row.generated_ids),
+        "answer_slot": row.answer_slot, "answer_slot_offset": row.answer_slot_offset,
+        "latent_exit": [subject.tokenizer.convert_ids_to_tokens(i) for i in row.latent_exit_ids],
         "prompt_length": row.prompt_length, "generated_ids": list(row.generated_ids),
         "split": instance.split or "", "task": instance.task or "", "attributes": dict(instance.attributes),
         **extra,
@@ -123,7 +128,10 @@ def decode_with_isolation(decoder: LatentDecoder, subject, instances: list[Insta
         result = decoder.run(subject.encode(ready, images=loaded))
         records = recorder.records() if recorder is not None else [{} for _ in ready]
         for inst, imgs, row, tensors in zip(ready, loaded, result.rows, records):
-            yield inst, imgs, row, tensors, None
+            if row.failed:  # non-finite values: this row alone fails, with the decoder's reason
+                yield inst, imgs, None, None, row.error
+            else:
+                yield inst, imgs, row, tensors, None
     except (InstanceError, RuntimeError, ValueError, IndexError) as exc:
         if len(ready) == 1:
             yield ready[0], loaded[0], None, None, f"{type(exc).__name__}: {exc}"
