@@ -395,6 +395,7 @@ class LatentDecoder:
         device = hidden.device
         mode = state.mode
         state.log_hidden(hidden)
+        state.flag_non_finite(None, ~torch.isfinite(hidden).all(dim=-1), NONFINITE_STATE)
         text_rows = (mode == TEXT).nonzero(as_tuple=True)[0]
         latent_rows = (mode == LATENT).nonzero(as_tuple=True)[0]
         ends = None
@@ -457,7 +458,6 @@ class LatentDecoder:
             next_ids[feeding] = ids
             next_kind[feeding] = LATENT
             state.feed_latent(feeding)
-        state.flag_non_finite(None, ~torch.isfinite(hidden).all(dim=-1), NONFINITE_STATE)
         state.record_choice(next_ids, next_kind, eos, self.config.max_new_tokens)
         return next_ids, next_latent
 
