@@ -380,6 +380,13 @@ class LatentDecoder:
         picks = [torch.multinomial(probs[i], 1, generator=generators[int(r)]) for i, r in enumerate(rows)]
         return torch.cat(picks)
 
+    def _feedback(self, hidden: torch.Tensor, computed_at_latent: bool = True) -> torch.Tensor:
+        """The vector fed back from ``hidden``: through the protocol's head when the state was computed at a latent
+        position (LVR never maps z_0, the start token's state). Used by the organisms' training unroll."""
+        if self.feedback_head is None or not computed_at_latent:
+            return hidden
+        return self.feedback_head(hidden).to(hidden.dtype)
+
     def _through_head(self, hidden: torch.Tensor, rows: torch.Tensor, state: "_RowState") -> torch.Tensor:
         """LVR's head maps states computed at latent positions; the state of the position before the first latent
         step (z_0) is fed as it is (src/train/monkey_patch_forward_lvr.py: the head runs only in LVR mode)."""
