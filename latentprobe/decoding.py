@@ -474,13 +474,13 @@ class LatentDecoder:
         one teacher-forced forward through the cache for the rest."""
         tokenizer = self.subject.tokenizer
         eos_ids = set(self.subject.eos_token_ids)
-        kinds = result.input_kinds[:, result.prompt_length:]
+        kinds = result.input_kinds[:, result.prompt_length:].tolist()
         plans: list[SlotPlan | None] = []
         for r, row in enumerate(result.rows):
             if row.failed:
                 plans.append(None)
                 continue
-            fed = [kinds[r, j].item() != DONE for j in range(len(row.generated_ids))]
+            fed = [kind != DONE for kind in kinds[r][: len(row.generated_ids)]]
             plans.append(plan_slot(tokenizer, self.answer_prefix, self._answer_prefix_ids, batch.prompts[r],
                                    row.generated_ids, [k == TEXT for k in row.step_kinds], fed, eos_ids))
         logits: dict[int, torch.Tensor] = {}
