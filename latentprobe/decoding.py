@@ -285,7 +285,8 @@ class LatentDecoder:
             raise LatentProbeError(f"repeats must be >= 1, got {repeats}", "decode each prompt row at least once")
         streams = list(range(repeats)) if streams is None else list(streams)
         if len(streams) != repeats:
-            raise LatentProbeError(f"{len(streams)} sampling streams given for {repeats} repeats", "give one per repeat")
+            raise LatentProbeError(f"{len(streams)} sampling streams given for {repeats} repeats",
+                                   "give one stream per repeat")
         batch = prefill.batch.repeat(repeats) if repeats > 1 else prefill.batch
         cache = prefill.cache if consume else copy.deepcopy(prefill.cache)
         hidden, position_ids = prefill.hidden, prefill.position_ids
@@ -433,7 +434,8 @@ class LatentDecoder:
                 ends = ends | (choice[latent_rows] == proto.end_id)
             ending = latent_rows[ends]
             if len(ending):
-                exit_ids = choice[ending] if proto.exit_rule == "model_choice" else torch.full_like(ending, proto.end_id)
+                exit_ids = (choice[ending] if proto.exit_rule == "model_choice"
+                            else torch.full_like(ending, proto.end_id))
                 state.close_latent(ending)
                 deciding, deciding_ids = torch.cat([deciding, ending]), torch.cat([deciding_ids, exit_ids])
             feeding = latent_rows[~ends]
