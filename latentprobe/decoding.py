@@ -650,12 +650,11 @@ class _RowState:
 
     def flag_non_finite(self, rows, bad, code):
         """Mark rows (all when ``rows`` is None) whose values were not finite; the first code found is kept."""
-        codes = torch.where(bad, torch.full_like(bad, code, dtype=torch.long), torch.zeros_like(bad, dtype=torch.long))
         if rows is None:
-            self.non_finite = torch.where(self.non_finite > 0, self.non_finite, codes)
+            self.non_finite.masked_fill_(bad & (self.non_finite == 0), code)
         else:
             current = self.non_finite[rows]
-            self.non_finite[rows] = torch.where(current > 0, current, codes)
+            self.non_finite[rows] = current.masked_fill(bad & (current == 0), code)
 
     def record_choice(self, next_ids, next_kind, eos, max_new_tokens):
         """A text-mode eos, the token budget or a non-finite value ends a row; what each row feeds next becomes its
