@@ -361,12 +361,17 @@ class _Run:
 
     # -- rows -----------------------------------------------------------------------------------------------
     def _outcome(self, inst: Instance, row: RowOutput) -> dict[str, Any]:
+        if row.failed:  # non-finite values: no outcome rather than a wrong one
+            return {"correct": float("nan"), "gold_prob": float("nan")}
         rec = row_record(self.subject, inst, row)
         return {"correct": float(rec["correct"]), "gold_prob": rec["gold_prob"]}
 
     def _write(self, inst, iv: Intervention, row: RowOutput, tensors, clean, mediation=None, extra=None,
                not_applied: str | None = None):
         if (inst.id, iv.name) in self.done:  # a resumed batch re-runs its rows but never writes one twice
+            return
+        if row.failed:  # non-finite values in this run: a failed row with the decoder's reason
+            self._fail(inst, iv.name, iv.target, row.error)
             return
         base = clean[inst.id].record
         # An edit that could not be made is recorded as such and left out of every effect (never a null effect).

@@ -306,3 +306,16 @@ def test_bound_edits_know_which_steps_they_edited(tiny_subject, clean):
     assert edits[1].edited_steps == set() and "donor has no clean latent" in edits[1].not_applied_reason(4)
     assert edits[2].edited_steps == {3}
     torch.testing.assert_close(edited.rows[0].latent_vectors[1], short_donor[1])
+
+
+def test_an_edit_that_makes_values_non_finite_fails_its_rows(tiny_subject, tmp_path):
+    nan = LatentFunction(lambda v, s: v * float("inf") * 0.0, name="nan-edit", steps=[2])
+    ivs = [nan] + make_interventions("latent", ["zero"])
+    intervene(tiny_subject, builtin_instances(3), ivs, tmp_path / "nan", batch_size=3, n_boot=50,
+              config=DecodeConfig(max_new_tokens=6))
+    index = TraceStore(tmp_path / "nan").index()
+    failed = index[index.intervention == nan.name]
+    assert len(failed) == 3 and (failed.status == "failed").all()
+    assert failed.error.str.contains("non-finite values").all()
+    rows = pd.read_parquet(tmp_path / "nan" / "effects_rows.parquet")
+    assert nan.name not in set(rows.intervention) and len(rows) == 3  # the zero edit's rows go on
