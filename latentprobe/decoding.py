@@ -403,7 +403,7 @@ class LatentDecoder:
         device = hidden.device
         mode = state.mode
         state.log_hidden(hidden)
-        state.flag_non_finite(None, ~torch.isfinite(hidden).all(dim=-1), NONFINITE_STATE)
+        state.non_finite = (~torch.isfinite(hidden).all(dim=-1)).long() * NONFINITE_STATE
         text_rows = (mode == TEXT).nonzero(as_tuple=True)[0]
         latent_rows = (mode == LATENT).nonzero(as_tuple=True)[0]
         ends = None
@@ -418,7 +418,8 @@ class LatentDecoder:
         if len(need_logits):  # the LM head only runs for rows whose choice is needed
             logits = self._logits(self._through_head(hidden[need_logits], need_logits, state))
             choice[need_logits] = self._select(logits, need_logits, generators)
-            state.flag_non_finite(need_logits, ~torch.isfinite(logits).all(dim=-1), NONFINITE_STATE)
+            if hidden.dtype == torch.float16:  # finite states can overflow to infinite logits only in float16
+                state.flag_non_finite(need_logits, ~torch.isfinite(logits).all(dim=-1), NONFINITE_STATE)
         if state.start_pending is not None:  # a forced start in the inference layout: the start is the choice
             choice = torch.where(state.start_pending, torch.full_like(choice, proto.start_id), choice)
             state.start_pending = None
@@ -649,12 +650,9 @@ class _RowState:
         self.hidden_log.append(hidden)
 
     def flag_non_finite(self, rows, bad, code):
-        """Mark rows (all when ``rows`` is None) whose values were not finite; the first code found is kept."""
-        if rows is None:
-            self.non_finite.masked_fill_(bad & (self.non_finite == 0), code)
-        else:
-            current = self.non_finite[rows]
-            self.non_finite[rows] = current.masked_fill(bad & (current == 0), code)
+        """Mark ``rows`` whose values were not finite; the first code found in a step is kept."""
+        current = self.non_finite[rows]
+        self.non_finite[rows] = current.masked_fill(bad & (current == 0), code)
 
     def record_choice(self, next_ids, next_kind, eos, max_new_tokens):
         """A text-mode eos, the token budget or a non-finite value ends a row; what each row feeds next becomes its
@@ -677,7 +675,6 @@ class _RowState:
         self.mode = torch.where(finished, torch.full_like(self.mode, DONE), self.mode)
         next_kind = torch.where(~live | finished, torch.full_like(next_kind, DONE), next_kind)
         self.live_log.append(live & ~bad & ~in_latent)
-        self.non_finite = torch.zeros_like(self.non_finite)
         self.input_kind = next_kind
         self.input_latent_index = torch.where(next_kind == LATENT, self.latent_total - 1,
                                               torch.full_like(self.latent_total, -1))
