@@ -8,7 +8,8 @@ layer) instead of by raw positions.
 Conventions
     * Latent step k of a row (k = 0, 1, ...) is the k-th position whose input is a latent vector. The vector
       fed there, z_k, is the final-norm last-layer hidden state of the position before it (the start token for
-      k = 0), optionally mapped through the protocol's head.
+      k = 0 in the training layout, the token before the start token in the inference layout), mapped through
+      the protocol's head when it was computed at a latent position (LVR never maps z_0).
     * Layers follow Hugging Face's ``hidden_states`` numbering: 0 is the input embedding (so layer 0 at latent
       step k is z_k itself), i in 1..N-1 is the output of decoder block i-1, and N is the final-norm output.
     * Positions are explicit multimodal (mRoPE) ids carried in the decoder's own state: the prefill takes them
