@@ -35,6 +35,7 @@ class TraceSummary:
     total_latent_steps: int = 0
     n_correct: int = 0
     n_unparsable: int = 0
+    n_slot_forced: int = 0  # rows whose output had no answer prefix (latentprobe.answer_slot)
     failures: list[tuple[str, str]] = field(default_factory=list)
 
     @property
@@ -50,6 +51,8 @@ class TraceSummary:
                + (f", {self.n_skipped_resume} already done" if self.n_skipped_resume else "") + ")",
                f"latent mode     {self.n_entered_latent}/{self.n_ok} entered, mean {self.mean_latent_steps:.2f} steps",
                f"accuracy        {self.accuracy:.3f} ({self.n_unparsable} unparsable)",
+               f"answer slot     {self.n_ok - self.n_slot_forced}/{self.n_ok} found in the output, "
+               f"{self.n_slot_forced} forced (prefix appended)",
                f"trace           {self.run_dir}"]
         for iid, reason in self.failures[:5]:
             out.append(f"failed          {iid}: {reason}")
@@ -207,6 +210,7 @@ def _tally(summary: TraceSummary, record: dict):
     summary.total_latent_steps += int(record["n_latent_steps"])
     summary.n_correct += int(record["correct"])
     summary.n_unparsable += int(record["answer_status"] == "unparsable")
+    summary.n_slot_forced += int(record.get("answer_slot") == "forced")
 
 
 def _progress(total: int, enabled: bool, desc: str):

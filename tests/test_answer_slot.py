@@ -150,3 +150,18 @@ def test_families_name_their_answer_prefix(name, prefix):
     _register_builtin_families()
     spec = SUBJECTS[name]
     assert spec.answer_prefix == prefix and prefix in spec.describe()["answer_slot"]
+
+
+def test_trace_rows_and_summary_say_how_each_slot_was_read(tiny_subject, tmp_path):
+    from latentprobe.data import builtin_instances
+    from latentprobe.store import TraceStore
+    from latentprobe.tracing import trace
+
+    subject = _subject(tiny_subject, None, answer_prefix="\\boxed{")
+    summary = trace(subject, builtin_instances(3), tmp_path / "t", config=DecodeConfig(max_new_tokens=4))
+    index = TraceStore(tmp_path / "t").index()
+    assert set(index.answer_slot) == {"forced"} and (index.answer_slot_offset == 4 + 3).all()
+    assert index.gold_prob.notna().all()
+    assert summary.n_slot_forced == 3 and "0/3 found in the output, 3 forced" in "\n".join(summary.lines())
+    manifest = TraceStore(tmp_path / "t").manifest
+    assert manifest["answer_prefix"] == "\\boxed{" and manifest["latent_layout"] is None
