@@ -661,24 +661,21 @@ class _RowState:
         values, are not part of the row's output."""
         live = self.mode != DONE
         bad = live & (self.non_finite > 0)
-        hit_eos = (next_kind == TEXT) & torch.isin(next_ids, eos) & live & ~bad
+        ok = live & ~bad
+        hit_eos = ok & (next_kind == TEXT) & torch.isin(next_ids, eos)
         self.n_generated += live.long()
-        out_of_budget = live & (self.n_generated >= max_new_tokens) & ~bad & ~hit_eos
+        out_of_budget = ok & ~hit_eos & (self.n_generated >= max_new_tokens)
         in_latent = out_of_budget & (next_kind == LATENT)
-        code = torch.where(hit_eos, torch.ones_like(self.stop_code), self.stop_code)
-        code = torch.where(out_of_budget, torch.where(in_latent, torch.full_like(code, 5), torch.full_like(code, 2)),
-                           code)
-        self.stop_code = torch.where(bad, self.non_finite, code)
+        # a row stops once (its code is 0 until then): eos 1, budget 2, budget inside a latent phase 5, non-finite 3/4
+        self.stop_code += hit_eos.long() + 2 * out_of_budget.long() + 3 * in_latent.long() + bad.long() * self.non_finite
         finished = hit_eos | out_of_budget | bad
         # A latent vector chosen as the input of a position that will never run was not fed back: undo it.
-        unfed = finished & (next_kind == LATENT)
-        self.latent_total -= unfed.long()
-        self.mode = torch.where(finished, torch.full_like(self.mode, DONE), self.mode)
-        next_kind = torch.where(~live | finished, torch.full_like(next_kind, DONE), next_kind)
-        self.live_log.append(live & ~bad & ~in_latent)
+        self.latent_total -= (finished & (next_kind == LATENT)).long()
+        self.mode = self.mode.masked_fill(finished, DONE)
+        next_kind = next_kind.masked_fill(~ok | finished, DONE)
+        self.live_log.append(ok & ~in_latent)
         self.input_kind = next_kind
-        self.input_latent_index = torch.where(next_kind == LATENT, self.latent_total - 1,
-                                              torch.full_like(self.latent_total, -1))
+        self.input_latent_index = (self.latent_total - 1).masked_fill(next_kind != LATENT, -1)
 
     def all_done(self) -> bool:
         return bool((self.mode == DONE).all())
