@@ -404,7 +404,8 @@ class LatentDecoder:
         device = hidden.device
         mode = state.mode
         state.log_hidden(hidden)
-        state.non_finite = (~torch.isfinite(hidden).all(dim=-1)).long() * NONFINITE_STATE
+        state.finite = torch.isfinite(hidden).all(dim=-1)
+        state.latent_bad = None
         text_rows = (mode == TEXT).nonzero(as_tuple=True)[0]
         latent_rows = (mode == LATENT).nonzero(as_tuple=True)[0]
         ends = None
@@ -420,7 +421,7 @@ class LatentDecoder:
             logits = self._logits(self._through_head(hidden[need_logits], need_logits, state))
             choice[need_logits] = self._select(logits, need_logits, generators)
             if hidden.dtype == torch.float16:  # finite states can overflow to infinite logits only in float16
-                state.flag_non_finite(need_logits, ~torch.isfinite(logits).all(dim=-1), NONFINITE_STATE)
+                state.finite[need_logits] &= torch.isfinite(logits).all(dim=-1)
         if state.start_pending is not None:  # a forced start in the inference layout: the start is the choice
             choice = torch.where(state.start_pending, torch.full_like(choice, proto.start_id), choice)
             state.start_pending = None
@@ -443,8 +444,9 @@ class LatentDecoder:
             feeding = latent_rows[~ends]
         else:
             feeding = latent_rows
-        next_ids[deciding] = deciding_ids
-        next_kind[deciding] = TEXT
+        if len(deciding):
+            next_ids[deciding] = deciding_ids
+            next_kind[deciding] = TEXT
         feed_ids = None
         if proto is not None and len(deciding):
             opens = deciding[deciding_ids == proto.start_id]
@@ -459,14 +461,17 @@ class LatentDecoder:
         if len(feeding):
             vectors = self._through_head(hidden[feeding], feeding, state)
             steps = state.latent_total[feeding]
-            vectors = _apply_edits(vectors, feeding, steps, row_edits, self)
-            state.flag_non_finite(feeding, ~torch.isfinite(vectors).all(dim=-1), NONFINITE_LATENT)
+            edited = _apply_edits(vectors, feeding, steps, row_edits, self)
+            if edited is not vectors or self.feedback_head is not None:  # only an edit or a head can add inf/NaN
+                state.latent_bad = torch.zeros_like(state.finite)
+                state.latent_bad[feeding] = ~torch.isfinite(edited).all(dim=-1)
             next_latent = torch.zeros_like(hidden)
-            next_latent[feeding] = vectors.to(hidden.dtype)
-            ids = torch.full_like(feeding, proto.pad_id) if proto.write_pad_ids else choice[feeding]
-            if feed_ids is not None:
-                ids = torch.where(feed_ids >= 0, feed_ids, ids)
-            next_ids[feeding] = ids
+            next_latent[feeding] = edited.to(hidden.dtype)
+            if feed_ids is None and proto.write_pad_ids:
+                next_ids[feeding] = proto.pad_id
+            else:
+                ids = torch.full_like(feeding, proto.pad_id) if proto.write_pad_ids else choice[feeding]
+                next_ids[feeding] = ids if feed_ids is None else torch.where(feed_ids >= 0, feed_ids, ids)
             next_kind[feeding] = LATENT
             state.feed_latent(feeding)
         state.record_choice(next_ids, next_kind, eos, self.config.max_new_tokens)
@@ -607,7 +612,8 @@ class _RowState:
         self.after_latent = torch.zeros(bsz, dtype=torch.bool, device=device)
         self.n_generated = torch.zeros(bsz, dtype=torch.long, device=device)
         self.stop_code = torch.zeros(bsz, dtype=torch.long, device=device)  # see STOP_REASONS
-        self.non_finite = torch.zeros(bsz, dtype=torch.long, device=device)  # NONFINITE_* code found this step
+        self.finite = torch.ones(bsz, dtype=torch.bool, device=device)  # this step's state (and logits) finite
+        self.latent_bad: torch.Tensor | None = None  # this step's edited latent vectors not finite
         self.input_kind = torch.full((bsz,), TEXT, dtype=torch.long, device=device)
         self.input_latent_index = torch.full((bsz,), -1, dtype=torch.long, device=device)
         self.forced_start = torch.zeros(bsz, dtype=torch.bool, device=device)
@@ -650,24 +656,24 @@ class _RowState:
     def log_hidden(self, hidden):
         self.hidden_log.append(hidden)
 
-    def flag_non_finite(self, rows, bad, code):
-        """Mark ``rows`` whose values were not finite; the first code found in a step is kept."""
-        current = self.non_finite[rows]
-        self.non_finite[rows] = current.masked_fill(bad & (current == 0), code)
-
     def record_choice(self, next_ids, next_kind, eos, max_new_tokens):
         """A text-mode eos, the token budget or a non-finite value ends a row; what each row feeds next becomes its
         input kind. A latent input chosen for a position that will never run, and the choice made from non-finite
         values, are not part of the row's output."""
         live = self.mode != DONE
-        bad = live & (self.non_finite > 0)
+        bad_state = ~self.finite
+        bad = live & (bad_state if self.latent_bad is None else bad_state | self.latent_bad)
         ok = live & ~bad
         hit_eos = ok & (next_kind == TEXT) & torch.isin(next_ids, eos)
         self.n_generated += live.long()
         out_of_budget = ok & ~hit_eos & (self.n_generated >= max_new_tokens)
         in_latent = out_of_budget & (next_kind == LATENT)
         # a row stops once (its code is 0 until then): eos 1, budget 2, budget inside a latent phase 5, non-finite 3/4
-        self.stop_code += hit_eos.long() + 2 * out_of_budget.long() + 3 * in_latent.long() + bad.long() * self.non_finite
+        self.stop_code += hit_eos.long() + 2 * out_of_budget.long() + 3 * in_latent.long()
+        if self.latent_bad is None:
+            self.stop_code += NONFINITE_STATE * bad.long()
+        else:
+            self.stop_code += bad.long() * torch.where(bad_state, NONFINITE_STATE, NONFINITE_LATENT)
         finished = hit_eos | out_of_budget | bad
         # A latent vector chosen as the input of a position that will never run was not fed back: undo it.
         self.latent_total -= (finished & (next_kind == LATENT)).long()
