@@ -1,6 +1,7 @@
 """The real model families on tiny stand-in checkpoints with the same token strings and templates."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -55,7 +56,7 @@ def test_lvr_head_is_loaded_when_the_checkpoint_has_one(standin, tmp_path):
     assert hasattr(subject.model, "lvr_head")
     decoder = LatentDecoder(subject, DecodeConfig(max_new_tokens=6))
     assert decoder.feedback_head is not None
-    subject.prompt_style.force_latent_start = True  # a random model would rarely open latent mode itself
+    subject.prompt_style = replace(subject.prompt_style, force_latent_start=True)  # (a copy: the spec's is shared)
     batch = subject.encode(builtin_instances(1))
     result = decoder.run(batch)
     row = result.rows[0]

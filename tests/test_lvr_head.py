@@ -2,6 +2,8 @@
 definitions (VincentLeebang/lvr src/model/lvr_heads.py, restated here as the oracle), and applied the way LVR's
 inference applies it: never to the first fed vector."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -78,7 +80,7 @@ def test_head_loads_with_the_authors_keys_and_computes_their_function(standin, t
 def test_the_first_fed_vector_skips_the_head(standin, tmp_path):
     folder = _with_head(standin, tmp_path / "glu", AuthorsLVRHeadGLU(DIM, 96))
     subject = load_subject("lvr", checkpoint=str(folder))
-    subject.prompt_style.force_latent_start = True  # a random model would rarely open latent mode itself
+    subject.prompt_style = replace(subject.prompt_style, force_latent_start=True)  # (a copy: the spec's is shared)
     batch = subject.encode(builtin_instances(2))
     result = LatentDecoder(subject, DecodeConfig(max_new_tokens=6)).run(batch)
     hidden = replay(subject, batch, result)
