@@ -14,7 +14,11 @@ def _add_subject_args(p: argparse.ArgumentParser):
     p.add_argument("--protocol", default=None, help="latent protocol for a checkpoint folder: monet, lvr or mirage")
     p.add_argument("--checkpoint", default=None,
                    help="for a model family (monet, lvr, mirage, capimagine, qwen2.5-vl): a local folder or hub id")
-    p.add_argument("--latent-steps", type=int, default=None, help="override the protocol's fixed K or cap")
+    p.add_argument("--latent-steps", type=int, default=None,
+                   help="override the protocol's fixed K or cap (0: no latent step)")
+    p.add_argument("--latent-layout", default=None, choices=["inference", "training"],
+                   help="where latent step 0 sits (default: the protocol's; Monet runs 'inference', as its vLLM "
+                        "runner does: the state that chose the start token is fed at the start token's position)")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: the subject's)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--mediator-markers", default=None, metavar="OPEN,CLOSE",
@@ -270,7 +274,8 @@ def decode_config_from_args(args, subject):
             print(f"latentprobe: the authors' {', '.join(f'{k}={v}' for k, v in ignored.items())} is not supported "
                   "by latentprobe's decoder and is not applied", file=sys.stderr)
     return DecodeConfig(max_new_tokens=args.max_new_tokens or subject.max_new_tokens, seed=args.seed,
-                        latent_steps=args.latent_steps, **sampling)
+                        latent_steps=args.latent_steps, latent_layout=getattr(args, "latent_layout", None),
+                        **sampling)
 
 
 def parse_layers(text: str):

@@ -59,10 +59,14 @@ class InterventionSummary:
     interventions: list[str]
     table: pd.DataFrame
     failures: list[tuple[str, str]] = field(default_factory=list)
+    not_applied: dict[str, tuple[int, int, str]] = field(default_factory=dict)  # name -> (missing, rows, reason)
 
     def lines(self) -> list[str]:
         out = [f"instances       {self.n_instances} ({self.n_failed} failed)",
                f"interventions   {len(self.interventions)}"]
+        out += not_applied_warnings(self.not_applied)
+        for name, (missing, total, reason) in self.not_applied.items():
+            out.append(f"not applied     {name}: {missing} of {total} rows ({reason}), excluded from its effects")
         shown = self.table[self.table.metric.isin(["accuracy_change", "flip_rate", "NIE_correct", "TE_correct"])
                            & (self.table.n > 0)]
         for _, row in shown.iterrows():
@@ -85,7 +89,8 @@ def check_interventions(subject, interventions: Sequence[Intervention], n_instan
         if iv.target == "latent" and subject.protocol is None:
             raise LatentProbeError(f"{iv.name}: subject {subject.name} does not reason in latent space",
                                    "use --target input, or a latent subject (monet, lvr, mirage, organisms)")
-    max_steps = config.latent_steps or (subject.protocol.num_steps if subject.protocol else 0)
+    max_steps = config.latent_steps if config.latent_steps is not None else (
+        subject.protocol.num_steps if subject.protocol else 0)
     for iv in interventions:
         if hasattr(iv, "check_subject"):  # checks that need the subject (attention knockout: latent phase, blocks)
             iv.check_subject(subject)
@@ -131,10 +136,40 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
     bar.close()
     rows = run.result_rows(TraceStore(out_dir))
     table = _summaries(rows, n_boot, seed)
-    latent_change = _latent_change(run, clean, instances, n_boot, seed)
+    latent_change = _latent_change(run, clean, instances, n_boot, seed, applied_rows(rows))
     _write_tables(Path(out_dir), rows, table, latent_change)
+    not_applied = not_applied_counts(rows)
+    for line in not_applied_warnings(not_applied):
+        log.warning(line)
     return InterventionSummary(str(out_dir), len(instances), len(run.failures), [iv.name for iv in interventions],
-                               table, run.failures)
+                               table, run.failures, not_applied)
+
+
+def applied_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose edit was made (runs from before the `applied` column count as applied)."""
+    if "applied" not in rows.columns:
+        return rows
+    return rows[rows["applied"].fillna(True).astype(bool)].reset_index(drop=True)
+
+
+def not_applied_counts(rows: pd.DataFrame) -> dict[str, tuple[int, int, str]]:
+    """Per intervention with any row not applied: (rows not applied, rows, the most common reason)."""
+    if rows.empty or "applied" not in rows.columns:
+        return {}
+    out = {}
+    for name, group in rows.groupby("intervention", sort=True):
+        missing = group[~group["applied"].fillna(True).astype(bool)]
+        if len(missing):
+            reasons = missing.get("not_applied_reason", pd.Series(dtype=str)).fillna("").value_counts()
+            out[str(name)] = (len(missing), len(group), str(reasons.index[0]) if len(reasons) else "")
+    return out
+
+
+def not_applied_warnings(counts: dict[str, tuple[int, int, str]]) -> list[str]:
+    """One loud line per intervention most of whose rows were not applied."""
+    return [f"WARNING: {name} was NOT APPLIED in {missing} of {total} rows ({reason}); its effects use only the "
+            f"{total - missing} applied row(s)" for name, (missing, total, reason) in counts.items()
+            if missing * 2 > total]
 
 
 class _Run:
@@ -223,11 +258,14 @@ class _Run:
             if todo:
                 edits = [iv.bind(self._binding(inst, iv, clean, donor_of)) for inst in chunk for iv in todo]
                 with LayerEditHooks(decoder, edits), KnockoutHooks(decoder, edits):
-                    result = decoder.decode(clean_prefill(), edits, repeats=len(todo))
+                    # every copy samples from the instance's own stream, as the clean run did (common random numbers)
+                    result = decoder.decode(clean_prefill(), edits, repeats=len(todo), streams=[0] * len(todo))
                 records = self.recorder.records()
                 for k, (row, tensors) in enumerate(zip(result.rows, records)):
                     inst, iv = chunk[k // len(todo)], todo[k % len(todo)]
-                    self._write(inst, iv, row, tensors, clean)
+                    reason = self._donor_reason(inst, iv, clean, donor_of) or edits[k].not_applied_reason(
+                        row.n_latent_steps)
+                    self._write(inst, iv, row, tensors, clean, not_applied=reason)
         for iv in self.input_ivs:
             if all((i.id, iv.name) in done for i in chunk):
                 continue
@@ -244,13 +282,26 @@ class _Run:
         return RowBinding(instance_id=inst.id, clean=clean[inst.id].latents.get(layer),
                           donor=donor.latents.get(layer) if donor is not None else None, stats=self.stats.get(layer))
 
+    def _donor_reason(self, inst, iv: Intervention, clean, donor_of) -> str | None:
+        """Why a donor edit cannot be made: the donor instance failed in the clean run."""
+        if iv.needs_donor and donor_of.get(inst.id) not in clean:
+            return f"the donor instance {donor_of.get(inst.id)} failed in the clean run"
+        return None
+
     def _input_intervention(self, iv: InputIntervention, chunk, clean, donor_of, clean_prefill):
         subject, decoder = self.subject, self.decoder
-        images, prompts = [], []
+        images, prompts, reasons = [], [], {}
         for inst in chunk:
             donor = clean.get(donor_of[inst.id])
-            imgs, question = iv.apply(inst, clean[inst.id].images, donor.instance if donor else None,
-                                      donor.images if donor else None)
+            own = clean[inst.id].images
+            reason = self._donor_reason(inst, iv, clean, donor_of) or iv.not_applied_reason(
+                inst, own, donor.instance if donor else None, donor.images if donor else None)
+            if reason is None:
+                imgs, question = iv.apply(inst, own, donor.instance if donor else None,
+                                          donor.images if donor else None)
+            else:  # not applied: the row runs on the clean input and is recorded as not applied
+                imgs, question = own, None
+                reasons[inst.id] = reason
             images.append(imgs)
             prompts.append(subject.prompt_text(inst, n_images=len(imgs), question=question))
         treated = decoder.prefill(subject.encode(chunk, images=images, prompts=prompts))
@@ -263,7 +314,8 @@ class _Run:
             if subject.mediator == "text":  # input -> mediator for a text mediator: how much the imagination changed
                 extra = {"mediator_text_similarity": _text_similarity(
                     clean[inst.id].record.get("mediator_text"), subject.mediator_span(row.raw_text))}
-            self._write(inst, iv, row, tensors, clean, mediation=mediation.get(inst.id), extra=extra)
+            self._write(inst, iv, row, tensors, clean, mediation=mediation.get(inst.id), extra=extra,
+                        not_applied=reasons.get(inst.id))
 
     def _mediation_runs(self, chunk, clean, images, prompts, treated, x1, clean_prefill) -> dict[str, dict]:
         """Outcomes of the two mediator-pinned runs, Y(x1, Z(x0)) and Y(x0, Z(x1)), per instance."""
@@ -295,27 +347,40 @@ class _Run:
         return self.decoder.run(subject.encode(chunk, images=images, prompts=forced))
 
     def _text_intervention(self, iv: TextIntervention, chunk, clean, donor_of):
-        spans = {}
+        spans, reasons = {}, {}
         for inst in chunk:
-            own = clean[inst.id].record.get("mediator_text") or ""
+            own = clean[inst.id].record.get("mediator_text")
             donor = clean.get(donor_of[inst.id])
-            spans[inst.id] = iv.rewrite(own, inst.id, (donor.record.get("mediator_text") or "") if donor else None)
+            donor_span = donor.record.get("mediator_text") if donor else None
+            reason = self._donor_reason(inst, iv, clean, donor_of) or iv.not_applied_reason(own, donor_span)
+            if reason is not None:  # recorded as not applied, never as an edit without effect
+                reasons[inst.id] = reason
+            spans[inst.id] = iv.rewrite(own or "", inst.id, donor_span or "") if reason is None else (own or "")
         with self.recorder.paused():  # text-mediator runs store their text, not states
             result = self._decode_with_span(chunk, [clean[i.id].images for i in chunk], spans, None)
         for inst, row in zip(chunk, result.rows):
-            self._write(inst, iv, row, {}, clean, extra={"mediator_text_given": spans[inst.id]})
+            self._write(inst, iv, row, {}, clean, extra={"mediator_text_given": spans[inst.id]},
+                        not_applied=reasons.get(inst.id))
 
     # -- rows -----------------------------------------------------------------------------------------------
     def _outcome(self, inst: Instance, row: RowOutput) -> dict[str, Any]:
+        if row.failed:  # non-finite values: no outcome rather than a wrong one
+            return {"correct": float("nan"), "gold_prob": float("nan")}
         rec = row_record(self.subject, inst, row)
         return {"correct": float(rec["correct"]), "gold_prob": rec["gold_prob"]}
 
-    def _write(self, inst, iv: Intervention, row: RowOutput, tensors, clean, mediation=None, extra=None):
+    def _write(self, inst, iv: Intervention, row: RowOutput, tensors, clean, mediation=None, extra=None,
+               not_applied: str | None = None):
         if (inst.id, iv.name) in self.done:  # a resumed batch re-runs its rows but never writes one twice
             return
+        if row.failed:  # non-finite values in this run: a failed row with the decoder's reason
+            self._fail(inst, iv.name, iv.target, row.error)
+            return
         base = clean[inst.id].record
+        # An edit that could not be made is recorded as such and left out of every effect (never a null effect).
         record = row_record(self.subject, inst, row, intervention=iv.name, target=iv.target, kind=iv.kind,
-                            seed=self.config.seed, intervention_seed=iv.seed, **(extra or {}))
+                            seed=self.config.seed, intervention_seed=iv.seed, applied=not_applied is None,
+                            not_applied_reason=not_applied or "", **(extra or {}))
         record.update(_comparison(base, record, clean[inst.id].latents[0], row.latent_vectors))
         if mediation:
             for outcome in ("correct", "gold_prob"):
@@ -365,11 +430,37 @@ def _comparison(clean: dict, record: dict, clean_latents: torch.Tensor, latents:
         "clean_gold_prob": _as_float(clean.get("gold_prob")), "intervened_gold_prob": _as_float(record.get("gold_prob")),
         "clean_answer_probs": clean.get("answer_probs"), "intervened_answer_probs": record.get("answer_probs"),
         "clean_n_latent": int(clean.get("n_latent_steps") or 0), "intervened_n_latent": int(record["n_latent_steps"]),
+        "clean_answer_slot": clean.get("answer_slot"),
         "latent_cosine": cosine, "latent_relative_l2": rel_l2,
     }
 
 
 def _summaries(rows: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
+    """Effects over the applied rows only, plus one ``applied_rate`` row per intervention (estimate = share of rows
+    applied, exact Clopper-Pearson interval, n = all rows)."""
+    rates = _applied_rates(rows)
+    rows = applied_rows(rows)
+    table = _effect_summaries(rows, n_boot, seed)
+    if len(rates):
+        table = pd.concat([table, rates], ignore_index=True) if len(table) else rates
+    return table
+
+
+def _applied_rates(rows: pd.DataFrame) -> pd.DataFrame:
+    from scipy.stats import binomtest
+
+    if rows.empty or "applied" not in rows.columns:
+        return pd.DataFrame()
+    out = []
+    for key, group in rows.groupby(["subject", "target", "intervention"], sort=True):
+        applied = group["applied"].fillna(True).astype(bool)
+        ci = binomtest(int(applied.sum()), len(applied)).proportion_ci(method="exact")
+        out.append(dict(zip(["subject", "target", "intervention"], key), metric="applied_rate",
+                        estimate=float(applied.mean()), ci_low=float(ci.low), ci_high=float(ci.high), n=len(applied)))
+    return pd.DataFrame(out)
+
+
+def _effect_summaries(rows: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
     if rows.empty:
         return pd.DataFrame(columns=["subject", "target", "intervention", "metric", "estimate", "ci_low", "ci_high", "n"])
     # the store's index() has already decoded the *_json columns (answer probabilities) into lists
@@ -393,12 +484,15 @@ def _summaries(rows: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
     return table[table.n > 0].reset_index(drop=True)
 
 
-def _latent_change(run: _Run, clean: dict[str, CleanRun], instances, n_boot, seed) -> pd.DataFrame:
-    """Input -> latent: per input intervention and latent step, distances set against inter-instance spread."""
+def _latent_change(run: _Run, clean: dict[str, CleanRun], instances, n_boot, seed, rows=None) -> pd.DataFrame:
+    """Input -> latent: per input intervention and latent step, distances set against inter-instance spread
+    (applied rows only)."""
     if not run.input_ivs or run.subject.mediator != "latent":
         return pd.DataFrame()
     store = TraceStore(run.writer.run_dir)
     frame = store.records(target="input")
+    if rows is not None and "record_id" in rows.columns:
+        frame = frame[frame.record_id.isin(set(rows.record_id))]
     ids = [inst.id for inst in instances if inst.id in clean]
     clean_by_id = {c: clean[c].latents[0].numpy() for c in ids}
     frames = []

@@ -164,6 +164,18 @@ class LatentIntervention(Intervention):
     def max_latent_steps(self, binding: RowBinding) -> int | None:
         return None
 
+    def covers(self, step: int, binding: RowBinding) -> bool:
+        """Whether the edit has something to put at ``step`` (a patch needs the donor to have that step)."""
+        return True
+
+    def not_applied_reason(self, binding: RowBinding, edited_steps: set[int], n_fed: int) -> str | None:
+        """Why the edit changed nothing it was asked to change in this row (None: it was applied).
+        ``edited_steps`` are the latent steps it edited, ``n_fed`` the latent vectors the run fed."""
+        if edited_steps:
+            return None
+        wanted = "any step" if self.steps is None else f"step(s) {_fmt(self.steps)}"
+        return f"no latent vector was edited: it targets {wanted} and the run fed {n_fed} latent vector(s)"
+
     def check(self, max_steps: int, n_instances: int):
         if self.steps is not None and max(self.steps) >= max_steps:
             raise LatentProbeError(
@@ -216,21 +228,34 @@ def _take_steps(vectors, steps, source, order=None) -> torch.Tensor:
 
 
 class BoundEdit(LatentEdit):
-    """An intervention bound to one row's facts: what the decoder calls."""
+    """An intervention bound to one row's facts: what the decoder calls. It remembers which latent steps it
+    edited, so a row it could not edit is recorded as not applied (`not_applied_reason`)."""
 
     def __init__(self, intervention: LatentIntervention, binding: RowBinding):
         self.intervention = intervention
         self.binding = binding
         self.name = intervention.name
+        self.edited_steps: set[int] = set()
 
     @property
     def layer(self) -> int | None:
         return self.intervention.layer
 
+    def apply(self, vectors: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """The intervention's edit of this row's vectors at ``steps``, noting the steps it had something for."""
+        iv = self.intervention
+        for s in steps.tolist():
+            if iv.applies(int(s)) and iv.covers(int(s), self.binding):
+                self.edited_steps.add(int(s))
+        return iv.edit(vectors, steps, self.binding)
+
+    def not_applied_reason(self, n_fed: int) -> str | None:
+        return self.intervention.not_applied_reason(self.binding, self.edited_steps, n_fed)
+
     def edit_latent(self, vectors, rows, steps, decoder):
         if self.layer is not None:  # edited by the layer hooks instead
             return vectors
-        return self.intervention.edit(vectors, steps, self.binding)
+        return self.apply(vectors, steps)
 
     def max_latent_steps(self, row: int) -> int | None:
         return self.intervention.max_latent_steps(self.binding)
@@ -319,6 +344,14 @@ class LatentPatch(LatentIntervention):
     def params(self):
         return self.base_params()
 
+    def covers(self, step, binding):
+        return binding.donor is not None and step < binding.donor.shape[0]
+
+    def not_applied_reason(self, binding, edited_steps, n_fed):
+        if not edited_steps and (binding.donor is None or binding.donor.shape[0] == 0):
+            return "the donor has no clean latent vectors (it failed or never entered latent mode)"
+        return super().not_applied_reason(binding, edited_steps, n_fed)
+
     def transform(self, vectors, steps, binding):
         return vectors if binding.donor is None else _take_steps(vectors, steps, binding.donor)
 
@@ -343,6 +376,12 @@ class LatentDrop(LatentIntervention):
     def max_latent_steps(self, binding):
         return self.keep
 
+    def not_applied_reason(self, binding, edited_steps, n_fed):
+        clean = 0 if binding.clean is None else int(binding.clean.shape[0])
+        if clean <= self.keep:
+            return f"the clean run fed {clean} latent vector(s): keeping {self.keep} drops nothing"
+        return None
+
 
 class LatentShuffle(LatentIntervention):
     """Feed the row's clean latents in a seeded random order (a derangement where possible), same count."""
@@ -360,6 +399,15 @@ class LatentShuffle(LatentIntervention):
             if n < 2 or all(i != o for i, o in enumerate(order)):
                 break
         return order
+
+    def covers(self, step, binding):
+        return binding.clean is not None and binding.clean.shape[0] >= 2 and step < binding.clean.shape[0]
+
+    def not_applied_reason(self, binding, edited_steps, n_fed):
+        clean = 0 if binding.clean is None else int(binding.clean.shape[0])
+        if clean < 2:
+            return f"the clean run fed {clean} latent vector(s): there is no other order to feed them in"
+        return super().not_applied_reason(binding, edited_steps, n_fed)
 
     def transform(self, vectors, steps, binding):
         order = self.order(binding.clean.shape[0], binding.instance_id)
@@ -380,6 +428,9 @@ class PinLatents(LatentIntervention):
 
     def params(self):
         return {"source": self.source}
+
+    def covers(self, step, binding):
+        return binding.forced is not None and step < binding.forced.shape[0]
 
     def transform(self, vectors, steps, binding):
         return _take_steps(vectors, steps, binding.forced)
@@ -445,7 +496,7 @@ class LayerEditHooks:
                 step = ctx.latent_index[r:r + 1]
                 if edited is None:
                     edited = hidden.clone()
-                edited[r, -1] = edit.intervention.edit(hidden[r, -1:].clone(), step, edit.binding)[0]
+                edited[r, -1] = edit.apply(hidden[r, -1:].clone(), step)[0]
             if edited is None:
                 return None
             return (edited,) + tuple(output[1:]) if isinstance(output, tuple) else edited
@@ -511,9 +562,19 @@ class InputIntervention(Intervention):
 
     target = "input"
 
+    edits_images = True  # False: the edit is on the question
+
     @abstractmethod
     def apply(self, instance, images: list, donor=None, donor_images: list | None = None) -> tuple[list, str | None]:
         """Return (images, question override or None)."""
+
+    def not_applied_reason(self, instance, images: list, donor=None, donor_images: list | None = None) -> str | None:
+        """Why this edit cannot be made for this instance (None: it can)."""
+        if self.needs_donor and (donor is None or (self.edits_images and donor_images is None)):
+            return "the donor instance failed in the clean run"
+        if self.edits_images and not images:
+            return "the instance has no image to edit"
+        return None
 
 
 class ImageSwap(InputIntervention):
@@ -609,6 +670,7 @@ class QuestionSwap(InputIntervention):
 
     kind = "question-swap"
     needs_donor = True
+    edits_images = False
 
     def __init__(self, seed: int = 0):
         self.seed = seed
@@ -639,6 +701,15 @@ class TextIntervention(Intervention):
     @abstractmethod
     def rewrite(self, span: str, instance_id: str, donor_span: str | None = None) -> str:
         """The new mediator text for one instance."""
+
+    def not_applied_reason(self, span: str | None, donor_span: str | None = None) -> str | None:
+        """Why the span cannot be edited (None: it can). ``span`` is None when the clean output has no mediator
+        span (its open marker was not found)."""
+        if span is None:
+            return "the clean output has no mediator span (its open marker was not found)"
+        if self.needs_donor and donor_span is None:
+            return "the donor's clean output has no mediator span (it failed or wrote no marker)"
+        return None
 
 
 class TextSwap(TextIntervention):
@@ -673,8 +744,18 @@ class TextShuffle(TextIntervention):
 
     kind = "text-shuffle"
 
+    @staticmethod
+    def clauses(span: str) -> list[str]:
+        return [p.strip() for p in re.split(r"(?<=[.;,!?])\s+", span.strip()) if p.strip()]
+
+    def not_applied_reason(self, span, donor_span=None):
+        reason = super().not_applied_reason(span, donor_span)
+        if reason is None and len(self.clauses(span)) < 2:
+            return "the mediator span has fewer than two clauses: there is no other order"
+        return reason
+
     def rewrite(self, span, instance_id, donor_span=None):
-        parts = [p.strip() for p in re.split(r"(?<=[.;,!?])\s+", span.strip()) if p.strip()]
+        parts = self.clauses(span)
         parts = [p.rstrip(".;,") for p in parts]
         rng = random.Random(_seed_for(self.seed, instance_id, "text-shuffle"))
         original = list(parts)

@@ -151,6 +151,7 @@ class Subject:
     text_mediator_markers: tuple[str, str] | None = None  # (open, close) strings around imagination text
     authors_settings: dict[str, Any] = field(default_factory=dict)  # the family's own decoding and image budget
     added_tokens: list[str] = field(default_factory=list)  # tokens added to the tokenizer at load (Mirage)
+    answer_prefix: str | None = None  # text written just before the answer (latentprobe.answer_slot); None: default
     _resolved: ResolvedProtocol | None = field(default=None, init=False, repr=False)
     _fingerprint: str | None = field(default=None, init=False, repr=False)
 
@@ -172,10 +173,23 @@ class Subject:
 
     @property
     def eos_token_ids(self) -> list[int]:
+        """``<|im_end|>``, the tokenizer's eos and the checkpoint's ``generation_config`` eos ids (Qwen2.5-VL lists
+        ``<|endoftext|>`` there too), as ``generate`` stops on them."""
         ids = {self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
-        return sorted(i for i in ids if i is not None and i >= 0)
+        generation = getattr(self.model, "generation_config", None)
+        configured = getattr(generation, "eos_token_id", None) if generation is not None else None
+        if configured is not None:
+            ids.update([configured] if isinstance(configured, int) else list(configured))
+        return sorted(i for i in ids if isinstance(i, int) and i >= 0)
+
+    @property
+    def answer_slot_prefix(self) -> str | None:
+        """The text after which the answer slot sits (see `latentprobe.answer_slot`)."""
+        from .decoding import answer_slot_prefix
+
+        return answer_slot_prefix(self)
 
     @property
     def pad_token_id(self) -> int:
@@ -210,6 +224,7 @@ class Subject:
             "mediator": self.mediator, "max_new_tokens": self.max_new_tokens,
             "text_mediator_markers": list(self.text_mediator_markers) if self.text_mediator_markers else None,
             "authors_settings": self.authors_settings or None, "added_tokens": list(self.added_tokens),
+            "answer_prefix": self.answer_slot_prefix,
             "layers": self.num_layers, "hidden_size": self.hidden_size,
         }
 

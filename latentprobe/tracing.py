@@ -35,6 +35,7 @@ class TraceSummary:
     total_latent_steps: int = 0
     n_correct: int = 0
     n_unparsable: int = 0
+    n_slot_forced: int = 0  # rows whose output had no answer prefix (latentprobe.answer_slot)
     failures: list[tuple[str, str]] = field(default_factory=list)
 
     @property
@@ -50,6 +51,8 @@ class TraceSummary:
                + (f", {self.n_skipped_resume} already done" if self.n_skipped_resume else "") + ")",
                f"latent mode     {self.n_entered_latent}/{self.n_ok} entered, mean {self.mean_latent_steps:.2f} steps",
                f"accuracy        {self.accuracy:.3f} ({self.n_unparsable} unparsable)",
+               f"answer slot     {self.n_ok - self.n_slot_forced}/{self.n_ok} found in the output, "
+               f"{self.n_slot_forced} forced (prefix appended)",
                f"trace           {self.run_dir}"]
         for iid, reason in self.failures[:5]:
             out.append(f"failed          {iid}: {reason}")
@@ -72,6 +75,9 @@ def manifest_for(subject, instances: Sequence[Instance], config: DecodeConfig, s
         "seed": config.seed,
         "decode": asdict(config),
         "record": {**spec.describe(), "layer_ids": layer_ids, "num_layers": subject.num_layers},
+        # which latent layout ran (latentprobe.protocol) and where the answer slot is read (latentprobe.answer_slot)
+        "latent_layout": (config.latent_layout or subject.protocol.latent_layout) if subject.protocol else None,
+        "answer_prefix": subject.answer_slot_prefix,
         **(extra or {}),
     }
 
@@ -91,6 +97,8 @@ def row_record(subject, instance: Instance, row: RowOutput, **extra: Any) -> dic
         "entered_latent": row.entered_latent, "latent_start": -1 if row.latent_start is None else row.latent_start,
         "n_latent_steps": row.n_latent_steps, "latent_segments": [list(s) for s in row.latent_segments],
         "forced_start": row.forced_start, "stop_reason": row.stop_reason, "n_generated": len(row.generated_ids),
+        "answer_slot": row.answer_slot, "answer_slot_offset": row.answer_slot_offset,
+        "latent_exit": [subject.tokenizer.convert_ids_to_tokens(i) for i in row.latent_exit_ids],
         "prompt_length": row.prompt_length, "generated_ids": list(row.generated_ids),
         "split": instance.split or "", "task": instance.task or "", "attributes": dict(instance.attributes),
         **extra,
@@ -123,7 +131,10 @@ def decode_with_isolation(decoder: LatentDecoder, subject, instances: list[Insta
         result = decoder.run(subject.encode(ready, images=loaded))
         records = recorder.records() if recorder is not None else [{} for _ in ready]
         for inst, imgs, row, tensors in zip(ready, loaded, result.rows, records):
-            yield inst, imgs, row, tensors, None
+            if row.failed:  # non-finite values: this row alone fails, with the decoder's reason
+                yield inst, imgs, None, None, row.error
+            else:
+                yield inst, imgs, row, tensors, None
     except (InstanceError, RuntimeError, ValueError, IndexError) as exc:
         if len(ready) == 1:
             yield ready[0], loaded[0], None, None, f"{type(exc).__name__}: {exc}"
@@ -199,6 +210,7 @@ def _tally(summary: TraceSummary, record: dict):
     summary.total_latent_steps += int(record["n_latent_steps"])
     summary.n_correct += int(record["correct"])
     summary.n_unparsable += int(record["answer_status"] == "unparsable")
+    summary.n_slot_forced += int(record.get("answer_slot") == "forced")
 
 
 def _progress(total: int, enabled: bool, desc: str):

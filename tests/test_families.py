@@ -1,6 +1,7 @@
 """The real model families on tiny stand-in checkpoints with the same token strings and templates."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -216,26 +217,28 @@ def test_lvr_head_is_loaded_when_the_checkpoint_has_one(standin, tmp_path):
         (folder / item.name).write_bytes(item.read_bytes())
     weights = load_file(str(folder / "model.safetensors"))
     dim = 64
-    head = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, 32), torch.nn.GELU(),
-                               torch.nn.Linear(32, dim))
+    from latentprobe.subjects.lvr_head import LVRHead
+
+    head = LVRHead(dim)  # LVR's own key names: lvr_head.ln_q.*, lvr_head.mlp.0.*, lvr_head.mlp.2.*
     weights.update({f"lvr_head.{k}": v for k, v in head.state_dict().items()})
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     subject = load_subject("lvr", checkpoint=str(folder))
     assert hasattr(subject.model, "lvr_head")
     decoder = LatentDecoder(subject, DecodeConfig(max_new_tokens=6))
     assert decoder.feedback_head is not None
-    subject.prompt_style.force_latent_start = True  # a random model would rarely open latent mode itself
+    subject.prompt_style = replace(subject.prompt_style, force_latent_start=True)  # (a copy: the spec's is shared)
     batch = subject.encode(builtin_instances(1))
     result = decoder.run(batch)
     row = result.rows[0]
     assert row.n_latent_steps == 4
-    # every fed vector is the head applied to the final-norm state of the position before it
+    # z_0 is h(start) as it is; every later fed vector is the head applied to the final-norm state before it
     from latentprobe.decoding import LATENT, replay
 
     hidden = replay(subject, batch, result)
     positions = [result.prompt_length + j for j, k in enumerate(row.step_kinds) if k == LATENT]
+    before = hidden[0, [p - 1 for p in positions]]
     with torch.no_grad():
-        expected = subject.model.lvr_head(hidden[0, [p - 1 for p in positions]])
+        expected = torch.cat([before[:1], subject.model.lvr_head(before[1:])])
     torch.testing.assert_close(row.latent_vectors, expected, atol=1e-4, rtol=1e-4)
 
 

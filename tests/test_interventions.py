@@ -234,3 +234,88 @@ def test_resuming_a_partly_written_batch_writes_no_row_twice(tiny_subject, tmp_p
     rows = pd.read_parquet(out / "effects_rows.parquet")
     assert len(rows) == len(full) == len(instances) * len(ivs)
     assert not rows.duplicated(["instance_id", "intervention"]).any()
+
+
+# -- applied / not applied --------------------------------------------------------------------------------------
+def _with_broken_instance(instances):
+    from latentprobe.data import Instance
+
+    broken = Instance(id="broken", question="q", answer="red", images=["/nonexistent/broken.png"],
+                      options=["red", "green", "blue", "yellow"])
+    return list(instances) + [broken]
+
+
+def test_edits_with_a_failed_donor_are_not_applied_and_not_counted(tiny_subject, tmp_path, caplog):
+    instances = _with_broken_instance(builtin_instances(3))
+    ivs = make_interventions("latent", ["patch", "drop"], scales=[9]) + make_interventions("input", ["image-swap"])
+    summary = intervene(tiny_subject, instances, ivs, tmp_path / "iv", batch_size=4, n_boot=50,
+                        config=DecodeConfig(max_new_tokens=6))
+    rows = pd.read_parquet(tmp_path / "iv" / "effects_rows.parquet")
+    assert {"applied", "not_applied_reason"} <= set(rows.columns)
+    from latentprobe.interventions import derangement
+
+    donor_of = {inst.id: instances[d].id for inst, d in zip(instances, derangement(len(instances), 0))}
+    for _, row in rows.iterrows():
+        donor_failed = donor_of[row.instance_id] == "broken"
+        if row.intervention in ("patch(steps=all,sem=recompute)", "image-swap"):
+            assert row.applied == (not donor_failed)
+            if donor_failed:
+                assert "donor instance broken failed" in row.not_applied_reason
+        if row.intervention == "drop(keep=9)":  # 4 clean latent steps: keeping 9 drops nothing
+            assert not row.applied and "drops nothing" in row.not_applied_reason
+    table = pd.read_csv(tmp_path / "iv" / "effects_summary.csv")
+    n_applied = rows.groupby("intervention").applied.sum()
+    for name in ("patch(steps=all,sem=recompute)", "image-swap"):
+        flip = table[(table.intervention == name) & (table.metric == "flip_rate")]
+        assert int(flip.n.iloc[0]) == int(n_applied[name]) == 2  # 3 ok instances, one of them the broken's heir
+        rate = table[(table.intervention == name) & (table.metric == "applied_rate")]
+        assert abs(rate.estimate.iloc[0] - 2 / 3) < 1e-9 and int(rate.n.iloc[0]) == 3
+    drop = table[table.intervention == "drop(keep=9)"]
+    assert set(drop.metric) == {"applied_rate"} and drop.estimate.iloc[0] == 0.0  # no effect is claimed for it
+    lines = "\n".join(summary.lines())
+    assert "WARNING: drop(keep=9) was NOT APPLIED in 3 of 3 rows" in lines
+    assert "not applied     patch(steps=all,sem=recompute): 1 of 3 rows" in lines
+    assert any("NOT APPLIED" in rec.message for rec in caplog.records)
+
+
+def test_text_edits_without_markers_are_not_applied(tiny_subject, tmp_path):
+    from latentprobe.subject import Subject
+
+    subject = Subject(name="tiny-text", model=tiny_subject.model, tokenizer=tiny_subject.tokenizer,
+                      image_processor=tiny_subject.image_processor, protocol=None, mediator="text",
+                      text_mediator_markers=("<imagine>", "</imagine>"), max_new_tokens=6)
+    ivs = make_interventions("text", ["text-truncate", "text-swap"], scales=[0.5])
+    summary = intervene(subject, builtin_instances(3), ivs, tmp_path / "text", batch_size=3, n_boot=50)
+    rows = pd.read_parquet(tmp_path / "text" / "effects_rows.parquet")
+    assert len(rows) == 6 and not rows.applied.any()  # a random model never writes the open marker
+    assert rows.not_applied_reason.str.contains("open marker was not found").all()
+    table = pd.read_csv(tmp_path / "text" / "effects_summary.csv")
+    assert set(table.metric) == {"applied_rate"} and (table.estimate == 0).all()
+    assert sum("NOT APPLIED" in line for line in summary.lines()) == 2
+
+
+def test_bound_edits_know_which_steps_they_edited(tiny_subject, clean):
+    instances, result, stats = clean
+    decoder = LatentDecoder(tiny_subject, CONFIG)
+    short_donor = result.rows[1].latent_vectors[:2]  # the donor has only steps 0 and 1
+    patch = LatentPatch(steps=[1, 3])
+    edits = [patch.bind(RowBinding("i0", donor=short_donor)), patch.bind(RowBinding("i1", donor=None)),
+             LatentNoise(scale=1.0, steps=[3]).bind(RowBinding("i2", stats=stats))]
+    edited = decoder.run(tiny_subject.encode(instances), edits)
+    assert edits[0].edited_steps == {1} and edits[0].not_applied_reason(4) is None
+    assert edits[1].edited_steps == set() and "donor has no clean latent" in edits[1].not_applied_reason(4)
+    assert edits[2].edited_steps == {3}
+    torch.testing.assert_close(edited.rows[0].latent_vectors[1], short_donor[1])
+
+
+def test_an_edit_that_makes_values_non_finite_fails_its_rows(tiny_subject, tmp_path):
+    nan = LatentFunction(lambda v, s: v * float("inf") * 0.0, name="nan-edit", steps=[2])
+    ivs = [nan] + make_interventions("latent", ["zero"])
+    intervene(tiny_subject, builtin_instances(3), ivs, tmp_path / "nan", batch_size=3, n_boot=50,
+              config=DecodeConfig(max_new_tokens=6))
+    index = TraceStore(tmp_path / "nan").index()
+    failed = index[index.intervention == nan.name]
+    assert len(failed) == 3 and (failed.status == "failed").all()
+    assert failed.error.str.contains("non-finite values").all()
+    rows = pd.read_parquet(tmp_path / "nan" / "effects_rows.parquet")
+    assert nan.name not in set(rows.intervention) and len(rows) == 3  # the zero edit's rows go on

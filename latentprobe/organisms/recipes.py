@@ -35,7 +35,7 @@ about 0.53, then jumps); the step counts leave room after it for seed 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..protocol import LVR, MIRAGE, LatentProtocol
@@ -50,7 +50,10 @@ SHORTCUT = LatentProtocol(
     name="shortcut", start_token=LVR.start_token, end_token=LVR.end_token, pad_token=LVR.pad_token,
     stop_rule="fixed", num_steps=4, write_pad_ids=True, answer_mask="answer_blind_to_latents",
     source="latentprobe organism: after latent mode the answer cannot attend latent positions")
-ORGANISM_PROTOCOLS = {p.name: p for p in (BOTTLENECK, SHORTCUT, LVR, MIRAGE)}
+# The LVR organism was trained with the end token forced after its K steps (real LVR feeds its own argmax there).
+LVR_FORCED_EXIT = replace(LVR, exit_rule="force_end",
+                          source="latentprobe organism: LVR's tokens and fixed K, trained with a forced end token")
+ORGANISM_PROTOCOLS = {p.name: p for p in (BOTTLENECK, SHORTCUT, LVR_FORCED_EXIT, MIRAGE)}
 
 IMAGINE_OPEN, IMAGINE_CLOSE = "<imagine>", "</imagine>"
 
@@ -120,7 +123,7 @@ ORGANISMS: dict[str, OrganismRecipe] = {r.name: r for r in (
                 "emits <|latent_end|> after 4 latents",
         ground_truth="learned: free to use the latents or the image"),
     OrganismRecipe(
-        name="lvr", protocol=LVR, mediator="latent", align="mse_roi_tokens", align_weight=1.0,
+        name="lvr", protocol=LVR_FORCED_EXIT, mediator="latent", align="mse_roi_tokens", align_weight=1.0,
         summary="LVR recipe: latents regress (MSE) onto the answer cell's image tokens; fixed 4 steps",
         ground_truth="learned: free to use the latents or the image"),
     OrganismRecipe(

@@ -21,6 +21,7 @@ from ..errors import LatentProbeError
 from ..protocol import get_protocol
 from ..subject import PromptStyle, Subject
 from . import SubjectSpec, download_checkpoint, load_checkpoint, register, _looks_like_hub_id
+from .lvr_head import attach_feedback_head  # noqa: F401  (LVR's head, src/model/lvr_heads.py)
 
 QWEN_DEFAULT_SYSTEM = None  # the chat template's own "You are a helpful assistant."
 LETTER_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
@@ -74,6 +75,7 @@ class FamilySpec(SubjectSpec):
     adds_tokens: tuple[str, ...] = ()
     benchmark_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     head: str = "none"
+    answer_prefix: str | None = None  # text just before the answer (latentprobe.answer_slot); None: the default rule
     notes: str = ""
 
     def describe(self) -> dict[str, Any]:
@@ -85,7 +87,9 @@ class FamilySpec(SubjectSpec):
                 "decoding": "greedy by default; --decoding authors runs authors_settings",
                 "authors_settings": self.authors_settings, "config_token_ids": self.config_token_ids,
                 "adds_tokens_at_load": list(self.adds_tokens), "benchmark_options": self.benchmark_options,
-                "feedback_head": self.head, "notes": self.notes}
+                "feedback_head": self.head, "notes": self.notes,
+                "answer_slot": _answer_slot_rule(self),
+                "latent_layout": protocol["latent_layout"] if protocol else None}
 
 
 def decoding_preset(subject: Subject, preset: str = "greedy") -> tuple[dict[str, Any], dict[str, Any]]:
@@ -139,7 +143,8 @@ def _builder(spec_name: str):
                                   mediator=spec.mediator, max_new_tokens=spec.max_new_tokens,
                                   text_mediator_markers=spec.text_mediator_markers, description=spec.summary,
                                   authors_settings=dict(spec.authors_settings), add_tokens=spec.adds_tokens,
-                                  image_pixels=pixels if all(pixels) else None)
+                                  image_pixels=pixels if all(pixels) else None,
+                                  answer_prefix=spec.answer_prefix)
         if subject.protocol is not None and subject.protocol.head_module:
             attach_feedback_head(subject, Path(folder))
         return subject
@@ -147,38 +152,19 @@ def _builder(spec_name: str):
     return build
 
 
+def _answer_slot_rule(spec: "FamilySpec") -> str:
+    if spec.answer_prefix:
+        return f"right after the last {spec.answer_prefix!r} in the output (appended when absent)"
+    if spec.text_mediator_markers:
+        return f"right after the close marker {spec.text_mediator_markers[1]!r} (appended when absent)"
+    if spec.protocol_name:
+        return "right after the latent end token"
+    return "the first generated position"
+
+
 def _best_attention() -> str:
     """sdpa on GPU (fast); eager on CPU so attention weights are available and tiny tests are exact."""
     return "sdpa" if torch.cuda.is_available() else "eager"
-
-
-def attach_feedback_head(subject: Subject, folder: Path) -> bool:
-    """Load LVR's optional feedback head (LayerNorm-Linear-GELU-Linear) from the checkpoint's safetensors, if
-    present; the 7B stage-1 model has none. Returns whether a head was attached."""
-    from safetensors import safe_open
-
-    prefix = subject.protocol.head_module + "."
-    tensors = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                if key.startswith(prefix) or key.startswith("model." + prefix):
-                    tensors[key.split(prefix, 1)[1]] = handle.get_tensor(key)
-    if not tensors:
-        return False
-    expected = {"0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias"}
-    if set(tensors) != expected:
-        raise LatentProbeError(
-            f"{folder}: the {prefix[:-1]} weights have keys {sorted(tensors)}, not the LayerNorm-Linear-GELU-Linear "
-            f"head latentprobe knows ({sorted(expected)})", "open an issue with the checkpoint's head definition")
-    dim, hidden = tensors["1.weight"].shape[1], tensors["1.weight"].shape[0]
-    head = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, hidden), torch.nn.GELU(),
-                               torch.nn.Linear(hidden, dim))
-    head.load_state_dict(tensors)
-    param = next(subject.model.parameters())
-    head.to(device=param.device, dtype=param.dtype)
-    subject.model.add_module(subject.protocol.head_module, head)
-    return True
 
 
 MONET_AUTHORS = {"do_sample": True, "temperature": 0.1, "top_p": 0.8, "top_k": 50, "repetition_penalty": 1.01,
@@ -194,7 +180,7 @@ FAMILIES = [
                build=_builder("monet"), needs_checkpoint=True, hub_id="NOVAglow646/Monet-7B", protocol_name="monet",
                prompt_style=PromptStyle(system_prompt=MONET_SYSTEM, question_prefix="Question: ",
                                         options_footer=VLMEVALKIT_MCQ_FOOTER),
-               answer_parser="boxed", max_new_tokens=4096, authors_settings=MONET_AUTHORS,
+               answer_parser="boxed", answer_prefix="\\boxed{", max_new_tokens=4096, authors_settings=MONET_AUTHORS,
                config_token_ids={"<abs_vis_token_pad>": "latent_token_id", "<abs_vis_token>": "latent_start_id",
                                  "</abs_vis_token>": "latent_end_id"},
                notes="Evaluated with VLMEvalKit's prompts and this system prompt (README). Monet keeps its sampled "
@@ -205,7 +191,8 @@ FAMILIES = [
                build=_builder("lvr"), needs_checkpoint=True, hub_id="vincentleebang/LVR-7B", protocol_name="lvr",
                prompt_style=PromptStyle(system_prompt=QWEN_DEFAULT_SYSTEM, suffix=LETTER_SUFFIX,
                                         raw_text_attribute="raw_text", options_footer="\n"),
-               answer_parser="answer_tag_letter", max_new_tokens=512, authors_settings=LVR_AUTHORS,
+               answer_parser="answer_tag_letter", answer_prefix="<answer>", max_new_tokens=512,
+               authors_settings=LVR_AUTHORS,
                config_token_ids={"<|lvr_start|>": "lvr_start_id", "<|lvr|>": "lvr_id",
                                  "<|lvr_latent_end|>": "lvr_latent_end_id", "<|lvr_end|>": "lvr_end_id"},
                head="optional",
@@ -220,7 +207,7 @@ FAMILIES = [
                prompt_style=PromptStyle(system_prompt=QWEN_DEFAULT_SYSTEM, suffix=MIRAGE_BOXED_SUFFIX,
                                         task_templates={"spatial_planning": MIRAGE_VSP_PLANNING},
                                         generation_prompt="<|im_start|>assistant"),
-               answer_parser="boxed", max_new_tokens=1024, authors_settings=MIRAGE_AUTHORS,
+               answer_parser="boxed", answer_prefix="\\boxed{", max_new_tokens=1024, authors_settings=MIRAGE_AUTHORS,
                config_token_ids={"<|latent_pad|>": "latent_token_id", "<|latent_start|>": "latent_start_id",
                                  "<|latent_end|>": "latent_end_id"},
                adds_tokens=("<|latent_pad|>", "<|latent_start|>", "<|latent_end|>"),
