@@ -16,7 +16,7 @@ def _add_subject_args(p: argparse.ArgumentParser):
     p.add_argument("--checkpoint", default=None,
                    help="for a model family (monet, lvr, mirage, capimagine, qwen2.5-vl): a local folder or hub id")
     p.add_argument("--latent-steps", type=T.int_at_least(1), default=None,
-                   help="override the protocol's fixed K or cap (default: the protocol's own)")
+                   help="override the protocol's fixed K or cap (None: the protocol's own)")
     p.add_argument("--device", type=T.device_name, default=None,
                    help="torch device: cpu, cuda, cuda:N, mps, or auto (spread over GPUs); None: the subject's")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],

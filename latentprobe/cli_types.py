@@ -185,9 +185,9 @@ _SCALE_RANGES = {
     # kind: (low, high, low inclusive, integer, meaning)
     "noise": (0.0, MAX_NOISE_SCALE, True, False, "noise scale (x data std or x mean norm)"),
     "image-noise": (0.0, MAX_NOISE_SCALE, True, False, "image-noise level (x pixel std)"),
-    "image-mask": (0.0, 1.0, True, False, "image-mask fraction of the image"),
-    "text-truncate": (0.0, 1.0, True, False, "text-truncate fraction kept"),
-    "drop": (0.0, 10_000.0, True, True, "drop: number of latent steps kept"),
+    "image-mask": (0.0, 1.0, True, False, "fraction of the image masked"),
+    "text-truncate": (0.0, 1.0, True, False, "fraction of the text kept"),
+    "drop": (0.0, 10_000.0, True, True, "number of latent steps kept"),
 }
 
 
@@ -226,9 +226,19 @@ def check_semantics(text: str) -> list[str]:
     return values
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help unless the help already says what the default means."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or (action.default is None and "None" in text):
+            return text
+        return super()._get_help_string(action)
+
+
 def show_defaults(parser: argparse.ArgumentParser) -> None:
     """Every (sub)command's --help shows each option's default after its meaning."""
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.formatter_class = DefaultsHelpFormatter
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
