@@ -471,3 +471,25 @@ def test_organisms_train_defaults_to_a_new_folder(monkeypatch, capsys, tmp_path)
     assert seen["out"] == "organisms/shortcut-seed3"
     assert main(["organisms", "train", "shortcut", "--overwrite-shipped"]) == 0
     assert seen["out"] == organisms.weights_dir()
+
+
+# ----------------------------------------------------------------------------------------- figures
+def test_one_colour_per_subject_and_a_forest_one_screen_tall(tmp_path):
+    import pandas as pd
+    from PIL import Image
+
+    from latentprobe import figures
+
+    organisms = [f"organism-{n}" for n in ("bottleneck", "shortcut", "direct", "mirage", "lvr", "capimagine")]
+    colours = [figures.subject_colour(s) for s in organisms + ["tiny"]]
+    assert len(set(colours)) == len(colours)  # every shipped subject has its own colour
+    assert figures.subject_colour("organism-lvr") == figures.subject_colour("lvr")  # the organism and its family
+    assert figures.subject_colour("someone-else") == figures.subject_colour("someone-else")
+    rng = np.random.default_rng(0)
+    rows = [dict(subject=s, target=t, intervention=iv, metric=m, estimate=e, ci_low=e - 0.1, ci_high=e + 0.1, n=48)
+            for s in organisms for t, iv in [("latent", "noise"), ("latent", "zero"), ("latent", "patch"),
+                                             ("input", "image-swap"), ("input", "image-blank"), ("text", "text-swap")]
+            for m in ("flip_rate", "accuracy_change", "NIE_correct") for e in [float(rng.uniform(-0.5, 0.5))]]
+    paths = figures.plot_effects_forest(pd.DataFrame(rows), tmp_path / "forest", reference_lines={"flip_rate": 0.1})
+    width, height = Image.open([p for p in paths if p.suffix == ".png"][0]).size
+    assert height < 1400 and width < 2400  # 108 estimates: grouped rows, not one 3,400-pixel column
