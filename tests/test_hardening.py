@@ -493,3 +493,20 @@ def test_one_colour_per_subject_and_a_forest_one_screen_tall(tmp_path):
     paths = figures.plot_effects_forest(pd.DataFrame(rows), tmp_path / "forest", reference_lines={"flip_rate": 0.1})
     width, height = Image.open([p for p in paths if p.suffix == ".png"][0]).size
     assert height < 1400 and width < 2400  # 108 estimates: grouped rows, not one 3,400-pixel column
+
+
+@pytest.mark.slow
+def test_held_out_data_are_the_test_split_of_the_training_data():
+    """The demo's data (written without the 1,800 training images) are the organisms' own test split."""
+    from pathlib import Path
+
+    from latentprobe.data import load_jsonl
+    from latentprobe.organisms.recipes import ORGANISMS
+    from latentprobe.organisms.training import organism_data, organism_held_out_data
+
+    full = load_jsonl(organism_data(ORGANISMS["bottleneck"]), split="test")[:48]
+    held_out = load_jsonl(organism_held_out_data(ORGANISMS["bottleneck"], 48))
+    assert [i.id for i in held_out] == [i.id for i in full]
+    for a, b in zip(held_out, full):
+        assert (a.question, a.answer, a.options, a.attributes) == (b.question, b.answer, b.options, b.attributes)
+        assert Path(a.images[0]).read_bytes() == Path(b.images[0]).read_bytes()
