@@ -510,3 +510,18 @@ def test_held_out_data_are_the_test_split_of_the_training_data():
     for a, b in zip(held_out, full):
         assert (a.question, a.answer, a.options, a.attributes) == (b.question, b.answer, b.options, b.attributes)
         assert Path(a.images[0]).read_bytes() == Path(b.images[0]).read_bytes()
+
+
+def test_report_prints_the_verdict_table_and_warns_of_an_incomplete_run(tiny_subject, capsys, tmp_path):
+    run = tmp_path / "partial"
+    trace(tiny_subject, builtin_instances(3), run, shard_size=2)
+    sorted((run / "index").glob("*.parquet"))[-1].unlink()  # the last index part is lost: 2 of 3 remain
+    assert TraceStore(run).completeness()["present"] == 2
+    assert main(["report", str(run), "--out", str(tmp_path / "report"), "--bootstrap", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict per subject and finding" in out and "report.html" in out
+    assert "holds 2 of the 3 instances" in out
+    from latentprobe.cli import verdict_lines
+
+    for line in verdict_lines(tmp_path / "report" / "verdicts.csv"):  # the same table demo prints
+        assert line in out
