@@ -525,3 +525,26 @@ def test_report_prints_the_verdict_table_and_warns_of_an_incomplete_run(tiny_sub
 
     for line in verdict_lines(tmp_path / "report" / "verdicts.csv"):  # the same table demo prints
         assert line in out
+
+
+def test_probe_runs_on_the_readmes_own_tiny_trace(tmp_path, capsys):
+    # `trace --subject tiny` then `probe --labels colour`: 8 instances, some colours seen once or twice
+    assert main(["trace", "--subject", "tiny", "--out", str(tmp_path / "t"), "--quiet"]) == 0
+    assert main(["probe", str(tmp_path / "t"), "--labels", "colour", "--out", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert "random weights" in out and "AT CHANCE" in out  # the trace said what its answers are worth
+    probe_lines = [line for line in out.splitlines() if line.startswith("colour")]
+    assert probe_lines and not any("step -1" in line for line in probe_lines)
+    assert any("image_mean" in line for line in probe_lines)
+
+
+def test_analyses_write_outside_the_tracked_figures_folder():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "analyses" / "_common.py"
+    spec = importlib.util.spec_from_file_location("analyses_common", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parser("x").parse_args([])
+    assert Path(args.figures).parts[0] != "figures" and Path(args.runs).parts[0] != "figures"
