@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, type=T.name_list, help="comma-separated attributes (or 'answer')")
     p.add_argument("--out", required=True, type=T.output_folder, help="folder for figures and tables")
     p.add_argument("--folds", type=T.int_between(2, 100), default=5,
-                   help="cross-validation folds (grouped by instance; each class needs this many members)")
+                   help="cross-validation folds, grouped by instance (2..100)")
     p.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of the folds and the control task")
     p.add_argument("--random-init", default=None, metavar="TRACE_DIR",
                    help="a trace of the same data by a randomly initialised model, as a further baseline")
