@@ -404,7 +404,11 @@ def plot_effects_forest(effects: pd.DataFrame, path, *, metrics=None, reference_
     offsets = dict(zip(subjects, np.linspace(0.35, -0.35, len(subjects)) if len(subjects) > 1 else [0.0]))
     position = {label: float(k) for k, label in enumerate(reversed(labels))}
     with _style():
-        fig = Figure(figsize=(1.8 + 3.6 * len(names), 1.6 + (0.22 + 0.09 * len(subjects)) * len(labels)),
+        # width: the row labels (about 0.075 in per character at this font) plus one panel per metric
+        label_width = 0.5 + 0.075 * max(len(label) for label in labels)
+        legend_rows = math.ceil(len(subjects) / 3)
+        fig = Figure(figsize=(label_width + 3.8 * len(names),
+                              1.9 + 0.25 * legend_rows + (0.22 + 0.09 * len(subjects)) * len(labels)),
                      layout="constrained")
         axes = fig.subplots(1, len(names), squeeze=False, sharey=True).ravel()
         for ax, name in zip(axes, names):
@@ -430,6 +434,7 @@ def plot_effects_forest(effects: pd.DataFrame, path, *, metrics=None, reference_
         from matplotlib.lines import Line2D
 
         handles = [Line2D([], [], marker="o", linestyle="", color=subject_colour(s), label=s) for s in subjects]
-        fig.legend(handles=handles, title="subject", loc="outside right upper", fontsize="small")
+        fig.legend(handles=handles, title="subject", loc="outside lower center", ncols=min(3, len(subjects)),
+                   fontsize="small")
         fig.suptitle("Effects of interventions (rows: target | intervention; points: subjects)")
         return save_figure(fig, path)
