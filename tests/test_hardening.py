@@ -268,8 +268,15 @@ def test_image_swap_with_an_unreadable_donor_fails_only_that_pair(tmp_path, tiny
     broken.write_bytes(b"not an image")
     instances[2].images = [str(broken)]
     ivs = make_interventions("input", ["image-swap"], seed=0)
-    summary = intervene(tiny_subject, instances, ivs, tmp_path / "iv", n_boot=100)
-    assert summary.n_failed >= 1
+    intervene(tiny_subject, instances, ivs, tmp_path / "iv", n_boot=100)  # today: TypeError on the donor
+    from latentprobe.interventions import derangement
+
+    recipients = [instances[i].id for i, d in enumerate(derangement(4, 0)) if d == 2]
+    rows = TraceStore(tmp_path / "iv").index()
+    rows = rows[(rows.intervention != "clean") & rows.instance_id.isin(recipients)]
+    # the pair whose donor failed is never an ordinary result: absent, failed, or marked as not applied
+    not_applied = ("applied" in rows.columns) and not rows.applied.fillna(False).astype(bool).any()
+    assert len(rows) == 0 or (rows.status != "ok").all() or not_applied
 
 
 # ----------------------------------------------------------------------------------------- resume settings
