@@ -13,7 +13,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="JSONL or BENCH:FOLDER (default: a held-out transform task set)")
     p.add_argument("--limit", type=int, default=64)
     p.add_argument("--runs", default="runs/analyses", help="where traces and intervention runs go")
-    p.add_argument("--figures", default="figures", help="where figures go")
+    p.add_argument("--figures", default="runs/analyses/figures",
+                   help="where figures go (the tracked figures/ folder is regenerated only on purpose: "
+                        "pass --figures figures, see the README)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -27,7 +29,7 @@ def load(args):
     kwargs = {"checkpoint": args.checkpoint} if args.checkpoint else {}
     subject = load_subject(args.subject, **kwargs)
     if args.data is None:
-        instances = load_jsonl(demo_data(), split="test")[: args.limit]
+        instances = load_jsonl(demo_data(args.limit), split="test")[: args.limit]
     else:
         instances, _ = load_instances(args.data, limit=args.limit)
     return subject, instances

@@ -225,7 +225,13 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
                 reference_lines={"change_ratio": 0.2}))
     data = {"runs": [str(d) for d in run_dirs],
             "sources": sorted({str(s.manifest.get("data", {}).get("source")) for s in stores}),
-            "instances": int(max(s.manifest.get("data", {}).get("n_instances", 0) for s in stores))}
+            # the instances actually on disk (an interrupted run holds fewer than its manifest asked for)
+            "instances": int(max(s.completeness()["present"] for s in stores))}
+    incomplete = [w for s in stores for w in s.completeness()["warnings"]]
+    for warning in incomplete:
+        log.warning(warning)
+    if incomplete:
+        data["WARNING: incomplete runs"] = " ".join(incomplete)
     kwargs = {"title": title} if title else {}
     md, html = write_report(out_dir, subjects=subjects, data=data, effects=effects, similarity=similarity,
                             probes=probes, figures=figures, **kwargs)

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from . import cli_types as T
 from .errors import LatentProbeError
 
 
@@ -14,32 +15,40 @@ def _add_subject_args(p: argparse.ArgumentParser):
     p.add_argument("--protocol", default=None, help="latent protocol for a checkpoint folder: monet, lvr or mirage")
     p.add_argument("--checkpoint", default=None,
                    help="for a model family (monet, lvr, mirage, capimagine, qwen2.5-vl): a local folder or hub id")
-    p.add_argument("--latent-steps", type=int, default=None,
-                   help="override the protocol's fixed K or cap (0: no latent step)")
+    p.add_argument("--latent-steps", type=T.int_at_least(0), default=None,
+                   help="override the protocol's fixed K or cap (0: no latent step; None: the protocol's own)")
     p.add_argument("--latent-layout", default=None, choices=["inference", "training"],
-                   help="where latent step 0 sits (default: the protocol's; Monet runs 'inference', as its vLLM "
+                   help="where latent step 0 sits (None: the protocol's; Monet runs 'inference', as its vLLM "
                         "runner does: the state that chose the start token is fed at the start token's position)")
-    p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: the subject's)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", type=T.device_name, default=None,
+                   help="torch device: cpu, cuda, cuda:N, mps, or auto (spread over GPUs); None: the subject's")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights' dtype (None: the subject's; bfloat16 on a GPU)")
     p.add_argument("--mediator-markers", default=None, metavar="OPEN,CLOSE",
                    help="a text-mediator subject's imagination markers (capimagine: <think_image>,</think_image>)")
 
 
 def _add_data_args(p: argparse.ArgumentParser):
     p.add_argument("--data", default=None,
-                   help="a JSONL file, or BENCHMARK:FOLDER (e.g. mmvp:/data/MMVP); default: built-in images")
-    p.add_argument("--split", default=None, help="only instances of this split")
-    p.add_argument("--limit", type=int, default=None, help="at most this many instances")
+                   help="a JSONL file, or BENCHMARK:FOLDER (e.g. mmvp:/data/MMVP); None: an organism's own held-out "
+                        "split, else 8 built-in images")
+    p.add_argument("--split", default=None, help="only instances of this split (None: all)")
+    p.add_argument("--limit", type=T.int_at_least(1), default=None, help="at most this many instances (None: all)")
 
 
 def _add_decode_args(p: argparse.ArgumentParser):
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=T.int_at_least(1), default=8,
+                   help="instances decoded together (results do not depend on it beyond float rounding)")
+    p.add_argument("--max-new-tokens", type=T.int_at_least(1), default=None,
+                   help="generated tokens per instance, latent steps included (None: the subject's)")
+    p.add_argument("--seed", type=T.int_at_least(0), default=0,
+                   help="seed of every random choice (sampling, donors, noise, bootstrap)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--temperature", type=T.positive_float, default=1.0, help="sampling temperature (> 0)")
+    p.add_argument("--top-p", type=T.probability_open_closed, default=1.0,
+                   help="nucleus sampling: keep the smallest set of tokens with this probability, in (0, 1]")
+    p.add_argument("--top-k", type=T.int_at_least(0), default=0,
+                   help="sample among the k most likely tokens (0: no top-k cut)")
     p.add_argument("--decoding", default="greedy", choices=["greedy", "authors"],
                    help="greedy (the analysis default) or the family's own sampling settings (subjects --show NAME)")
 
@@ -53,12 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_subject_args(p)
     _add_data_args(p)
     _add_decode_args(p)
-    p.add_argument("--out", required=True, help="output folder (must be new unless --resume)")
-    p.add_argument("--layers", default="final",
+    p.add_argument("--out", required=True, type=T.output_folder, help="output folder (must be new unless --resume)")
+    p.add_argument("--layers", default="final", type=T.layer_list,
                    help="layers to record: 'final', 'all', or comma-separated hidden-state indices (0 = embeddings)")
-    p.add_argument("--image-states", default="mean", choices=["mean", "all", "none"])
+    p.add_argument("--image-states", default="mean", choices=["mean", "all", "none"],
+                   help="image-token states to record per layer: their mean, all of them, or none")
     p.add_argument("--answer-states", action="store_true", help="also record answer-token states")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out (refused when a setting that changes what is "
+                        "recorded differs; damaged shards are re-run)")
     p.add_argument("--shard", default=None, help="i/n: run only the i-th of n interleaved shards of the data")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -66,29 +78,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_subject_args(p)
     _add_data_args(p)
     _add_decode_args(p)
-    p.add_argument("--out", required=True, help="output folder (must be new unless --resume)")
-    p.add_argument("--target", required=True, choices=["latent", "input", "text", "attention"])
+    p.add_argument("--out", required=True, type=T.output_folder, help="output folder (must be new unless --resume)")
+    p.add_argument("--target", required=True, choices=["latent", "input", "text", "attention"],
+                   help="what is edited: the latent tokens, the input (image/question), the text mediator, or "
+                        "attention edges (knockout)")
     p.add_argument("--kind", required=True, action="append",
                    help="intervention kind(s), comma-separated or repeated. latent: noise, constant, zero, patch, "
                         "drop, shuffle; input: image-swap, image-noise, image-blank, image-mask, question-swap, "
                         "no-image; text: text-swap, text-truncate, text-shuffle; attention: answer->latent, "
                         "answer->image, latent->image (join with + to block together), or knockout (each of the three)")
     p.add_argument("--attention-layers", default=None,
-                   help="attention: decoder blocks whose attention is knocked out, comma-separated 0..N-1 (default all)")
-    p.add_argument("--steps", default=None, help="latent steps to edit, comma-separated from 0 (default: all)")
-    p.add_argument("--scale", default=None,
-                   help="comma-separated sweep: noise scale (x data std or x mean norm), image-noise level, "
-                        "image-mask fraction, text-truncate fraction, drop: steps kept")
+                   help="attention: decoder blocks whose attention is knocked out, comma-separated 0..N-1 (None: all)")
+    p.add_argument("--steps", default=None, type=T.step_list,
+                   help="latent steps to edit, comma-separated from 0 (None: all)")
+    p.add_argument("--scale", default=None, type=T.scale_list,
+                   help="comma-separated sweep: noise scale (x data std or x mean norm, 0..1e4), image-noise level "
+                        "(0..1e4), image-mask fraction (0..1), text-truncate fraction (0..1), drop: whole number "
+                        "of steps kept (None: each kind's default)")
     p.add_argument("--relative-to", default="std", choices=["std", "norm"], help="noise scale reference")
-    p.add_argument("--value", default=None, choices=["zero", "mean", "random"], help="constant: which tensor")
-    p.add_argument("--layer", type=int, default=None,
+    p.add_argument("--value", default=None, choices=["zero", "mean", "random"],
+                   help="constant: which tensor replaces the latents (None: the kind's default)")
+    p.add_argument("--layer", type=T.int_at_least(1), default=None,
                    help="edit this layer's output at latent positions (1..N) instead of the fed-back vector")
     p.add_argument("--semantics", default="recompute",
                    help="after an edited step: recompute later steps, pin them to clean, or both (recompute,pin)")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for intervals")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--bootstrap", type=T.int_at_least(100), default=2000,
+                   help="bootstrap resamples for the 95%% intervals (>= 100)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out (refused when a setting differs)")
     p.add_argument("--shard", default=None, help="i/n: run only the i-th of n interleaved shards of the data")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("patch", help="activation patching maps: layer x latent step and layer x position group")
     _add_subject_args(p)
@@ -120,51 +139,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("similarity", help="collapse analysis: cosine similarity of latents across instances/steps")
-    p.add_argument("runs", nargs="+", metavar="TRACE_DIR")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("runs", nargs="+", metavar="TRACE_DIR", help="trace folders")
+    p.add_argument("--out", required=True, type=T.output_folder, help="folder for figures and tables")
+    p.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of the bootstrap and the baselines")
+    p.add_argument("--bootstrap", type=T.int_at_least(100), default=1000,
+                   help="bootstrap resamples for the 95%% intervals (>= 100)")
 
     p = sub.add_parser("probe", help="linear probes from latent states to instance attributes, with baselines")
-    p.add_argument("run", metavar="TRACE_DIR")
-    p.add_argument("--labels", required=True, help="comma-separated attributes (or 'answer')")
-    p.add_argument("--out", required=True)
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("run", metavar="TRACE_DIR", help="a trace folder")
+    p.add_argument("--labels", required=True, type=T.name_list, help="comma-separated attributes (or 'answer')")
+    p.add_argument("--out", required=True, type=T.output_folder, help="folder for figures and tables")
+    p.add_argument("--folds", type=T.int_between(2, 100), default=5,
+                   help="cross-validation folds, grouped by instance (2..100)")
+    p.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of the folds and the control task")
     p.add_argument("--random-init", default=None, metavar="TRACE_DIR",
                    help="a trace of the same data by a randomly initialised model, as a further baseline")
 
     _add_where_parsers(sub)  # ground, lens
 
     p = sub.add_parser("report", help="one Markdown and one self-contained HTML report from runs")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--out", required=True)
-    p.add_argument("--labels", default="", help="attributes to probe (comma-separated)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="trace and intervention folders")
+    p.add_argument("--out", required=True, type=T.output_folder, help="folder for report.md, report.html, tables")
+    p.add_argument("--labels", default="", help="attributes to probe (comma-separated; empty: no probes)")
+    p.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of the bootstrap and the probes")
+    p.add_argument("--bootstrap", type=T.int_at_least(100), default=1000,
+                   help="bootstrap resamples for the 95%% intervals (>= 100)")
 
     p = sub.add_parser("demo", help="the whole analysis on the built-in organisms, with a report (a few minutes)")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--instances", type=int, default=48, help="held-out questions per subject")
-    p.add_argument("--subjects", default=None, help="comma-separated subjects (default: all shipped organisms)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/demo", type=T.output_folder, help="output folder (must be new)")
+    p.add_argument("--instances", type=T.int_at_least(2), default=48,
+                   help="held-out questions per subject (>= 2: swaps need a donor)")
+    p.add_argument("--subjects", default=None, help="comma-separated subjects (None: all shipped organisms)")
+    p.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of every random choice")
 
     p = sub.add_parser("data", help="make procedural task data")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION")
     make = data_sub.add_parser("make", help="write images and a JSONL (train/test splits) for a task")
     make.add_argument("task", help="transform, path or digits")
-    make.add_argument("--n", type=int, default=200)
-    make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--out", required=True)
-    make.add_argument("--image-size", type=int, default=56)
-    make.add_argument("--test-fraction", type=float, default=0.25)
+    make.add_argument("--n", type=T.int_at_least(2), default=200, help="instances (train and test together)")
+    make.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of the generator")
+    make.add_argument("--out", required=True, type=T.output_folder, help="folder for the images and data.jsonl")
+    make.add_argument("--image-size", type=T.int_between(16, 4096), default=56,
+                      help="image side in pixels (the shipped organisms were trained at 112)")
+    make.add_argument("--test-fraction", type=T.fraction_open, default=0.25,
+                      help="share of instances in the test split, strictly between 0 and 1")
 
     p = sub.add_parser("organisms", help="train the model organisms")
     org_sub = p.add_subparsers(dest="organisms_command", metavar="ACTION")
     train = org_sub.add_parser("train", help="train one organism (deterministic for a seed)")
     train.add_argument("name", help="bottleneck, shortcut, direct, mirage, lvr or capimagine")
-    train.add_argument("--out", default=None, help="where to write weights (default: the package's weights folder)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", default=None, type=T.output_folder,
+                       help="where to write the weights (None: a new folder organisms/<name>-seed<S>; never the "
+                            "package's shipped weights unless --overwrite-shipped)")
+    train.add_argument("--overwrite-shipped", action="store_true",
+                       help="write into the package's weights folder, replacing the shipped organism")
+    train.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of data, initialisation and order")
 
     p = sub.add_parser("check", help="conformance check of a checkpoint against its family (run before a long run)")
     p.add_argument("--subject", required=True, help="the family: monet, lvr, mirage, capimagine or qwen2.5-vl")
@@ -178,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("subjects", help="list subjects and their protocols")
     p.add_argument("--show", default=None, metavar="NAME", help="print everything a subject will do")
+    T.show_defaults(parser)
     return parser
 
 
@@ -200,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     except LatentProbeError as exc:
         print(f"latentprobe {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a read-only folder, a full disk, a vanished file: one line naming the file
+        from .fileio import describe_os_error
+
+        print(f"latentprobe {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; finished records are on disk (use --resume to continue)", file=sys.stderr)
         return 130
@@ -211,8 +246,12 @@ def select_instances(args):
     from .data import load_instances
     from .distributed import distributed_shard
 
+    data = args.data
+    if data is None and str(getattr(args, "subject", "")).startswith("organism-"):
+        held_out = organism_default_data(args.subject, args.limit)  # its own held-out split, not the built-in set
+        data = str(held_out) if held_out else None
     options = family_benchmark_options(args)
-    instances, source = load_instances(args.data, limit=args.limit, split=args.split, benchmark_options=options)
+    instances, source = load_instances(data, limit=args.limit, split=args.split, benchmark_options=options)
     instances, writer_id = shard_instances(instances, args.shard)
     instances, writer_id = distributed_shard(instances, writer_id)
     return instances, source, writer_id
@@ -236,6 +275,17 @@ def family_benchmark_options(args) -> dict:
         print(f"latentprobe: {args.subject} is evaluated by its authors with "
               f"{', '.join(f'{k}={v}' for k, v in options.items())}; using them", file=sys.stderr)
     return options
+
+
+def organism_default_data(subject: str, limit: int | None):
+    from .organisms.recipes import ORGANISMS
+    from .organisms.training import organism_held_out_data
+
+    name = subject.removeprefix("organism-")
+    if name not in ORGANISMS:
+        return None
+    recipe = ORGANISMS[name]
+    return organism_held_out_data(recipe, min(limit, 600) if limit else None)
 
 
 def shard_instances(instances, shard: str | None):
@@ -278,7 +328,9 @@ def decode_config_from_args(args, subject):
                         **sampling)
 
 
-def parse_layers(text: str):
+def parse_layers(text):
+    if not isinstance(text, str):  # already parsed by cli_types.layer_list
+        return text
     if text in ("final", "all"):
         return text
     try:
@@ -305,17 +357,32 @@ def _cmd_trace(args):
 
     instances, source, writer_id = select_instances(args)
     subject = load_subject_from_args(args)
+    warnings = _warn_about_conditions(subject, instances, source)
     spec = RecordSpec(layers=parse_layers(args.layers), image=None if args.image_states == "none" else args.image_states,
                       answer=args.answer_states)
     summary = trace(subject, instances, args.out, config=decode_config_from_args(args, subject), spec=spec,
                     batch_size=args.batch_size, resume=args.resume, data_source=source,
                     progress=not args.quiet and sys.stderr.isatty(), writer_id=writer_id)
-    print_block(f"latentprobe trace: {subject.name} on {source}", summary.lines())
+    print_block(f"latentprobe trace: {subject.name} on {source}", summary.lines() + warnings)
+
+
+def _warn_about_conditions(subject, instances, source) -> list[str]:
+    """Say when the data are not what the subject expects (at once, before a long run) or when its answers mean
+    nothing; the sentences are returned to be repeated under the run's summary."""
+    from .conditions import condition_warnings
+
+    found = condition_warnings(subject, instances, source)
+    for line in found:
+        if not line.startswith(f"{subject.name} has random weights"):
+            print(f"warning: {line}", file=sys.stderr)
+    return [f"warning         {line}" for line in found]
 
 
 def _split_list(text, convert, flag):
     if text is None:
         return None
+    if isinstance(text, list):  # already parsed by cli_types
+        return text
     try:
         return [convert(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
@@ -327,22 +394,26 @@ def _cmd_intervene(args):
     from .interventions import make_interventions
 
     kinds = [k.strip() for spec in args.kind for k in spec.split(",") if k.strip()]
+    if not kinds:
+        raise LatentProbeError("--kind names no intervention", "e.g. --kind noise,zero")
     if args.target == "attention":
         from .knockout import make_knockouts
 
         interventions = make_knockouts(kinds, _split_list(args.attention_layers, int, "--attention-layers"), args.seed)
     else:
+        T.check_scales(kinds, args.scale)
         interventions = make_interventions(
             args.target, kinds, steps=_split_list(args.steps, int, "--steps"),
             scales=_split_list(args.scale, float, "--scale"), layer=args.layer,
-            semantics=[s.strip() for s in args.semantics.split(",")], seed=args.seed,
+            semantics=T.check_semantics(args.semantics), seed=args.seed,
             relative_to=args.relative_to, value=args.value)
     instances, source, writer_id = select_instances(args)
     subject = load_subject_from_args(args)
+    warnings = _warn_about_conditions(subject, instances, source)
     summary = intervene(subject, instances, interventions, args.out, config=decode_config_from_args(args, subject),
                         batch_size=args.batch_size, seed=args.seed, n_boot=args.bootstrap, resume=args.resume,
                         progress=not args.quiet and sys.stderr.isatty(), data_source=source, writer_id=writer_id)
-    print_block(f"latentprobe intervene: {subject.name}, target {args.target}", summary.lines())
+    print_block(f"latentprobe intervene: {subject.name}, target {args.target}", summary.lines() + warnings)
 
 
 def _cmd_patch(args):
@@ -396,14 +467,15 @@ def _cmd_similarity(args):
 def _cmd_probe(args):
     from .analysis import probe_study
 
-    labels = [v.strip() for v in args.labels.split(",") if v.strip()]
+    labels = args.labels if isinstance(args.labels, list) else [v.strip() for v in args.labels.split(",") if v.strip()]
     table, made = probe_study(args.run, labels, args.out, seed=args.seed, n_splits=args.folds,
                               random_init_dir=args.random_init)
     from .probes import best_probe_rows
 
     lines = []
     for row in best_probe_rows(table).itertuples():
-        lines.append(f"{row.attribute:<14} {row.representation:<12} layer {row.layer:>2} step {row.step:>2}  "
+        step = f"step {row.step:>2}" if row.step is not None and row.step >= 0 else "       "  # -1: not a latent
+        lines.append(f"{row.attribute:<14} {row.representation:<12} layer {row.layer:>2} {step}  "
                      f"score {row.score:.3f}  control {row.control_score:.3f}  selectivity {row.selectivity:+.3f}  "
                      f"chance {row.chance:.3f}")
     skipped = table[table.skipped_reason.fillna("") != ""]
@@ -418,7 +490,26 @@ def _cmd_report(args):
 
     labels = [v.strip() for v in args.labels.split(",") if v.strip()]
     md, html = build_report(args.runs, args.out, attributes=labels, seed=args.seed, n_boot=args.bootstrap)
-    print_block("latentprobe report", [f"markdown  {md}", f"html      {html}"])
+    from pathlib import Path
+
+    from .store import TraceStore
+
+    lines = verdict_lines(Path(args.out) / "verdicts.csv")
+    for run in args.runs:  # what each run actually holds, and whether it is complete
+        state = TraceStore(run).completeness()
+        lines += [f"warning   {w}" for w in state["warnings"]]
+    lines += ["", f"report    {html}", f"markdown  {md}"]
+    print_block("latentprobe report: verdict per subject and finding", lines)
+
+
+def verdict_lines(verdicts_csv) -> list[str]:
+    """The verdict table (subject x finding) as `demo` and `report` print it."""
+    import pandas as pd
+
+    verdicts = pd.read_csv(verdicts_csv)
+    if not len(verdicts):
+        return ["no verdicts (no run measured a finding)"]
+    return verdicts.pivot(index="subject", columns="finding", values="verdict").to_string().splitlines()
 
 
 def _cmd_demo(args):
@@ -427,11 +518,7 @@ def _cmd_demo(args):
     subjects = [s.strip() for s in args.subjects.split(",")] if args.subjects else None
     result = run_demo(args.out, n_instances=args.instances, seed=args.seed, subjects=subjects,
                       progress=sys.stderr.isatty())
-    import pandas as pd
-
-    verdicts = pd.read_csv(result["verdicts"])
-    table = verdicts.pivot(index="subject", columns="finding", values="verdict")
-    lines = table.to_string().splitlines()
+    lines = verdict_lines(result["verdicts"])
     lines += ["", f"report    {result['report_html']}", f"markdown  {result['report_md']}",
               f"took      {result['seconds']:.0f}s"]
     print_block("latentprobe demo: verdict per subject and finding", lines)
@@ -452,7 +539,14 @@ def _cmd_organisms(args):
         raise LatentProbeError("missing action", "use `latentprobe organisms train NAME`")
     from .organisms import train_organism, weights_dir
 
-    out = args.out or weights_dir()
+    if args.overwrite_shipped and args.out:
+        raise LatentProbeError("--out and --overwrite-shipped both say where the weights go", "pass only one")
+    out = weights_dir() if args.overwrite_shipped else (args.out or f"organisms/{args.name}-seed{args.seed}")
+    from pathlib import Path
+
+    if not args.overwrite_shipped and Path(out).resolve() == Path(weights_dir()).resolve():
+        raise LatentProbeError(f"--out {out} is the package's shipped weights folder",
+                               "pass --overwrite-shipped to replace the shipped organism on purpose")
     result = train_organism(args.name, out_dir=out, seed=args.seed)
     metrics = result.metrics
     lines = [f"{key:<22} {metrics[key]}" for key in ("test_accuracy", "chance", "steps", "call_seconds", "seed")
@@ -487,7 +581,8 @@ def _cmd_subjects(args):
     print(f"{'subject':<{width}} {'protocol':<10} {'checkpoint':<11} summary")
     for name, spec in sorted(SUBJECTS.items()):
         protocol = getattr(spec, "protocol_name", None) or "-"
-        needs = "required" if spec.needs_checkpoint else "built in"
+        hub_id = getattr(spec, "hub_id", "")
+        needs = ("required" if not hub_id else "hub default") if spec.needs_checkpoint else "built in"
         print(f"{name:<{width}} {protocol:<10} {needs:<11} {spec.summary}")
     print()
     print("protocols:")

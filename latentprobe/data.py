@@ -66,10 +66,20 @@ def instance_from_dict(row: dict[str, Any], base_dir: Path | None = None, where:
     if missing:
         raise LatentProbeError(f"{where}: missing required field(s) {', '.join(missing)}",
                                f"every row needs {', '.join(REQUIRED_FIELDS)} (see latentprobe.data docs)")
-    images = row.get("images", row.get("image", []))
-    images = [images] if isinstance(images, str) else list(images or [])
-    aux = row.get("aux_images", row.get("aux_image", []))
-    aux = [aux] if isinstance(aux, str) else list(aux or [])
+    images = _path_list(row.get("images", row.get("image", [])), "images", where)
+    aux = _path_list(row.get("aux_images", row.get("aux_image", [])), "aux_images", where)
+    for name in ("id", "question", "answer"):
+        if not isinstance(row[name], (str, int, float)) or isinstance(row[name], bool):
+            raise LatentProbeError(f"{where}: {name!r} must be a string, got {type(row[name]).__name__}",
+                                   f"write {name} as a JSON string")
+    attributes = row.get("attributes") or {}
+    if not isinstance(attributes, dict):
+        raise LatentProbeError(f"{where}: 'attributes' must be a JSON object, got {type(attributes).__name__}",
+                               'write e.g. "attributes": {"colour": "red"}')
+    for name in ("split", "task"):
+        if row.get(name) is not None and not isinstance(row[name], str):
+            raise LatentProbeError(f"{where}: {name!r} must be a string, got {type(row[name]).__name__}",
+                                   f"write {name} as a JSON string")
 
     def resolve(p: str) -> str:
         path = Path(p)
@@ -86,11 +96,22 @@ def instance_from_dict(row: dict[str, Any], base_dir: Path | None = None, where:
         answer=str(row["answer"]),
         images=[resolve(p) for p in images],
         options=options,
-        attributes=dict(row.get("attributes") or {}),
+        attributes=dict(attributes),
         aux_images=[resolve(p) for p in aux],
         split=row.get("split"),
         task=row.get("task"),
     )
+
+
+def _path_list(value, name: str, where: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise LatentProbeError(f"{where}: {name!r} must be a path or a list of paths, got {json.dumps(value)[:60]}",
+                           f'write e.g. "{name}": ["imgs/q1.png"]')
 
 
 def load_jsonl(path: str | Path, limit: int | None = None, split: str | None = None) -> list[Instance]:
@@ -100,23 +121,31 @@ def load_jsonl(path: str | Path, limit: int | None = None, split: str | None = N
         raise LatentProbeError(f"data file {path} does not exist", "pass --data with a JSONL file or a benchmark folder")
     instances: list[Instance] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LatentProbeError(f"{where}: not valid JSON ({exc.msg})", "fix or remove that line") from exc
-            instance = instance_from_dict(row, path.parent, where)
-            if instance.id in seen:
-                raise LatentProbeError(f"{where}: duplicate id {instance.id!r}", "give every instance a unique id")
-            seen.add(instance.id)
-            if split is None or instance.split == split:
-                instances.append(instance)
-            if limit is not None and len(instances) >= limit:
-                break
+    raw = path.read_bytes()
+    if b"\x00" in raw[:65536]:
+        raise LatentProbeError(f"data file {path} is binary, not JSONL text", "pass a UTF-8 JSONL file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_no = raw[:exc.start].count(b"\n") + 1
+        raise LatentProbeError(f"{path}:{line_no}: not UTF-8 text ({exc.reason})",
+                               "save the data file as UTF-8 JSONL") from None
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LatentProbeError(f"{where}: not valid JSON ({exc.msg})", "fix or remove that line") from exc
+        instance = instance_from_dict(row, path.parent, where)
+        if instance.id in seen:
+            raise LatentProbeError(f"{where}: duplicate id {instance.id!r}", "give every instance a unique id")
+        seen.add(instance.id)
+        if split is None or instance.split == split:
+            instances.append(instance)
+        if limit is not None and len(instances) >= limit:
+            break
     if not instances:
         raise LatentProbeError(f"data file {path} holds no instances" + (f" in split {split!r}" if split else ""),
                                "check the file (and --split) or use the built-in data by omitting --data")
@@ -128,6 +157,8 @@ def load_instances(source: str | None, limit: int | None = None, split: str | No
     """Instances from ``source``: None (the built-in images), a JSONL file, or ``BENCHMARK:FOLDER`` for a
     benchmark in its own published format (``benchmark_options`` go to its loader). Returns (instances, a label
     of the source for the manifest)."""
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise LatentProbeError(f"limit must be a positive integer, got {limit!r}", "pass --limit 1 or more")
     if source is None:
         instances = builtin_instances()
         return (instances[:limit] if limit else instances), "builtin"
@@ -167,19 +198,49 @@ def _relative(p: str, base: Path) -> str:
 
 def load_images(instance: Instance, which: str = "images"):
     """Open an instance's images as RGB PIL images; a missing or broken file is an InstanceError."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     opened = []
     for p in getattr(instance, which):
         try:
             with Image.open(p) as img:
-                opened.append(img.convert("RGB"))
+                opened.append(to_rgb(img, p))
+        except InstanceError as exc:
+            raise InstanceError(f"instance {instance.id}: {exc.problem}", exc.fix) from None
         except FileNotFoundError as exc:
             raise InstanceError(f"instance {instance.id}: image {p} not found", "fix the path in the data file") from exc
-        except (UnidentifiedImageError, OSError) as exc:
-            raise InstanceError(f"instance {instance.id}: image {p} cannot be decoded ({exc})",
-                                "replace the file with a valid PNG/JPEG") from exc
+        except Image.DecompressionBombError as exc:
+            raise InstanceError(f"instance {instance.id}: image {p} is too large to decode safely ({exc})",
+                                "downscale the image (PIL's MAX_IMAGE_PIXELS guards against decompression bombs)"
+                                ) from None
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+            raise InstanceError(f"instance {instance.id}: image {p} cannot be decoded ({type(exc).__name__}: {exc})",
+                                "replace the file with a valid PNG/JPEG") from None
     return opened
+
+
+def to_rgb(img, where: str = "image"):
+    """An 8-bit RGB copy of a PIL image, scaling 16-bit grey levels instead of clipping them.
+
+    PIL's own ``convert("RGB")`` clips a 16-bit grey image (mode ``I;16`` or ``I``) at 255, so every pixel
+    brighter than 255/65535 of full scale comes out white. Here 16-bit values v map to round(v / 257), which
+    sends 0 -> 0 and 65535 -> 255 exactly. Floating-point images have no agreed range and are refused.
+    """
+    import numpy as np
+    from PIL import Image
+
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        pixels = np.asarray(img, dtype=np.float64)
+        if mode == "I" and pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+            raise InstanceError(f"image {where} holds 32-bit integer pixels outside 0..65535",
+                                "save it as an 8- or 16-bit PNG")
+        grey = np.clip(np.rint(pixels / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if mode == "F":
+        raise InstanceError(f"image {where} holds floating-point pixels with no agreed range",
+                            "save it as an 8- or 16-bit PNG")
+    return img.convert("RGB")
 
 
 def dataset_fingerprint(instances: list[Instance]) -> str:

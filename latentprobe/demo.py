@@ -43,7 +43,7 @@ def run_demo(out_dir: str | Path, *, n_instances: int = 48, seed: int = 0, subje
         raise LatentProbeError(f"demo output folder {out_dir} exists and is not empty", "choose a new --out folder")
     started = time.time()
     subjects = subjects or available_subjects()
-    data_file = demo_data()
+    data_file = demo_data(n_instances)
     instances = load_jsonl(data_file, split="test")[:n_instances]
     say(f"data      {len(instances)} held-out mental-transformation questions ({data_file})")
     runs = []
@@ -76,13 +76,13 @@ def run_demo(out_dir: str | Path, *, n_instances: int = 48, seed: int = 0, subje
             "verdicts": out_dir / "report" / "verdicts.csv"}
 
 
-def demo_data() -> Path:
-    """The organisms' own task data (generated once, deterministically, into the latentprobe cache); its test
-    split shares no instance with what they were trained on."""
+def demo_data(n_instances: int | None = None) -> Path:
+    """The first ``n_instances`` of the organisms' own held-out split (generated once, deterministically, into
+    the latentprobe cache; only the images used are written); it shares no instance with their training data."""
     from .organisms.recipes import ORGANISMS
-    from .organisms.training import organism_data
+    from .organisms.training import organism_held_out_data
 
-    return organism_data(ORGANISMS["bottleneck"])
+    return organism_held_out_data(ORGANISMS["bottleneck"], n_instances)
 
 
 def _probe_attributes(instances) -> list[str]:

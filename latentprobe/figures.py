@@ -34,6 +34,29 @@ STEP_LABEL = "latent step (0 = first)"
 BASELINE_STYLES = {"image_mean": (0, (5, 2)), "prompt_last": (0, (1, 1.5))}  # dashed, dotted
 
 
+# One colour per subject in every figure: known subjects have fixed places in the palette (organisms and the
+# real families they imitate share a colour, as they never share a figure in the demo); others hash into it.
+# Palette places: 0 blue, 1 orange, 2 green, 3 vermillion, 4 purple, 5 brown, 6 pink, 7 grey, 8 yellow, 9 sky.
+_SUBJECT_PLACES = {"organism-bottleneck": 0, "organism-shortcut": 1, "organism-mirage": 2, "organism-capimagine": 3,
+                   "organism-lvr": 4, "qwen2.5-vl": 5, "random-init": 6, "organism-direct": 7, "tiny": 8, "monet": 9}
+_SUBJECT_ALIASES = {"lvr": "organism-lvr", "mirage": "organism-mirage", "capimagine": "organism-capimagine"}
+
+
+def subject_colour(subject: str):
+    """The RGB colour ``subject`` has in every figure (seaborn's colour-blind palette, 10 colours).
+
+    >>> subject_colour("organism-bottleneck") == subject_colour("organism-bottleneck")
+    True
+    """
+    import zlib
+
+    palette = sns.color_palette(PALETTE, 10)
+    name = _SUBJECT_ALIASES.get(str(subject), str(subject))
+    if name in _SUBJECT_PLACES:
+        return palette[_SUBJECT_PLACES[name]]
+    return palette[zlib.crc32(name.encode()) % len(palette)]  # stable across runs, unlike hash()
+
+
 @contextmanager
 def _style() -> Iterator[None]:
     """The one house style: white grid, readable fonts, colour-blind palette, applied only inside."""
@@ -222,7 +245,8 @@ def plot_subject_comparison(table: pd.DataFrame, path, *, representation: str = 
         for ax, centring in zip(axes, centrings):
             for subject, curve in rows[rows.centring == centring].groupby("subject", sort=True):
                 curve = curve.sort_values("step")
-                line, = ax.plot(curve.step, curve.mean_similarity, marker="o", label=subject)
+                line, = ax.plot(curve.step, curve.mean_similarity, marker="o", label=subject,
+                                color=subject_colour(subject))
                 if {"ci_low", "ci_high"} <= set(curve.columns):
                     ax.fill_between(curve.step, curve.ci_low, curve.ci_high, alpha=0.2, color=line.get_color())
             ax.set_title("mean-centred" if centring == "centred" else "raw")
@@ -287,14 +311,19 @@ def plot_probe_heatmap(
         fig, axes = _grid(len(panels), max_columns=3, panel_size=(4.2, 3.6))
         for ax, ((subject, attribute), rows) in zip(axes, panels):
             grid = rows.pivot_table(index="layer", columns="step", values=value, aggfunc="mean")
+            # no colour bar per panel: its label ran into the next panel; one shared bar follows the loop
             sns.heatmap(grid, ax=ax, vmin=lowest, vmax=1.0, cmap=SEQUENTIAL_CMAP, annot=grid.size <= 64,
-                        fmt=".2f", annot_kws={"size": 8},
-                        cbar_kws={"label": f"{value.replace('_', ' ')}: {_metric_label(metric)}"})
+                        fmt=".2f", annot_kws={"size": 8}, cbar=False)
             ax.invert_yaxis()  # layer 0 at the bottom, as in a network diagram
             ax.set_xlabel(STEP_LABEL)
             ax.set_ylabel("layer")
             name = " / ".join(part for part in (subject, attribute) if part)
             ax.set_title(f"{name}\n{_chance_text(rows)}" if name else _chance_text(rows), fontsize="medium")
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        shared = ScalarMappable(Normalize(vmin=lowest, vmax=1.0), cmap=SEQUENTIAL_CMAP)
+        fig.colorbar(shared, ax=axes, shrink=0.8, label=f"{value.replace('_', ' ')}: {_metric_label(metric)}")
         fig.suptitle(f"Linear probe {value.replace('_', ' ')} on {representation} states")
         return save_figure(fig, path)
 
@@ -346,8 +375,10 @@ def plot_probe_bars(probes: pd.DataFrame, path) -> list[Path]:
 
 
 def plot_effects_forest(effects: pd.DataFrame, path, *, metrics=None, reference_lines=None) -> list[Path]:
-    """Forest plot of the effects summary: one panel per metric (scales differ), one row per
-    subject x target x intervention (x step), the estimate with its confidence interval.
+    """Grouped forest plot of the effects summary: one panel per metric side by side (scales differ), one row
+    per target x intervention (x step), and in each row one point per subject (its colour in every figure,
+    dodged vertically) with its confidence interval. The height grows with the interventions, not with
+    subjects x interventions, so a six-subject demo stays one screen tall.
     ``reference_lines`` maps a metric to a value drawn as a dashed line, e.g. a verdict threshold
     (``{"change_ratio": 0.2, "flip_rate": 0.1}``).
 
@@ -363,33 +394,47 @@ def plot_effects_forest(effects: pd.DataFrame, path, *, metrics=None, reference_
         effects = effects[effects.metric_base.isin(list(metrics))]
     if effects.empty:
         raise LatentProbeError("no effect rows to plot", "check the effects table and the metrics filter")
+    effects = effects.assign(row_label=[
+        f"{r.target} | {r.intervention}" + ("" if pd.isna(r.step) else f" | step {int(r.step)}")
+        for r in effects.itertuples()])
     names = list(dict.fromkeys(effects.metric_base))
     subjects = sorted(effects.subject.unique())
-    colours = dict(zip(subjects, sns.color_palette(PALETTE, len(subjects))))
-    heights = [max(1, len(effects[effects.metric_base == name])) for name in names]
+    labels = list(dict.fromkeys(effects.sort_values(["target", "intervention", "step"]).row_label))
+    # rows top to bottom in label order; subjects spread over 70% of a row's height
+    offsets = dict(zip(subjects, np.linspace(0.35, -0.35, len(subjects)) if len(subjects) > 1 else [0.0]))
+    position = {label: float(k) for k, label in enumerate(reversed(labels))}
     with _style():
-        fig = Figure(figsize=(8.0, 1.2 + 0.32 * sum(heights) + 0.5 * len(names)), layout="constrained")
-        axes = fig.subplots(len(names), 1, squeeze=False, gridspec_kw={"height_ratios": heights}).ravel()
+        # width: the row labels (about 0.075 in per character at this font) plus one panel per metric
+        label_width = 0.5 + 0.075 * max(len(label) for label in labels)
+        legend_rows = math.ceil(len(subjects) / 3)
+        fig = Figure(figsize=(label_width + 3.8 * len(names),
+                              1.9 + 0.25 * legend_rows + (0.22 + 0.09 * len(subjects)) * len(labels)),
+                     layout="constrained")
+        axes = fig.subplots(1, len(names), squeeze=False, sharey=True).ravel()
         for ax, name in zip(axes, names):
-            rows = effects[effects.metric_base == name].reset_index(drop=True)
-            labels = [
-                f"{r.subject} | {r.target} | {r.intervention}" + ("" if pd.isna(r.step) else f" | step {int(r.step)}")
-                for r in rows.itertuples()
-            ]
-            y = np.arange(len(rows))[::-1]
-            for position, row in zip(y, rows.itertuples()):
-                colour = colours[row.subject]
+            rows = effects[effects.metric_base == name]
+            for row in rows.itertuples():
                 # A missing interval draws as a bare point; clipping guards against an estimate outside its CI.
                 below = 0.0 if pd.isna(row.ci_low) else max(0.0, row.estimate - row.ci_low)
                 above = 0.0 if pd.isna(row.ci_high) else max(0.0, row.ci_high - row.estimate)
-                ax.errorbar(row.estimate, position, xerr=[[below], [above]], fmt="o", color=colour, capsize=3)
+                ax.errorbar(row.estimate, position[row.row_label] + offsets[row.subject], xerr=[[below], [above]],
+                            fmt="o", markersize=4, color=subject_colour(row.subject), capsize=2, linewidth=1)
             ax.axvline(0.0, color="grey", linewidth=1)
             if reference_lines and name in reference_lines:
-                ax.axvline(reference_lines[name], color="black", linestyle="--", linewidth=1,
-                           label=f"threshold {reference_lines[name]:g}")
-                ax.legend(fontsize="small", loc="lower right")
-            ax.set_yticks(y, labels, fontsize="small")
-            ax.set_xlabel(f"{name} (estimate, 95% CI)")
+                ax.axvline(reference_lines[name], color="black", linestyle="--", linewidth=1)
+                ax.set_title(f"{name} (dashed: threshold {reference_lines[name]:g})", fontsize="medium")
+            else:
+                ax.set_title(name, fontsize="medium")
+            for k in range(len(labels) - 1):  # thin separators between intervention rows
+                ax.axhline(k + 0.5, color="0.85", linewidth=0.6)
+            ax.set_xlabel("estimate, 95% CI")
             ax.grid(axis="y", visible=False)
-        fig.suptitle("Effects of interventions (subject | target | intervention)")
+        axes[0].set_yticks(list(position.values()), list(position.keys()), fontsize="small")
+        axes[0].set_ylim(-0.6, len(labels) - 0.4)
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], marker="o", linestyle="", color=subject_colour(s), label=s) for s in subjects]
+        fig.legend(handles=handles, title="subject", loc="outside lower center", ncols=min(3, len(subjects)),
+                   fontsize="small")
+        fig.suptitle("Effects of interventions (rows: target | intervention; points: subjects)")
         return save_figure(fig, path)

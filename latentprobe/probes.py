@@ -204,7 +204,10 @@ def _inner_splits(labels, groups, task: str, inner_splits: int, seed: int) -> li
         return []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        splits = list(_splitter(task, n_splits, seed).split(np.zeros(len(labels)), labels, groups))
+        splitter = _splitter(task, n_splits, seed)
+        if task == "classification" and np.unique(labels, return_counts=True)[1].max() < n_splits:
+            splitter = GroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)  # as instance_folds does
+        splits = list(splitter.split(np.zeros(len(labels)), labels, groups))
     if task == "classification":
         splits = [(train, test) for train, test in splits if len(np.unique(labels[train])) >= 2]
     return splits

@@ -9,7 +9,9 @@ Layout of a run folder::
 
 A shard is written first and its index part second, each atomically, so a record is visible only once its
 tensors are on disk; an interrupted run loses at most the unflushed group, and `--resume` skips every instance
-that has an index row. Several writers (ranks of a distributed run) write side by side under their own names;
+that has an index row. Every index row carries its shard's size and SHA-256 (``shard_bytes``, ``shard_sha256``):
+`--resume` verifies them and moves a damaged shard with its index part to ``damaged/``, so exactly the
+instances it held are run again; readers name a damaged file instead of failing somewhere inside it. Several writers (ranks of a distributed run) write side by side under their own names;
 readers see the union as one run. Memory stays flat: a writer holds at most one group of records.
 
     >>> store = TraceStore("runs/tiny")                        # doctest: +SKIP
@@ -19,7 +21,10 @@ readers see the union as one run. Memory stays flat: a writer holds at most one 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -33,6 +38,12 @@ from .fileio import atomic_write, atomic_write_json
 
 FORMAT_NAME = "latentprobe-trace"
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+# Settings that change what a run records: a resume must match them exactly (see `check_resume_settings`).
+# The data may differ (a larger --limit adds instances); the batch size may differ (see the README's tolerance).
+RESUME_SETTINGS = ("kind", "subject_name", "subject_fingerprint", "checkpoint", "protocol", "seed", "decode",
+                   "record", "interventions")
 
 
 def package_versions() -> dict[str, str]:
@@ -69,16 +80,21 @@ class TraceWriter:
         (self.run_dir / "shards").mkdir(parents=True, exist_ok=True)
         (self.run_dir / "index").mkdir(parents=True, exist_ok=True)
         if existing:
-            previous = json.loads((self.run_dir / "manifest.json").read_text())
+            previous = read_manifest(self.run_dir)
             if manifest is not None:
-                _check_compatible(previous, manifest, self.run_dir)
+                check_resume_settings(previous, manifest, self.run_dir)
+            if not shared:  # other ranks may be writing their own temporary files right now
+                remove_stale_temporaries(self.run_dir)
+            self.damaged = verify_and_quarantine(self.run_dir, None if not shared else writer_id)
             if manifest is not None and not shared:
                 previous.setdefault("resumed", []).append(
                     {"at": time.time(), "data_fingerprint": manifest.get("data_fingerprint"),
-                     "n_instances": manifest.get("data", {}).get("n_instances")})
+                     "n_instances": manifest.get("data", {}).get("n_instances"),
+                     "batching": manifest.get("batching"), "repaired": list(self.damaged)})
                 atomic_write_json(self.run_dir / "manifest.json", previous)
             self.manifest = previous
         else:
+            self.damaged = []
             self.manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "created": time.time(),
                              "packages": package_versions(), **(manifest or {})}
             atomic_write_json(self.run_dir / "manifest.json", self.manifest)
@@ -113,8 +129,12 @@ class TraceWriter:
             for key, tensor in row_tensors.items():
                 tensors[f"{record_id}/{key}"] = tensor.detach().to("cpu").contiguous()
             rows.append({"record_id": record_id, "shard": name, "tensors": sorted(row_tensors), **row})
+        size, digest = 0, ""
         if tensors:
-            atomic_write(self.run_dir / "shards" / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp))
+            shard = atomic_write(self.run_dir / "shards" / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp))
+            size, digest = shard.stat().st_size, file_sha256(shard)
+        for row in rows:
+            row["shard_bytes"], row["shard_sha256"] = size, digest
         frame = pd.DataFrame(_jsonable_rows(rows))
         atomic_write(self.run_dir / "index" / f"{name}.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
         self._pending.clear()
@@ -143,7 +163,7 @@ class TraceStore:
         if not manifest_path.exists():
             raise LatentProbeError(f"{self.run_dir} is not a latentprobe trace folder (no manifest.json)",
                                    "point at a folder written by `latentprobe trace` or `intervene`")
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = read_manifest(self.run_dir)
         if self.manifest.get("format") != FORMAT_NAME:
             raise LatentProbeError(f"{self.run_dir}: manifest format {self.manifest.get('format')!r} is not a trace",
                                    "point at a folder written by latentprobe")
@@ -161,7 +181,7 @@ class TraceStore:
             if not parts:
                 frame = pd.DataFrame(columns=["record_id", "instance_id"])
             else:
-                frames = [pd.read_parquet(p, columns=columns) for p in parts]
+                frames = [_read_index_part(p, columns) for p in parts]
                 frame = pd.concat(frames, ignore_index=True)
             for column in [c for c in frame.columns if c.endswith("_json")]:
                 frame[column[:-5]] = frame[column].map(lambda v: json.loads(v) if isinstance(v, str) else v)
@@ -181,9 +201,15 @@ class TraceStore:
         if name not in self._handles:
             path = self.run_dir / "shards" / f"{name}.safetensors"
             if not path.exists():
-                raise LatentProbeError(f"{self.run_dir}: shard {name} is missing (a half-written or copied run?)",
-                                       "re-run with --resume to rewrite missing records, or re-run the trace")
-            self._handles[name] = safe_open(str(path), framework="pt")
+                raise LatentProbeError(f"{self.run_dir}: shard {path} is missing (a half-written or copied run?)",
+                                       "run the same command again with --resume: it re-runs exactly the "
+                                       "instances of a missing or damaged shard")
+            try:
+                self._handles[name] = safe_open(str(path), framework="pt")
+            except Exception as exc:  # safetensors raises its own error type for a truncated header
+                raise LatentProbeError(f"shard {path} is damaged ({exc})",
+                                       "run the same command again with --resume: it re-runs exactly the "
+                                       "instances of a damaged shard") from None
         return self._handles[name]
 
     def tensor(self, record_id: str, name: str) -> torch.Tensor:
@@ -193,7 +219,36 @@ class TraceStore:
         if key not in handle.keys():
             raise LatentProbeError(f"record {record_id} has no tensor {name!r}",
                                    "record it when tracing (see --record) or pick another representation")
-        return handle.get_tensor(key)
+        try:
+            return handle.get_tensor(key)
+        except Exception as exc:  # a shard truncated after its header: the data offsets point past its end
+            raise LatentProbeError(f"shard {self.run_dir / 'shards' / shard}.safetensors is damaged ({exc})",
+                                   "run the same command again with --resume: it re-runs exactly the "
+                                   "instances of a damaged shard") from None
+
+    def completeness(self) -> dict[str, Any]:
+        """What the folder actually holds against what its manifest asked for.
+
+        Returns ``expected`` (instances of the last session's data), ``present`` (distinct instances with a
+        record), ``damaged`` (quarantined shards) and ``warnings`` (one sentence per problem, empty when the run
+        is complete).
+        """
+        data = self.manifest.get("data", {})
+        expected = int(data.get("n_instances") or 0)
+        for session in self.manifest.get("resumed", []):
+            expected = int(session.get("n_instances") or expected)
+        frame = self.index()
+        present = int(frame["instance_id"].nunique()) if "instance_id" in frame.columns else 0
+        damaged = sorted(p.name for p in (self.run_dir / "damaged").glob("*.safetensors")) \
+            if (self.run_dir / "damaged").exists() else []
+        warnings = []
+        if present < expected:
+            warnings.append(f"{self.run_dir} holds {present} of the {expected} instances its run was asked for "
+                            "(an interrupted run or a lost index part); `--resume` completes it")
+        if damaged:
+            warnings.append(f"{self.run_dir}: {len(damaged)} damaged shard(s) set aside in damaged/ "
+                            f"({', '.join(damaged[:3])}); `--resume` re-runs their instances")
+        return {"expected": expected, "present": present, "damaged": damaged, "warnings": warnings}
 
     def records(self, ok_only: bool = True, **filters: Any) -> pd.DataFrame:
         frame = self.index()
@@ -338,13 +393,124 @@ def stack_site_states(states: Sequence[torch.Tensor | None], dim: int | None = N
     return out
 
 
-def _check_compatible(previous: dict, current: dict, run_dir: Path):
-    # The data may grow between sessions (a larger --limit); the model, seed and kind of run may not.
-    for key in ("subject_fingerprint", "seed", "kind", "interventions"):
-        if key in previous and key in current and previous[key] != current[key]:
+def check_resume_settings(previous: dict, current: dict, run_dir: Path):
+    """Refuse to resume when any setting that changes what is recorded differs, naming it and both values.
+
+    The data may grow between sessions (a larger --limit); the subject, protocol, seed, decoding, what is
+    recorded (layers, image states...) and the interventions may not: their records would mix two runs.
+    """
+    for key in RESUME_SETTINGS:
+        if key not in previous and key not in current:
+            continue
+        for path, old, new in _differences(previous.get(key), current.get(key), key):
             raise LatentProbeError(
-                f"cannot resume {run_dir}: its {key} is {previous[key]!r} but this run's is {current[key]!r}",
-                "resume with the same subject, data and seed, or write to a new --out folder")
+                f"cannot resume {run_dir}: its {path} is {old!r} but this run's is {new!r}",
+                "resume with the same settings as the original run, or write to a new --out folder")
+
+
+_check_compatible = check_resume_settings  # the old name
+
+
+def _differences(old, new, path: str):
+    """(dotted path, old value, new value) of every leaf that differs between two JSON-like values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            yield from _differences(old.get(key), new.get(key), f"{path}.{key}")
+    elif isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            yield from _differences(a, b, f"{path}[{i}]")
+    elif _normalise(old) != _normalise(new):
+        yield path, old, new
+
+
+def _normalise(value):
+    # JSON turns tuples into lists; compare what a manifest written to disk would hold.
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def read_manifest(run_dir: Path) -> dict:
+    """The run folder's manifest.json, or a one-line error naming it when it is damaged."""
+    path = Path(run_dir) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LatentProbeError(f"{path} is damaged (not valid JSON: {exc})",
+                               "restore it from a copy, or run again into a new --out folder") from None
+    if not isinstance(manifest, dict):
+        raise LatentProbeError(f"{path} is damaged (not a JSON object)",
+                               "restore it from a copy, or run again into a new --out folder")
+    return manifest
+
+
+def _read_index_part(path: Path, columns):
+    try:
+        return pd.read_parquet(path, columns=columns)
+    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for a truncated file
+        raise LatentProbeError(f"index part {path} is damaged ({type(exc).__name__}: {str(exc)[:120]})",
+                               "run the same command again with --resume: it re-runs exactly that part's "
+                               "instances") from None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the ``.*.tmp`` files that writes killed mid-way left behind (atomic writes never expose them)."""
+    removed = []
+    for folder in (run_dir, run_dir / "shards", run_dir / "index"):
+        for tmp in folder.glob(".*.tmp"):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def verify_and_quarantine(run_dir: Path, writer_id: str | None = None) -> list[str]:
+    """Check every index part against its shard (present, same size, same SHA-256); move a damaged pair to
+    ``damaged/`` so that a resume re-runs exactly their instances. Returns the names of the parts moved.
+
+    An unreadable index part is moved too (with its shard): its instances are unknown until they run again.
+    """
+    moved = []
+    pattern = f"{writer_id}-*.parquet" if writer_id else "*.parquet"
+    for part in sorted((run_dir / "index").glob(pattern)):
+        name = part.stem
+        shard = run_dir / "shards" / f"{name}.safetensors"
+        reason = None
+        try:
+            frame = pd.read_parquet(part)
+        except Exception as exc:
+            frame, reason = None, f"index part unreadable ({type(exc).__name__})"
+        if frame is not None:
+            has_tensors = "tensors" in frame.columns and any(len(t) for t in frame["tensors"])
+            if has_tensors and not shard.exists():
+                reason = "shard missing"
+            elif has_tensors and "shard_bytes" in frame.columns:
+                size, digest = int(frame["shard_bytes"].iloc[0]), str(frame["shard_sha256"].iloc[0])
+                actual = shard.stat().st_size
+                if actual != size:
+                    reason = f"shard is {actual} bytes, its index says {size}"
+                elif file_sha256(shard) != digest:
+                    reason = "shard checksum differs from its index"
+        if reason is None:
+            continue
+        target = run_dir / "damaged"
+        target.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for path in (part, shard):
+            if path.exists():
+                os.replace(path, target / f"{stamp}-{path.name}")
+        n = len(frame) if frame is not None else "its"
+        log.warning("%s: %s (%s); moved to %s, its %s records will be run again", run_dir, name, reason, target, n)
+        moved.append(f"{name}: {reason}")
+    return moved
 
 
 def _jsonable_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ from latentprobe.decoding import DecodeConfig, LatentDecoder
 from latentprobe.interventions import LatentNoise, LatentStats, PinLatents, RowBinding
 from latentprobe.organisms import ORGANISMS, load_organism, shipped_organisms, train_organism, weights_dir
 from latentprobe.organisms.evaluation import decode_records
-from latentprobe.organisms.training import encode_rows, organism_data, organism_unroll
+from latentprobe.organisms.training import encode_rows, organism_held_out_data, organism_unroll
 from latentprobe.subjects import SUBJECTS, load_subject
 
 ALL = list(ORGANISMS)
@@ -30,7 +30,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def held_out():
     """The organisms' own test split (the same generation as in training, so never seen in training)."""
-    return load_jsonl(organism_data(ORGANISMS["direct"]), split="test")
+    return load_jsonl(organism_held_out_data(ORGANISMS["direct"]), split="test")
 
 
 @pytest.fixture(scope="module")

@@ -67,12 +67,18 @@ def build_model(recipe: OrganismRecipe, tokenizer, seed: int = 0, attn_implement
 
 def build_subject(recipe: OrganismRecipe, model, tokenizer, image_processor, checkpoint: str = "") -> OrganismSubject:
     """The Subject an organism is studied as (the same object whether freshly trained or loaded)."""
-    return OrganismSubject(
+    from .training import IMAGE_SIZE
+
+    subject = OrganismSubject(
         name=recipe.subject_name, model=model, tokenizer=tokenizer, image_processor=image_processor,
         protocol=recipe.protocol, prompt_style=recipe.prompt_style, answer_parser="letter", mediator=recipe.mediator,
         checkpoint=checkpoint, max_new_tokens=recipe.max_new_tokens,
         description=f"organism {recipe.name}: {recipe.summary}. Ground truth: {recipe.ground_truth}",
         text_mediator_markers=recipe.text_mediator_markers)
+    # What it was trained on: other sizes or tasks give chance answers (see latentprobe.conditions).
+    subject.input_conditions = {"task": recipe.task, "image_size": IMAGE_SIZE,
+                                "why": "the size it was trained at: each grid cell is 2x2 merged image tokens"}
+    return subject
 
 
 def fresh_subject(recipe: OrganismRecipe, seed: int = 0) -> OrganismSubject:

@@ -118,20 +118,33 @@ def load_checkpoint(folder: str, protocol: str | None = None, name: str | None =
                                "pass an existing folder, or a subject name from `latentprobe subjects`")
     if not (path / "config.json").exists():
         raise LatentProbeError(f"{folder} has no config.json", "point at the folder holding config.json and weights")
-    config = AutoConfig.from_pretrained(path)
+    import json as _json
+
+    try:
+        _json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LatentProbeError(f"{path / 'config.json'} is not valid JSON ({exc})",
+                               "restore the checkpoint's config.json") from None
+    try:
+        # Never run code shipped with a checkpoint (and never prompt for it): Qwen2.5-VL is built into transformers.
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as exc:
+        raise LatentProbeError(f"{folder}: transformers cannot read its config.json ({str(exc).splitlines()[0][:200]})",
+                               "latentprobe loads Qwen2.5-VL checkpoints only, and never runs a checkpoint's own "
+                               "code (trust_remote_code=False)") from None
     if getattr(config, "model_type", None) not in ("qwen2_5_vl",):
         raise LatentProbeError(f"{folder} holds a {config.model_type!r} model, not Qwen2.5-VL",
                                "latentprobe's subjects are Qwen2.5-VL fine-tunes; check the folder")
     if not any(path.glob("*.safetensors")):
         raise LatentProbeError(f"{folder} has no .safetensors weights",
                                "convert the weights to safetensors; latentprobe never unpickles .bin files")
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", trust_remote_code=False)
     added = [token for token in add_tokens if token not in tokenizer.get_vocab()]
     for token in added:  # one call per token, in the authors' order, so the ids are the ones they got
         tokenizer.add_tokens(token, special_tokens=True)
     extra = {"device_map": "auto"} if kwargs.pop("device_map", None) == "auto" else {}
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        path, use_safetensors=True, attn_implementation=attn_implementation or "eager",
+        path, use_safetensors=True, trust_remote_code=False, attn_implementation=attn_implementation or "eager",
         dtype=torch_dtype if torch_dtype is not None else torch.float32, **extra).eval()
     if added and max(tokenizer.convert_tokens_to_ids(added)) >= model.get_input_embeddings().weight.shape[0]:
         raise LatentProbeError(f"{folder}: the tokenizer lacks {', '.join(added)} and the model has no embedding rows "

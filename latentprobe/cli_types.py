@@ -1,0 +1,245 @@
+"""Validation of command-line values: each flag's real range, checked before anything runs.
+
+The parsers here are argparse ``type=`` callables: a bad value ends the command with argparse's one-line
+``error: argument --flag: ...`` (exit code 2) instead of a silent default, a fake effect or a traceback later.
+Checks that need several flags at once (a scale's range depends on the intervention kind) are plain functions
+raising :class:`~latentprobe.errors.LatentProbeError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import math
+import os
+from pathlib import Path
+
+# Noise of 10,000 data standard deviations is pure noise already; larger values only overflow float32.
+MAX_NOISE_SCALE = 1e4
+
+
+def _number(text: str, kind, what: str):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def int_at_least(low: int, what: str = "an integer"):
+    """An integer >= ``low`` (e.g. ``int_at_least(1)`` for counts, ``int_at_least(0)`` for seeds)."""
+
+    def parse(text: str) -> int:
+        value = _number(text, int, what)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: must be >= {low}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def int_between(low: int, high: int):
+    def parse(text: str) -> int:
+        value = _number(text, int, "an integer")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: must be between {low} and {high}")
+        return value
+
+    parse.__name__ = f"integer in [{low}, {high}]"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float, "a number")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: must be > 0")
+    return value
+
+
+def probability_open_closed(text: str) -> float:
+    """A probability in (0, 1], as top-p is."""
+    value = _number(text, float, "a number")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: must be in (0, 1]")
+    return value
+
+
+def fraction_open(text: str) -> float:
+    """A fraction strictly between 0 and 1 (a test split must leave both splits non-empty)."""
+    value = _number(text, float, "a number")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: must be strictly between 0 and 1")
+    return value
+
+
+def layer_list(text: str):
+    """'final', 'all', or a non-empty comma-separated list of hidden-state indices >= 0."""
+    if text in ("final", "all"):
+        return text
+    parts = [v.strip() for v in text.split(",") if v.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"{text!r} names no layer: use 'final', 'all' or e.g. 0,14,28")
+    try:
+        values = [int(v) for v in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'final', 'all' or a list of integers (e.g. 0,14,28)"
+                                         ) from None
+    if min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: layer indices must be >= 0 (0 is the embeddings)")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r} names a layer twice")
+    return values
+
+
+def step_list(text: str) -> list[int]:
+    """A non-empty comma-separated list of latent step indices >= 0."""
+    parts = [v.strip() for v in text.split(",") if v.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"{text!r} names no step: e.g. --steps 0,2")
+    try:
+        values = [int(v) for v in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (e.g. 0,2)") from None
+    if min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: latent steps count from 0")
+    return values
+
+
+def scale_list(text: str) -> list[float]:
+    """A non-empty comma-separated list of finite numbers (ranges per kind: :func:`check_scales`)."""
+    parts = [v.strip() for v in text.split(",") if v.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"{text!r} names no value: e.g. --scale 0.5,1,3")
+    values = []
+    for part in parts:
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a number (e.g. --scale 0.5,1,3)") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{part!r} is not a finite number")
+        values.append(value)
+    return values
+
+
+def name_list(text: str) -> list[str]:
+    """A non-empty comma-separated list of names (attributes, kinds)."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names nothing: give comma-separated names, e.g. colour,answer")
+    return names
+
+
+def output_folder(text: str) -> str:
+    """A folder to write into: refused when it is a file, a broken or looping link, or cannot be created."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the output folder is empty")
+    path = Path(text)
+    try:
+        if path.is_symlink():
+            os.stat(path)  # follows the link: a loop or a dangling target raises here
+        if path.exists() and not path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    except OSError as exc:
+        reason = "a symbolic link loop" if exc.errno == errno.ELOOP else (exc.strerror or str(exc))
+        raise argparse.ArgumentTypeError(f"{text} cannot be used as a folder: {reason}") from None
+    # The nearest existing ancestor must be a writable folder, or every write later fails.
+    ancestor = path.absolute()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} cannot be created: {ancestor} is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text}: {ancestor} is not writable")
+    return text
+
+
+def device_name(text: str) -> str:
+    """A torch device that exists here: 'cpu', 'auto', 'cuda', 'cuda:N' or 'mps'."""
+    import torch
+
+    kind, _, number = text.partition(":")
+    if kind == "auto" and not number:
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError("'auto' spreads a model over GPUs, and this torch sees none")
+        return text
+    if kind not in ("cpu", "cuda", "mps") or (number and not number.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:N, mps, auto)")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "a CUDA build that finds no GPU"
+            raise argparse.ArgumentTypeError(f"{text!r}: this torch ({torch.__version__}) is {build}; "
+                                             "use --device cpu or install a CUDA torch")
+        if number and int(number) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise argparse.ArgumentTypeError("'mps' is not available with this torch")
+    return text
+
+
+# -- checks across flags ------------------------------------------------------------------------------------
+_SCALE_RANGES = {
+    # kind: (low, high, low inclusive, integer, meaning)
+    "noise": (0.0, MAX_NOISE_SCALE, True, False, "noise scale (x data std or x mean norm)"),
+    "image-noise": (0.0, MAX_NOISE_SCALE, True, False, "image-noise level (x pixel std)"),
+    "image-mask": (0.0, 1.0, True, False, "fraction of the image masked"),
+    "text-truncate": (0.0, 1.0, True, False, "fraction of the text kept"),
+    "drop": (0.0, 10_000.0, True, True, "number of latent steps kept"),
+}
+
+
+def check_scales(kinds: list[str], scales: list[float] | None) -> None:
+    """Refuse a --scale value outside the real range of every kind it is applied to."""
+    from .errors import LatentProbeError
+
+    if scales is None:
+        return
+    users = [k for k in kinds if k in _SCALE_RANGES]
+    if not users:
+        raise LatentProbeError(f"--scale is given but none of the kinds {', '.join(kinds)} takes a scale",
+                               f"--scale applies to {', '.join(_SCALE_RANGES)}; leave it out")
+    for kind in users:
+        low, high, _, integer, meaning = _SCALE_RANGES[kind]
+        for value in scales:
+            if integer and value != int(value):
+                raise LatentProbeError(f"--scale {value:g} for {kind}: the {meaning} must be a whole number",
+                                       "e.g. --kind drop --scale 0,1,2")
+            if not low <= value <= high:
+                raise LatentProbeError(f"--scale {value:g} is out of range for {kind}: the {meaning} must be "
+                                       f"between {low:g} and {high:g}", "pass a value in that range")
+
+
+SEMANTICS = ("recompute", "pin")
+
+
+def check_semantics(text: str) -> list[str]:
+    from .errors import LatentProbeError
+
+    values = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in values if s not in SEMANTICS]
+    if not values or bad:
+        raise LatentProbeError(f"--semantics {text!r} is not a list of {' / '.join(SEMANTICS)}",
+                               "e.g. --semantics recompute,pin")
+    return values
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help unless the help already says what the default means."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or (action.default is None and "None" in text):
+            return text
+        return super()._get_help_string(action)
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every (sub)command's --help shows each option's default after its meaning."""
+    parser.formatter_class = DefaultsHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                show_defaults(child)
