@@ -44,9 +44,9 @@ from typing import Mapping
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from .errors import LatentProbeError
+from .instance_bootstrap import bootstrap_interval_from_counts
 
 CENTRINGS = ("raw", "centred")
 BASELINE_STEP = -1  # the ``step`` value of baseline rows, which have no latent step
@@ -354,36 +354,6 @@ def _relative_spread_from_counts(counts: np.ndarray, gram: np.ndarray) -> np.nda
         return np.where((pair_counts > 0) & (square_norms > 0), spread, np.nan)
 
 
-def _bootstrap_over_instances(statistic_of_counts, n: int, n_boot: int, confidence: float,
-                              seed: int) -> tuple[float, float]:
-    """BCa interval (scipy.stats.bootstrap) of a statistic of resampled instances, given as counts.
-
-    A resample is a multiset of instance indices; ``statistic_of_counts`` maps (B, n) counts to (B,) values, so
-    paired statistics (a ratio of two representations of the same instances) resample both sides together.
-    When every resample gives the same value (e.g. identical vectors) BCa is undefined and the interval is
-    that value.
-    """
-    if n_boot <= 0 or n < 3:
-        return np.nan, np.nan
-
-    def statistic(indices, axis=-1):
-        indices = np.asarray(indices)
-        flat = indices.reshape(-1, indices.shape[-1])
-        counts = np.zeros((flat.shape[0], n))
-        np.add.at(counts, (np.repeat(np.arange(flat.shape[0]), flat.shape[1]), flat.ravel()), 1.0)
-        return statistic_of_counts(counts).reshape(indices.shape[:-1])
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # DegenerateDataWarning for constant resamples, handled below
-        result = stats.bootstrap((np.arange(n),), statistic, n_resamples=n_boot, confidence_level=confidence,
-                                 method="BCa", vectorized=True, batch=256, rng=np.random.default_rng(seed))
-    low, high = result.confidence_interval
-    draws = result.bootstrap_distribution
-    if not (np.isfinite(low) and np.isfinite(high)) and np.isfinite(draws).all() and np.ptp(draws) == 0:
-        low = high = float(draws[0])
-    return float(low), float(high)
-
-
 def spread_rows(
     latents,
     baselines: Mapping[str, np.ndarray] | None = None,
@@ -425,7 +395,7 @@ def spread_rows(
                                    / _relative_spread_from_counts(c, grams[1]))
         with np.errstate(invalid="ignore", divide="ignore"):
             estimate = float(of_counts(np.ones((1, n)))[0]) if n >= 2 else np.nan
-        low, high = (np.nan, np.nan) if not np.isfinite(estimate) else _bootstrap_over_instances(
+        low, high = (np.nan, np.nan) if not np.isfinite(estimate) else bootstrap_interval_from_counts(
             of_counts, n, n_boot, confidence, seed + len(rows))
         rows.append({"statistic": statistic, "representation": representation, "reference": reference,
                      "step": step, "estimate": estimate, "ci_low": low, "ci_high": high, "n": n})
