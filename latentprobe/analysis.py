@@ -93,18 +93,20 @@ def _labels(frame: pd.DataFrame, attribute: str) -> np.ndarray:
     return values.map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v).to_numpy()
 
 
-CONTROL_TYPES = ("auto", "image", "question", "instance")
 
 
 def control_types(store: TraceStore, frame: pd.DataFrame, control_type: str = "auto") -> tuple[np.ndarray, str]:
     """The types of the Hewitt & Liang control task for the instances of ``frame``, and the name of what they are.
 
     ``control_type``: "image" (identity of the instance's image files), "question" (the question text, i.e. the
-    template), "instance" (every instance its own type: the control cannot be memorised across folds), an
-    attribute name, or several joined by "+" (e.g. "transform+query_cell"). "auto" takes the image identity
-    when some image is shown in two or more instances, else the question when some question repeats, else the
-    instance: a type must recur for memorising it to be detectable. Image and question are read from the
-    trace's data source (``manifest['data']['source']``).
+    template), "instance" (every instance its own type), an attribute name, or several joined by "+" (e.g.
+    "transform+query_cell"). "auto" (the default) is the image identity where the instances have images and
+    the trace's data source (``manifest['data']['source']``) can be read, else the instance.
+
+    Memorising a type is only detectable when the type recurs across instances (HR-Bench's cycles, benchmarks
+    that ask several questions per image). Where every image is shown once, the per-image control cannot be
+    learned across folds and measures the probe's chance level on labels unrelated to the states; "question"
+    then is the stricter check, penalising states that encode the question template (see the README).
     """
     if control_type == "instance":
         return frame.instance_id.astype(str).to_numpy(), "instance"
@@ -115,9 +117,8 @@ def control_types(store: TraceStore, frame: pd.DataFrame, control_type: str = "a
         image = np.array(["|".join(by_id[i].images) if i in by_id else i for i in frame.instance_id])
         question = np.array([by_id[i].question if i in by_id else i for i in frame.instance_id])
         if control_type == "auto":
-            for name, values in (("image", image), ("question", question)):
-                if len(np.unique(values)) < len(values) and all(i in by_id for i in frame.instance_id):
-                    return values, name
+            if all(i in by_id and by_id[i].images for i in frame.instance_id):
+                return image, "image"
             return frame.instance_id.astype(str).to_numpy(), "instance"
         return (image if control_type == "image" else question), control_type
     parts = control_type.split("+")

@@ -94,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-init", default=None, metavar="TRACE_DIR",
                    help="a trace of the same data by a randomly initialised model, as a further baseline")
     p.add_argument("--control-type", default="auto",
-                   help="what the control task's random labels are assigned to: auto (default: image identity if "
-                        "images repeat, else the question if it repeats, else the instance), image, question, "
-                        "instance, or attribute names joined by '+'")
+                   help="what the control task's random labels are assigned to: auto (default: the image's "
+                        "identity where instances have images, else the instance), image, question, instance, "
+                        "or attribute names joined by '+'")
     p.add_argument("--permutations", type=int, default=199,
                    help="label permutations for each probe's p-value against chance (default 199; 0 = none)")
 
