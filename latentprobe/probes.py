@@ -25,8 +25,9 @@ the test part. Its score estimates what "take the best layer x step" achieves, w
 the maximum of many test scores, so representations with different numbers of cells (latents: layers x steps;
 image tokens: layers) are compared like with like.
 
-**Permutation p-values.** The real labels are permuted across instances (``n_permutations`` times, seeded) and
-the whole procedure, inner strength choice and cell choice included, is rerun; the p-value of a row is
+**Permutation p-values.** The real labels are permuted across instances within each outer test fold (so each
+fold keeps its class counts, as the real labels' balanced folds do; ``n_permutations`` times, seeded) and the
+whole procedure, inner strength choice and cell choice included, is rerun; the p-value of a row is
 ``(1 + #{permuted score >= score}) / (1 + n_permutations)`` (as ``sklearn.model_selection.permutation_test_score``).
 
 **Intervals.** ``selectivity_ci_low/high``: BCa bootstrap over instances of the out-of-fold selectivity (real
@@ -245,18 +246,35 @@ def control_labels(labels, types, task: str = "classification", seed: int = 0) -
     return drawn[row_type]
 
 
-def _permuted_labels(labels, groups, n_permutations: int, seed: int) -> np.ndarray:
-    """(P, n) permutations of the labels across instances (whole instances when labels are constant in each)."""
+def _permuted_labels(labels, groups, n_permutations: int, seed: int, folds=None) -> np.ndarray:
+    """(P, n) permutations of the labels across instances (whole instances when labels are constant in each).
+
+    With ``folds``, instances are permuted only among the instances of the same outer test fold, so every
+    permuted labelling has the same class counts per fold as the real one. The folds were balanced on the real
+    labels; a free permutation would give the null runs unbalanced folds (which score below chance) and make
+    the p-values too small.
+    """
     rng = np.random.default_rng([seed, 2])
     group_ids, row_group = np.unique(groups, return_inverse=True)
     first_row = np.zeros(len(group_ids), dtype=int)
     first_row[row_group[::-1]] = np.arange(len(groups))[::-1]
     group_label = labels[first_row]
-    if np.array_equal(group_label[row_group], labels):
-        return np.stack([group_label[rng.permutation(len(group_ids))][row_group] for _ in range(n_permutations)]) \
-            if n_permutations else np.empty((0, len(labels)), dtype=labels.dtype)
-    return np.stack([labels[rng.permutation(len(labels))] for _ in range(n_permutations)]) \
-        if n_permutations else np.empty((0, len(labels)), dtype=labels.dtype)
+    by_group = np.array_equal(group_label[row_group], labels)
+    units = len(group_ids) if by_group else len(labels)
+    blocks = [np.arange(units)]
+    if folds is not None:
+        fold_of = np.zeros(len(labels), dtype=int)
+        for f, (_, test) in enumerate(folds):
+            fold_of[test] = f
+        unit_fold = fold_of[first_row] if by_group else fold_of
+        blocks = [np.flatnonzero(unit_fold == f) for f in range(len(folds))]
+    out = np.empty((n_permutations, len(labels)), dtype=labels.dtype)
+    for p in range(n_permutations):
+        order = np.arange(units)
+        for block in blocks:
+            order[block] = block[rng.permutation(len(block))]
+        out[p] = group_label[order][row_group] if by_group else labels[order]
+    return out
 
 
 # ---------------------------------------------------------------------------------------- the probe
@@ -507,7 +525,7 @@ def run_probes(
         encode = lambda values: np.searchsorted(classes, values)  # noqa: E731
     else:
         encoded, encode = labels, (lambda values: np.asarray(values, dtype=np.float64))
-    permuted = _permuted_labels(encoded, groups, n_permutations, seed)
+    permuted = _permuted_labels(encoded, groups, n_permutations, seed, folds)
     columns = [encoded, encode(control_values) if control else encoded] + list(permuted)
     targets = np.stack(columns, axis=1)  # (n, K): real, control, permutations
 

@@ -88,7 +88,7 @@ def test_permutation_p_value_equals_a_scikit_learn_recount():
         return accuracy_score(y, predicted)
 
     observed = cv_accuracy(labels)
-    null = np.array([cv_accuracy(y) for y in _permuted_labels(labels, groups, 39, seed=1)])
+    null = np.array([cv_accuracy(y) for y in _permuted_labels(labels, groups, 39, seed=1, folds=folds)])
     assert table.iloc[0].score == pytest.approx(observed)
     assert table.iloc[0].p_value == pytest.approx((1 + np.sum(null >= observed)) / 40)
 
