@@ -275,3 +275,14 @@ def test_probe_table_tags_rows_and_checks_the_representation():
     ]
     with pytest.raises(LatentProbeError, match="unknown representation"):
         probe_table({(2, -1): signal}, labels, groups, subject="tiny", representation="pixels", attribute="colour")
+
+
+def test_permutations_keep_each_folds_class_counts_and_whole_instances():
+    _, _, labels, groups = planted(n_instances=30, rows_per_instance=2)
+    folds = instance_folds(labels, groups, n_splits=3, seed=0)
+    permuted = _permuted_labels(labels, groups, 20, seed=0, folds=folds)
+    assert not (permuted == labels).all(axis=1).all()
+    for y in permuted:
+        assert (y[::2] == y[1::2]).all()  # both rows of an instance keep one label
+        for _, test in folds:
+            assert sorted(y[test]) == sorted(labels[test])
