@@ -270,6 +270,7 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
                 tables.append(table)
                 _merge(figures, made)
             probes = pd.concat(tables, ignore_index=True)
+            _write_table(probes, figure_dir / "probes")  # every subject's rows (each study wrote only its own)
     effects = effect_tables(run_dirs)
     if effects is not None and len(effects):
         if effects.target.isin(["latent", "text"]).any() or (effects.metric == "NIE_correct").any():
