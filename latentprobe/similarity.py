@@ -28,7 +28,9 @@ Raw hidden states share a large common direction (anisotropy), which makes RS sm
 the same layer (the mean image-token state; the last prompt token): the **spread ratio**
 ``RS(latent step) / RS(baseline)`` is 1 when the latents vary across instances as much as the image tokens do,
 and near 0 when they collapse. Its interval is a paired bootstrap over instances (``scipy.stats.bootstrap``,
-BCa; the same resampled instances for numerator and denominator). Any ratio in [0, inf) is reachable, so a
+BCa; the same resampled instances for numerator and denominator; a resample never pairs an
+instance with its own copy, which would look perfectly collapsed, so near 0 a lower bound can dip slightly
+below 0). Any ratio in [0, inf) is reachable, so a
 threshold such as 0.1 can always be met or missed by data (a rule on raw cosine "baseline + margin" could need
 a cosine above 1). :func:`latentprobe.verdicts.collapse.verdict_collapse` decides on this ratio.
 
