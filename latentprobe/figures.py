@@ -367,7 +367,7 @@ def plot_probe_bars(probes: pd.DataFrame, path) -> list[Path]:
                                     capsize=3, linewidth=1)
             ax.axhline(rows.chance.mean(), color="grey", linestyle="--", linewidth=1, label="chance")
             ax.set_ylabel(_metric_label(rows.metric.iloc[0]))
-            ax.set_xlabel("representation (best layer/step, chosen in the training folds)")
+            ax.set_xlabel("representation (best cell, chosen in training folds)")
             name = " / ".join(part for part in (subject, attribute) if part)
             ax.set_title(f"{name}\n{_chance_text(rows)}" if name else _chance_text(rows), fontsize="medium")
             ax.legend(fontsize="small")
