@@ -1,7 +1,8 @@
 """Finding 1: latent tokens are similar across instances and collapse with the latent step.
 
-Traces the subject, then draws inter-instance similarity heatmaps per step, the mean off-diagonal similarity
-per step (raw and mean-centred) against image-token and prompt baselines, and the step x step similarity.
+Traces the subject, then measures the relative spread of the latents across instances per step against the
+image-token and prompt baselines (the collapse statistic and its verdict), and draws the paper's raw cosine
+heatmaps per step and the step x step similarity.
 
     python analyses/collapse.py --subject organism-mirage
 """
@@ -18,5 +19,9 @@ if __name__ == "__main__":
     out = run_dir(args, subject, "trace")
     trace(subject, instances, out, spec=RecordSpec(layers="final"), resume=out.exists())
     table, figures = collapse_study([out], args.figures, seed=args.seed)
-    print(table.to_string(index=False))
+    print(table[table.statistic != "cosine"].to_string(index=False))
+    from latentprobe.verdicts.collapse import verdict_collapse
+
+    verdict = verdict_collapse(table, subject.name)
+    print(f"collapse: {verdict.verdict} -- {verdict.evidence}")
     print("\n".join(str(p) for p in figures["collapse"]))

@@ -1,5 +1,6 @@
 """Finding 3: what visual information the latent tokens hold. Linear probes per layer x latent step against
-image-token and last-prompt-token baselines, with a shuffled-label control task (selectivity).
+image-token and last-prompt-token baselines, with a per-type control task (selectivity), the best layer x step
+chosen inside the training folds, and permutation p-values.
 
     python analyses/probing.py --subject organism-mirage --labels answer,cell_0_colour
 """
@@ -21,4 +22,9 @@ if __name__ == "__main__":
     from latentprobe.probes import best_probe_rows
 
     print(best_probe_rows(table)[["attribute", "representation", "layer", "step", "score", "control_score",
-                                  "selectivity", "chance"]].to_string(index=False))
+                                  "selectivity", "selectivity_ci_low", "selectivity_ci_high", "p_value",
+                                  "chance"]].to_string(index=False))
+    from latentprobe.verdicts.visual_info import verdict_visual_info
+
+    verdict = verdict_visual_info(table, subject.name)
+    print(f"visual_info: {verdict.verdict} -- {verdict.evidence}")

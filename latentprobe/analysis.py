@@ -21,7 +21,7 @@ from . import figures as fig
 from .errors import LatentProbeError
 from .fileio import atomic_write
 from .probes import probe_table
-from .similarity import common_latent_mean, inter_instance_similarity, intra_instance_similarity, similarity_table
+from .similarity import inter_instance_similarity, intra_instance_similarity, similarity_table
 from .store import TraceStore
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,12 @@ def _latent_records(store: TraceStore) -> pd.DataFrame:
 
 def collapse_study(run_dirs: Sequence[str | Path], out_dir: str | Path, *, seed: int = 0,
                    n_boot: int = 1000) -> tuple[pd.DataFrame, dict[str, list[Path]]]:
-    """Similarity of latent vectors across instances and steps, against image-token and prompt baselines."""
+    """Collapse of latent vectors across instances, per step, against image-token and prompt baselines.
+
+    Returns the concatenated :func:`latentprobe.similarity.similarity_table` of every run (the relative spread,
+    the spread ratio that :func:`latentprobe.verdicts.collapse.verdict_collapse` reads, and the cosine views)
+    and the figures made. Latents are the fed-back vectors; the baselines are the last recorded layer's
+    image-token mean and last prompt token of the same instances."""
     out_dir = Path(out_dir)
     tables, made = [], {"collapse": []}
     for run_dir in run_dirs:
@@ -60,13 +65,10 @@ def collapse_study(run_dirs: Sequence[str | Path], out_dir: str | Path, *, seed:
                 baselines[name] = store.state_array(frame.record_id, name)
         table = similarity_table(latents, baselines, subject, seed=seed, n_boot=n_boot)
         tables.append(table)
-        mean = common_latent_mean(latents)
         stem = out_dir / _safe(subject)
-        for centred in (False, True):
-            matrices = inter_instance_similarity(latents, centre=centred, mean=mean if centred else None)
-            kind = "centred" if centred else "raw"
-            made["collapse"] += fig.plot_similarity_heatmaps(matrices, f"{stem}-heatmaps-{kind}", centred=centred,
-                                                             title=f"{subject}: {kind} similarity between instances")
+        # The paper's view: raw cosine between instances per step. The verdict reads the spread rows instead.
+        made["collapse"] += fig.plot_similarity_heatmaps(inter_instance_similarity(latents), f"{stem}-heatmaps-raw",
+                                                         title=f"{subject}: raw cosine similarity between instances")
         made["collapse"] += fig.plot_similarity_by_step(table, f"{stem}-similarity-by-step", subject=subject)
         made["collapse"] += fig.plot_intra_instance_heatmap(intra_instance_similarity(latents), f"{stem}-intra",
                                                             title=f"{subject}: similarity between latent steps")
@@ -91,12 +93,65 @@ def _labels(frame: pd.DataFrame, attribute: str) -> np.ndarray:
     return values.map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v).to_numpy()
 
 
+
+
+def control_types(store: TraceStore, frame: pd.DataFrame, control_type: str = "auto") -> tuple[np.ndarray, str]:
+    """The types of the Hewitt & Liang control task for the instances of ``frame``, and the name of what they are.
+
+    ``control_type``: "image" (identity of the instance's image files), "question" (the question text, i.e. the
+    template), "instance" (every instance its own type), an attribute name, or several joined by "+" (e.g.
+    "transform+query_cell"). "auto" (the default) is the image identity where the instances have images and
+    the trace's data source (``manifest['data']['source']``) can be read, else the instance.
+
+    Memorising a type is only detectable when the type recurs across instances (HR-Bench's cycles, benchmarks
+    that ask several questions per image). Where every image is shown once, the per-image control cannot be
+    learned across folds and measures the probe's chance level on labels unrelated to the states; "question"
+    then is the stricter check, penalising states that encode the question template (see the README).
+    """
+    if control_type == "instance":
+        return frame.instance_id.astype(str).to_numpy(), "instance"
+    if control_type in ("auto", "image", "question"):
+        by_id = _instances_by_id(store, required=control_type != "auto")
+        if by_id is None:
+            return frame.instance_id.astype(str).to_numpy(), "instance"
+        image = np.array(["|".join(by_id[i].images) if i in by_id else i for i in frame.instance_id])
+        question = np.array([by_id[i].question if i in by_id else i for i in frame.instance_id])
+        if control_type == "auto":
+            if all(i in by_id and by_id[i].images for i in frame.instance_id):
+                return image, "image"
+            return frame.instance_id.astype(str).to_numpy(), "instance"
+        return (image if control_type == "image" else question), control_type
+    parts = control_type.split("+")
+    values = [_labels(frame, part) for part in parts]
+    return np.array(["|".join(str(v) for v in row) for row in zip(*values)]), control_type
+
+
+def _instances_by_id(store: TraceStore, required: bool):
+    from .data import load_instances
+
+    source = store.manifest.get("data", {}).get("source")
+    try:
+        instances, _ = load_instances(None if source in (None, "builtin") else source)
+    except (LatentProbeError, OSError) as exc:
+        if required:
+            raise LatentProbeError(f"cannot read the trace's data source {source!r} for the control types: {exc}",
+                                   "pass --control-type instance or an attribute name") from None
+        log.warning("control task per instance: the data source %s cannot be read (%s)", source, exc)
+        return None
+    return {instance.id: instance for instance in instances}
+
+
 def probe_study(run_dir: str | Path, attributes: Sequence[str], out_dir: str | Path, *, seed: int = 0,
                 n_splits: int = 5, random_init_dir: str | Path | None = None,
-                max_steps: int | None = None, **probe_kwargs) -> tuple[pd.DataFrame, dict[str, list[Path]]]:
+                max_steps: int | None = None, control_type: str = "auto",
+                **probe_kwargs) -> tuple[pd.DataFrame, dict[str, list[Path]]]:
     """Linear probes from latent states (every recorded layer x latent step) to instance attributes, with the
     same probes on the mean image-token state and the last prompt token (and, given a trace of a randomly
-    initialised model, its latents) as baselines."""
+    initialised model, its latents) as baselines.
+
+    Every representation gets one row per cell plus a nested best-cell row (see :mod:`latentprobe.probes`); the
+    control task's types are chosen by ``control_type`` (see :func:`control_types`). ``probe_kwargs`` go to
+    :func:`latentprobe.probes.run_probes` (``inner_splits``, ``alphas``, ``n_permutations``, ``n_boot``...)."""
     out_dir = Path(out_dir)
     store = TraceStore(run_dir)
     subject = store.manifest.get("subject_name", Path(run_dir).name)
@@ -110,11 +165,13 @@ def probe_study(run_dir: str | Path, attributes: Sequence[str], out_dir: str | P
         for step in range(steps):
             latent_features[(layer, step)] = array[:, step]
     groups = frame.instance_id.to_numpy()
+    types, used_type = control_types(store, frame, control_type)
     tables = []
     for attribute in attributes:
         labels = _labels(frame, attribute)
         task = "regression" if _numeric_with_many_values(labels) else "classification"
-        common = dict(subject=subject, attribute=attribute, task=task, n_splits=n_splits, seed=seed, **probe_kwargs)
+        common = dict(subject=subject, attribute=attribute, task=task, n_splits=n_splits, seed=seed, types=types,
+                      control_type=used_type, **probe_kwargs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tables.append(probe_table(latent_features, labels, groups, representation="latent", **common))
@@ -213,6 +270,7 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
                 tables.append(table)
                 _merge(figures, made)
             probes = pd.concat(tables, ignore_index=True)
+            _write_table(probes, figure_dir / "probes")  # every subject's rows (each study wrote only its own)
     effects = effect_tables(run_dirs)
     if effects is not None and len(effects):
         if effects.target.isin(["latent", "text"]).any() or (effects.metric == "NIE_correct").any():

@@ -154,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of the folds and the control task")
     p.add_argument("--random-init", default=None, metavar="TRACE_DIR",
                    help="a trace of the same data by a randomly initialised model, as a further baseline")
+    p.add_argument("--control-type", default="auto",
+                   help="what the control task's random labels are assigned to: auto (default: the image's "
+                        "identity where instances have images, else the instance), image, question, instance, "
+                        "or attribute names joined by '+'")
+    p.add_argument("--permutations", type=int, default=199,
+                   help="label permutations for each probe's p-value against chance (default 199; 0 = none)")
 
     _add_where_parsers(sub)  # ground, lens
 
@@ -454,34 +460,45 @@ def _cmd_patch(args):
 
 def _cmd_similarity(args):
     from .analysis import collapse_study
+    from .verdicts.collapse import verdict_collapse
 
     table, made = collapse_study(args.runs, args.out, seed=args.seed, n_boot=args.bootstrap)
-    lines = []
-    for (subject, rep, centring), rows in table.groupby(["subject", "representation", "centring"], sort=True):
-        values = ", ".join(f"{v:.3f}" for v in rows.sort_values("step").mean_similarity)
-        lines.append(f"{subject:<12} {rep:<12} {centring:<8} {values}")
+    lines = ["relative spread across instances (0 = collapsed) per latent step; baselines once:"]
+    spread = table[table.statistic == "relative_spread"]
+    for (subject, rep), rows in spread.groupby(["subject", "representation"], sort=True):
+        values = ", ".join(f"{v:.3f}" for v in rows.sort_values("step").estimate)
+        lines.append(f"  {subject:<20} {rep:<12} {values}")
+    for subject in table.subject.unique():
+        verdict = verdict_collapse(table, subject)
+        lines.append(f"{subject:<20} collapse: {verdict.verdict:<13} {verdict.evidence}")
     lines.append(f"figures and tables in {args.out}")
-    print_block("latentprobe similarity: mean inter-instance cosine (per step for latents)", lines)
+    print_block("latentprobe similarity: collapse of latent tokens across instances", lines)
 
 
 def _cmd_probe(args):
     from .analysis import probe_study
+    from .probes import best_probe_rows
+    from .verdicts.visual_info import verdict_visual_info
 
     labels = args.labels if isinstance(args.labels, list) else [v.strip() for v in args.labels.split(",") if v.strip()]
     table, made = probe_study(args.run, labels, args.out, seed=args.seed, n_splits=args.folds,
-                              random_init_dir=args.random_init)
-    from .probes import best_probe_rows
-
+                              random_init_dir=args.random_init, control_type=args.control_type,
+                              n_permutations=args.permutations)
     lines = []
     for row in best_probe_rows(table).itertuples():
-        step = f"step {row.step:>2}" if row.step is not None and row.step >= 0 else "       "  # -1: not a latent
-        lines.append(f"{row.attribute:<14} {row.representation:<12} layer {row.layer:>2} {step}  "
-                     f"score {row.score:.3f}  control {row.control_score:.3f}  selectivity {row.selectivity:+.3f}  "
+        where = f"layer {row.layer:>2}" + (f" step {row.step:>2}" if row.step is not None and row.step >= 0 else "        ")
+        lines.append(f"{row.attribute:<14} {row.representation:<12} {where}  score {row.score:.3f}  "
+                     f"control {row.control_score:.3f}  selectivity {row.selectivity:+.3f} "
+                     f"[{row.selectivity_ci_low:+.3f}, {row.selectivity_ci_high:+.3f}]  p {row.p_value:.3g}  "
                      f"chance {row.chance:.3f}")
     skipped = table[table.skipped_reason.fillna("") != ""]
     if len(skipped):
         lines.append(f"skipped {len(skipped)} probes: {skipped.skipped_reason.iloc[0]}")
-    lines.append(f"tables and figures in {args.out}")
+    for subject in table.subject.unique():
+        verdict = verdict_visual_info(table, subject)
+        lines.append(f"{subject}: visual_info {verdict.verdict} ({verdict.evidence})")
+    lines.append(f"control task per {table.control_type.iloc[0]} ({int(table.n_types.iloc[0])} types); "
+                 f"best layer/step chosen inside the training folds; tables and figures in {args.out}")
     print_block("latentprobe probe: best layer/step per attribute and representation", lines)
 
 

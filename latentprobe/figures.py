@@ -172,31 +172,35 @@ def plot_intra_instance_heatmap(matrix, path, *, centred: bool = False, title: s
         return save_figure(fig, path)
 
 
-def _draw_similarity_panel(ax, rows: pd.DataFrame, centring: str) -> None:
+def _draw_baselines_and_curve(ax, rows: pd.DataFrame, value: str, curve_label: str) -> None:
     latent = rows[(rows.representation == "latent")].sort_values("step")
     if not latent.empty:
-        line, = ax.plot(latent.step, latent.mean_similarity, marker="o", label="latent tokens")
+        line, = ax.plot(latent.step, latent[value], marker="o", label=curve_label)
         ax.fill_between(latent.step, latent.ci_low, latent.ci_high, alpha=0.25, color=line.get_color(),
                         label="latent 95% CI")
+        ax.set_xticks(sorted(latent.step.unique()))
     colours = sns.color_palette(PALETTE)
     baselines = [name for name in rows.representation.unique() if name != "latent"]
     for index, name in enumerate(baselines, start=1):
         row = rows[rows.representation == name].iloc[0]
         colour = colours[index % len(colours)]
-        ax.axhline(row.mean_similarity, color=colour, linestyle=BASELINE_STYLES.get(name, "--"), label=name)
+        ax.axhline(row[value], color=colour, linestyle=BASELINE_STYLES.get(name, "--"), label=name)
         if np.isfinite(row.ci_low) and np.isfinite(row.ci_high):
             ax.axhspan(row.ci_low, row.ci_high, color=colour, alpha=0.12)
-    ax.set_title("mean-centred" if centring == "centred" else "raw")
     ax.set_xlabel(STEP_LABEL)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # latent steps are whole numbers
-    ax.set_ylabel(f"mean {SIMILARITY_LABEL}")
-    if not latent.empty:
-        ax.set_xticks(sorted(latent.step.unique()))
+
+
+def _cosine_rows(table: pd.DataFrame, centring: str = "raw") -> pd.DataFrame:
+    if "statistic" in table.columns:
+        table = table[table.statistic == "cosine"]
+    return table[table.centring == centring]
 
 
 def plot_similarity_by_step(table: pd.DataFrame, path, *, subject: str | None = None) -> list[Path]:
-    """Mean inter-instance similarity per latent step with its bootstrap band, plus baseline lines,
-    raw and centred side by side. ``table`` is the output of ``similarity_table``.
+    """Per latent step with bootstrap bands, against baseline lines: the raw mean cosine between instances (the
+    paper's view) and, where the table has it, the relative spread (the collapse statistic: 0 = every instance
+    has the same vector, ~1 = independent isotropic vectors). ``table`` is the output of ``similarity_table``.
 
     >>> import numpy as np, tempfile, pathlib
     >>> from latentprobe.similarity import similarity_table
@@ -212,20 +216,28 @@ def plot_similarity_by_step(table: pd.DataFrame, path, *, subject: str | None = 
     subjects = table.subject.unique()
     if len(subjects) != 1:
         raise LatentProbeError(f"the table holds {len(subjects)} subjects", "pass subject=... to pick one")
-    centrings = [c for c in ("raw", "centred") if c in set(table.centring)]
+    spread = table[table.statistic == "relative_spread"] if "statistic" in table.columns else table.iloc[0:0]
+    panels = 1 + (not spread.empty)
     with _style():
-        fig = Figure(figsize=(5.2 * len(centrings), 4.0), layout="constrained")
-        axes = fig.subplots(1, len(centrings), squeeze=False).ravel()
-        for ax, centring in zip(axes, centrings):
-            _draw_similarity_panel(ax, table[table.centring == centring], centring)
+        fig = Figure(figsize=(5.2 * panels, 4.0), layout="constrained")
+        axes = fig.subplots(1, panels, squeeze=False).ravel()
+        _draw_baselines_and_curve(axes[0], _cosine_rows(table), "mean_similarity", "latent tokens")
+        axes[0].set_title("raw cosine between instances (the paper's view)")
+        axes[0].set_ylabel(f"mean {SIMILARITY_LABEL}")
+        if not spread.empty:
+            _draw_baselines_and_curve(axes[1], spread, "estimate", "latent tokens")
+            axes[1].set_title("relative spread across instances (collapse = 0)")
+            axes[1].set_ylabel("total variance / mean squared norm")
+            axes[1].set_ylim(bottom=0)
         axes[-1].legend(loc="best", fontsize="small")
-        fig.suptitle(f"{subjects[0]}: similarity between instances at each latent step (95% bootstrap CI)")
+        fig.suptitle(f"{subjects[0]}: how alike instances are at each latent step (95% bootstrap CI)")
         return save_figure(fig, path)
 
 
 def plot_subject_comparison(table: pd.DataFrame, path, *, representation: str = "latent") -> list[Path]:
-    """One line per subject over latent steps (raw and centred panels), from a concatenation of
-    ``similarity_table`` outputs.
+    """One line per subject over latent steps: raw cosine between instances, and (where the table has it) the
+    spread ratio against the image-token baseline (1 = as varied as the image tokens, 0 = collapsed), from a
+    concatenation of ``similarity_table`` outputs.
 
     >>> import numpy as np, pandas as pd, tempfile, pathlib
     >>> from latentprobe.similarity import similarity_table
@@ -238,23 +250,31 @@ def plot_subject_comparison(table: pd.DataFrame, path, *, representation: str = 
     rows = table[table.representation == representation]
     if rows.empty:
         raise LatentProbeError(f"no {representation!r} rows in the similarity table", "check the representation name")
-    centrings = [c for c in ("raw", "centred") if c in set(rows.centring)]
+    ratios = rows[rows.statistic == "spread_ratio"] if "statistic" in rows.columns else rows.iloc[0:0]
+    reference = next((r for r in ("image_mean", "prompt_last") if r in set(ratios.get("reference", []))), None)
+    panels = [("raw cosine between instances", _cosine_rows(rows), "mean_similarity", f"mean {SIMILARITY_LABEL}")]
+    if reference is not None:
+        panels.append((f"spread ratio vs {reference} (collapse = 0)", ratios[ratios.reference == reference],
+                       "estimate", f"latent spread / {reference} spread"))
     with _style():
-        fig = Figure(figsize=(5.2 * len(centrings), 4.0), layout="constrained")
-        axes = fig.subplots(1, len(centrings), squeeze=False).ravel()
-        for ax, centring in zip(axes, centrings):
-            for subject, curve in rows[rows.centring == centring].groupby("subject", sort=True):
+        fig = Figure(figsize=(5.2 * len(panels), 4.0), layout="constrained")
+        axes = fig.subplots(1, len(panels), squeeze=False).ravel()
+        for ax, (title, panel_rows, value, ylabel) in zip(axes, panels):
+            for subject, curve in panel_rows.groupby("subject", sort=True):
                 curve = curve.sort_values("step")
-                line, = ax.plot(curve.step, curve.mean_similarity, marker="o", label=subject,
+                line, = ax.plot(curve.step, curve[value], marker="o", label=subject,
                                 color=subject_colour(subject))
                 if {"ci_low", "ci_high"} <= set(curve.columns):
                     ax.fill_between(curve.step, curve.ci_low, curve.ci_high, alpha=0.2, color=line.get_color())
-            ax.set_title("mean-centred" if centring == "centred" else "raw")
+            ax.set_title(title)
             ax.set_xlabel(STEP_LABEL)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # latent steps are whole numbers
-            ax.set_ylabel(f"mean {SIMILARITY_LABEL}")
+            ax.set_ylabel(ylabel)
+        if reference is not None:
+            axes[1].axhline(1.0, color="grey", linestyle=":", linewidth=1)
+            axes[1].set_ylim(bottom=0)
         axes[-1].legend(title="subject", fontsize="small")
-        fig.suptitle("Collapse across subjects: inter-instance similarity of latent tokens")
+        fig.suptitle("Collapse across subjects: latent tokens between instances")
         return save_figure(fig, path)
 
 
@@ -300,6 +320,8 @@ def plot_probe_heatmap(
     _require_columns(probes, ["layer", "step", value, "chance", "metric"], "probe table")
     if "representation" in probes.columns:
         probes = probes[probes.representation == representation]
+    if "selection" in probes.columns:  # one row per cell; the nested best-cell row is drawn by plot_probe_bars
+        probes = probes[probes.selection == "cell"]
     probes = ran_probes(probes)
     if probes.empty:
         raise LatentProbeError(f"no probe rows that ran for representation {representation!r}",
@@ -330,7 +352,9 @@ def plot_probe_heatmap(
 
 def plot_probe_bars(probes: pd.DataFrame, path) -> list[Path]:
     """Score, control score and selectivity of the best layer/step of each representation (latent and
-    baselines), one panel per (subject, attribute), with the chance level as a grey line.
+    baselines; the best cell chosen inside the training folds where the table has nested rows), one panel per
+    (subject, attribute), with the chance level as a grey line. Error bars: fold-to-fold std of score and
+    control, the bootstrap interval of selectivity.
 
     >>> import numpy as np, pandas as pd, tempfile, pathlib
     >>> from latentprobe.probes import probe_table
@@ -361,9 +385,18 @@ def plot_probe_bars(probes: pd.DataFrame, path) -> list[Path]:
                 for bar, representation in zip(container, rows.representation):
                     ax.errorbar(bar.get_x() + bar.get_width() / 2, bar.get_height(), yerr=stds[representation],
                                 color="black", capsize=3, linewidth=1)
+            if {"selectivity_ci_low", "selectivity_ci_high"} <= set(rows.columns) and len(ax.containers) > 2:
+                indexed = rows.set_index("representation")
+                for bar, representation in zip(ax.containers[2], rows.representation):
+                    low, high = indexed.selectivity_ci_low[representation], indexed.selectivity_ci_high[representation]
+                    if np.isfinite(low) and np.isfinite(high):
+                        centre = bar.get_height()
+                        ax.errorbar(bar.get_x() + bar.get_width() / 2, centre,
+                                    yerr=[[max(centre - low, 0)], [max(high - centre, 0)]], color="black",
+                                    capsize=3, linewidth=1)
             ax.axhline(rows.chance.mean(), color="grey", linestyle="--", linewidth=1, label="chance")
             ax.set_ylabel(_metric_label(rows.metric.iloc[0]))
-            ax.set_xlabel("representation (best layer/step)")
+            ax.set_xlabel("representation (best cell, chosen in training folds)")
             name = " / ".join(part for part in (subject, attribute) if part)
             ax.set_title(f"{name}\n{_chance_text(rows)}" if name else _chance_text(rows), fontsize="medium")
             ax.legend(fontsize="small")

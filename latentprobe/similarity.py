@@ -1,4 +1,4 @@
-"""Cosine similarity of latent tokens across and within instances (the paper's "collapse" analysis).
+"""Similarity of latent tokens across instances (the paper's "collapse" analysis).
 
 Pure functions on numpy arrays: nothing here loads a model or reads the trace store.
 
@@ -9,14 +9,34 @@ Shapes used throughout:
 - ``states``: ``(N, D)`` -- one non-latent reference state per instance (e.g. the mean image-token
   state, or the last prompt-token state) used as a baseline.
 
-Why centring: hidden states of a transformer share a large common direction (anisotropy), so raw cosine
-similarity between *any* two states is high. Subtracting a mean vector first removes that shared part.
-Which mean matters: centring a set on its *own* mean forces its mean off-diagonal cosine to about
-``-1/(N-1)`` whatever the data (the centred vectors sum to zero), so it says nothing. We therefore centre
-every representation of a subject on ONE common mean, by default the mean of all the subject's latent
-vectors (all instances, all steps), or on a mean the caller supplies (e.g. the mean over all token states
-of the same layer). With a single latent step the common latent mean *is* that step's own mean, so pass a
-layer-wide ``mean`` in that case.
+**The collapse statistic (what verdicts use).** "Collapse" means the latent tokens of different instances
+are nearly the same vector: they vary little across instances *compared with their size*. For one latent step
+(or one baseline) with per-instance vectors x_1..x_n we measure the **relative spread**
+
+    RS = [ 1/(n-1) * sum_i ||x_i - mean(x)||^2 ]  /  [ 1/n * sum_i ||x_i||^2 ]
+
+the total variance across instances over the mean squared norm, which equals
+``1 - mean_{i != j} <x_i, x_j> / mean_i ||x_i||^2``. It is 0 when every instance has the same
+vector, about 1 for independent isotropic vectors, unchanged by scaling or rotating all vectors, and computed
+per step around that step's own mean, so a step whose instances all sit at one point reads 0 wherever that
+point is (centring on one mean pooled over steps measured where each step's mean sits instead). For unit
+vectors RS = 1 - (mean cosine between different instances) exactly, so it is the raw-cosine measure of the
+paper, generalised to vectors of unequal norm.
+
+Raw hidden states share a large common direction (anisotropy), which makes RS small (and raw cosine high) for
+*any* token. RS is therefore compared with the same statistic on non-latent states of the same instances at
+the same layer (the mean image-token state; the last prompt token): the **spread ratio**
+``RS(latent step) / RS(baseline)`` is 1 when the latents vary across instances as much as the image tokens do,
+and near 0 when they collapse. Its interval is a paired bootstrap over instances (``scipy.stats.bootstrap``,
+BCa; the same resampled instances for numerator and denominator; a resample never pairs an
+instance with its own copy, which would look perfectly collapsed, so near 0 a lower bound can dip slightly
+below 0). Any ratio in [0, inf) is reachable, so a
+threshold such as 0.1 can always be met or missed by data (a rule on raw cosine "baseline + margin" could need
+a cosine above 1). :func:`latentprobe.verdicts.collapse.verdict_collapse` decides on this ratio.
+
+**Views kept for the paper's figure.** ``cosine`` rows hold the mean pairwise cosine between instances per step
+(the paper's heatmaps), raw and "centred" on one common mean of all latent vectors. The centred view is kept
+only for comparison with earlier runs: it mixes in where each step's mean lies and no verdict reads it.
 """
 
 from __future__ import annotations
@@ -28,14 +48,28 @@ import numpy as np
 import pandas as pd
 
 from .errors import LatentProbeError
+from .instance_bootstrap import bootstrap_interval_from_counts
 
 CENTRINGS = ("raw", "centred")
 BASELINE_STEP = -1  # the ``step`` value of baseline rows, which have no latent step
 DEFAULT_BOOTSTRAPS = 1000
 DEFAULT_CONFIDENCE = 0.95
+STATISTICS = ("cosine", "relative_spread", "spread_ratio")
 
+# The tidy similarity table (one subject per call of similarity_table; concatenate subjects):
+#   subject         the subject's name
+#   statistic       "cosine" (mean cosine between different instances: the paper's view), "relative_spread"
+#                   (RS, see the module docstring) or "spread_ratio" (RS of a latent step / RS of `reference`)
+#   representation  "latent" or a baseline name ("image_mean", "prompt_last")
+#   reference       for spread_ratio rows, the baseline in the denominator; "" otherwise
+#   centring        "raw" or "centred" for cosine rows; "" for the spread rows (they centre per step)
+#   step            latent step (0 = first); -1 for baseline rows
+#   estimate, ci_low, ci_high   the statistic and its bootstrap interval over instances
+#   n               instances behind the estimate; confidence, n_boot, seed: how the interval was made
+#   mean_similarity alias of `estimate` on cosine rows (NaN elsewhere), for readers of the earlier schema
 SIMILARITY_COLUMNS = [
-    "subject", "representation", "centring", "step", "mean_similarity", "ci_low", "ci_high", "n",
+    "subject", "statistic", "representation", "reference", "centring", "step", "estimate", "ci_low", "ci_high",
+    "n", "confidence", "n_boot", "seed", "mean_similarity",
 ]
 
 
@@ -268,6 +302,136 @@ def baseline_similarity(
     return pd.DataFrame([{"mean_similarity": estimate, "ci_low": low, "ci_high": high, "n_instances": n}])
 
 
+# -------------------------------------------------------------------------- the collapse statistic
+
+
+def _present_states(states, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of an (N, D) array that are present (not NaN), and the mask of them."""
+    states = _as_float_array(states, 2, name)
+    present = ~_missing_rows(states, name)
+    return states[present], present
+
+
+def relative_spread(states) -> float:
+    """Relative spread of per-instance vectors (N, D): total variance across instances / mean squared norm.
+
+    Equivalently 1 - (mean inner product between different instances) / (mean squared norm). 0 when all
+    vectors are equal, about 1 for independent isotropic vectors; scale- and rotation-free. NaN rows
+    (instances without this step) are left out; NaN when fewer than 2 remain or every vector is zero.
+    See the module docstring for why this is the collapse statistic.
+
+    >>> import numpy as np
+    >>> float(relative_spread(np.tile([3.0, 4.0], (5, 1))))
+    0.0
+    >>> units = np.eye(4)   # orthogonal unit vectors: mean cosine 0, so RS = 1 - 0
+    >>> round(float(relative_spread(units)), 6)
+    1.0
+    """
+    x, _ = _present_states(states, "states")
+    n = len(x)
+    if n < 2:
+        return np.nan
+    mean_square_norm = float((x**2).sum(axis=1).mean())
+    if mean_square_norm == 0:
+        return np.nan
+    total_variance = float(((x - x.mean(axis=0)) ** 2).sum() / (n - 1))
+    return total_variance / mean_square_norm
+
+
+def _relative_spread_from_counts(counts: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """RS of resampled sets given as instance counts (B, n) and the Gram matrix (n, n) of the vectors.
+
+    RS = 1 - (mean inner product over pairs of *different* instances) / (mean squared norm). A resample that
+    draws an instance twice does not pair it with its own copy: such a pair would look perfectly collapsed
+    and bias the bootstrap towards collapse (the plain plug-in variance of a resample drops by about 1/n).
+    With all counts 1 this is exactly ``relative_spread``. One matrix product per batch.
+    """
+    m = counts.sum(axis=1)
+    diagonal = np.diag(gram)
+    pair_sums = np.einsum("bi,ij,bj->b", counts, gram, counts) - (counts**2) @ diagonal
+    pair_counts = m**2 - (counts**2).sum(axis=1)
+    square_norms = counts @ diagonal / m
+    with np.errstate(invalid="ignore", divide="ignore"):
+        spread = 1.0 - (pair_sums / pair_counts) / square_norms
+        return np.where((pair_counts > 0) & (square_norms > 0), spread, np.nan)
+
+
+def spread_rows(
+    latents,
+    baselines: Mapping[str, np.ndarray] | None = None,
+    n_boot: int = DEFAULT_BOOTSTRAPS,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The collapse statistic: relative spread per latent step and per baseline, and their ratios.
+
+    Returns rows ``statistic, representation, reference, step, estimate, ci_low, ci_high, n`` with
+    statistic "relative_spread" (one row per latent step, one per baseline) and "spread_ratio" (one row per
+    latent step and baseline: RS of the step's latents / RS of the baseline, over the instances that have
+    both). Intervals: BCa bootstrap over instances, paired for ratios; each row's resampling is seeded from
+    ``seed`` and the row's position, so rows are reproducible on their own.
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> point = rng.normal(size=8)
+    >>> latents = point + 1e-3 * rng.normal(size=(20, 2, 8))        # every instance at one point
+    >>> rows = spread_rows(latents, {"image_mean": rng.normal(size=(20, 8))}, n_boot=200)
+    >>> ratio = rows[rows.statistic == "spread_ratio"]
+    >>> bool((ratio.ci_high < 0.01).all()), ratio.step.tolist()
+    (True, [0, 1])
+    """
+    _check_bootstrap_args(n_boot, confidence)
+    latents = _as_float_array(latents, 3, "latents")
+    missing = _missing_rows(latents, "latents")  # (N, S)
+    baselines = _checked_baselines(baselines, latents)
+    rows = []
+
+    def add(statistic, representation, reference, step, vectors_by_side, present):
+        index = np.flatnonzero(present)
+        grams = [v[index] @ v[index].T for v in vectors_by_side]
+        n = len(index)
+        if len(grams) == 1:
+            of_counts = lambda c: _relative_spread_from_counts(c, grams[0])  # noqa: E731
+        else:
+            of_counts = lambda c: (_relative_spread_from_counts(c, grams[0])  # noqa: E731
+                                   / _relative_spread_from_counts(c, grams[1]))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            estimate = float(of_counts(np.ones((1, n)))[0]) if n >= 2 else np.nan
+        low, high = (np.nan, np.nan) if not np.isfinite(estimate) else bootstrap_interval_from_counts(
+            of_counts, n, n_boot, confidence, seed + len(rows))
+        rows.append({"statistic": statistic, "representation": representation, "reference": reference,
+                     "step": step, "estimate": estimate, "ci_low": low, "ci_high": high, "n": n})
+
+    for step in range(latents.shape[1]):
+        add("relative_spread", "latent", "", step, [latents[:, step]], ~missing[:, step])
+    for name, states in baselines.items():
+        add("relative_spread", name, "", BASELINE_STEP, [states], ~_missing_rows(states, name))
+    for name, states in baselines.items():
+        for step in range(latents.shape[1]):
+            both = ~missing[:, step] & ~_missing_rows(states, name)
+            add("spread_ratio", "latent", name, step, [latents[:, step], states], both)
+    return pd.DataFrame(rows, columns=["statistic", "representation", "reference", "step", "estimate", "ci_low",
+                                       "ci_high", "n"])
+
+
+def _checked_baselines(baselines, latents: np.ndarray) -> dict[str, np.ndarray]:
+    checked = {}
+    for name, states in dict(baselines or {}).items():
+        states = _as_float_array(states, 2, f"baseline {name!r}")
+        if states.shape[1] != latents.shape[2]:
+            raise LatentProbeError(
+                f"baseline {name!r} has hidden size {states.shape[1]}, latents have {latents.shape[2]}",
+                "record the baseline states at the same layer as the latents",
+            )
+        if states.shape[0] != latents.shape[0]:
+            raise LatentProbeError(
+                f"baseline {name!r} has {states.shape[0]} instances, latents have {latents.shape[0]}",
+                "pass one baseline state per instance, in the same order as the latents",
+            )
+        checked[name] = states
+    return checked
+
+
 def similarity_table(
     latents,
     baselines: Mapping[str, np.ndarray] | None,
@@ -277,36 +441,27 @@ def similarity_table(
     n_boot: int = DEFAULT_BOOTSTRAPS,
     confidence: float = DEFAULT_CONFIDENCE,
 ) -> pd.DataFrame:
-    """The tidy similarity table of one subject: latent curve per step plus baselines, raw and centred.
+    """The tidy similarity table of one subject: the collapse statistic and the cosine views.
 
-    Columns: ``subject, representation, centring, step, mean_similarity, ci_low, ci_high, n``.
-    ``representation`` is "latent" or a key of ``baselines`` (e.g. "image_mean", "prompt_last");
-    ``centring`` is "raw" or "centred"; ``step`` is the latent step (0 = first) and -1 for baselines.
-    The centred rows of every representation subtract ONE common mean: ``mean`` if given (e.g. the mean of
-    all token states of the layer), else the mean of ALL this subject's latent vectors (all instances and
-    steps). A shared origin keeps centred numbers comparable across rows; note that baseline states far from
-    the latent cloud then look alike, which makes "latents more similar than the baseline" conservative.
+    Columns: :data:`SIMILARITY_COLUMNS` (see the comment above it). Rows: ``relative_spread`` per latent step
+    and per baseline, ``spread_ratio`` per latent step and baseline (what the collapse verdict reads), and the
+    ``cosine`` view: mean cosine between instances per latent step and per baseline, raw and centred. The
+    centred cosine rows subtract ONE common mean from every representation: ``mean`` if given, else the mean of
+    ALL this subject's latent vectors (kept for comparison with earlier runs; see the module docstring).
+    ``baselines`` maps a name ("image_mean", "prompt_last") to (N, D) states of the same instances and layer.
 
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
     >>> latents = rng.normal(size=(8, 2, 4))
     >>> table = similarity_table(latents, {"prompt_last": rng.normal(size=(8, 4))}, "tiny", n_boot=50)
-    >>> table[["representation", "centring", "step"]].values.tolist()[:3]
-    [['latent', 'raw', 0], ['latent', 'raw', 1], ['prompt_last', 'raw', -1]]
+    >>> table.groupby("statistic").size().to_dict()
+    {'cosine': 6, 'relative_spread': 3, 'spread_ratio': 2}
     """
     latents = _as_float_array(latents, 3, "latents")
     origin = common_latent_mean(latents) if mean is None else _check_mean(mean, latents.shape[2])
-    baselines = dict(baselines or {})
-    for name, states in baselines.items():
-        states = _as_float_array(states, 2, f"baseline {name!r}")
-        if states.shape[1] != latents.shape[2]:
-            raise LatentProbeError(
-                f"baseline {name!r} has hidden size {states.shape[1]}, latents have {latents.shape[2]}",
-                "record the baseline states at the same layer as the latents",
-            )
-        baselines[name] = states
+    baselines = _checked_baselines(baselines, latents)
 
-    frames = []
+    frames = [spread_rows(latents, baselines, n_boot, confidence, seed).assign(centring="")]
     for offset, centring in enumerate(CENTRINGS):
         centre = centring == "centred"
         # A distinct seed per block keeps each block's bootstrap reproducible on its own.
@@ -315,8 +470,15 @@ def similarity_table(
         for index, (name, states) in enumerate(baselines.items(), start=1):
             row = baseline_similarity(states, centre, origin, n_boot, confidence, seed + offset + 10 * index)
             frames.append(row.assign(representation=name, centring=centring, step=BASELINE_STEP))
-    table = pd.concat(frames, ignore_index=True).rename(columns={"n_instances": "n"})
+    cosine = pd.concat(frames[1:], ignore_index=True).rename(columns={"n_instances": "n",
+                                                                    "mean_similarity": "estimate"})
+    cosine = cosine.assign(statistic="cosine", reference="")
+    table = pd.concat([frames[0], cosine], ignore_index=True)
     table["subject"] = subject
     table["step"] = table["step"].astype(int)
     table["n"] = table["n"].astype(int)
+    table["confidence"] = confidence
+    table["n_boot"] = n_boot
+    table["seed"] = seed
+    table["mean_similarity"] = table.estimate.where(table.statistic == "cosine")
     return table[SIMILARITY_COLUMNS]

@@ -13,6 +13,7 @@ from latentprobe.similarity import (
     inter_instance_similarity,
     intra_instance_similarity,
     offdiagonal_mean_by_step,
+    relative_spread,
     similarity_table,
 )
 
@@ -123,14 +124,23 @@ def test_similarity_table_is_tidy_and_centres_everything_on_one_mean(latents):
     baselines = {"image_mean": rng.normal(size=(12, 16)), "prompt_last": rng.normal(size=(12, 16))}
     table = similarity_table(latents, baselines, "tiny", seed=0, n_boot=100)
     assert table.columns.tolist() == SIMILARITY_COLUMNS
-    assert len(table) == 2 * (4 + 2)
-    assert set(table.centring) == {"raw", "centred"}
+    cosine = table[table.statistic == "cosine"]
+    assert len(cosine) == 2 * (4 + 2)
+    assert set(cosine.centring) == {"raw", "centred"}
     assert (table[table.representation != "latent"].step == -1).all()
     origin = common_latent_mean(latents)
-    centred_prompt = table[(table.representation == "prompt_last") & (table.centring == "centred")].iloc[0]
-    assert centred_prompt.mean_similarity == pytest.approx(
+    centred_prompt = cosine[(cosine.representation == "prompt_last") & (cosine.centring == "centred")].iloc[0]
+    assert centred_prompt.estimate == pytest.approx(
         offdiagonal_mean(direct_cosine(baselines["prompt_last"] - origin))
     )
+    assert (cosine.mean_similarity == cosine.estimate).all() and table[table.statistic != "cosine"].mean_similarity.isna().all()
+    spread = table[table.statistic == "relative_spread"]
+    assert len(spread) == 4 + 2 and set(spread.centring) == {""}
+    ratios = table[table.statistic == "spread_ratio"]
+    assert len(ratios) == 2 * 4 and set(ratios.reference) == {"image_mean", "prompt_last"}
+    step1 = ratios[(ratios.reference == "prompt_last") & (ratios.step == 1)].iloc[0]
+    assert step1.estimate == pytest.approx(relative_spread(latents[:, 1]) / relative_spread(baselines["prompt_last"]))
+    assert step1.ci_low <= step1.estimate <= step1.ci_high
     pd.testing.assert_frame_equal(table, similarity_table(latents, baselines, "tiny", seed=0, n_boot=100))
 
 
