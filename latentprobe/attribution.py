@@ -31,21 +31,16 @@ from .decoding import LATENT, TEXT, LatentDecoder, StepContext
 from .sites import Site, layer_modules
 
 
-def slot_steps(result, trigger_id: int | None) -> list[int]:
+def slot_steps(result) -> list[int]:
     """Per row, the decode step whose output holds the answer-slot logits (-1: the prefill's last position).
 
-    The slot is armed by feeding the trigger (the latent end token, a text mediator's close marker) and read at
-    the forward that took it as input; with no trigger, or a prompt ending in it, it is the prefill's output."""
-    length = result.prompt_length
+    Read from the decoder's own slot bookkeeping (`latentprobe.answer_slot`): a slot found in the output at
+    offset k is predicted by the forward of decode step k - 1. A forced slot (prefix appended after the run) or
+    a failed row has no step in the run to replay: -2."""
     out = []
-    for r in range(result.sequences.shape[0]):
-        if trigger_id is None or int(result.sequences[r, length - 1]) == trigger_id:
-            out.append(-1)
-            continue
-        ids = result.sequences[r, length:]
-        kinds = result.input_kinds[r, length:]
-        hits = ((ids == trigger_id) & (kinds == TEXT)).nonzero(as_tuple=True)[0]
-        out.append(int(hits[0]) if len(hits) else -2)  # -2: the row never reached its answer slot
+    for row in result.rows:
+        found = getattr(row, "answer_slot", None) in ("found", "found_inside_token")
+        out.append(int(row.answer_slot_offset) - 1 if found and row.answer_slot_offset >= 0 else -2)
     return out
 
 
@@ -98,7 +93,7 @@ def attribution_map(decoder: LatentDecoder, subject, chunk, grid, base, source, 
 
     result = base.result
     bsz = result.sequences.shape[0]
-    slots = slot_steps(result, decoder.answer_slot_trigger())
+    slots = slot_steps(result)
     reached = [s >= -1 for s in slots]
     needed = max([s for s in slots] + [-1]) + 1  # decode steps to replay
     layers = tuple(sorted(set(grid.layers)))
