@@ -19,7 +19,8 @@ ci_low         float   lower end of the (1 - alpha) interval (95% by default; se
 ci_high        float   upper end
 n              int     number of instances the estimate rests on (instances with a value for it)
 k              float   for a rate of events (answer changes): how many of the n instances changed; else NaN
-p_value        float   two-sided p-value for "the effect is 0" (exact binomial for rates, bootstrap otherwise)
+p_value        float   two-sided p-value for "the effect is 0": exact binomial for rates, a one-sample t-test over
+                       instances for means (see ``mean_p_value``), bootstrap for the latent change_ratio
 interval       str     "clopper-pearson" (exact binomial, for rates of 0/1 events) or "percentile bootstrap"
 mediator       str     for mediation metrics: "fed_back" (the fed-back latent vectors) or "all_layers" (the
                        latent positions' states at every layer); empty for the other metrics
@@ -117,6 +118,30 @@ def _bootstrap_p_value(replicates: np.ndarray, null: float = 0.0) -> np.ndarray:
         above = (np.where(valid, replicates >= null, False).sum(axis=0) + 1) / (count + 1)
         p = np.minimum(1.0, 2 * np.minimum(below, above))
     return np.where(count > 0, p, np.nan)
+
+
+def mean_p_value(values: np.ndarray) -> np.ndarray:
+    """Per-column two-sided p-value for "the mean is 0" from a one-sample t-test over instances (NaN = no value).
+
+    Why not the bootstrap's own p-value: at n = 20 the percentile bootstrap is too narrow (it ignores the
+    t-distribution's heavier tails and the (n-1)/n variance shrinkage); measured by simulation, its p < 0.05
+    came in 6.9% of runs under a true null for one row and 9.6% for six Holm-adjusted rows, against the 5% a
+    test promises. The t-test holds its level (``tests/test_calibration.py``). A column whose values are all
+    equal gives p = 1 when they are 0 and p = 0 otherwise.
+    """
+    from scipy.stats import ttest_1samp
+
+    values = np.atleast_2d(np.asarray(values, dtype=float).T).T
+    out = np.full(values.shape[1], np.nan)
+    for j in range(values.shape[1]):
+        column = values[:, j][~np.isnan(values[:, j])]
+        if len(column) == 0:
+            continue
+        if np.ptp(column) == 0:
+            out[j] = 1.0 if column[0] == 0 else 0.0
+        elif len(column) >= 2:
+            out[j] = float(ttest_1samp(column, 0.0).pvalue)
+    return out
 
 
 def exact_rate(events, alpha: float = 0.05) -> dict:
@@ -230,7 +255,7 @@ def _summarise_matrix(per_instance: pd.DataFrame, n_boot: int, seed: int, alpha:
     estimate, replicates = _bootstrap_column_means(values, n_boot, seed)
     low, high = _percentile_interval(replicates, alpha)
     return _result_frame(per_instance.columns, estimate, low, high, (~np.isnan(values)).sum(axis=0),
-                         p_value=_bootstrap_p_value(replicates))
+                         p_value=mean_p_value(values))
 
 
 def _result_frame(metrics, estimate, low, high, n, p_value=None) -> pd.DataFrame:

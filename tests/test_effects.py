@@ -295,13 +295,16 @@ def test_answer_changed_mediation_effects_are_exact_rates():
     assert table.loc["interaction", "interval"] == "percentile bootstrap"  # a difference, not a rate
 
 
-def test_bootstrap_p_value_matches_the_interval_it_comes_from():
+def test_summary_p_values_agree_with_the_interval_and_a_t_test():
     rng = np.random.default_rng(3)
     far = pd.DataFrame({"y": rng.normal(1.0, 1.0, 60)})
     near = pd.DataFrame({"y": rng.normal(0.0, 1.0, 60)})
     from latentprobe.effects import _summarise_matrix
 
     far_row, near_row = _summarise_matrix(far, 2000, 0, 0.05).iloc[0], _summarise_matrix(near, 2000, 0, 0.05).iloc[0]
+    from scipy.stats import ttest_1samp
+
+    assert near_row.p_value == pytest.approx(ttest_1samp(near.y, 0).pvalue)
     assert far_row.p_value < 0.01 and far_row.ci_low > 0
     assert near_row.p_value > 0.05 and near_row.ci_low < 0 < near_row.ci_high
     zeros = _summarise_matrix(pd.DataFrame({"y": np.zeros(10)}), 200, 0, 0.05).iloc[0]
@@ -313,3 +316,12 @@ def test_unapplied_rows_are_left_out_of_summaries():
     rows["applied"] = [True] * (len(rows) - 1) + [False]
     table = summarize(rows, seed=0, n_boot=50).set_index("metric")
     assert table.loc["flip_rate", "n"] == rows.instance_id[rows.applied].nunique()
+
+
+def test_bootstrap_p_value_is_the_level_at_which_the_interval_excludes_the_null():
+    from latentprobe.effects import _bootstrap_p_value
+
+    replicates = np.column_stack([np.linspace(-1, 3, 1001), np.zeros(1001), np.full(1001, np.nan)])
+    p = _bootstrap_p_value(replicates)
+    assert p[0] == pytest.approx(2 * 252 / 1002, abs=1e-9)  # 251 replicates <= 0, plus one
+    assert p[1] == 1.0 and np.isnan(p[2])
