@@ -101,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bootstrap", type=int, default=1000)
 
+    p = sub.add_parser("plan", help="from a pilot run: instances needed to decide, smallest effect ruled out")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders written by `latentprobe intervene`")
+    p.add_argument("--margin", type=float, default=None,
+                   help="equivalence margin for answer-change rates, correctness and gold probability (default 0.05)")
+    p.add_argument("--alpha", type=float, default=0.05, help="error rate of intervals and tests (default 0.05)")
+    p.add_argument("--power", type=float, default=0.8, help="power to plan for (default 0.8)")
+
     p = sub.add_parser("demo", help="the whole analysis on the built-in organisms, with a report (a few minutes)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--n-instances", "--instances", dest="instances", type=int, default=None,
@@ -291,6 +298,16 @@ def _cmd_report(args):
     labels = [v.strip() for v in args.labels.split(",") if v.strip()]
     md, html = build_report(args.runs, args.out, attributes=labels, seed=args.seed, n_boot=args.bootstrap)
     print_block("latentprobe report", [f"markdown  {md}", f"html      {html}"])
+
+
+def _cmd_plan(args):
+    from .planning import plan_lines, plan_runs
+    from .verdicts import Margins
+
+    margin = {} if args.margin is None else dict(answer_change=args.margin, correctness=args.margin,
+                                                 gold_prob=args.margin)
+    margins = Margins(alpha=args.alpha, power=args.power, **margin)
+    print_block("latentprobe plan: instances needed per finding", plan_lines(plan_runs(args.runs, margins)))
 
 
 def _cmd_demo(args):
