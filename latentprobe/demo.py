@@ -46,6 +46,9 @@ def run_demo(out_dir: str | Path, *, n_instances: int = DEMO_N_INSTANCES, seed: 
     from .subjects import load_subject
     from .tracing import trace
 
+    if isinstance(n_instances, bool) or not isinstance(n_instances, int) or n_instances < 2:
+        raise LatentProbeError(f"demo n_instances={n_instances!r} is not a whole number >= 2",
+                               f"pass --n-instances of at least 2 (default {DEMO_N_INSTANCES})")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise LatentProbeError(f"demo output folder {out_dir} exists and is not empty", "choose a new --out folder")
@@ -53,8 +56,8 @@ def run_demo(out_dir: str | Path, *, n_instances: int = DEMO_N_INSTANCES, seed: 
     subjects = subjects or available_subjects()
     data_file = demo_data()
     available = load_jsonl(data_file, split="test")
-    if isinstance(n_instances, bool) or not isinstance(n_instances, int) or not 2 <= n_instances <= len(available):
-        raise LatentProbeError(f"demo n_instances={n_instances!r} is not a whole number in 2..{len(available)}",
+    if n_instances > len(available):
+        raise LatentProbeError(f"demo n_instances={n_instances!r} is more than the {len(available)} held-out questions",
                                f"pass --n-instances between 2 and {len(available)} (default {DEMO_N_INSTANCES})")
     instances = available[:n_instances]
     say(f"data      {len(instances)} held-out mental-transformation questions ({data_file})")
