@@ -144,6 +144,8 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
     bar.close()
     rows = run.result_rows(TraceStore(out_dir))
     table = _summaries(rows, n_boot, seed)
+    if subject.mediator == "text" and "mediator" in table.columns:  # the pinned mediator is the imagination text
+        table.loc[table["mediator"] == "fed_back", "mediator"] = "text"
     latent_change = _latent_change(run, clean, instances, n_boot, seed)
     _write_tables(Path(out_dir), rows, table, latent_change)
     return InterventionSummary(str(out_dir), len(instances), len(run.failures), [iv.name for iv in interventions],

@@ -142,7 +142,8 @@ def verdict_latent_answer(effects: pd.DataFrame | None, subject: str, margins: M
     if secondary:
         verdict.evidence += f". Secondary: {secondary}"
     verdict.details["disruption"] = disruption.verdict if disruption else ""
-    verdict.details["mediator"] = FED_BACK
+    text = tidy.target.eq("text").any() or tidy.mediator_definition.eq("text").any()
+    verdict.details["mediator"] = "text" if text else FED_BACK
     return verdict
 
 
@@ -150,7 +151,8 @@ def _primary_rows(tidy: pd.DataFrame) -> pd.DataFrame:
     """Answer-change rates of latent/text edits, and NIE on answer change (fed-back mediator) of input edits;
     NIE on correctness stands in for an input intervention recorded without answer_changed."""
     edits = tidy[tidy.target.isin(["latent", "text"]) & (tidy.metric_base == PRIMARY_ANSWER_METRIC)]
-    fed_back = tidy[(tidy.mediator_definition == FED_BACK) & (tidy.target == "input")]
+    # the deciding definition: the fed-back vectors (or a text mediator's text), not the all-layers variant
+    fed_back = tidy[(tidy.mediator_definition != ALL_LAYERS) & (tidy.target == "input")]
     changed = fed_back[fed_back.metric_base == PRIMARY_NIE]
     with_changed = set(changed.intervention)
     fallback = fed_back[(fed_back.metric_base == FALLBACK_NIE) & ~fed_back.intervention.isin(with_changed)]
@@ -162,7 +164,7 @@ def _secondary_text(tidy: pd.DataFrame) -> str:
     full = tidy[(tidy.mediator_definition == ALL_LAYERS) & (tidy.metric_base.isin([PRIMARY_NIE, "NDE_" + CHANGE_OUTCOME]))]
     for _, r in full.iterrows():
         parts.append(f"{r.intervention} {r.metric_base} (all_layers mediator) {_interval(r)}")
-    correctness = tidy[(tidy.mediator_definition == FED_BACK) & (tidy.metric_base == "NIE_correct")]
+    correctness = tidy[(tidy.mediator_definition != ALL_LAYERS) & (tidy.metric_base == "NIE_correct")]
     for _, r in correctness.iterrows():
         parts.append(f"{r.intervention} NIE_correct {_interval(r)}")
     return "; ".join(parts)
