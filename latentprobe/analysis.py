@@ -226,8 +226,9 @@ def effect_tables(run_dirs: Sequence[str | Path]) -> pd.DataFrame | None:
             table = pd.read_parquet(change)
             if len(table):
                 table = table.assign(target="input")
-                frames.append(table[["subject", "target", "intervention", "metric", "estimate", "ci_low",
-                                     "ci_high", "n", "step"]])
+                keep = ["subject", "target", "intervention", "metric", "estimate", "ci_low", "ci_high", "n", "step"]
+                keep += [c for c in ("p_value", "interval") if c in table.columns]
+                frames.append(table[keep])
     if not frames:
         return None
     return pd.concat(frames, ignore_index=True)
@@ -235,9 +236,14 @@ def effect_tables(run_dirs: Sequence[str | Path]) -> pd.DataFrame | None:
 
 def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attributes: Sequence[str] = (),
                  seed: int = 0, n_boot: int = 1000, title: str | None = None,
-                 probe_kwargs: dict | None = None) -> tuple[Path, Path]:
-    """Everything measured in ``run_dirs`` (traces and intervention runs) into report.md and report.html."""
-    from .report import all_verdicts, write_report
+                 probe_kwargs: dict | None = None, margins=None) -> tuple[Path, Path]:
+    """Everything measured in ``run_dirs`` (traces and intervention runs) into report.md and report.html, with
+    verdicts.csv (one decision per subject x finding, columns ``verdicts.VERDICT_COLUMNS``) and
+    verdict-rows.csv (every row each verdict combined, with its own decision)."""
+    from .report import write_report
+    from .verdicts import Margins, evidence_rows, judge, verdict_table
+
+    margins = Margins() if margins is None else margins
 
     out_dir = Path(out_dir)
     figure_dir = out_dir / "figures"
@@ -276,11 +282,11 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
         if effects.target.isin(["latent", "text"]).any() or (effects.metric == "NIE_correct").any():
             figures.setdefault("latent_answer", []).extend(fig.plot_effects_forest(
                 effects, figure_dir / "effects-latent-answer", metrics=["flip_rate", "accuracy_change", "NIE_correct"],
-                reference_lines={"flip_rate": 0.1}))
+                reference_lines={"flip_rate": margins.answer_change}))
         if "step" in effects.columns and effects.step.notna().any():
             figures.setdefault("input_latent", []).extend(fig.plot_effects_forest(
                 effects, figure_dir / "effects-input-latent", metrics=["change_ratio"],
-                reference_lines={"change_ratio": 0.2}))
+                reference_lines={"change_ratio": margins.change_ratio}))
     data = {"runs": [str(d) for d in run_dirs],
             "sources": sorted({str(s.manifest.get("data", {}).get("source")) for s in stores}),
             # the instances actually on disk (an interrupted run holds fewer than its manifest asked for)
@@ -292,9 +298,13 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
         data["WARNING: incomplete runs"] = " ".join(incomplete)
     kwargs = {"title": title} if title else {}
     md, html = write_report(out_dir, subjects=subjects, data=data, effects=effects, similarity=similarity,
-                            probes=probes, figures=figures, **kwargs)
-    verdicts = all_verdicts([s["name"] for s in subjects], effects=effects, similarity=similarity, probes=probes)
-    _write_table(verdicts, out_dir / "verdicts")
+                            probes=probes, figures=figures, margins=margins, **kwargs)
+    judged = judge([s["name"] for s in subjects], effects=effects, similarity=similarity, probes=probes,
+                   margins=margins)
+    _write_table(verdict_table(judged), out_dir / "verdicts")
+    rows = evidence_rows(judged)
+    if len(rows):
+        _write_table(rows, out_dir / "verdict-rows")
     return md, html
 
 

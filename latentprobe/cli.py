@@ -171,10 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=T.int_at_least(100), default=1000,
                    help="bootstrap resamples for the 95%% intervals (>= 100)")
 
+    p = sub.add_parser("plan", help="from a pilot run: instances needed to decide, smallest effect ruled out")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders written by `latentprobe intervene`")
+    p.add_argument("--margin", type=float, default=None,
+                   help="equivalence margin for answer-change rates, correctness and gold probability (default 0.05)")
+    p.add_argument("--alpha", type=float, default=0.05, help="error rate of intervals and tests (default 0.05)")
+    p.add_argument("--power", type=float, default=0.8, help="power to plan for (default 0.8)")
+
     p = sub.add_parser("demo", help="the whole analysis on the built-in organisms, with a report (a few minutes)")
     p.add_argument("--out", default="runs/demo", type=T.output_folder, help="output folder (must be new)")
-    p.add_argument("--instances", type=T.int_at_least(2), default=48,
-                   help="held-out questions per subject (>= 2: swaps need a donor)")
+    p.add_argument("--n-instances", "--instances", dest="instances", type=T.int_at_least(2), default=None,
+                   help="held-out questions per subject (None: 80, enough for `disconnect` at margin 0.05; "
+                        ">= 2: swaps need a donor)")
     p.add_argument("--subjects", default=None, help="comma-separated subjects (None: all shipped organisms)")
     p.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of every random choice")
 
@@ -529,12 +537,24 @@ def verdict_lines(verdicts_csv) -> list[str]:
     return verdicts.pivot(index="subject", columns="finding", values="verdict").to_string().splitlines()
 
 
+def _cmd_plan(args):
+    from .planning import plan_lines, plan_runs
+    from .verdicts import Margins
+
+    margin = {} if args.margin is None else dict(answer_change=args.margin, correctness=args.margin,
+                                                 gold_prob=args.margin)
+    margins = Margins(alpha=args.alpha, power=args.power, **margin)
+    print_block("latentprobe plan: instances needed per finding", plan_lines(plan_runs(args.runs, margins)))
+
+
 def _cmd_demo(args):
     from .demo import run_demo
 
     subjects = [s.strip() for s in args.subjects.split(",")] if args.subjects else None
-    result = run_demo(args.out, n_instances=args.instances, seed=args.seed, subjects=subjects,
-                      progress=sys.stderr.isatty())
+    from .demo import DEMO_N_INSTANCES
+
+    result = run_demo(args.out, n_instances=DEMO_N_INSTANCES if args.instances is None else args.instances,
+                      seed=args.seed, subjects=subjects, progress=sys.stderr.isatty())
     lines = verdict_lines(result["verdicts"])
     lines += ["", f"report    {result['report_html']}", f"markdown  {result['report_md']}",
               f"took      {result['seconds']:.0f}s"]

@@ -19,6 +19,9 @@ from .errors import LatentProbeError
 log = logging.getLogger(__name__)
 
 DEMO_ORGANISMS = ("bottleneck", "shortcut", "mirage", "lvr", "capimagine", "direct")
+# Enough held-out questions for an organism without a latent route to reach `disconnect` at the default margin:
+# 0 answer changes in n give an exact 95% upper bound of 1 - 0.025^(1/n), below 0.05 from n = 72 on.
+DEMO_N_INSTANCES = 80
 
 
 def available_subjects() -> list[str]:
@@ -29,8 +32,13 @@ def available_subjects() -> list[str]:
     return found or ["tiny"]
 
 
-def run_demo(out_dir: str | Path, *, n_instances: int = 48, seed: int = 0, subjects: list[str] | None = None,
-             n_boot: int = 500, progress: bool = False, say=print) -> dict:
+def run_demo(out_dir: str | Path, *, n_instances: int = DEMO_N_INSTANCES, seed: int = 0,
+             subjects: list[str] | None = None, n_boot: int = 500, progress: bool = False, say=print,
+             margins=None) -> dict:
+    """Trace, intervene (with both mediator definitions) and report on each subject; returns the paths made.
+
+    ``n_instances`` held-out questions per subject (at least 2, at most the test split); ``margins`` are the
+    verdicts' `latentprobe.verdicts.Margins` (default margins when None)."""
     from .analysis import build_report
     from .intervening import intervene
     from .interventions import make_interventions
@@ -38,13 +46,20 @@ def run_demo(out_dir: str | Path, *, n_instances: int = 48, seed: int = 0, subje
     from .subjects import load_subject
     from .tracing import trace
 
+    if isinstance(n_instances, bool) or not isinstance(n_instances, int) or n_instances < 2:
+        raise LatentProbeError(f"demo n_instances={n_instances!r} is not a whole number >= 2",
+                               f"pass --n-instances of at least 2 (default {DEMO_N_INSTANCES})")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise LatentProbeError(f"demo output folder {out_dir} exists and is not empty", "choose a new --out folder")
     started = time.time()
     subjects = subjects or available_subjects()
     data_file = demo_data(n_instances)
-    instances = load_jsonl(data_file, split="test")[:n_instances]
+    available = load_jsonl(data_file, split="test")
+    if n_instances > len(available):
+        raise LatentProbeError(f"demo n_instances={n_instances!r} is more than the {len(available)} held-out questions",
+                               f"pass --n-instances between 2 and {len(available)} (default {DEMO_N_INSTANCES})")
+    instances = available[:n_instances]
     say(f"data      {len(instances)} held-out mental-transformation questions ({data_file})")
     runs = []
     for name in subjects:
@@ -62,7 +77,7 @@ def run_demo(out_dir: str | Path, *, n_instances: int = 48, seed: int = 0, subje
             interventions += make_interventions("text", ["text-swap", "text-shuffle"], seed=seed)
         iv_dir = out_dir / "runs" / f"{name}-intervene"
         intervene(subject, instances, interventions, iv_dir, config=config, batch_size=16, seed=seed,
-                  n_boot=n_boot, progress=progress, data_source=str(data_file))
+                  n_boot=n_boot, progress=progress, data_source=str(data_file), mediators=("fed_back", "all_layers"))
         runs.append(iv_dir)
         say(f"subject   {name:<11} accuracy {summary.accuracy:.2f}, latent steps {summary.mean_latent_steps:.1f}, "
             f"{len(interventions)} interventions ({time.time() - started:.0f}s)")
@@ -70,7 +85,7 @@ def run_demo(out_dir: str | Path, *, n_instances: int = 48, seed: int = 0, subje
     # A lighter probe grid than the CLI default keeps the demo within minutes; `latentprobe probe` is thorough.
     fast_probes = dict(n_splits=3, inner_splits=2, Cs=(0.1, 1.0))
     md, html = build_report(runs, out_dir / "report", attributes=attributes, seed=seed, n_boot=n_boot,
-                            probe_kwargs=fast_probes,
+                            probe_kwargs=fast_probes, margins=margins,
                             title="latentprobe demo: do the organisms' latent tokens carry the image to the answer?")
     return {"report_md": md, "report_html": html, "runs": runs, "seconds": time.time() - started,
             "verdicts": out_dir / "report" / "verdicts.csv"}

@@ -15,10 +15,22 @@ target         str     what the intervention edited (e.g. "latent", "input", "te
 intervention   str     the intervention's name, as recorded in the traces
 metric         str     see below
 estimate       float   mean over instances; NaN when n == 0
-ci_low         float   lower end of the percentile paired-bootstrap interval (95% by default)
+ci_low         float   lower end of the (1 - alpha) interval (95% by default; see ``interval``)
 ci_high        float   upper end
 n              int     number of instances the estimate rests on (instances with a value for it)
+k              float   for a rate of events (answer changes): how many of the n instances changed; else NaN
+p_value        float   two-sided p-value for "the effect is 0": exact binomial for rates, a one-sample t-test over
+                       instances for means (see ``mean_p_value``), bootstrap for the latent change_ratio
+interval       str     "clopper-pearson" (exact binomial, for rates of 0/1 events) or "percentile bootstrap"
+mediator       str     for mediation metrics: "fed_back" (the fed-back latent vectors) or "all_layers" (the
+                       latent positions' states at every layer); empty for the other metrics
 ============== ======= ================================================================================
+
+Rates of events (``flip_rate`` and the mediation effects on ``answer_changed``, whose clean value is 0 by
+definition) get exact Clopper-Pearson intervals from ``scipy.stats.binomtest``: zero changes in n instances
+still give an honest upper bound (about 3.7/n at 95%), where a bootstrap of zeros would give [0, 0].
+Means of continuous or signed outcomes (accuracy change, gold probability, NIE on correctness) keep the
+paired bootstrap.
 
 Metric names:
 
@@ -43,7 +55,15 @@ import pandas as pd
 
 from .errors import LatentProbeError
 
-RESULT_COLUMNS = ("metric", "estimate", "ci_low", "ci_high", "n")
+RESULT_COLUMNS = ("metric", "estimate", "ci_low", "ci_high", "n", "k", "p_value", "interval")
+BOOTSTRAP, EXACT = "percentile bootstrap", "clopper-pearson"
+# Metrics that are rates of 0/1 events per instance: exact binomial intervals when every instance is 0 or 1.
+RATE_METRICS = ("flip_rate",)
+# The mediation outcome "answer changed from the clean answer": 0 in the clean run by definition, so its
+# TE/NDE/NIE are rates of changed answers (the primary latent -> answer outcome).
+CHANGE_OUTCOME = "answer_changed"
+# Outcome columns for the full mediator (latent states at every layer) end with this suffix.
+ALL_LAYERS_SUFFIX = "_all_layers"
 MEDIATION_SUFFIXES = ("x0_z0", "x1_z1", "x0_z1", "x1_z0")
 ANSWER_COLUMNS = ("clean_correct", "intervened_correct", "clean_parsed", "intervened_parsed")
 DEFAULT_KL_EPSILON = 1e-6
@@ -85,6 +105,67 @@ def _percentile_interval(replicates: np.ndarray, alpha: float) -> tuple[np.ndarr
         warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column is a legitimate "not measured"
         low, high = np.nanquantile(replicates, [alpha / 2, 1 - alpha / 2], axis=0)
     return low, high
+
+
+def _bootstrap_p_value(replicates: np.ndarray, null: float = 0.0) -> np.ndarray:
+    """Per-column two-sided bootstrap p-value for "the statistic equals ``null``": the smallest alpha whose
+    percentile interval excludes it, 2 x min(share of replicates <= null, share >= null), floored at
+    1 / (replicates + 1) so no p-value is exactly 0. NaN for a column without replicates."""
+    valid = ~np.isnan(replicates)
+    count = valid.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        below = (np.where(valid, replicates <= null, False).sum(axis=0) + 1) / (count + 1)
+        above = (np.where(valid, replicates >= null, False).sum(axis=0) + 1) / (count + 1)
+        p = np.minimum(1.0, 2 * np.minimum(below, above))
+    return np.where(count > 0, p, np.nan)
+
+
+def mean_p_value(values: np.ndarray) -> np.ndarray:
+    """Per-column two-sided p-value for "the mean is 0" from a one-sample t-test over instances (NaN = no value).
+
+    Why not the bootstrap's own p-value: at n = 20 the percentile bootstrap is too narrow (it ignores the
+    t-distribution's heavier tails and the (n-1)/n variance shrinkage); measured by simulation, its p < 0.05
+    came in 6.9% of runs under a true null for one row and 9.6% for six Holm-adjusted rows, against the 5% a
+    test promises. The t-test holds its level (``tests/test_calibration.py``). A column whose values are all
+    equal gives p = 1 when they are 0 and p = 0 otherwise.
+    """
+    from scipy.stats import ttest_1samp
+
+    values = np.atleast_2d(np.asarray(values, dtype=float).T).T
+    out = np.full(values.shape[1], np.nan)
+    for j in range(values.shape[1]):
+        column = values[:, j][~np.isnan(values[:, j])]
+        if len(column) == 0:
+            continue
+        if np.ptp(column) == 0:
+            out[j] = 1.0 if column[0] == 0 else 0.0
+        elif len(column) >= 2:
+            out[j] = float(ttest_1samp(column, 0.0).pvalue)
+    return out
+
+
+def exact_rate(events, alpha: float = 0.05) -> dict:
+    """Rate of 0/1 events with its exact (Clopper-Pearson) two-sided (1 - alpha) interval.
+
+    Returns ``estimate, ci_low, ci_high, n, k, p_value, interval``. ``p_value`` tests "the rate is 0": a single
+    event is impossible under it, so it is 1 when k = 0 and 0 otherwise. NaN rows of ``events`` are dropped.
+
+    >>> row = exact_rate(np.zeros(20))
+    >>> round(row["ci_high"], 3), row["k"], row["n"]
+    (0.168, 0, 20)
+    """
+    from scipy.stats import binomtest
+
+    values = np.asarray(events, dtype=float)
+    values = values[~np.isnan(values)]
+    if not np.isin(values, (0.0, 1.0)).all():
+        raise LatentProbeError("exact_rate needs 0/1 events per instance", "pass one 0 or 1 per instance")
+    n, k = len(values), int(values.sum())
+    if n == 0:
+        return dict(estimate=np.nan, ci_low=np.nan, ci_high=np.nan, n=0, k=0, p_value=np.nan, interval=EXACT)
+    interval = binomtest(k, n).proportion_ci(confidence_level=1 - alpha, method="exact")
+    return dict(estimate=k / n, ci_low=float(interval.low), ci_high=float(interval.high), n=n, k=k,
+                p_value=1.0 if k == 0 else 0.0, interval=EXACT)
 
 
 def _bca_interval(values: np.ndarray, statistic: Callable, estimate: float, replicates: np.ndarray,
@@ -173,14 +254,34 @@ def _summarise_matrix(per_instance: pd.DataFrame, n_boot: int, seed: int, alpha:
     values = per_instance.to_numpy(dtype=float)
     estimate, replicates = _bootstrap_column_means(values, n_boot, seed)
     low, high = _percentile_interval(replicates, alpha)
-    return _result_frame(per_instance.columns, estimate, low, high, (~np.isnan(values)).sum(axis=0))
+    return _result_frame(per_instance.columns, estimate, low, high, (~np.isnan(values)).sum(axis=0),
+                         p_value=mean_p_value(values))
 
 
-def _result_frame(metrics, estimate, low, high, n) -> pd.DataFrame:
+def _result_frame(metrics, estimate, low, high, n, p_value=None) -> pd.DataFrame:
     frame = pd.DataFrame({"metric": list(metrics), "estimate": estimate, "ci_low": low, "ci_high": high,
-                          "n": np.asarray(n, dtype=int)})
+                          "n": np.asarray(n, dtype=int), "k": np.nan,
+                          "p_value": np.nan if p_value is None else p_value, "interval": BOOTSTRAP})
     # Interval endpoints are NaN wherever the estimate is: no instance, no interval.
-    frame.loc[frame["n"] == 0, ["estimate", "ci_low", "ci_high"]] = np.nan
+    frame.loc[frame["n"] == 0, ["estimate", "ci_low", "ci_high", "p_value"]] = np.nan
+    return frame
+
+
+def _use_exact_rates(frame: pd.DataFrame, per_instance: pd.DataFrame, metrics, alpha: float) -> pd.DataFrame:
+    """Replace the bootstrap rows of rate metrics by exact binomial ones where every instance is 0 or 1 (several
+    seeds of one instance averaged to a fraction keep the bootstrap)."""
+    frame = frame.copy()
+    for metric in metrics:
+        if metric not in per_instance.columns:
+            continue
+        values = per_instance[metric].to_numpy(dtype=float)
+        values = values[~np.isnan(values)]
+        if len(values) == 0 or not np.isin(values, (0.0, 1.0)).all():
+            continue
+        row = exact_rate(values, alpha)
+        where = frame.index[frame.metric == metric]
+        for column, value in row.items():
+            frame.loc[where, column] = value
     return frame
 
 
@@ -234,7 +335,8 @@ def mediation_effects(df: pd.DataFrame, outcome: str, seed: int, n_boot: int = 2
 
     Instances missing any of the four outcomes are dropped, so all four effects rest on the same instances; rows
     sharing an ``instance_id`` are averaged. All effects are bootstrapped from the same resampled instances.
-    Returns columns ``outcome, metric, estimate, ci_low, ci_high, n`` with metric TE, NDE, NIE, interaction.
+    Returns columns ``outcome, metric, estimate, ci_low, ci_high, n, k, p_value, interval`` with metric TE, NDE,
+    NIE, interaction (exact binomial rows for the ``answer_changed`` outcome, see the module docstring).
 
     >>> df = pd.DataFrame({"instance_id": ["a", "b"], "y_x0_z0": [1, 1], "y_x1_z1": [0, 1],
     ...                    "y_x0_z1": [1, 0], "y_x1_z0": [0, 1]})
@@ -253,7 +355,11 @@ def mediation_effects(df: pd.DataFrame, outcome: str, seed: int, n_boot: int = 2
     })
     effects["interaction"] = effects["TE"] - effects["NDE"] - effects["NIE"]
     instance_ids = df["instance_id"][complete] if "instance_id" in df.columns else None
-    result = _summarise_matrix(_mean_per_instance(effects, instance_ids), n_boot, seed, alpha)
+    per_instance = _mean_per_instance(effects, instance_ids)
+    result = _summarise_matrix(per_instance, n_boot, seed, alpha)
+    if outcome.removesuffix(ALL_LAYERS_SUFFIX) == CHANGE_OUTCOME and (clean == 0).all():
+        # Y(x0, Z(x0)) is the clean answer itself: each effect is a rate of changed answers.
+        result = _use_exact_rates(result, per_instance, ("TE", "NDE", "NIE"), alpha)
     result.insert(0, "outcome", outcome)
     return result
 
@@ -360,7 +466,9 @@ def answer_change_metrics(df: pd.DataFrame, seed: int, n_boot: int = 2000, alpha
     _require_columns(df, ANSWER_COLUMNS, "answer_change_metrics")
     per_row = _answer_change_per_row(df, epsilon)
     instance_ids = df["instance_id"] if "instance_id" in df.columns else None
-    return _summarise_matrix(_mean_per_instance(per_row, instance_ids), n_boot, seed, alpha)
+    per_instance = _mean_per_instance(per_row, instance_ids)
+    return _use_exact_rates(_summarise_matrix(per_instance, n_boot, seed, alpha), per_instance, RATE_METRICS,
+                            alpha)
 
 
 # --------------------------------------------------------------------------------------------- latent change
@@ -427,7 +535,8 @@ def _latent_step_rows(per_instance: pd.DataFrame, n_boot: int, seed: int, alpha:
     low, high = _percentile_interval(np.column_stack([replicates[:, :4], ratio_replicates]), alpha)
     counts = (~np.isnan(values)).sum(axis=0)
     n = np.append(counts[:4], min(counts[1], counts[4]))
-    return _result_frame(LATENT_METRICS, estimate, low, high, n)
+    p_value = _bootstrap_p_value(np.column_stack([replicates[:, :4], ratio_replicates]))
+    return _result_frame(LATENT_METRICS, estimate, low, high, n, p_value=p_value)
 
 
 def latent_change_metrics(clean, intervened, step_mask=None, seed: int = 0, n_boot: int = 2000,
@@ -490,9 +599,15 @@ def _summarize_group(rows: pd.DataFrame, seed: int, n_boot: int, alpha: float) -
         frames.append(answer_change_metrics(rows, seed=seed, n_boot=n_boot, alpha=alpha))
     for outcome in _mediation_outcomes(list(rows.columns)):
         effects = mediation_effects(rows, outcome, seed=seed, n_boot=n_boot, alpha=alpha)
-        effects["metric"] = effects["metric"] + "_" + outcome
+        full = outcome.endswith(ALL_LAYERS_SUFFIX)
+        effects["metric"] = effects["metric"] + "_" + outcome.removesuffix(ALL_LAYERS_SUFFIX)
+        effects["mediator"] = "all_layers" if full else "fed_back"
         frames.append(effects.drop(columns="outcome"))
-    return pd.concat(frames, ignore_index=True)
+    table = pd.concat(frames, ignore_index=True)
+    if "mediator" not in table.columns:
+        table["mediator"] = ""
+    table["mediator"] = table["mediator"].fillna("")
+    return table
 
 
 def summarize(rows: pd.DataFrame, group_cols: Sequence[str] = ("subject", "target", "intervention"),
@@ -509,12 +624,15 @@ def summarize(rows: pd.DataFrame, group_cols: Sequence[str] = ("subject", "targe
     ...                      "intervened_parsed": ["C", "B"]})
     >>> table = summarize(rows, n_boot=100)
     >>> list(table.columns)
-    ['subject', 'target', 'intervention', 'metric', 'estimate', 'ci_low', 'ci_high', 'n']
+    ['subject', 'target', 'intervention', 'metric', 'estimate', 'ci_low', 'ci_high', 'n', 'k', 'p_value', 'interval', 'mediator']
     >>> table.set_index("metric").loc["accuracy_change", "estimate"]
     np.float64(-0.5)
     """
     group_cols = list(group_cols)
     _require_columns(rows, group_cols, "summarize")
+    if "applied" in rows.columns:
+        # An edit the decoder could not apply (e.g. the instance never entered latent mode) is not a measurement.
+        rows = rows[rows["applied"].fillna(True).astype(bool)]
     has_answers = all(name in rows.columns for name in ANSWER_COLUMNS)
     if not has_answers and not _mediation_outcomes(list(rows.columns)):
         raise LatentProbeError("summarize: rows carry neither answer columns nor mediation outcome columns",
@@ -526,5 +644,5 @@ def summarize(rows: pd.DataFrame, group_cols: Sequence[str] = ("subject", "targe
             summary[name] = value
         frames.append(summary)
     if not frames:
-        return pd.DataFrame(columns=[*group_cols, *RESULT_COLUMNS])
-    return pd.concat(frames, ignore_index=True)[[*group_cols, *RESULT_COLUMNS]]
+        return pd.DataFrame(columns=[*group_cols, *RESULT_COLUMNS, "mediator"])
+    return pd.concat(frames, ignore_index=True)[[*group_cols, *RESULT_COLUMNS, "mediator"]]

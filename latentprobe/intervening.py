@@ -5,7 +5,12 @@ For every instance: one clean run (X = x0, Z = Z(x0)); then, batch by batch,
 * latent interventions, all decoded side by side from ONE prefill of the prompt (nothing a latent edit does can
   change the prompt's keys and values), so a sweep of M edits costs one prefill plus one batched decode;
 * input interventions x1, each with the two mediation runs that pin the mediator: Y(x1, Z(x0)) (treated input,
-  clean latents) and Y(x0, Z(x1)) (clean input, the treated run's latents; decoded from the clean prefill);
+  clean latents) and Y(x0, Z(x1)) (clean input, the treated run's latents; decoded from the clean prefill).
+  Two definitions of the mediator Z (``mediators``): ``"fed_back"`` (default; the fed-back latent vectors, i.e.
+  layer 0 at the latent positions: the latent positions may still read the image in upper layers, a route that
+  then counts as direct) and ``"all_layers"`` (the latent positions' states at every layer taken from the
+  other run: the full mediator, so NDE is only what the answer reads from the image itself). The outcome
+  columns of the second end in ``_all_layers`` and its effects rows say ``mediator = all_layers``;
 * text interventions on a text mediator: the rewritten imagination is forced after the prompt, then the model
   answers.
 
@@ -28,17 +33,19 @@ import torch
 
 from .data import Instance, load_images
 from .decoding import DecodeConfig, DecodeResult, LatentDecoder, RowOutput
-from .effects import latent_change_metrics, summarize
+from .effects import answer_flipped, latent_change_metrics, summarize
 from .errors import LatentProbeError
 from .fileio import atomic_write
 from .knockout import KnockoutHooks
 from .interventions import (InputIntervention, Intervention, LatentIntervention, LatentStats, LayerEditHooks,
-                            PinLatents, RowBinding, TextIntervention, derangement)
+                            PinLatents, PinLatentStates, RowBinding, TextIntervention, derangement)
 from .recording import Recorder, RecordSpec
 from .store import TraceStore, TraceWriter
 from .tracing import _progress, decode_with_isolation, failed_record, manifest_for, row_record
 
 log = logging.getLogger(__name__)
+
+MEDIATORS = ("fed_back", "all_layers")
 
 
 @dataclass
@@ -100,7 +107,8 @@ def check_interventions(subject, interventions: Sequence[Intervention], n_instan
 def intervene(subject, instances: Sequence[Instance], interventions: Sequence[Intervention], out_dir: str | Path, *,
               config: DecodeConfig | None = None, batch_size: int = 8, seed: int = 0, n_boot: int = 2000,
               resume: bool = False, progress: bool = False, data_source: str | None = None,
-              writer_id: str = "w0", shard_size: int = 64) -> InterventionSummary:
+              writer_id: str = "w0", shard_size: int = 64,
+              mediators: Sequence[str] = ("fed_back",)) -> InterventionSummary:
     """Run ``interventions`` on ``instances`` and write rows, summaries and traces into ``out_dir``.
 
     >>> from latentprobe.interventions import make_interventions
@@ -110,7 +118,14 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
     config = config or DecodeConfig(max_new_tokens=subject.max_new_tokens, seed=seed)
     instances = list(instances)
     check_interventions(subject, interventions, len(instances), config)
+    mediators = tuple(dict.fromkeys(mediators))
+    unknown = [m for m in mediators if m not in MEDIATORS]
+    if unknown or not mediators:
+        raise LatentProbeError(f"unknown mediator definition(s) {unknown or '(none)'}",
+                               f"choose from {', '.join(MEDIATORS)}")
     layers = sorted({0} | {iv.layer for iv in interventions if isinstance(iv, LatentIntervention) and iv.layer})
+    if "all_layers" in mediators and subject.mediator == "latent":
+        layers = list(range(subject.num_layers + 1))  # the full mediator needs every layer's latent states
     spec = RecordSpec(layers=layers, image="mean", prompt_last=True)
     decoder = LatentDecoder(subject, config)
     recorder = Recorder(decoder, spec)
@@ -121,6 +136,7 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
     writer = TraceWriter(out_dir, manifest, resume=resume, writer_id=writer_id, shared=rank_and_world()[1] > 1,
                          shard_size=shard_size)
     run = _Run(subject, decoder, recorder, writer, config, interventions, n_instances=len(instances))
+    run.mediators = mediators
     bar = _progress(len(instances), progress, "intervene")
     with recorder, writer:
         clean = run.clean_pass(instances, batch_size)
@@ -136,6 +152,8 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
     bar.close()
     rows = run.result_rows(TraceStore(out_dir))
     table = _summaries(rows, n_boot, seed)
+    if subject.mediator == "text" and "mediator" in table.columns:  # the pinned mediator is the imagination text
+        table.loc[table["mediator"] == "fed_back", "mediator"] = "text"
     latent_change = _latent_change(run, clean, instances, n_boot, seed, applied_rows(rows))
     _write_tables(Path(out_dir), rows, table, latent_change)
     not_applied = not_applied_counts(rows)
@@ -184,6 +202,7 @@ class _Run:
         self.done: set[tuple[str, str]] = set()
         self.failures: list[tuple[str, str]] = []
         self.layer_positions = {layer: i for i, layer in enumerate(recorder.layers)}
+        self.mediators: tuple[str, ...] = ("fed_back",)
 
     # -- clean ------------------------------------------------------------------------------------------
     def clean_pass(self, instances, batch_size) -> dict[str, CleanRun]:
@@ -308,7 +327,7 @@ class _Run:
         x1 = decoder.decode(treated)
         x1_records = self.recorder.records()
         with self.recorder.paused():  # the mediation runs' states are not stored
-            mediation = self._mediation_runs(chunk, clean, images, prompts, treated, x1, clean_prefill)
+            mediation = self._mediation_runs(chunk, clean, images, prompts, treated, x1, clean_prefill, x1_records)
         for inst, row, tensors in zip(chunk, x1.rows, x1_records):
             extra = None
             if subject.mediator == "text":  # input -> mediator for a text mediator: how much the imagination changed
@@ -317,10 +336,14 @@ class _Run:
             self._write(inst, iv, row, tensors, clean, mediation=mediation.get(inst.id), extra=extra,
                         not_applied=reasons.get(inst.id))
 
-    def _mediation_runs(self, chunk, clean, images, prompts, treated, x1, clean_prefill) -> dict[str, dict]:
+    def _mediation_runs(self, chunk, clean, images, prompts, treated, x1, clean_prefill,
+                        x1_records=None) -> dict[str, dict]:
         """Outcomes of the two mediator-pinned runs, Y(x1, Z(x0)) and Y(x0, Z(x1)), per instance."""
         subject, decoder = self.subject, self.decoder
         if subject.mediator == "latent" and subject.protocol is not None:
+            full = {}
+            if "all_layers" in self.mediators:  # before the fed-back runs, which consume the treated prefill
+                full = self._all_layer_mediation_runs(chunk, clean, treated, x1, x1_records, clean_prefill)
             # Y(x1, Z(x0)): treated input, clean latents; Y(x0, Z(x1)): clean input, the treated run's latents
             pin_clean, pin_treated = PinLatents(source="clean"), PinLatents(source="treated")
             edits = [pin_clean.bind(RowBinding(inst.id, forced=clean[inst.id].latents[0])) for inst in chunk]
@@ -334,7 +357,34 @@ class _Run:
             x0z1 = self._decode_with_span(chunk, [clean[i.id].images for i in chunk], treated_spans, None)
         else:  # no mediator: total effects only
             return {}
-        return {inst.id: {"x1_z0": self._outcome(inst, a), "x0_z1": self._outcome(inst, b)}
+        out = {inst.id: {"x1_z0": self._outcome(inst, a), "x0_z1": self._outcome(inst, b)}
+               for inst, a, b in zip(chunk, x1z0.rows, x0z1.rows)}
+        if subject.mediator == "latent" and subject.protocol is not None:
+            for inst_id, runs in full.items():
+                out[inst_id].update(runs)
+        return out
+
+    def _all_layer_mediation_runs(self, chunk, clean, treated, x1, x1_records, clean_prefill) -> dict[str, dict]:
+        """Y(x1, Z(x0)) and Y(x0, Z(x1)) with the full mediator: the latent positions' states at every layer
+        (and the fed-back vectors) from the other run."""
+        decoder, upper = self.decoder, [layer for layer in self.layer_positions if layer > 0]
+
+        def states_of(tensors, fallback=None) -> dict[int, torch.Tensor] | None:
+            if tensors is None or "latent_layers" not in tensors:
+                return fallback
+            return {layer: tensors["latent_layers"][self.layer_positions[layer]] for layer in upper}
+
+        clean_states = [{layer: clean[inst.id].latents[layer] for layer in upper if layer in clean[inst.id].latents}
+                        for inst in chunk]
+        treated_states = [states_of(tensors) for tensors in x1_records]
+        pin_clean, pin_treated = PinLatents(source="clean-all-layers"), PinLatents(source="treated-all-layers")
+        edits = [pin_clean.bind(RowBinding(inst.id, forced=clean[inst.id].latents[0])) for inst in chunk]
+        with PinLatentStates(decoder, clean_states):
+            x1z0 = decoder.decode(treated, edits)
+        edits = [pin_treated.bind(RowBinding(inst.id, forced=row.latent_vectors)) for inst, row in zip(chunk, x1.rows)]
+        with PinLatentStates(decoder, treated_states):
+            x0z1 = decoder.decode(clean_prefill(), edits)
+        return {inst.id: {"x1_z0_all_layers": self._outcome(inst, a), "x0_z1_all_layers": self._outcome(inst, b)}
                 for inst, a, b in zip(chunk, x1z0.rows, x0z1.rows)}
 
     def _decode_with_span(self, chunk, images, spans: dict[str, str], prompts) -> DecodeResult:
@@ -367,7 +417,7 @@ class _Run:
         if row.failed:  # non-finite values: no outcome rather than a wrong one
             return {"correct": float("nan"), "gold_prob": float("nan")}
         rec = row_record(self.subject, inst, row)
-        return {"correct": float(rec["correct"]), "gold_prob": rec["gold_prob"]}
+        return {"correct": float(rec["correct"]), "gold_prob": rec["gold_prob"], "answer": rec.get("parsed_answer")}
 
     def _write(self, inst, iv: Intervention, row: RowOutput, tensors, clean, mediation=None, extra=None,
                not_applied: str | None = None):
@@ -388,6 +438,22 @@ class _Run:
                 record[f"{outcome}_x1_z1"] = _as_float(record.get(outcome))
                 record[f"{outcome}_x1_z0"] = _as_float(mediation["x1_z0"][outcome])
                 record[f"{outcome}_x0_z1"] = _as_float(mediation["x0_z1"][outcome])
+            # The primary latent -> answer outcome: did the answer change from the clean answer (0 in the clean
+            # run by definition, so TE/NDE/NIE on it are rates of changed answers).
+            clean_answer = base.get("parsed_answer")
+            record["answer_changed_x0_z0"] = 0.0
+            record["answer_changed_x1_z1"] = float(answer_flipped(clean_answer, record.get("parsed_answer")))
+            for run in ("x1_z0", "x0_z1"):
+                record[f"answer_changed_{run}"] = float(answer_flipped(clean_answer, mediation[run]["answer"]))
+            if "x1_z0_all_layers" in mediation:  # the full mediator: same x0_z0 and x1_z1, other pinned runs
+                for outcome in ("correct", "gold_prob", "answer_changed"):
+                    record[f"{outcome}_all_layers_x0_z0"] = record[f"{outcome}_x0_z0"]
+                    record[f"{outcome}_all_layers_x1_z1"] = record[f"{outcome}_x1_z1"]
+                for run in ("x1_z0", "x0_z1"):
+                    given = mediation[f"{run}_all_layers"]
+                    record[f"correct_all_layers_{run}"] = _as_float(given["correct"])
+                    record[f"gold_prob_all_layers_{run}"] = _as_float(given["gold_prob"])
+                    record[f"answer_changed_all_layers_{run}"] = float(answer_flipped(clean_answer, given["answer"]))
         self.writer.add(record, {"latent": row.latent_vectors, **(tensors or {})})
 
     def _fail(self, inst, intervention, target, reason):

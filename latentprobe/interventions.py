@@ -511,6 +511,60 @@ class LayerEditHooks:
             handle.remove()
 
 
+class PinLatentStates:
+    """Forward hooks that set the latent positions' states at EVERY layer to another run's (the full mediator).
+
+    ``states[r]`` maps layer L (1..N, ``hidden_states`` numbering) to an (S, D) tensor of row r's states at
+    latent steps 0..S-1 (None leaves the row alone). Together with `PinLatents` (layer 0, the fed-back
+    vectors) this makes the latent positions' whole residual columns, and so their keys and values at every
+    layer, those of the source run: the answer can then see the input only through the other positions
+    (image, prompt). Pinning only the fed-back vector (`PinLatents` alone) leaves the latent positions free to
+    read the current input through attention in upper layers, a route counted as "direct" under that
+    definition. Used as a context manager around `LatentDecoder.decode`, like `LayerEditHooks`.
+    """
+
+    def __init__(self, decoder: LatentDecoder, states: Sequence[dict[int, torch.Tensor] | None]):
+        from .recording import layer_modules
+
+        self.decoder = decoder
+        self.states = list(states)
+        self.handles = []
+        for layer, (module, is_pre) in sorted(layer_modules(decoder.model, decoder.subject.num_layers).items()):
+            if is_pre:  # layer 0: the fed-back vector, pinned by PinLatents through the decoder
+                continue
+            self.handles.append(module.register_forward_hook(self._make_hook(layer), prepend=True))
+
+    def _make_hook(self, layer: int):
+        def hook(module, inputs, output):
+            ctx = self.decoder.context
+            if ctx is None or ctx.is_prefill:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output
+            edited = None
+            for r in ctx.rows(LATENT).tolist():
+                given = self.states[r] if r < len(self.states) else None
+                if not given or layer not in given:
+                    continue
+                step = int(ctx.latent_index[r])
+                if step >= given[layer].shape[0]:
+                    continue
+                if edited is None:
+                    edited = hidden.clone()
+                edited[r, -1] = given[layer][step].to(edited)
+            if edited is None:
+                return None
+            return (edited,) + tuple(output[1:]) if isinstance(output, tuple) else edited
+
+        return hook
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
 class NNsightRunner:
     """Run every forward of the decoder through nnsight, so ``fn(model, context)`` can read and edit any
     module inside latentprobe's decoding loop (e.g. layer L's output at latent step k only).

@@ -1,13 +1,13 @@
 """The study report: per-subject verdicts on the paper's four findings, as Markdown and self-contained HTML.
 
-Pure: it reads DataFrames and figure files and writes two text files. The report is built once as a list
-of blocks (headings, paragraphs, tables, figures) and rendered twice, so the Markdown and the HTML always
-say the same thing. The HTML embeds every image as a base64 data URI and its CSS inline: it makes no
-request when opened.
+Pure rendering: the decisions come from :mod:`latentprobe.verdicts` (rules, margins, multiplicity), this
+module only lays them out. The report is built once as a list of blocks (headings, paragraphs, tables,
+figures) and rendered twice, so the Markdown and the HTML always say the same thing. The HTML embeds every
+image as a base64 data URI and its CSS inline: it makes no request when opened.
 
-Verdicts follow explicit rules with explicit thresholds (:class:`VerdictThresholds`); each verdict is
-printed with the rule and the numbers it was decided on. A finding whose inputs are missing is reported as
-"not measured", never guessed.
+Every verdict is printed with its rule, margin, the deciding estimate and interval, n, the smallest effect
+the run could detect and the n that would have been needed; a plain-words section explains the rules.
+A finding whose inputs are missing is reported as "not measured", never guessed.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import base64
 import html
 import math
 import os
-import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -27,11 +26,12 @@ import pandas as pd
 from .errors import LatentProbeError
 from .fileio import atomic_write_text
 from .probes import best_probe_rows, skipped_probes
+from .verdicts import (EFFECT_COLUMNS, FINDINGS, INCONCLUSIVE, NOT_MEASURED, VOCABULARY, Margins, evidence_rows,
+                       judge, tidy_effects, verdict_table)
 
-SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NOT_MEASURED = "supported", "not supported", "inconclusive", "not measured"
-VERDICTS = (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NOT_MEASURED)
+__all__ = ["FINDINGS", "FINDING_TITLES", "EFFECT_COLUMNS", "Margins", "tidy_effects", "write_report"]
 
-FINDINGS = ("input_latent", "latent_answer", "collapse", "visual_info")
+VERDICT_WORDS = tuple(dict.fromkeys(word for words in VOCABULARY.values() for word in words))
 FINDING_TITLES = {
     "input_latent": "Input-latent disconnect",
     "latent_answer": "Latent-answer disconnect",
@@ -45,78 +45,15 @@ FINDING_CLAIMS = {
     "collapse": "Latent tokens of different instances are highly similar, and more so at later latent steps.",
     "visual_info": "Linear probes read little visual information from the latent tokens.",
 }
-
-EFFECT_COLUMNS = ["subject", "target", "intervention", "metric", "estimate", "ci_low", "ci_high", "n"]
+# What the paper's null word and its opposite mean for each finding, in the report's words.
+FINDING_WORDS = {
+    "input_latent": "disconnect = the paper's null claim holds; connected = the input measurably moves the latents",
+    "latent_answer": "disconnect = the paper's null claim holds; connected = the latents carry information to the "
+                     "answer",
+    "collapse": "collapsed = the paper's claim holds; not collapsed = the latents stay as different as baselines",
+    "visual_info": "limited = the paper's claim holds; informative = probes read the image from the latents",
+}
 EFFECT_TARGETS = ("input", "latent", "text")
-_METRIC_STEP = re.compile(r"^(?P<base>.+?)@step(?P<step>-?\d+)$")
-# Mediation metrics come per outcome from ``effects.mediation_effects``: NIE, NIE_correct, NIE_gold_prob, ...
-_MEDIATION = re.compile(r"^(?P<effect>TE|NDE|NIE|interaction)(?:_.+)?$")
-
-
-@dataclass(frozen=True)
-class VerdictThresholds:
-    """Every number a verdict depends on. Defaults are ours: the paper publishes none."""
-
-    # Input-latent disconnect: supported if every input intervention's change_ratio has its upper CI below
-    # this; not supported if some change_ratio has its lower CI at or above it.
-    max_change_ratio: float = 0.2
-    # Latent-answer disconnect (latent or text mediator): supported if every flip_rate upper CI is below
-    # max_flip_rate and every NIE CI contains 0; not supported if some flip_rate lower CI reaches
-    # max_flip_rate, or some NIE CI excludes 0 with |NIE| >= min_nie.
-    max_flip_rate: float = 0.1
-    min_nie: float = 0.05
-    # Collapse: at the last latent step, the centred latent similarity must exceed the prompt_last baseline
-    # by at least collapse_margin, with the latent lower CI above the baseline upper CI; not supported if
-    # the latent upper CI is below baseline + collapse_margin.
-    collapse_margin: float = 0.1
-    collapse_baseline: str = "prompt_last"
-    collapse_centring: str = "centred"
-    # When the similarity table has a ``layer`` column: the layer judged (None = the highest, i.e. the
-    # last layer's state that is fed back as the latent token).
-    collapse_layer: int | None = None
-    # Limited visual information: supported if the best latent probe selectivity is below the best
-    # image_mean selectivity minus visual_info_margin; not supported if it reaches the image_mean one;
-    # inconclusive if the image baseline itself reads the attribute with selectivity < min_baseline_selectivity.
-    visual_info_margin: float = 0.1
-    min_baseline_selectivity: float = 0.05
-    visual_baseline: str = "image_mean"
-
-    def rules(self) -> dict[str, str]:
-        """One sentence per finding stating the rule and its numbers (printed in the report)."""
-        return {
-            "input_latent": (
-                f"supported if the upper 95% CI of change_ratio is < {self.max_change_ratio:g} for every input "
-                f"intervention and latent step; not supported if some lower CI is >= {self.max_change_ratio:g}; "
-                "otherwise inconclusive."
-            ),
-            "latent_answer": (
-                f"supported if the upper 95% CI of flip_rate is < {self.max_flip_rate:g} for every latent (or text) "
-                f"intervention and every NIE CI (any outcome: NIE, NIE_correct, ...) contains 0; not supported if some flip_rate lower CI is >= "
-                f"{self.max_flip_rate:g} or some NIE CI excludes 0 with |NIE| >= {self.min_nie:g}; otherwise "
-                "inconclusive."
-            ),
-            "collapse": (
-                f"at the last latent step, supported if the {self.collapse_centring} latent similarity exceeds the "
-                f"{self.collapse_baseline} baseline by >= {self.collapse_margin:g} and its lower CI is above the "
-                f"baseline's upper CI; not supported if its upper CI is < baseline + {self.collapse_margin:g}; "
-                "otherwise inconclusive."
-            ),
-            "visual_info": (
-                f"per attribute, supported if the best latent probe selectivity (over layers and steps) is < the "
-                f"best {self.visual_baseline} selectivity - {self.visual_info_margin:g}; not supported if it is >= "
-                f"the {self.visual_baseline} selectivity; inconclusive in between or if the {self.visual_baseline} "
-                f"selectivity is < {self.min_baseline_selectivity:g}. A subject is supported if every attribute is, "
-                "not supported if any attribute is not."
-            ),
-        }
-
-
-@dataclass
-class Verdict:
-    subject: str
-    finding: str
-    verdict: str
-    evidence: str
 
 
 # ------------------------------------------------------------------------------------------ formatting
@@ -128,9 +65,17 @@ def _number(value) -> str:
     if isinstance(value, (int, np.integer)):
         return str(int(value))
     value = float(value)
+    if math.isinf(value):
+        return "unreachable"
     if value != 0 and abs(value) < 0.001:
         return f"{value:.2g}"
     return f"{value:.3f}"
+
+
+def _count(value) -> str:
+    if value is None or (isinstance(value, float) and (math.isnan(value))) or value is pd.NA:
+        return "n/a"
+    return "unreachable" if isinstance(value, float) and math.isinf(value) else str(int(value))
 
 
 def _interval(estimate, low, high) -> str:
@@ -141,219 +86,12 @@ def _step_text(step) -> str:
     return "" if pd.isna(step) else f" step {int(step)}"
 
 
-# ------------------------------------------------------------------------------------- input tables
-
-
-def tidy_effects(effects: pd.DataFrame) -> pd.DataFrame:
-    """Check the effects summary schema and add ``metric_base``, ``step`` and ``mediation_effect``.
-
-    A step is read from a ``step`` column when present, else from a ``@stepK`` metric suffix.
-    ``mediation_effect`` is "TE", "NDE", "NIE" or "interaction" for those metrics whatever their outcome
-    suffix (``NIE_correct`` -> "NIE"), and empty for the others.
-
-    >>> import pandas as pd
-    >>> effects = pd.DataFrame({"subject": ["tiny"], "target": ["input"], "intervention": ["blank"],
-    ...     "metric": ["change_ratio@step3"], "estimate": [0.1], "ci_low": [0.0], "ci_high": [0.2], "n": [9]})
-    >>> tidy_effects(effects)[["metric_base", "step"]].values.tolist()
-    [['change_ratio', 3.0]]
-    """
-    missing = [column for column in EFFECT_COLUMNS if column not in effects.columns]
-    if missing:
-        raise LatentProbeError(
-            f"the effects summary lacks columns {missing}", f"give it the columns {', '.join(EFFECT_COLUMNS)}"
-        )
-    tidy = effects.reset_index(drop=True)  # concatenated summaries repeat index labels; rows are picked by label
-    parsed = tidy.metric.astype(str).str.extract(_METRIC_STEP)
-    tidy["metric_base"] = parsed["base"].fillna(tidy.metric.astype(str))
-    suffix_step = pd.to_numeric(parsed["step"], errors="coerce")
-    given_step = pd.to_numeric(tidy["step"], errors="coerce") if "step" in tidy.columns else suffix_step * np.nan
-    tidy["step"] = given_step.fillna(suffix_step).astype(float)
-    tidy["mediation_effect"] = tidy.metric_base.str.extract(_MEDIATION)["effect"].fillna("").astype(str)
-    for column in ("estimate", "ci_low", "ci_high"):
-        tidy[column] = pd.to_numeric(tidy[column], errors="coerce").astype(float)
-    # A metric that was not measured for a row (no estimate, e.g. NIE of a latent edit) is no evidence either way.
-    return tidy[tidy.estimate.notna()].reset_index(drop=True)
-
-
 def _subject_names(subjects, *tables) -> list[str]:
     names = [str(s.get("name")) for s in (subjects or []) if s.get("name") is not None]
     for table in tables:
         if table is not None and "subject" in table.columns:
             names += sorted(str(s) for s in table.subject.dropna().unique())
     return list(dict.fromkeys(names))
-
-
-# ------------------------------------------------------------------------------------------ verdicts
-
-
-def _combine(verdicts: list[str]) -> str:
-    if not verdicts:
-        return NOT_MEASURED
-    if NOT_SUPPORTED in verdicts:
-        return NOT_SUPPORTED
-    if all(v == SUPPORTED for v in verdicts):
-        return SUPPORTED
-    return INCONCLUSIVE
-
-
-def verdict_input_latent(effects: pd.DataFrame | None, subject: str, thresholds: VerdictThresholds) -> Verdict:
-    """Input-latent disconnect from ``change_ratio`` rows with target "input" (see ``VerdictThresholds``)."""
-    rows = pd.DataFrame() if effects is None else tidy_effects(effects)
-    if not rows.empty:
-        rows = rows[(rows.subject == subject) & (rows.target == "input") & (rows.metric_base == "change_ratio")]
-    if rows.empty:
-        return Verdict(subject, "input_latent", NOT_MEASURED, "no change_ratio rows for input interventions")
-    limit = thresholds.max_change_ratio
-    worst = rows.loc[rows.ci_high.fillna(np.inf).idxmax()]
-    evidence = (
-        f"largest change_ratio upper CI: {worst.intervention}{_step_text(worst.step)} "
-        f"{_interval(worst.estimate, worst.ci_low, worst.ci_high)} (n={_number(worst.n)}); "
-        f"{len(rows)} intervention x step rows; threshold {limit:g}"
-    )
-    if (rows.ci_low >= limit).any():
-        verdict = NOT_SUPPORTED
-    elif (rows.ci_high < limit).all():
-        verdict = SUPPORTED
-    else:
-        verdict = INCONCLUSIVE
-    return Verdict(subject, "input_latent", verdict, evidence)
-
-
-def verdict_latent_answer(effects: pd.DataFrame | None, subject: str, thresholds: VerdictThresholds) -> Verdict:
-    """Latent-answer disconnect from ``flip_rate`` rows (target "latent" or "text") and ``NIE*`` rows."""
-    rows = pd.DataFrame() if effects is None else tidy_effects(effects)
-    if not rows.empty:
-        rows = rows[rows.subject == subject]
-    flips = rows[(rows.target.isin(["latent", "text"])) & (rows.metric_base == "flip_rate")] if not rows.empty else rows
-    nies = rows[rows.mediation_effect == "NIE"] if not rows.empty else rows
-    if flips.empty and nies.empty:
-        return Verdict(subject, "latent_answer", NOT_MEASURED, "no flip_rate (latent/text target) or NIE rows")
-    parts = []
-    if not flips.empty:
-        worst = flips.loc[flips.ci_high.fillna(np.inf).idxmax()]
-        mediator = "/".join(sorted(flips.target.unique()))
-        parts.append(
-            f"largest flip_rate upper CI ({mediator} mediator): {worst.intervention}{_step_text(worst.step)} "
-            f"{_interval(worst.estimate, worst.ci_low, worst.ci_high)} (n={_number(worst.n)})"
-        )
-    if not nies.empty:
-        largest = nies.loc[nies.estimate.abs().fillna(-1).idxmax()]
-        parts.append(
-            f"{largest.metric_base} (largest |NIE|): {largest.intervention}{_step_text(largest.step)} "
-            f"{_interval(largest.estimate, largest.ci_low, largest.ci_high)} (n={_number(largest.n)})"
-        )
-    flip_clearly_high = (flips.ci_low >= thresholds.max_flip_rate).any()
-    nie_excludes_zero = (nies.ci_low > 0) | (nies.ci_high < 0)
-    nie_clearly_large = (nie_excludes_zero & (nies.estimate.abs() >= thresholds.min_nie)).any()
-    flips_small = (flips.ci_high < thresholds.max_flip_rate).all()
-    nies_contain_zero = ((nies.ci_low <= 0) & (nies.ci_high >= 0)).all()
-    if flip_clearly_high or nie_clearly_large:
-        verdict = NOT_SUPPORTED
-    elif flips_small and nies_contain_zero:
-        verdict = SUPPORTED
-    else:
-        verdict = INCONCLUSIVE
-    return Verdict(subject, "latent_answer", verdict, "; ".join(parts))
-
-
-def _last_latent_row(rows: pd.DataFrame) -> pd.Series | None:
-    latent = rows[(rows.representation == "latent") & rows.mean_similarity.notna() & (rows.n >= 2)]
-    return None if latent.empty else latent.sort_values("step").iloc[-1]
-
-
-def verdict_collapse(similarity: pd.DataFrame | None, subject: str, thresholds: VerdictThresholds) -> Verdict:
-    """Collapse from the similarity table: last-step latent similarity against the baseline."""
-    if similarity is None or similarity.empty:
-        return Verdict(subject, "collapse", NOT_MEASURED, "no similarity table")
-    rows = similarity[(similarity.subject == subject) & (similarity.centring == thresholds.collapse_centring)]
-    layer_text = ""
-    if "layer" in rows.columns and rows.layer.notna().any():
-        layer = rows.layer.max() if thresholds.collapse_layer is None else thresholds.collapse_layer
-        rows = rows[rows.layer == layer]
-        layer_text = f" (layer {layer})"
-    last = _last_latent_row(rows)
-    if last is None:
-        return Verdict(subject, "collapse", NOT_MEASURED, f"no {thresholds.collapse_centring} latent similarity rows")
-    evidence = (
-        f"{thresholds.collapse_centring} latent similarity{layer_text} at last step {int(last.step)}: "
-        f"{_interval(last.mean_similarity, last.ci_low, last.ci_high)} (n={_number(last.n)})"
-    )
-    first = rows[rows.representation == "latent"].sort_values("step").iloc[0]
-    if int(first.step) != int(last.step):
-        evidence += f"; change from step {int(first.step)}: {_number(last.mean_similarity - first.mean_similarity)}"
-    baseline = rows[rows.representation == thresholds.collapse_baseline]
-    if baseline.empty:
-        return Verdict(subject, "collapse", INCONCLUSIVE, evidence + f"; baseline {thresholds.collapse_baseline} not measured")
-    base = baseline.iloc[0]
-    evidence += f"; {thresholds.collapse_baseline}: {_interval(base.mean_similarity, base.ci_low, base.ci_high)}"
-    margin = thresholds.collapse_margin
-    if last.ci_high < base.mean_similarity + margin:
-        verdict = NOT_SUPPORTED
-    elif last.mean_similarity - base.mean_similarity >= margin and last.ci_low > base.ci_high:
-        verdict = SUPPORTED
-    else:
-        verdict = INCONCLUSIVE
-    return Verdict(subject, "collapse", verdict, evidence)
-
-
-def verdict_visual_info(probes: pd.DataFrame | None, subject: str, thresholds: VerdictThresholds) -> Verdict:
-    """Limited visual information: best latent probe selectivity against the image-token baseline."""
-    if probes is None or probes.empty or not {"subject", "representation", "attribute"} <= set(probes.columns):
-        return Verdict(subject, "visual_info", NOT_MEASURED, "no probe table with subject/representation/attribute")
-    best = best_probe_rows(probes[probes.subject == subject])
-    if best.empty or "latent" not in set(best.representation):
-        return Verdict(subject, "visual_info", NOT_MEASURED, "no latent probe that ran")
-    per_attribute, parts = [], []
-    for attribute, rows in best.groupby("attribute", sort=True):
-        latent = rows[rows.representation == "latent"]
-        if latent.empty:
-            continue
-        latent = latent.iloc[0]
-        text = f"{attribute}: latent {_number(latent.selectivity)} (layer {int(latent.layer)}{_step_text(latent.step)})"
-        image = rows[rows.representation == thresholds.visual_baseline]
-        if image.empty:
-            per_attribute.append(INCONCLUSIVE)
-            parts.append(text + f" vs {thresholds.visual_baseline} not measured")
-            continue
-        image_selectivity = float(image.iloc[0].selectivity)
-        text += f" vs {thresholds.visual_baseline} {_number(image_selectivity)}"
-        random_init = rows[rows.representation == "random_init"]
-        if not random_init.empty:
-            text += f", random_init {_number(random_init.iloc[0].selectivity)}"
-        if image_selectivity < thresholds.min_baseline_selectivity:
-            per_attribute.append(INCONCLUSIVE)
-            text += " (the image baseline cannot read it either)"
-        elif latent.selectivity < image_selectivity - thresholds.visual_info_margin:
-            per_attribute.append(SUPPORTED)
-        elif latent.selectivity >= image_selectivity:
-            per_attribute.append(NOT_SUPPORTED)
-        else:
-            per_attribute.append(INCONCLUSIVE)
-        parts.append(text)
-    evidence = "best selectivity per attribute: " + "; ".join(parts) if parts else "no attribute probed on latents"
-    return Verdict(subject, "visual_info", _combine(per_attribute), evidence)
-
-
-def all_verdicts(
-    subjects: Sequence[str],
-    effects: pd.DataFrame | None = None,
-    similarity: pd.DataFrame | None = None,
-    probes: pd.DataFrame | None = None,
-    thresholds: VerdictThresholds = VerdictThresholds(),
-) -> pd.DataFrame:
-    """Every subject's verdict on every finding: columns ``subject, finding, verdict, evidence``.
-
-    >>> all_verdicts(["tiny"]).verdict.tolist()
-    ['not measured', 'not measured', 'not measured', 'not measured']
-    """
-    judges = {
-        "input_latent": lambda s: verdict_input_latent(effects, s, thresholds),
-        "latent_answer": lambda s: verdict_latent_answer(effects, s, thresholds),
-        "collapse": lambda s: verdict_collapse(similarity, s, thresholds),
-        "visual_info": lambda s: verdict_visual_info(probes, s, thresholds),
-    }
-    rows = [asdict(judges[finding](subject)) for subject in subjects for finding in FINDINGS]
-    return pd.DataFrame(rows, columns=["subject", "finding", "verdict", "evidence"])
 
 
 # ---------------------------------------------------------------------------------------------- blocks
@@ -396,14 +134,50 @@ class _VerdictLine:
 
 
 def _effects_display(rows: pd.DataFrame) -> pd.DataFrame:
+    mediator = rows["mediator"].fillna("").astype(str) if "mediator" in rows.columns else pd.Series("", index=rows.index)
+    counts = rows["k"] if "k" in rows.columns else pd.Series(np.nan, index=rows.index)
+    method = rows["interval"].fillna("").astype(str) if "interval" in rows.columns else pd.Series("", index=rows.index)
     return pd.DataFrame({
         "subject": rows.subject.astype(str),
         "target": rows.target.astype(str),
         "intervention": rows.intervention.astype(str),
         "metric": rows.metric_base.astype(str),
+        "mediator": mediator.to_numpy(),
         "step": [("" if pd.isna(s) else str(int(s))) for s in rows.step],
         "estimate [95% CI]": [_interval(e, lo, hi) for e, lo, hi in zip(rows.estimate, rows.ci_low, rows.ci_high)],
-        "n": [_number(n) for n in rows.n],
+        "k / n": [(f"{int(k)}/{_number(n)}" if pd.notna(k) else _number(n)) for k, n in zip(counts, rows.n)],
+        "interval": method.to_numpy(),
+    })
+
+
+def _verdict_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The verdicts with their evidence columns, one line per subject x finding."""
+    return pd.DataFrame({
+        "subject": table.subject.astype(str),
+        "finding": table.finding.astype(str),
+        "verdict": table.verdict.astype(str),
+        "margin": [_number(v) for v in table.margin],
+        "estimate [CI]": [_interval(e, lo, hi) if e is not None and pd.notna(e) else "n/a"
+                          for e, lo, hi in zip(table.estimate, table.ci_low, table.ci_high)],
+        "n": [_count(v) for v in table.n],
+        "detectable effect": [_number(v) for v in table.detectable_effect],
+        "needed n": [_count(v) for v in table.needed_n],
+        "disruption": table.disruption.fillna("").astype(str),
+    })
+
+
+def _evidence_rows_display(rows: pd.DataFrame) -> pd.DataFrame:
+    role = rows["role"].fillna("").astype(str) if "role" in rows.columns else pd.Series("", index=rows.index)
+    return pd.DataFrame({
+        "subject": rows.subject.astype(str),
+        "role": role.to_numpy(),
+        "row": rows.row.astype(str),
+        "estimate [CI]": [_interval(e, lo, hi) for e, lo, hi in zip(rows.estimate, rows.ci_low, rows.ci_high)],
+        "k / n": [(f"{int(k)}/{int(n)}" if pd.notna(k) else str(int(n))) for k, n in zip(rows.k, rows.n)],
+        "margin": [_number(v) for v in rows.margin],
+        "Holm p": [_number(v) for v in rows.p_holm],
+        "row decision": rows.row_decision.astype(str),
+        "detectable effect": [_number(v) for v in rows.detectable_effect],
     })
 
 
@@ -442,7 +216,7 @@ INPUT_LATENT_METRICS = ("change_ratio", "cosine", "mediator_text_similarity")
 LATENT_ANSWER_METRICS = ("accuracy_change", "flip_rate", "gold_prob_change", "kl_clean_to_intervened")
 
 
-def _finding_measurements(finding: str, effects, similarity, probes, thresholds) -> list:
+def _finding_measurements(finding: str, effects, similarity, probes) -> list:
     """The tables of numbers behind one finding, or a "not measured" paragraph."""
     if finding in ("input_latent", "latent_answer"):
         if effects is None or effects.empty:
@@ -457,8 +231,8 @@ def _finding_measurements(finding: str, effects, similarity, probes, thresholds)
             answer_rows = tidy.target.isin(["latent", "text"]) & tidy.metric_base.isin(LATENT_ANSWER_METRICS)
             mediation_rows = tidy.mediation_effect.isin(["TE", "NDE", "NIE"])
             rows = tidy[answer_rows | mediation_rows]
-            what = ("latent / text-mediator interventions and mediation effects (TE, NDE, NIE); "
-                    "all metrics in the appendix")
+            what = ("latent / text-mediator interventions and mediation effects (TE, NDE, NIE) per outcome and "
+                    "mediator definition; all metrics in the appendix")
         if rows.empty:
             return [_Paragraph(f"the effects summary has no rows for this finding ({what}).", "Not measured")]
         order = ["subject", "target", "intervention", "metric_base", "step"]
@@ -489,23 +263,91 @@ def _key_value_table(mapping: Mapping) -> pd.DataFrame:
     return pd.DataFrame({"field": [str(k) for k in mapping], "value": [str(v) for v in mapping.values()]})
 
 
-def _method_notes(thresholds: VerdictThresholds) -> list[str]:
+def reading_guide(margins: Margins) -> list[tuple[str, list[str]]]:
+    """The decision rules and every metric in plain words, with the margins in force (printed in the report)."""
+    alpha, level = margins.alpha, f"{1 - margins.alpha:.0%}"
     return [
-        "Intervals are 95% bootstrap intervals over instances (paired where the effect compares two runs).",
-        "Similarity: cosine between different instances at the same latent step; 'centred' subtracts one common "
-        "mean (all latent vectors of the subject, or a supplied layer-wide mean) from every representation, "
-        "because raw cosine is inflated by a direction all hidden states share.",
-        "Probes: standardised logistic (or ridge) regression, strength chosen by inner grouped CV; outer folds split "
-        "by instance; control task = labels reassigned at random per instance (Hewitt & Liang); "
-        "selectivity = score - control; chance = accuracy of the training folds' majority class.",
-        f"Thresholds in force: {', '.join(f'{f.name}={getattr(thresholds, f.name)}' for f in fields(thresholds))}.",
+        ("What is tested", [
+            "The paper under test is CapImagine (arXiv 2602.22766). It argues that the latent visual tokens of Monet, "
+            "LVR and Mirage are decoration, with four claims: the input barely moves the latents (input-latent "
+            "disconnect), the latents barely move the answer (latent-answer disconnect), the latents of different "
+            "instances collapse onto each other, and linear probes read little visual information from them.",
+            "Three of these are null claims: they say an effect is absent. A run that simply fails to find an effect "
+            "is no evidence of absence: a small or noisy run fails to find anything. So a null is affirmed only by an "
+            "equivalence test: the effect's whole confidence interval must lie inside a stated margin of "
+            "negligible effects (Schuirmann's two one-sided tests, TOST). An interval that contains 0 but reaches "
+            "beyond the margin is inconclusive, and the report says how many instances would decide it.",
+        ]),
+        ("The words", [f"{FINDING_TITLES[f]}: {FINDING_WORDS[f]}; inconclusive = the data cannot tell; not measured "
+                       "= the run has no input for this finding." for f in FINDINGS]),
+        ("Decision rules", [
+            f"Every interval is two-sided {level}. Rates of answer changes use exact Clopper-Pearson binomial "
+            "intervals (0 changes in n instances still give an upper bound near 3.7/n, never [0, 0]); means of "
+            "signed or continuous outcomes use a paired bootstrap over instances.",
+            f"disconnect (the null): EVERY row the verdict combines is equivalent, its interval inside (-margin, "
+            f"margin). Requiring every row is an intersection-union test: each row's test at level {alpha:g} makes the "
+            "joint claim level {:g}, so no multiplicity correction is needed (and none is applied); one wide row is "
+            "enough to withhold the claim.".format(alpha),
+            f"connected (the effect): SOME row differs from 0 in the direction of an effect, with p-values adjusted "
+            f"by Holm's step-down method over the rows the verdict combines (family-wise error {alpha:g}). Without "
+            "the adjustment, six rows with no effect would give a false 'connected' about a quarter of the time.",
+            "A row that is both equivalent and different from 0 (a real but tiny effect) counts as equivalent: an "
+            "effect shown to be smaller than the margin is negligible by the margin's definition.",
+            "Anything else is inconclusive, printed with the n that would have been needed (exact binomial "
+            f"computation for rates, statsmodels' t-test power for means, at power {margins.power:g}) and the "
+            "smallest effect the run could have detected at that power.",
+            f"Margins in force: {margins.describe()}. Change them with latentprobe.verdicts.Margins "
+            "(or `latentprobe plan RUN_DIR --margin M` to plan a run).",
+        ]),
+        ("Latent -> answer: information versus disruption", [
+            "The latent-answer verdict is decided on information edits only: values the model itself computed for "
+            "another real input (patch: another instance's latents; the natural indirect effect of an image or "
+            "question swap; text-swap for a text mediator). Such values stay on the model's distribution, so an "
+            "answer that moves under them shows that the latents carry the input's information.",
+            "Disruption edits (Gaussian noise, a constant or zero latent, dropped or shuffled steps, latents made "
+            "from blank, noised or masked images, shuffled or truncated text) put the model off its distribution: "
+            "a model can break under them although its latents carry nothing (the Mirage organism does). They are "
+            "judged with the same rule and printed beside the verdict as 'disruption', never deciding it.",
+            "The primary outcome is answer change (did the answer differ from the clean answer); accuracy change, "
+            "gold-answer probability and KL are secondary and shown, not decided on: accuracy can stay flat while "
+            "30% of answers change in both directions.",
+        ]),
+        ("Metrics", [
+            "flip_rate: share of instances whose parsed answer differs from the clean answer (unparsable on one side "
+            "only counts as a change).",
+            "answer_changed: the same answer-change indicator used as a mediation outcome; TE/NDE/NIE on it are rates "
+            "of changed answers.",
+            "TE = Y(x1) - Y(x0): the whole effect of the input edit x0 -> x1 on outcome Y. NDE = Y(x1, Z(x0)) - "
+            "Y(x0, Z(x0)): the edit with the mediator Z held at its clean value (direct route). NIE = Y(x0, Z(x1)) - "
+            "Y(x0, Z(x0)): the clean input with the mediator taken from the edited run (route through Z). "
+            "interaction = TE - NDE - NIE.",
+            "Mediator definitions: fed_back = the fed-back latent vectors (layer 0 at the latent positions), the "
+            "definition that decides; in a multi-layer model the latent positions still read the image in upper "
+            "layers, and that route then counts as direct. all_layers = the latent positions' states at every "
+            "layer taken from the other run (the full mediator): NDE is then only what the answer reads from the "
+            "image and prompt positions themselves.",
+            "accuracy_change: accuracy under the edit minus clean accuracy. gold_prob_change: change in the "
+            "probability of the gold answer at the answer slot (renormalised over the options). "
+            "kl_clean_to_intervened: KL(clean || edited) over the answer options, in nats.",
+            "change_ratio: for one input edit and latent step, the mean relative L2 distance between the clean and "
+            "the edited latent, divided by the mean relative L2 distance between different instances' clean "
+            "latents at that step. 0 = the latent did not move; 1 = it moved as far as swapping in another "
+            "instance's latent. Being a distance it is never below 0, so 'connected' for input_latent means the "
+            "latents move measurably and not provably less than the margin.",
+            "Similarity (collapse): cosine between different instances' latent vectors at the same step, raw and "
+            "mean-centred (raw cosine is inflated by a direction all hidden states share), against image-token and "
+            "prompt baselines.",
+            "Probes (visual information): cross-validated linear probes from states to attributes, folds split by "
+            "instance; selectivity = accuracy minus the accuracy of a control task (Hewitt & Liang).",
+        ]),
     ]
 
 
-def _build_blocks(title, subjects, data, effects, similarity, probes, figures, thresholds) -> list:
+def _build_blocks(title, subjects, data, effects, similarity, probes, figures, margins) -> list:
     subject_names = _subject_names(subjects, effects, similarity, probes)
-    verdicts = all_verdicts(subject_names, effects, similarity, probes, thresholds)
-    rules = thresholds.rules()
+    judged = judge(subject_names, effects, similarity, probes, margins)
+    verdicts = verdict_table(judged)
+    rows = evidence_rows(judged)
     figures = {key: list(paths) for key, paths in (figures or {}).items()}
 
     blocks: list = [_Heading(1, title)]
@@ -522,19 +364,31 @@ def _build_blocks(title, subjects, data, effects, similarity, probes, figures, t
         summary = verdicts.pivot(index="subject", columns="finding", values="verdict").reindex(subject_names)
         summary = summary[list(FINDINGS)].rename(columns=FINDING_TITLES).reset_index()
         blocks.append(_Table(summary))
+        blocks.append(_Table(_verdict_display(verdicts), "each verdict with the numbers it was decided on "
+                             "(estimate [CI] of the deciding row; needed n when inconclusive)"))
     else:
         blocks.append(_Paragraph("no subject appears in any input.", "Not measured"))
-    blocks.append(_Paragraph("verdict thresholds (explicit, adjustable with VerdictThresholds):", "Thresholds"))
-    blocks.append(_Bullets([f"{FINDING_TITLES[f]}: {rules[f]}" for f in FINDINGS]))
+    blocks.append(_Heading(2, "How to read the verdicts"))
+    for heading, items in reading_guide(margins):
+        blocks.append(_Heading(3, heading))
+        blocks.append(_Bullets(items))
 
     for number, finding in enumerate(FINDINGS, start=1):
         blocks.append(_Heading(2, f"Finding {number}: {FINDING_TITLES[finding]}"))
         blocks.append(_Paragraph(FINDING_CLAIMS[finding], "Claim (paper)"))
-        blocks.append(_Paragraph(rules[finding], "Rule"))
-        for row in verdicts[verdicts.finding == finding].itertuples():
+        these = verdicts[verdicts.finding == finding]
+        rule = next((r for r in these.rule if r), "")
+        if rule:
+            blocks.append(_Paragraph(rule, "Rule"))
+        for row in these.itertuples():
             blocks.append(_VerdictLine(row.subject, row.verdict, row.evidence))
+        if len(rows) and finding in set(rows.finding):
+            blocks.append(_Heading(3, "Rows behind the verdict"))
+            blocks.append(_Table(_evidence_rows_display(rows[rows.finding == finding]),
+                                 "each row's decision: equivalent (inside the margin), effect (differs from 0 after "
+                                 "Holm) or undecided"))
         blocks.append(_Heading(3, "Measurements"))
-        blocks.extend(_finding_measurements(finding, effects, similarity, probes, thresholds))
+        blocks.extend(_finding_measurements(finding, effects, similarity, probes))
         blocks.append(_Heading(3, "Figures"))
         paths = figures.pop(finding, [])
         blocks.extend(_figure_blocks(paths) or [_Paragraph("none was given for this finding.", "No figure")])
@@ -546,8 +400,6 @@ def _build_blocks(title, subjects, data, effects, similarity, probes, figures, t
             blocks.extend(_figure_blocks(paths))
 
     blocks.append(_Heading(2, "Appendix"))
-    blocks.append(_Heading(3, "Method notes"))
-    blocks.append(_Bullets(_method_notes(thresholds)))
     if effects is not None and not effects.empty:
         blocks.append(_Heading(3, "All effects"))
         blocks.append(_Table(_effects_display(tidy_effects(effects))))
@@ -608,7 +460,8 @@ th { background: #f0f0f0; } caption { caption-side: top; text-align: left; font-
 figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
 figcaption { font-size: .9em; color: #444; }
 .verdict { font-weight: 600; padding: .05em .45em; border-radius: .3em; }
-.verdict-supported { background: #cfe3f5; } .verdict-not-supported { background: #f8d9b5; }
+.verdict-disconnect, .verdict-collapsed, .verdict-limited { background: #cfe3f5; }
+.verdict-connected, .verdict-not-collapsed, .verdict-informative { background: #f8d9b5; }
 .verdict-inconclusive { background: #e6e6e6; } .verdict-not-measured { background: #fff; border: 1px dashed #999; }
 """
 
@@ -634,7 +487,7 @@ def _verdict_class(verdict: str) -> str:
 
 def _html_cell(value) -> str:
     text = html.escape(str(value))
-    if str(value) in VERDICTS:  # the summary table: verdict words get the same badge as the verdict lines
+    if str(value) in VERDICT_WORDS:  # the summary table: verdict words get the same badge as the verdict lines
         return f'<span class="{_verdict_class(str(value))}">{text}</span>'
     return text
 
@@ -715,7 +568,7 @@ def write_report(
     similarity: pd.DataFrame | None = None,
     probes: pd.DataFrame | None = None,
     figures: Mapping[str, Sequence] | None = None,
-    thresholds: VerdictThresholds = VerdictThresholds(),
+    margins: Margins = Margins(),
     title: str = "latentprobe report: is latent reasoning causal?",
     name: str = "report",
 ) -> tuple[Path, Path]:
@@ -738,7 +591,7 @@ def write_report(
         if table is not None and not isinstance(table, pd.DataFrame):
             raise LatentProbeError(f"{what} is a {type(table).__name__}, not a DataFrame", "pass a pandas DataFrame")
     blocks = _build_blocks(title, subjects, data, effects, similarity, probes, _drop_duplicate_formats(figures),
-                           thresholds)
+                           margins)
     md_path = atomic_write_text(out_dir / f"{name}.md", _render_markdown(blocks, out_dir))
     html_path = atomic_write_text(out_dir / f"{name}.html", _render_html(blocks, title))
     return md_path, html_path

@@ -183,7 +183,7 @@ def test_identical_latents_do_not_change():
         rows = table[table["metric"] == metric]
         assert rows["estimate"].to_numpy() == pytest.approx([value] * 3, abs=1e-12)
         assert rows["ci_high"].to_numpy() - rows["ci_low"].to_numpy() == pytest.approx([0.0] * 3, abs=1e-12)
-    assert set(table.columns) == {"step", "metric", "estimate", "ci_low", "ci_high", "n"}
+    assert set(table.columns) == {"step", "metric", "estimate", "ci_low", "ci_high", "n", "k", "p_value", "interval"}
 
 
 def test_swapping_in_another_instance_gives_change_ratio_near_one():
@@ -235,7 +235,7 @@ def test_summarize_produces_the_tidy_contract():
     both["correct_x1_z0"] = both["intervened_correct"]
     table = summarize(both, seed=0, n_boot=100)
     assert list(table.columns) == ["subject", "target", "intervention", "metric", "estimate", "ci_low", "ci_high",
-                                   "n"]
+                                   "n", "k", "p_value", "interval", "mediator"]
     assert set(table["intervention"]) == {"noise", "blank_image"}
     assert table[table["intervention"] == "blank_image"]["target"].isna().all()
     noise = table[table["intervention"] == "noise"].set_index("metric")
@@ -250,3 +250,78 @@ def test_summarize_explains_what_is_missing():
         summarize(answer_rows(), n_boot=10)
     with pytest.raises(LatentProbeError, match="neither"):
         summarize(pd.DataFrame({"subject": ["s"], "target": ["t"], "intervention": ["i"]}), n_boot=10)
+
+
+# ------------------------------------------------------------------------------------- exact rates, p-values
+
+def test_zero_flips_get_the_exact_clopper_pearson_upper_bound_not_zero():
+    """0 of 20 answers changed: the bootstrap of zeros said [0, 0]; the exact 95% upper bound is 0.168."""
+    from scipy.stats import binomtest
+
+    rows = pd.DataFrame({"instance_id": [f"i{k}" for k in range(20)], "clean_correct": True,
+                         "intervened_correct": True, "clean_parsed": "A", "intervened_parsed": "A"})
+    table = answer_change_metrics(rows, seed=0, n_boot=200).set_index("metric")
+    flip = table.loc["flip_rate"]
+    assert flip.estimate == 0 and flip.ci_low == 0 and flip.k == 0 and flip.n == 20
+    assert flip.ci_high == pytest.approx(0.16843347, abs=1e-6)
+    assert flip.interval == "clopper-pearson" and flip.p_value == 1.0
+    rows.loc[:2, "intervened_parsed"] = "B"  # 3 of 20
+    flip = answer_change_metrics(rows, seed=0, n_boot=200).set_index("metric").loc["flip_rate"]
+    oracle = binomtest(3, 20).proportion_ci(method="exact")
+    assert (flip.k, flip.ci_low, flip.ci_high) == (3, pytest.approx(oracle.low), pytest.approx(oracle.high))
+    # The other metrics keep the bootstrap.
+    assert table.loc["accuracy_change", "interval"] == "percentile bootstrap"
+
+
+def test_fractional_flips_of_averaged_seeds_keep_the_bootstrap():
+    rows = pd.DataFrame({"instance_id": ["a", "a", "b", "b"], "clean_correct": True, "intervened_correct": True,
+                         "clean_parsed": "A", "intervened_parsed": ["A", "B", "A", "A"]})
+    flip = answer_change_metrics(rows, seed=0, n_boot=200).set_index("metric").loc["flip_rate"]
+    assert flip.interval == "percentile bootstrap" and flip.estimate == pytest.approx(0.25)
+
+
+def test_answer_changed_mediation_effects_are_exact_rates():
+    from scipy.stats import binomtest
+
+    n = 30
+    changed_x0_z1 = (np.arange(n) < 6).astype(float)  # NIE: 6 of 30 answers change with the treated latents
+    df = pd.DataFrame({"instance_id": [f"i{k}" for k in range(n)], "answer_changed_x0_z0": 0.0,
+                       "answer_changed_x1_z1": 1.0, "answer_changed_x0_z1": changed_x0_z1,
+                       "answer_changed_x1_z0": 0.0})
+    table = mediation_effects(df, "answer_changed", seed=0, n_boot=200).set_index("metric")
+    oracle = binomtest(6, n).proportion_ci(method="exact")
+    assert table.loc["NIE", "k"] == 6 and table.loc["NIE", "ci_high"] == pytest.approx(oracle.high)
+    assert table.loc["NDE", "ci_high"] == pytest.approx(binomtest(0, n).proportion_ci(method="exact").high)
+    assert table.loc["interaction", "interval"] == "percentile bootstrap"  # a difference, not a rate
+
+
+def test_summary_p_values_agree_with_the_interval_and_a_t_test():
+    rng = np.random.default_rng(3)
+    far = pd.DataFrame({"y": rng.normal(1.0, 1.0, 60)})
+    near = pd.DataFrame({"y": rng.normal(0.0, 1.0, 60)})
+    from latentprobe.effects import _summarise_matrix
+
+    far_row, near_row = _summarise_matrix(far, 2000, 0, 0.05).iloc[0], _summarise_matrix(near, 2000, 0, 0.05).iloc[0]
+    from scipy.stats import ttest_1samp
+
+    assert near_row.p_value == pytest.approx(ttest_1samp(near.y, 0).pvalue)
+    assert far_row.p_value < 0.01 and far_row.ci_low > 0
+    assert near_row.p_value > 0.05 and near_row.ci_low < 0 < near_row.ci_high
+    zeros = _summarise_matrix(pd.DataFrame({"y": np.zeros(10)}), 200, 0, 0.05).iloc[0]
+    assert zeros.p_value == 1.0
+
+
+def test_unapplied_rows_are_left_out_of_summaries():
+    rows = answer_rows().assign(subject="tiny", target="latent", intervention="noise")
+    rows["applied"] = [True] * (len(rows) - 1) + [False]
+    table = summarize(rows, seed=0, n_boot=50).set_index("metric")
+    assert table.loc["flip_rate", "n"] == rows.instance_id[rows.applied].nunique()
+
+
+def test_bootstrap_p_value_is_the_level_at_which_the_interval_excludes_the_null():
+    from latentprobe.effects import _bootstrap_p_value
+
+    replicates = np.column_stack([np.linspace(-1, 3, 1001), np.zeros(1001), np.full(1001, np.nan)])
+    p = _bootstrap_p_value(replicates)
+    assert p[0] == pytest.approx(2 * 252 / 1002, abs=1e-9)  # 251 replicates <= 0, plus one
+    assert p[1] == 1.0 and np.isnan(p[2])

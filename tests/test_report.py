@@ -12,25 +12,9 @@ import pytest
 from latentprobe import figures
 from latentprobe.errors import LatentProbeError
 from latentprobe.probes import probe_table
-from latentprobe.report import (
-    FINDING_TITLES,
-    FINDINGS,
-    INCONCLUSIVE,
-    NOT_MEASURED,
-    NOT_SUPPORTED,
-    SUPPORTED,
-    VerdictThresholds,
-    all_verdicts,
-    tidy_effects,
-    verdict_collapse,
-    verdict_input_latent,
-    verdict_latent_answer,
-    verdict_visual_info,
-    write_report,
-)
+from latentprobe.report import FINDING_TITLES, FINDINGS, Margins, reading_guide, tidy_effects, write_report
 from latentprobe.similarity import inter_instance_similarity, intra_instance_similarity, similarity_table
-
-THRESHOLDS = VerdictThresholds()
+from latentprobe.verdicts import NOT_MEASURED, all_verdicts, verdict_latent_answer
 
 
 def effect(subject, target, intervention, metric, estimate, low, high, n=40, **extra):
@@ -43,12 +27,13 @@ def effects():
     return pd.DataFrame([
         effect("monet", "input", "blank_image", "change_ratio@step0", 0.05, 0.03, 0.08),
         effect("monet", "input", "blank_image", "change_ratio@step1", 0.04, 0.02, 0.06),
-        effect("monet", "latent", "gaussian_3sd", "flip_rate", 0.03, 0.01, 0.06),
-        effect("monet", "latent", "gaussian_3sd", "NIE_correct", 0.01, -0.02, 0.04),  # effects.py naming
-        effect("monet", "latent", "gaussian_3sd", "accuracy_change", -0.01, -0.03, 0.01),
+        effect("monet", "latent", "noise(scale=3)", "flip_rate", 0.03, 0.01, 0.06),
+        effect("monet", "latent", "noise(scale=3)", "accuracy_change", -0.01, -0.03, 0.01),
+        effect("monet", "latent", "patch(steps=all)", "flip_rate", 0.0, 0.0, 0.045, n=80, k=0),
+        effect("monet", "input", "image-swap", "NIE_correct", 0.01, -0.02, 0.04, mediator="fed_back"),
         effect("capimagine", "input", "blank_image", "change_ratio", 0.6, 0.5, 0.7),
-        effect("capimagine", "text", "drop_imagination", "flip_rate", 0.35, 0.28, 0.42),
-        effect("capimagine", "text", "drop_imagination", "NIE", -0.2, -0.27, -0.13),
+        effect("capimagine", "text", "text-swap", "flip_rate", 0.35, 0.25, 0.46, n=80, k=28),
+        effect("capimagine", "text", "text-shuffle", "flip_rate", 0.2, 0.12, 0.3, n=80, k=16),
     ])
 
 
@@ -121,36 +106,13 @@ def test_effect_steps_come_from_a_suffix_or_a_column():
         tidy_effects(table.drop(columns=["ci_high"]))
 
 
-@pytest.mark.parametrize("low, high, expected", [(0.02, 0.1, SUPPORTED), (0.25, 0.4, NOT_SUPPORTED),
-                                                 (0.1, 0.3, INCONCLUSIVE)])
-def test_input_latent_verdict_uses_the_change_ratio_upper_ci(low, high, expected):
-    table = pd.DataFrame([effect("s", "input", "swap", "change_ratio@step0", (low + high) / 2, low, high)])
-    verdict = verdict_input_latent(table, "s", THRESHOLDS)
-    assert verdict.verdict == expected and "swap" in verdict.evidence
-
-
-def test_latent_answer_verdict(effects):
-    assert verdict_latent_answer(effects, "monet", THRESHOLDS).verdict == SUPPORTED
-    capimagine = verdict_latent_answer(effects, "capimagine", THRESHOLDS)
-    assert capimagine.verdict == NOT_SUPPORTED and "text mediator" in capimagine.evidence
-    small_but_nonzero_nie = pd.DataFrame([effect("s", "latent", "noise", "NIE", 0.02, 0.01, 0.03)])
-    assert verdict_latent_answer(small_but_nonzero_nie, "s", THRESHOLDS).verdict == INCONCLUSIVE
-
-
-def test_collapse_and_visual_info_verdicts(similarity, probes):
-    table, _ = similarity
-    assert verdict_collapse(table, "monet", THRESHOLDS).verdict == SUPPORTED
-    assert verdict_collapse(table, "capimagine", THRESHOLDS).verdict == NOT_SUPPORTED
-    # With several layers the last one is judged unless collapse_layer says otherwise.
-    layered = pd.concat([table.assign(layer=27), table.assign(layer=3, mean_similarity=0.0, ci_low=0.0, ci_high=0.0)])
-    assert verdict_collapse(layered, "monet", THRESHOLDS).verdict == SUPPORTED
-    assert verdict_collapse(layered, "monet", VerdictThresholds(collapse_layer=3)).verdict == NOT_SUPPORTED
-    no_baseline = table[table.representation != "prompt_last"]
-    assert verdict_collapse(no_baseline, "monet", THRESHOLDS).verdict == INCONCLUSIVE
-    visual = verdict_visual_info(probes, "monet", THRESHOLDS)
-    assert visual.verdict == SUPPORTED and "image_mean" in visual.evidence
-    only_latent = probes[probes.representation == "latent"]
-    assert verdict_visual_info(only_latent, "monet", THRESHOLDS).verdict == INCONCLUSIVE
+def test_report_verdicts_come_from_the_verdicts_package(effects):
+    verdicts = all_verdicts(["monet", "capimagine"], effects=effects).set_index(["subject", "finding"])
+    assert verdicts.loc[("monet", "input_latent"), "verdict"] == "disconnect"
+    assert verdicts.loc[("monet", "latent_answer"), "verdict"] == "disconnect"
+    assert verdicts.loc[("capimagine", "input_latent"), "verdict"] == "connected"
+    assert verdicts.loc[("capimagine", "latent_answer"), "verdict"] == "connected"
+    assert verdicts.loc[("capimagine", "latent_answer"), "disruption"] == "connected"
 
 
 def test_missing_inputs_are_not_measured(tmp_path):
@@ -165,17 +127,26 @@ def test_missing_inputs_are_not_measured(tmp_path):
 # ------------------------------------------------------------------------------------------- markdown
 
 
-def test_markdown_has_every_finding_its_verdicts_and_thresholds(report):
+def test_markdown_has_every_finding_its_verdicts_rules_and_explanations(report):
     md_path, _, made = report
     text = md_path.read_text()
     for number, finding in enumerate(FINDINGS, start=1):
         assert f"## Finding {number}: {FINDING_TITLES[finding]}" in text
-    assert "upper 95% CI of change_ratio is < 0.2" in text
-    assert "upper 95% CI of flip_rate is < 0.1" in text and "NIE CI (any outcome" in text
-    assert "prompt_last baseline by >= 0.1" in text
-    assert "best image_mean selectivity - 0.1" in text
-    assert "- **monet: supported.**" in text and "- **capimagine: not supported.**" in text
+    assert "change_ratio has its 95% interval below 0.2" in text
+    assert "answer-change rate has its 95% exact interval below 0.05" in text
+    assert "- **monet: disconnect.**" in text and "- **capimagine: connected.**" in text
     assert "0.050 [0.030, 0.080]" in text  # a measured number with its interval
+    # the verdict table carries the evidence columns
+    for column in ("| margin |", "| estimate [CI] |", "| n |", "| detectable effect |", "| needed n |"):
+        assert column in text
+    # plain words: the paper, why a null needs an equivalence test, the multiplicity method, every metric
+    assert "CapImagine (arXiv 2602.22766)" in text
+    assert "equivalence test" in text and "TOST" in text
+    assert "Holm" in text and "intersection-union" in text
+    for metric in ("change_ratio:", "flip_rate:", "answer_changed:", "NIE = ", "fed_back", "all_layers",
+                   "kl_clean_to_intervened:", "selectivity"):
+        assert metric in text, metric
+    assert f"Margins in force: {Margins().describe()}" in text
     for path in made["collapse"]:
         if path.suffix == ".png":
             assert f"(figures/{path.name})" in text
@@ -233,13 +204,13 @@ def test_html_renders_in_headless_chromium(report, tmp_path):
 
 
 def test_unmeasured_effect_rows_are_no_evidence():
-    import numpy as np
-    import pandas as pd
-
-    from latentprobe.report import VerdictThresholds, verdict_latent_answer
-
     effects = pd.DataFrame({
-        "subject": "s", "target": ["latent", "latent", "input"], "intervention": ["noise", "noise", "swap"],
-        "metric": ["flip_rate", "NIE_correct", "NIE_correct"], "estimate": [0.0, np.nan, 0.0],
-        "ci_low": [0.0, np.nan, 0.0], "ci_high": [0.0, np.nan, 0.0], "n": [48, 0, 48]})
-    assert verdict_latent_answer(effects, "s", VerdictThresholds()).verdict == "supported"
+        "subject": "s", "target": ["latent", "latent", "input"], "intervention": ["patch", "patch", "image-swap"],
+        "metric": ["flip_rate", "NIE_correct", "NIE_answer_changed"], "estimate": [0.0, np.nan, 0.0],
+        "ci_low": [0.0, np.nan, 0.0], "ci_high": [0.045, np.nan, 0.045], "n": [80, 0, 80], "k": [0, np.nan, 0]})
+    assert verdict_latent_answer(effects, "s").verdict == "disconnect"
+
+
+def test_reading_guide_states_the_margins_given():
+    text = " ".join(item for _, items in reading_guide(Margins(answer_change=0.02)) for item in items)
+    assert "answer_change=0.02" in text

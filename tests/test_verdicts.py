@@ -1,0 +1,203 @@
+"""Verdict rules: equivalence (TOST-style), intersection-union for disconnect, Holm for connected, information vs
+disruption edits, margins, planning numbers, and the failure cases reported in issue 9."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from latentprobe.errors import LatentProbeError
+from latentprobe.verdicts import (VERDICT_COLUMNS, VOCABULARY, Margins, all_verdicts, clopper_pearson, edit_role,
+                                  needed_n_rate_equivalence, verdict_input_latent, verdict_latent_answer)
+from latentprobe.verdicts.decision import holm, mean_row, rate_row, decide_family
+
+
+def effect(subject, target, intervention, metric, estimate, low, high, n=80, **extra):
+    return dict(subject=subject, target=target, intervention=intervention, metric=metric, estimate=estimate,
+                ci_low=low, ci_high=high, n=n, **extra)
+
+
+def rate(subject, target, intervention, metric, k, n, **extra):
+    low, high = clopper_pearson(k, n, 0.05)
+    return effect(subject, target, intervention, metric, k / n, low, high, n, k=k, interval="clopper-pearson", **extra)
+
+
+# ------------------------------------------------------------------------------------------------- pieces
+
+def test_clopper_pearson_equals_scipy_binomtest():
+    from scipy.stats import binomtest
+
+    for n in (1, 7, 20, 80):
+        for k in sorted({0, 1, n // 3, n - 1, n}):
+            oracle = binomtest(k, n).proportion_ci(confidence_level=0.9, method="exact")
+            assert clopper_pearson(k, n, 0.1) == (pytest.approx(oracle.low, abs=1e-10),
+                                                  pytest.approx(oracle.high, abs=1e-10))
+
+
+def test_holm_equals_statsmodels():
+    from statsmodels.stats.multitest import multipletests
+
+    rng = np.random.default_rng(0)
+    for size in (1, 3, 8):  # few cases: multipletests runs a full garbage collection per call (about 1 s here)
+        p = rng.random(size) ** 3
+        p[-1] = p[0]  # ties
+        reject, adjusted = holm(p, 0.05)
+        oracle = multipletests(p, alpha=0.05, method="holm")
+        assert (reject == oracle[0]).all() and np.allclose(adjusted, oracle[1])
+
+
+def test_needed_n_for_zero_events_is_the_exact_bound_and_grows_with_the_rate():
+    assert needed_n_rate_equivalence(0.0, 0.05, 0.05, 0.8) == 72  # 1 - 0.025^(1/72) < 0.05 <= 1 - 0.025^(1/71)
+    assert 1 - 0.025 ** (1 / 72) < 0.05 <= 1 - 0.025 ** (1 / 71)
+    n = needed_n_rate_equivalence(0.01, 0.05, 0.05, 0.8)
+    assert 72 < n < 1000
+    # oracle: at that n, simulated runs with true rate 0.01 reach an upper bound < 0.05 about 80% of the time
+    rng = np.random.default_rng(0)
+    hits = np.mean([clopper_pearson(k, n, 0.05)[1] < 0.05 for k in rng.binomial(n, 0.01, 400)])
+    assert hits >= 0.74
+    assert math.isinf(needed_n_rate_equivalence(0.06, 0.05, 0.05, 0.8))
+
+
+@pytest.mark.parametrize("bad", [dict(answer_change=0), dict(answer_change=-0.1), dict(answer_change=float("nan")),
+                                 dict(alpha=0), dict(alpha=0.7), dict(power=1.0), dict(change_ratio=float("inf")),
+                                 dict(correctness=1.5), dict(kl="0.1")])
+def test_margins_refuse_impossible_values(bad):
+    with pytest.raises(LatentProbeError):
+        Margins(**bad)
+
+
+def test_margins_map_metrics_to_their_margin():
+    margins = Margins(answer_change=0.02, correctness=0.07, gold_prob=0.03, change_ratio=0.3)
+    assert margins.for_metric("flip_rate") == 0.02 and margins.for_metric("NIE_answer_changed") == 0.02
+    assert margins.for_metric("NIE_correct") == 0.07 and margins.for_metric("accuracy_change") == 0.07
+    assert margins.for_metric("NDE_gold_prob") == 0.03 and margins.for_metric("change_ratio@step2") == 0.3
+    with pytest.raises(LatentProbeError):
+        margins.for_metric("latent_cosine")
+
+
+def test_edit_roles():
+    assert edit_role("patch(steps=all,sem=recompute)") == edit_role("image-swap") == edit_role("text-swap") == \
+        "information"
+    for name in ("noise(scale=3,rel=std,steps=all,sem=recompute)", "constant(value=mean,steps=all,sem=pin)",
+                 "zero(steps=0,sem=recompute)", "drop(keep=0)", "shuffle", "image-blank(colour=gray)",
+                 "image-noise(level=0.5)", "text-shuffle"):
+        assert edit_role(name) == "disruption", name
+
+
+# ---------------------------------------------------------------------------------------------- decisions
+
+def test_equivalence_needs_the_whole_interval_inside_the_margin():
+    margins = Margins()
+    inside = mean_row("a", "NIE_gold_prob", 0.01, -0.03, 0.04, 80, 0.5, margins)
+    straddles = mean_row("b", "NIE_gold_prob", 0.01, -0.03, 0.06, 80, 0.5, margins)
+    assert decide_family([inside], margins).verdict == "disconnect"
+    assert decide_family([straddles], margins).verdict == "inconclusive"
+    # intersection-union: one undecided row keeps the family from disconnect
+    assert decide_family([inside, straddles], margins).verdict == "inconclusive"
+
+
+def test_connected_needs_holm_adjusted_evidence():
+    margins = Margins()
+    alone = mean_row("a", "NIE_gold_prob", 0.1, 0.01, 0.2, 80, 0.02, margins)
+    assert decide_family([alone], margins).verdict == "connected"
+    # the same p = 0.02 among five null rows is no longer enough after Holm (0.02 x 6 > 0.05)
+    nulls = [mean_row(f"n{j}", "NIE_gold_prob", 0.0, -0.2, 0.2, 80, 0.9, margins) for j in range(5)]
+    decision = decide_family([alone, *nulls], margins)
+    assert decision.verdict == "inconclusive"
+    assert decision.rows[0].p_holm == pytest.approx(0.12)
+
+
+def test_a_tiny_effect_inside_the_margin_is_a_disconnect():
+    margins = Margins()
+    tiny = rate_row("a", "flip_rate", 3, 3000, margins)  # nonzero, but the interval is far below 0.05
+    decision = decide_family([tiny], margins)
+    assert decision.verdict == "disconnect" and "differ from 0" in decision.reason
+
+
+# ----------------------------------------------------------------------------------- issue 9 failure cases
+
+def test_nie_interval_reaching_past_the_margin_without_flip_rows_is_not_a_disconnect():
+    """Was "supported" (an .all() over the empty set of flip rows)."""
+    table = pd.DataFrame([effect("s", "input", "image-swap", "NIE_correct", -0.30, -0.65, 0.02, n=20)])
+    verdict = verdict_latent_answer(table, "s")
+    assert verdict.verdict == "inconclusive"
+    assert verdict.needed_n is not None and verdict.needed_n > 20
+
+
+def test_zero_of_twenty_flips_is_inconclusive_with_the_exact_bound_and_the_needed_n():
+    table = pd.DataFrame([rate("s", "latent", "patch(steps=all,sem=recompute)", "flip_rate", 0, 20)])
+    verdict = verdict_latent_answer(table, "s")
+    assert verdict.verdict == "inconclusive"
+    assert verdict.ci_high == pytest.approx(0.1684, abs=1e-4) and verdict.n == 20
+    assert verdict.needed_n == 72
+    # 80 instances without a change: the exact bound 0.045 is inside the margin
+    table = pd.DataFrame([rate("s", "latent", "patch(steps=all,sem=recompute)", "flip_rate", 0, 80)])
+    assert verdict_latent_answer(table, "s").verdict == "disconnect"
+
+
+def test_answers_changing_both_ways_are_connected_although_accuracy_is_flat():
+    """30% of answers change, correctness moves both ways (mean ~0): was "supported" in 193/200."""
+    table = pd.DataFrame([
+        rate("s", "input", "image-swap", "NIE_answer_changed", 24, 80, mediator="fed_back"),
+        effect("s", "input", "image-swap", "NIE_correct", 0.0, -0.1, 0.1, mediator="fed_back"),
+        effect("s", "latent", "patch(steps=all,sem=recompute)", "accuracy_change", 0.0, -0.04, 0.04),
+    ])
+    verdict = verdict_latent_answer(table, "s")
+    assert verdict.verdict == "connected" and verdict.estimate == pytest.approx(0.3)
+
+
+def test_mirage_like_subject_is_disrupted_but_not_connected():
+    """NIE 0 and patching moves nothing, yet noise and constants break it: disconnect, disruption reported."""
+    table = pd.DataFrame([
+        rate("mirage", "latent", "patch(steps=all,sem=recompute)", "flip_rate", 0, 80),
+        rate("mirage", "input", "image-swap", "NIE_answer_changed", 0, 80, mediator="fed_back"),
+        rate("mirage", "latent", "noise(scale=3,rel=std,steps=all,sem=recompute)", "flip_rate", 37, 80),
+        rate("mirage", "latent", "constant(value=mean,steps=all,sem=recompute)", "flip_rate", 65, 80),
+    ])
+    verdict = verdict_latent_answer(table, "mirage")
+    assert verdict.verdict == "disconnect"
+    assert verdict.details["disruption"] == "connected" and "Disruption" in verdict.evidence
+    # with only the disruption edits, the information claim is undecided, never connected
+    only_disruption = verdict_latent_answer(table.iloc[2:], "mirage")
+    assert only_disruption.verdict == "inconclusive" and "information edit" in only_disruption.evidence
+
+
+def test_the_all_layers_mediator_is_reported_but_the_fed_back_one_decides():
+    table = pd.DataFrame([
+        rate("s", "input", "image-swap", "NIE_answer_changed", 0, 80, mediator="fed_back"),
+        rate("s", "input", "image-swap", "NIE_answer_changed", 30, 80, mediator="all_layers"),
+    ])
+    verdict = verdict_latent_answer(table, "s")
+    assert verdict.verdict == "disconnect" and "all_layers" in verdict.evidence
+    assert verdict.details["mediator"] == "fed_back"
+
+
+def test_unapplied_rows_are_not_evidence():
+    table = pd.DataFrame([
+        rate("s", "latent", "patch(steps=all,sem=recompute)", "flip_rate", 0, 80, applied=True),
+        rate("s", "latent", "patch(steps=0,sem=recompute)", "flip_rate", 40, 80, applied=False),
+    ])
+    assert verdict_latent_answer(table, "s").verdict == "disconnect"
+
+
+def test_input_latent_uses_every_step_and_the_change_ratio_margin():
+    rows = [effect("s", "input", "image-swap", "change_ratio@step0", 0.05, 0.03, 0.08, p_value=0.0),
+            effect("s", "input", "image-swap", "change_ratio@step1", 0.04, 0.02, 0.06, p_value=0.0)]
+    assert verdict_input_latent(pd.DataFrame(rows), "s").verdict == "disconnect"
+    rows.append(effect("s", "input", "image-blank", "change_ratio@step1", 0.5, 0.4, 0.6, p_value=0.0))
+    verdict = verdict_input_latent(pd.DataFrame(rows), "s")
+    assert verdict.verdict == "connected" and "image-blank" in verdict.evidence
+    assert verdict_input_latent(pd.DataFrame(rows), "s", Margins(change_ratio=0.7)).verdict == "disconnect"
+
+
+def test_all_verdicts_table_has_the_vocabulary_and_evidence_columns():
+    table = pd.DataFrame([rate("s", "latent", "patch(steps=all,sem=recompute)", "flip_rate", 0, 12)])
+    verdicts = all_verdicts(["s", "other"], effects=table)
+    assert list(verdicts.columns) == VERDICT_COLUMNS
+    assert list(verdicts.columns[:3]) == ["subject", "finding", "verdict"]
+    for row in verdicts.itertuples():
+        assert row.verdict in VOCABULARY[row.finding]
+    shortcut = verdicts.set_index(["subject", "finding"]).loc[("s", "latent_answer")]
+    assert shortcut.verdict == "inconclusive" and shortcut.needed_n == 72 and shortcut.margin == 0.05
+    assert set(verdicts[verdicts.subject == "other"].verdict) == {"not measured"}
