@@ -182,16 +182,20 @@ def _evidence_rows_display(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def _similarity_display(rows: pd.DataFrame) -> pd.DataFrame:
+    """The collapse table: the spread ratio the verdict reads first, then the raw cosine view."""
     layer = {"layer": rows.layer.astype(str)} if "layer" in rows.columns else {}
+    statistic = rows.statistic.astype(str) if "statistic" in rows.columns else pd.Series("cosine", index=rows.index)
+    reference = rows.reference.fillna("").astype(str) if "reference" in rows.columns else ""
+    value = rows.estimate if "estimate" in rows.columns else rows.mean_similarity
     return pd.DataFrame({
         "subject": rows.subject.astype(str),
         **layer,
         "representation": rows.representation.astype(str),
-        "centring": rows.centring.astype(str),
+        "statistic": statistic,
+        "vs": reference,
+        "centring": rows.centring.astype(str) if "centring" in rows.columns else "",
         "step": [("" if pd.isna(s) or s < 0 else str(int(s))) for s in rows.step],
-        "mean similarity [95% CI]": [
-            _interval(m, lo, hi) for m, lo, hi in zip(rows.mean_similarity, rows.ci_low, rows.ci_high)
-        ],
+        "estimate [95% CI]": [_interval(m, lo, hi) for m, lo, hi in zip(value, rows.ci_low, rows.ci_high)],
         "n": [_number(n) for n in rows.n],
     })
 
@@ -334,11 +338,17 @@ def reading_guide(margins: Margins) -> list[tuple[str, list[str]]]:
             "latents at that step. 0 = the latent did not move; 1 = it moved as far as swapping in another "
             "instance's latent. Being a distance it is never below 0, so 'connected' for input_latent means the "
             "latents move measurably and not provably less than the margin.",
-            "Similarity (collapse): cosine between different instances' latent vectors at the same step, raw and "
-            "mean-centred (raw cosine is inflated by a direction all hidden states share), against image-token and "
-            "prompt baselines.",
-            "Probes (visual information): cross-validated linear probes from states to attributes, folds split by "
-            "instance; selectivity = accuracy minus the accuracy of a control task (Hewitt & Liang).",
+            "Collapse: relative spread RS = (variance across instances) / (mean squared norm) of one latent step's "
+            "vectors, 0 when every instance has the same vector, about 1 for independent isotropic vectors; the "
+            "verdict reads the spread ratio RS(latent step) / RS(image tokens of the same instances) with a paired "
+            "bootstrap interval: collapsed if the interval lies below the margin, not collapsed if above. Raw "
+            "cosine between instances (the paper's measure, inflated by a direction all hidden states share) is "
+            "shown as a view only.",
+            "Probes (visual information): ridge probes per layer x latent step, folds split by instance and "
+            "balanced for real and control labels; selectivity = score minus the score on a Hewitt & Liang control "
+            "task whose random labels are assigned per type (image identity by default), so memorising types is "
+            "caught; the best cell is chosen inside the training folds (nested), and each probe has a permutation "
+            "p-value (Holm across attributes in the verdict).",
         ]),
     ]
 

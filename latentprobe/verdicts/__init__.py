@@ -16,14 +16,8 @@ from .decision import clopper_pearson, decide_family, needed_n_rate_equivalence
 from .margins import Margins
 from .tidy import EFFECT_COLUMNS, tidy_effects
 
-try:  # the collapse-and-probes rework (issue 9 items 7-8); until it lands, the interim port of the old rules
-    from .collapse import verdict_collapse
-except ImportError:  # pragma: no cover - depends on which branches are merged
-    from .interim import verdict_collapse
-try:
-    from .visual_info import verdict_visual_info
-except ImportError:  # pragma: no cover
-    from .interim import verdict_visual_info
+from .collapse import verdict_collapse
+from .visual_info import verdict_visual_info
 
 __all__ = ["FINDINGS", "INCONCLUSIVE", "NOT_MEASURED", "VOCABULARY", "VERDICT_COLUMNS", "Margins", "Verdict",
            "all_verdicts", "clopper_pearson", "decide_family", "edit_role", "evidence_rows",
