@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a JSONL file or BENCHMARK:FOLDER (default: the subject's own held-out split for organisms, "
                         "else the built-in images)")
     p.add_argument("--split", default=None, help="only instances of this split")
-    p.add_argument("--limit", type=int, default=None, help="at most this many instances (default 64 on default data)")
+    p.add_argument("--limit", type=T.int_at_least(1), default=None,
+                   help="at most this many instances (None: 64 on default data, all of --data)")
     _add_decode_args(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--layers", default="all", help="hidden-state layers 0..N, comma-separated, or 'all'")
@@ -128,15 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direction", default="denoise,noise", help="denoise, noise or both (comma-separated)")
     p.add_argument("--corruption", default="image-swap", choices=["image-swap", "image-noise"],
                    help="image-swap (another instance's image) or image-noise (ROME-style, on image-token embeddings)")
-    p.add_argument("--noise-scale", type=float, default=3.0, help="image-noise: x the image-embedding std (default 3)")
+    p.add_argument("--noise-scale", type=T.positive_float, default=3.0, help="image-noise: x the image-embedding std (default 3)")
     p.add_argument("--semantics", default="recompute", choices=["recompute", "pin"],
                    help="after a patched latent step: recompute later steps, or pin them to the patched run's")
-    p.add_argument("--min-gap", type=float, default=0.05,
+    p.add_argument("--min-gap", type=T.fraction_open, default=0.05,
                    help="exclude instances with |p_clean - p_corrupt| below this from normalised metrics")
     p.add_argument("--no-attribution", action="store_true", help="skip attribution patching")
-    p.add_argument("--max-rows", type=int, default=512, help="rows decoded side by side at most")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for intervals")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--max-rows", type=T.int_at_least(1), default=512, help="rows decoded side by side at most")
+    p.add_argument("--bootstrap", type=T.int_at_least(100), default=1000,
+                   help="bootstrap resamples for the 95%% intervals (>= 100)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("similarity", help="collapse analysis: cosine similarity of latents across instances/steps")
     p.add_argument("runs", nargs="+", metavar="TRACE_DIR", help="trace folders")
@@ -158,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the control task's random labels are assigned to: auto (default: the image's "
                         "identity where instances have images, else the instance), image, question, instance, "
                         "or attribute names joined by '+'")
-    p.add_argument("--permutations", type=int, default=199,
+    p.add_argument("--permutations", type=T.int_at_least(0), default=199,
                    help="label permutations for each probe's p-value against chance (default 199; 0 = none)")
 
     _add_where_parsers(sub)  # ground, lens
@@ -173,10 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="from a pilot run: instances needed to decide, smallest effect ruled out")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders written by `latentprobe intervene`")
-    p.add_argument("--margin", type=float, default=None,
+    p.add_argument("--margin", type=T.fraction_open, default=None,
                    help="equivalence margin for answer-change rates, correctness and gold probability (default 0.05)")
-    p.add_argument("--alpha", type=float, default=0.05, help="error rate of intervals and tests (default 0.05)")
-    p.add_argument("--power", type=float, default=0.8, help="power to plan for (default 0.8)")
+    p.add_argument("--alpha", type=T.fraction_open, default=0.05, help="error rate of intervals and tests (default 0.05)")
+    p.add_argument("--power", type=T.fraction_open, default=0.8, help="power to plan for (default 0.8)")
 
     p = sub.add_parser("demo", help="the whole analysis on the built-in organisms, with a report (a few minutes)")
     p.add_argument("--out", default="runs/demo", type=T.output_folder, help="output folder (must be new)")
@@ -212,12 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="conformance check of a checkpoint against its family (run before a long run)")
     p.add_argument("--subject", required=True, help="the family: monet, lvr, mirage, capimagine or qwen2.5-vl")
     p.add_argument("--checkpoint", default=None, help="a local folder or hub id (default: the family's own)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--max-new-tokens", type=int, default=256, help="budget for the decoded built-in instance")
-    p.add_argument("--latent-steps", type=int, default=None)
-    p.add_argument("--mediator-markers", default=None, metavar="OPEN,CLOSE")
-    p.add_argument("--decoding", default="greedy", choices=["greedy", "authors"])
+    p.add_argument("--device", type=T.device_name, default=None,
+                   help="torch device: cpu, cuda, cuda:N, mps, or auto; None: the subject's")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights' dtype (None: the subject's; bfloat16 on a GPU)")
+    p.add_argument("--max-new-tokens", type=T.int_at_least(1), default=256,
+                   help="budget for the decoded built-in instance")
+    p.add_argument("--latent-steps", type=T.int_at_least(0), default=None,
+                   help="override the protocol's fixed K or cap (0: no latent step; None: the protocol's own)")
+    p.add_argument("--mediator-markers", default=None, metavar="OPEN,CLOSE",
+                   help="a text-mediator subject's imagination markers (capimagine: <think_image>,</think_image>)")
+    p.add_argument("--decoding", default="greedy", choices=["greedy", "authors"],
+                   help="greedy (the analysis default) or the family's own sampling settings")
 
     p = sub.add_parser("subjects", help="list subjects and their protocols")
     p.add_argument("--show", default=None, metavar="NAME", help="print everything a subject will do")
@@ -638,19 +646,20 @@ def _add_where_parsers(sub):
         _add_subject_args(p)
         _add_data_args(p)
         _add_decode_args(p)
-        p.add_argument("--out", required=True, help="output folder (must be new)")
+        p.add_argument("--out", required=True, type=T.output_folder, help="output folder (must be new)")
         p.add_argument("--layers", default="all",
                        help="hidden-state layers: 'all', 'final' or comma-separated (0 = embeddings, N = final norm)")
         if name == "ground":
-            p.add_argument("--image-layer", type=int, default=None,
+            p.add_argument("--image-layer", type=T.int_at_least(0), default=None,
                            help="compare every latent layer with the image tokens at this one layer "
                                 "(default: the same layer)")
-            p.add_argument("--random-regions", type=int, default=100,
+            p.add_argument("--random-regions", type=T.int_at_least(1), default=100,
                            help="random same-size regions for the chance baseline (all placements when fewer)")
-            p.add_argument("--overlays", type=int, default=4, help="instances drawn as overlay PNGs")
-            p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for intervals")
+            p.add_argument("--overlays", type=T.int_at_least(0), default=4, help="instances drawn as overlay PNGs")
+            p.add_argument("--bootstrap", type=T.int_at_least(100), default=2000,
+                           help="bootstrap resamples for the 95%% intervals (>= 100)")
         else:
-            p.add_argument("--top-tokens", type=int, default=5, help="top tokens kept per cell")
+            p.add_argument("--top-tokens", type=T.int_at_least(1), default=5, help="top tokens kept per cell")
 
 
 def _where_inputs(args):

@@ -182,7 +182,6 @@ def test_agreement_is_spearman_over_shared_sites():
     (["--steps", "4"], "latent step 4 is out of range"),
     (["--groups", "image,pixels"], "unknown position group 'pixels'"),
     (["--direction", "sideways"], "unknown patching direction"),
-    (["--min-gap", "nan"], "min_gap"),
     (["--sites", "latent[9].layer[0]"], "latent step 9 is out of range"),
     (["--sites", "latent[0].layer[0],pixels.layer[0]"], "unknown position group 'pixels'"),
     (["--sites", "latent[0].layer[0],latent-2"], "cannot read 'latent-2' as a site"),
@@ -211,7 +210,7 @@ def test_latent_groups_refused_for_a_subject_without_latent_phase(subjects):
 
 def test_cli_patch_runs_on_the_subjects_default_data(tmp_path, capsys):
     out = tmp_path / "patch"
-    code = main(["patch", "--subject", "organism-bottleneck", "--out", str(out), "--limit", "6", "--bootstrap", "50",
+    code = main(["patch", "--subject", "organism-bottleneck", "--out", str(out), "--limit", "6", "--bootstrap", "100",
                  "--quiet"])
     assert code == 0, capsys.readouterr().err
     summary = pd.read_parquet(out / "patching_summary.parquet")
@@ -263,3 +262,9 @@ def test_organism_patching_numbers(subjects, held_out, name, capsys):
         assert fed_back.ci_low > 0.95
     else:  # the others' answers read the image directly: nothing passes through a single latent state
         assert steps.estimate.abs().max() < 0.01
+
+
+def test_non_finite_min_gap_is_refused_by_the_parser(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["patch", "--subject", "organism-bottleneck", "--out", str(tmp_path / "p"), "--min-gap", "nan"])
+    assert exit_info.value.code == 2 and "--min-gap: 'nan' is not a finite number" in capsys.readouterr().err
