@@ -218,7 +218,8 @@ class TraceStore:
         handle = self._shard(shard)
         if key not in handle.keys():
             raise LatentProbeError(f"record {record_id} has no tensor {name!r}",
-                                   "record it when tracing (see --record) or pick another representation")
+                                   "record it when tracing (trace --layers, --image-states all|mean, --answer-states) or pick "
+                                   "another representation")
         try:
             return handle.get_tensor(key)
         except Exception as exc:  # a shard truncated after its header: the data offsets point past its end

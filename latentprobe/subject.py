@@ -27,8 +27,9 @@ IMAGE_PLACEHOLDER = "<image>"  # in a question template: where the image goes (M
 class PromptStyle:
     """How a model family's own evaluation code phrases a question.
 
-    The user turn is the images (in order) then the question text, unless the text holds ``<image>``
-    placeholders, which put the images inline there. The question text is, first match wins:
+    The user turn is the images (in order) then the question text (``image_position="before"``), or the text then
+    the images (``"after"``: the organisms' layout), unless the text holds ``<image>`` placeholders, which put the
+    images inline there. The question text is, first match wins:
     ``task_templates[instance.task]`` (``{question}`` and ``{options}`` filled in), the instance's own text in
     ``attributes[raw_text_attribute]`` (a benchmark's text, options included) plus ``suffix``, or
     ``question_prefix`` + question + options + ``suffix``.
@@ -47,16 +48,25 @@ class PromptStyle:
     # None: the template's generation prompt ("<|im_start|>assistant\n"); else the prompt is rendered without it
     # and this string appended (Mirage's test.py appends "<|im_start|>assistant", no newline)
     generation_prompt: str | None = None
+    image_position: str = "before"  # images before the question text (Qwen's layout) or "after" it (organisms)
+
+    def __post_init__(self):
+        if self.image_position not in ("before", "after"):
+            raise LatentProbeError(f"image_position must be 'before' or 'after', got {self.image_position!r}",
+                                   "put the images before the question text (Qwen's layout) or after it")
 
     def describe(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def _user_content(text: str, n_images: int) -> list[dict[str, str]]:
-    """Images first then the text; or, when the text holds ``<image>`` placeholders, each image at its own."""
+def _user_content(text: str, n_images: int, image_position: str = "before") -> list[dict[str, str]]:
+    """Images then the text (or the text then the images, ``image_position="after"``); or, when the text holds
+    ``<image>`` placeholders, each image at its own."""
     pieces = text.split(IMAGE_PLACEHOLDER)
     if len(pieces) == 1:
-        return [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+        images = [{"type": "image"} for _ in range(n_images)]
+        text_part = [{"type": "text", "text": text}]
+        return text_part + images if image_position == "after" else images + text_part
     if len(pieces) - 1 != n_images:
         raise InstanceError(f"the prompt has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholder(s) but the instance "
                             f"has {n_images} image(s)", "give the template one placeholder per image")
@@ -322,7 +332,7 @@ class Subject:
             attributes = {k: v for k, v in instance.attributes.items() if k != style.raw_text_attribute}
             instance = dataclasses.replace(instance, question=question, attributes=attributes)
         text = self.question_text(instance)
-        content = _user_content(text, n_images)
+        content = _user_content(text, n_images, style.image_position)
         messages = []
         if style.system_prompt:
             messages.append({"role": "system", "content": style.system_prompt})

@@ -29,9 +29,21 @@ the same answer logits.
 from .groundtruth import ground_truth_checks
 from .recipes import BOTTLENECK, ORGANISMS, SHORTCUT, OrganismRecipe, get_recipe
 from .shipping import load_organism, read_metrics, shipped_organisms, weights_dir
-from .subject import OrganismSubject
 from .training import TrainResult, train_organism
 
 __all__ = ["ORGANISMS", "OrganismRecipe", "get_recipe", "BOTTLENECK", "SHORTCUT", "train_organism", "TrainResult",
-           "load_organism", "shipped_organisms", "weights_dir", "read_metrics", "ground_truth_checks",
-           "OrganismSubject"]
+           "load_organism", "shipped_organisms", "weights_dir", "read_metrics", "ground_truth_checks"]
+
+
+def __getattr__(name):
+    # OrganismSubject was a Subject subclass for the organisms' prompt layout, which is now a PromptStyle field
+    # (image_position="after"); the old name keeps working for one release.
+    if name == "OrganismSubject":
+        import warnings
+
+        from ..subject import Subject
+
+        warnings.warn("latentprobe.organisms.OrganismSubject is deprecated: organisms are plain Subjects whose "
+                      "PromptStyle has image_position='after'", DeprecationWarning, stacklevel=2)
+        return Subject
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -70,7 +70,7 @@ class OrganismRecipe:
     num_layers: int = 2
     hidden_size: int = 64
     num_heads: int = 4
-    rope_theta: float = 4.0  # see latentprobe.organisms.subject: rotary frequencies a 4x4 token grid can resolve
+    rope_theta: float = 4.0  # see latentprobe.organisms.architecture: rotary frequencies a 4x4 token grid can resolve
     latent_steps: int = 4  # fed latent vectors during training (the protocol's K, or where the model stops)
     stop_loss: bool = False  # train the LM head to emit the end token after `latent_steps` (end_token rule)
     align: str | None = None  # "cosine_aux_cells" (Mirage stage 1) or "mse_roi_tokens" (LVR)
@@ -92,8 +92,9 @@ class OrganismRecipe:
 
     @property
     def prompt_style(self) -> PromptStyle:
-        # No system turn: shorter prompts, and nothing in them the organisms never needed.
-        return PromptStyle(system_prompt="", force_latent_start=self.protocol is not None)
+        # No system turn: shorter prompts, and nothing in them the organisms never needed. Images after the
+        # question: see latentprobe.organisms.architecture for why a two-layer model needs that layout.
+        return PromptStyle(system_prompt="", force_latent_start=self.protocol is not None, image_position="after")
 
     @property
     def is_latent(self) -> bool:

@@ -108,7 +108,7 @@ def load_organism(name: str, folder: str | Path | None = None, attn_implementati
     from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from .subject import build_subject
+    from .architecture import build_subject
 
     recipe = get_recipe(name)
     folder = Path(folder) if folder is not None else WEIGHTS_DIR

@@ -28,7 +28,7 @@ from ..decoding import LatentDecoder
 from ..errors import LatentProbeError
 from ..subject import Subject
 from .recipes import OrganismRecipe, get_recipe
-from .subject import fresh_subject
+from .architecture import fresh_subject
 from .unroll import EncodedRows, unroll
 
 IMAGE_SIZE = 112  # 2x2 grid of 56-px cells: every cell is exactly 2x2 merged image tokens (4 tokens per cell)

@@ -1,6 +1,6 @@
 """The real model families, one declarative entry each: protocol, prompt, answer format, decoding defaults.
 
-Facts come from each model's public code (see REFERENCE.md section 1). Checkpoints load from a local folder
+Facts come from each model's public code (the repository and file of each fact are cited next to it below). Checkpoints load from a local folder
 or a hub id (`--checkpoint`); the default hub id is the authors' published one.
 
     >>> from latentprobe.subjects import SUBJECTS, load_subject

@@ -1,5 +1,6 @@
-"""The organisms as subjects: their architecture (a tiny Qwen2.5-VL with position encodings a tiny model can use)
-and their prompt layout (question first, image last).
+"""The organisms' architecture (a tiny Qwen2.5-VL with position encodings a tiny model can use) and how an organism
+becomes a `Subject`. Their prompt layout (question first, image last) is data: ``PromptStyle(image_position="after")``
+in `latentprobe.organisms.recipes`.
 
 Two departures from the stock tiny subject, both because a two-layer model has to *find* a grid cell:
 
@@ -14,29 +15,10 @@ Two departures from the stock tiny subject, both because a two-layer model has t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..data import Instance
 from ..subject import Subject
 from .recipes import OrganismRecipe
-
-VISION_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
-USER_TURN = "<|im_start|>user\n"
-TURN_END = "<|im_end|>"
-
-
-@dataclass
-class OrganismSubject(Subject):
-    """A Subject whose prompts put the images at the end of the user turn, after the question."""
-
-    def prompt_text(self, instance: Instance, n_images: int | None = None, question: str | None = None) -> str:
-        n_images = len(instance.images) if n_images is None else n_images
-        text = super().prompt_text(instance, n_images=0, question=question)
-        user = text.index(USER_TURN)
-        end = text.index(TURN_END, user)
-        return text[:end] + VISION_PLACEHOLDER * n_images + text[end:]
 
 
 def mrope_section(head_dim: int) -> list[int]:
@@ -65,11 +47,11 @@ def build_model(recipe: OrganismRecipe, tokenizer, seed: int = 0, attn_implement
     return model.eval()
 
 
-def build_subject(recipe: OrganismRecipe, model, tokenizer, image_processor, checkpoint: str = "") -> OrganismSubject:
+def build_subject(recipe: OrganismRecipe, model, tokenizer, image_processor, checkpoint: str = "") -> Subject:
     """The Subject an organism is studied as (the same object whether freshly trained or loaded)."""
     from .training import IMAGE_SIZE
 
-    subject = OrganismSubject(
+    subject = Subject(
         name=recipe.subject_name, model=model, tokenizer=tokenizer, image_processor=image_processor,
         protocol=recipe.protocol, prompt_style=recipe.prompt_style, answer_parser="letter", mediator=recipe.mediator,
         checkpoint=checkpoint, max_new_tokens=recipe.max_new_tokens,
@@ -81,7 +63,7 @@ def build_subject(recipe: OrganismRecipe, model, tokenizer, image_processor, che
     return subject
 
 
-def fresh_subject(recipe: OrganismRecipe, seed: int = 0) -> OrganismSubject:
+def fresh_subject(recipe: OrganismRecipe, seed: int = 0) -> Subject:
     """An untrained organism: the tiny tokenizer and a seeded random model of the recipe's shape."""
     from ..subjects import tiny
 
