@@ -9,7 +9,7 @@ heatmaps per step and the step x step similarity.
 
 from latentprobe.analysis import collapse_study
 from latentprobe.recording import RecordSpec
-from latentprobe.tracing import trace
+from latentprobe.runs.trace import trace
 
 from _common import load, parser, run_dir
 

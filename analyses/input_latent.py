@@ -7,7 +7,7 @@ swap) and how far they move each latent step, as a ratio of the spread between d
 import pandas as pd
 
 from latentprobe import figures
-from latentprobe.intervening import intervene
+from latentprobe.runs.intervene import intervene
 from latentprobe.interventions import make_interventions
 
 from _common import load, parser, run_dir

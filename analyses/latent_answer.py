@@ -10,7 +10,7 @@ information edits (patch, image-swap NIE), with the disruption edits (noise, con
 import pandas as pd
 
 from latentprobe import figures
-from latentprobe.intervening import intervene
+from latentprobe.runs.intervene import intervene
 from latentprobe.interventions import make_interventions
 from latentprobe.verdicts import Margins, verdict_latent_answer
 

@@ -7,7 +7,7 @@ chosen inside the training folds, and permutation p-values.
 
 from latentprobe.analysis import probe_study
 from latentprobe.recording import RecordSpec
-from latentprobe.tracing import trace
+from latentprobe.runs.trace import trace
 
 from _common import load, parser, run_dir
 

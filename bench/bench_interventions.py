@@ -5,7 +5,7 @@ Three variants timed side by side in this one process (repetitions interleaved i
   clean          ``decoder.run(batch)``: one clean decode of the prompt (the unit)
   prefix reuse   ``decoder.prefill(batch)`` once + ``decoder.decode(prefill, edits, repeats=8)``: the prompt's
                  keys and values are computed once and the 8 edited decodes run side by side in one batch
-                 (what ``latentprobe.intervening`` does). Target: <= 2.5x one clean run.
+                 (what ``latentprobe.runs.intervene`` does). Target: <= 2.5x one clean run.
   naive          8 separate ``decoder.run(batch, edit)`` calls. Expected: about 8-9x.
 
 The prompt is one instance with one 448x448 image by default (256 image tokens after the 2x2 merge), decoded

@@ -300,14 +300,13 @@ def family_benchmark_options(args) -> dict:
 
 
 def organism_default_data(subject: str, limit: int | None):
-    from .organisms.recipes import ORGANISMS
+    """The file of an organism's held-out split for the general commands (None for other subjects); written
+    without the training images, so it is cheaper than `latentprobe.runs.common.default_instances`."""
     from .organisms.training import organism_held_out_data
+    from .runs.common import organism_recipe
 
-    name = subject.removeprefix("organism-")
-    if name not in ORGANISMS:
-        return None
-    recipe = ORGANISMS[name]
-    return organism_held_out_data(recipe, min(limit, 600) if limit else None)
+    recipe = organism_recipe(subject)
+    return None if recipe is None else organism_held_out_data(recipe, min(limit, 600) if limit else None)
 
 
 def shard_instances(instances, shard: str | None):
@@ -375,7 +374,7 @@ def print_block(title: str, lines: list[str]):
 # -- commands -------------------------------------------------------------------------------------------------
 def _cmd_trace(args):
     from .recording import RecordSpec
-    from .tracing import trace
+    from .runs.trace import trace
 
     instances, source, writer_id = select_instances(args)
     subject = load_subject_from_args(args)
@@ -412,7 +411,7 @@ def _split_list(text, convert, flag):
 
 
 def _cmd_intervene(args):
-    from .intervening import intervene
+    from .runs.intervene import intervene
     from .interventions import make_interventions
 
     kinds = [k.strip() for spec in args.kind for k in spec.split(",") if k.strip()]

@@ -344,7 +344,7 @@ def _cache_vs_recompute(report, subject, decoder, batch, result, hidden_log) -> 
 
 
 def _answer(report: CheckReport, subject, instance, row, max_new_tokens: int) -> None:
-    from .tracing import row_record
+    from .runs.common import row_record
 
     record = row_record(subject, instance, row)
     shown = row.text if len(row.text) <= 60 else "..." + row.text[-57:]

@@ -40,11 +40,11 @@ def run_demo(out_dir: str | Path, *, n_instances: int = DEMO_N_INSTANCES, seed: 
     ``n_instances`` held-out questions per subject (at least 2, at most the test split); ``margins`` are the
     verdicts' `latentprobe.verdicts.Margins` (default margins when None)."""
     from .analysis import build_report
-    from .intervening import intervene
+    from .runs.intervene import intervene
     from .interventions import make_interventions
     from .recording import RecordSpec
     from .subjects import load_subject
-    from .tracing import trace
+    from .runs.trace import trace
 
     if isinstance(n_instances, bool) or not isinstance(n_instances, int) or n_instances < 2:
         raise LatentProbeError(f"demo n_instances={n_instances!r} is not a whole number >= 2",

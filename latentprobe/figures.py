@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from .errors import LatentProbeError
 from .probes import best_probe_rows, ran_probes
-from .report import tidy_effects
+from .verdicts.tidy import tidy_effects
 
 PALETTE = "colorblind"  # seaborn's colour-blind-safe qualitative palette
 SEQUENTIAL_CMAP = "cividis"  # perceptually uniform and colour-blind safe, for 0..1 scales

@@ -20,7 +20,7 @@ applied by editing the attention mask each chosen block's attention receives -- 
 additive one under ``eager`` -- so both give the same result, and a step where nothing is blocked runs
 untouched (knocking out nothing is the clean run exactly).
 
-A knockout is an intervention (``target = "attention"``): `latentprobe.intervening.intervene` runs it like a
+A knockout is an intervention (``target = "attention"``): `latentprobe.runs.intervene.intervene` runs it like a
 latent intervention, from the clean prefill, and its rows enter the same effects and mediation tables, named
 e.g. ``knockout[answer->latent]@layers[all]``.
 

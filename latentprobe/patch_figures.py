@@ -1,7 +1,7 @@
 """Figures and report blocks for "where and when": patching heatmaps and attention-knockout tables.
 
 Pure presentation over tidy tables (`latentprobe.patching.summarize_patching`, the effects summary of
-`latentprobe.intervening`); nothing here runs a model.
+`latentprobe.runs.intervene`); nothing here runs a model.
 
 Entry point for the report: `where_and_when_section(run_dirs, out_dir)` returns the Markdown of the section and
 the figures it made, from any patching run folders (``patching_summary.parquet``) and intervention run folders

@@ -52,7 +52,9 @@ import torch
 
 from .data import Instance, load_images
 from .decoding import LATENT, TEXT, DecodeConfig, DecodeResult, LatentDecoder, StepContext
+from .runs.common import default_instances, progress_bar  # noqa: F401  (default_instances re-exported)
 from .errors import InstanceError, LatentProbeError
+from .interventions.base import _seed_for
 from .sites import POSITION_GROUPS, Site, layer_modules
 
 log = logging.getLogger(__name__)
@@ -398,13 +400,6 @@ def _safe_images(inst):
         return None
 
 
-def _seed_for(*parts) -> int:
-    import hashlib
-
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 # ------------------------------------------------------------------------------------------ patched runs
 _STEP, _ALL_LATENT, _ANSWER = 0, 1, 2
 
@@ -662,7 +657,7 @@ def patch_map(subject, instances: Sequence[Instance], out_dir: str | Path | None
     rows: list[dict] = []
     attribution_rows: list[dict] = []
     timing = {"reference": 0.0, "exact": 0.0, "attribution": 0.0}
-    bar = _progress(len(usable), progress)
+    bar = progress_bar(len(usable), progress, "patch")
     for start in range(0, len(usable), batch_size):
         chunk = usable[start:start + batch_size]
         tick = time.time()
@@ -715,12 +710,6 @@ def _safe_images_by_id(instances, instance_id):
                 raise LatentProbeError(f"the donor image of {instance_id} cannot be read", "fix the data's image paths")
             return images
     raise LatentProbeError(f"no donor {instance_id}", "internal: donors come from the same instances")
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc="patch", unit="inst", leave=False)
 
 
 def reference_run(decoder: LatentDecoder, batch, grid: PatchGrid, noise: ImageEmbeddingNoise | None,
@@ -964,23 +953,6 @@ def read_patching(run_dir: str | Path) -> pd.DataFrame:
     if not path.exists():
         raise LatentProbeError(f"{run_dir} holds no patching results", "run `latentprobe patch --out DIR` first")
     return pd.read_parquet(path)
-
-
-def default_instances(subject_name: str, limit: int | None = None, split: str = "test") -> tuple[list[Instance], str]:
-    """A subject's default data: an organism's own held-out split (never seen in training); the built-in images
-    for any other subject."""
-    from .data import load_instances, load_jsonl
-
-    name = subject_name.removeprefix("organism-")
-    from .organisms.recipes import ORGANISMS
-
-    if subject_name.startswith("organism-") and name in ORGANISMS:
-        from .organisms.training import organism_data
-
-        path = organism_data(ORGANISMS[name])
-        instances = load_jsonl(path, split=split)
-        return (instances[:limit] if limit else instances), f"{path} (split {split})"
-    return load_instances(None, limit=limit)
 
 
 def describe_grid_cost(grid: PatchGrid, n_instances: int) -> dict[str, Any]:

@@ -28,21 +28,11 @@ DEFAULT_LIMIT = 200
 
 
 def default_instances(subject_name: str, limit: int | None = DEFAULT_LIMIT) -> tuple[list, str]:
-    """(instances, source label) for a subject run with no data given: an organism's held-out split, else the
-    built-in images."""
-    from .data import builtin_instances, load_jsonl
+    """(instances, source label) for a subject run with no data given: `latentprobe.runs.common.default_instances`
+    with this module's default limit."""
+    from .runs.common import default_instances as _default_instances
 
-    if subject_name.startswith("organism-"):
-        from .organisms.recipes import ORGANISMS
-        from .organisms.training import organism_data
-
-        name = subject_name[len("organism-"):]
-        if name in ORGANISMS:
-            path = organism_data(ORGANISMS[name])
-            instances = load_jsonl(path, split="test")
-            return (instances[:limit] if limit else instances), f"{path} (test split)"
-    instances = builtin_instances()
-    return (instances[:limit] if limit else instances), "builtin"
+    return _default_instances(subject_name, limit)
 
 
 def _prepare_out(out_dir: str | Path) -> Path:

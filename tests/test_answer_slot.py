@@ -155,7 +155,7 @@ def test_families_name_their_answer_prefix(name, prefix):
 def test_trace_rows_and_summary_say_how_each_slot_was_read(tiny_subject, tmp_path):
     from latentprobe.data import builtin_instances
     from latentprobe.store import TraceStore
-    from latentprobe.tracing import trace
+    from latentprobe.runs.trace import trace
 
     subject = _subject(tiny_subject, None, answer_prefix="\\boxed{")
     summary = trace(subject, builtin_instances(3), tmp_path / "t", config=DecodeConfig(max_new_tokens=4))

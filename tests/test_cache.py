@@ -11,7 +11,7 @@ from latentprobe.errors import LatentProbeError
 from latentprobe.recording import RecordSpec
 from latentprobe.sites import Site
 from latentprobe.store import TraceStore
-from latentprobe.tracing import trace
+from latentprobe.runs.trace import trace
 
 from decoding_helpers import make_instances
 

@@ -9,7 +9,7 @@ from latentprobe.errors import LatentProbeError
 from latentprobe.recording import RecordSpec
 from latentprobe.similarity import SIMILARITY_COLUMNS
 from latentprobe.store import TraceStore
-from latentprobe.tracing import trace
+from latentprobe.runs.trace import trace
 from latentprobe.verdicts.collapse import verdict_collapse
 from latentprobe.verdicts.visual_info import verdict_visual_info
 

@@ -279,7 +279,7 @@ def test_zero_latent_steps_means_none_and_negative_is_an_error(tiny_subject, tmp
 
 def test_non_finite_values_fail_only_their_row(tiny_subject, tmp_path):
     from latentprobe.interventions import LatentFunction, RowBinding
-    from latentprobe.tracing import decode_with_isolation
+    from latentprobe.runs.common import decode_with_isolation
 
     instances = make_instances(tmp_path, SIZES[:3])
     batch = tiny_subject.encode(instances)

@@ -124,7 +124,7 @@ def test_capimagine_markers_default_override_and_validation(family_subjects, tmp
 def test_scripted_family_outputs_are_parsed_where_the_model_writes_them(family_subjects, family, tmp_path):
     """End to end: the stand-in writes its family's answer format; trace reads and scores it."""
     from latentprobe.store import TraceStore
-    from latentprobe.tracing import trace
+    from latentprobe.runs.trace import trace
 
     subject = family_subjects[family]
     right, wrong = options_instance("green"), options_instance("red")  # the scripts answer B = green
@@ -147,7 +147,7 @@ def test_scripted_family_outputs_are_parsed_where_the_model_writes_them(family_s
 def test_mirage_plans_are_scored_on_the_map_end_to_end(family_subjects, tmp_path):
     """Mirage on VSP: levels 3-6 by default, its plan in \\boxed{} simulated on the map by Mirage's rule."""
     from latentprobe.data import load_instances
-    from latentprobe.tracing import row_record
+    from latentprobe.runs.common import row_record
 
     maze = tmp_path / "VSP" / "maze" / "task-main" / "maps"
     for level, rows in ((4, ["SFFH", "FHFF", "FFFH", "HFFG"]), (7, ["SFFFFFG"] + ["FFFFFFF"] * 6)):

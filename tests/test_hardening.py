@@ -17,7 +17,7 @@ from latentprobe.data import Instance, builtin_instances, load_images, to_rgb, w
 from latentprobe.errors import LatentProbeError
 from latentprobe.recording import RecordSpec
 from latentprobe.store import TraceStore
-from latentprobe.tracing import trace
+from latentprobe.runs.trace import trace
 
 
 # ----------------------------------------------------------------------------------------- shared material
@@ -258,7 +258,7 @@ def test_unreadable_image_and_decompression_bomb_fail_only_their_instance(tmp_pa
 
 
 def test_image_swap_with_an_unreadable_donor_fails_only_that_pair(tmp_path, tiny_subject):
-    from latentprobe.intervening import intervene
+    from latentprobe.runs.intervene import intervene
     from latentprobe.interventions import make_interventions
 
     instances = builtin_instances(4)
@@ -313,7 +313,7 @@ def test_resumed_finished_run_reports_its_real_accuracy(tmp_path, tiny_subject):
 def test_at_chance_follows_the_exact_binomial_test():
     from scipy.stats import binomtest
 
-    from latentprobe.tracing import at_chance
+    from latentprobe.runs.trace import at_chance
 
     for k, n in [(12, 48), (19, 48), (20, 48), (40, 48), (0, 8)]:
         assert at_chance(k, n, 0.25) == (binomtest(k, n, 0.25, alternative="greater").pvalue >= 0.05)

@@ -9,7 +9,7 @@ import torch
 from latentprobe.data import builtin_instances
 from latentprobe.decoding import LATENT, DecodeConfig, LatentDecoder
 from latentprobe.errors import LatentProbeError
-from latentprobe.intervening import intervene
+from latentprobe.runs.intervene import intervene
 from latentprobe.interventions import (LatentFunction, LatentNoise, LatentPatch, LatentStats, LayerEditHooks,
                                        NNsightRunner, RowBinding, make_interventions)
 from latentprobe.recording import Recorder, RecordSpec
@@ -161,7 +161,7 @@ def test_latent_stats_equal_direct_computation():
 
 
 def test_out_of_memory_halves_the_batch_and_loses_nothing(tiny_subject, monkeypatch):
-    from latentprobe.tracing import decode_with_isolation
+    from latentprobe.runs.common import decode_with_isolation
 
     decoder = LatentDecoder(tiny_subject, CONFIG)
     sizes = []

@@ -14,7 +14,7 @@ from latentprobe.knockout import AttentionKnockout, KnockoutHooks, knock_out, ma
 from latentprobe.interventions import RowBinding
 from latentprobe.organisms import load_organism
 from latentprobe.patching import default_instances
-from latentprobe.tracing import row_record
+from latentprobe.runs.common import row_record
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -132,7 +132,7 @@ def test_organisms_ground_truth(organisms, held_out):
 
 
 def test_knockouts_enter_the_effects_tables(organisms, held_out, tmp_path):
-    from latentprobe.intervening import intervene
+    from latentprobe.runs.intervene import intervene
 
     subject = organisms("bottleneck")
     summary = intervene(subject, held_out[:8], make_knockouts(["answer->latent", "answer->image"]), tmp_path / "ko",

@@ -7,7 +7,7 @@ import torch
 
 from latentprobe.data import load_jsonl
 from latentprobe.decoding import DecodeConfig, LatentDecoder
-from latentprobe.intervening import intervene
+from latentprobe.runs.intervene import intervene
 from latentprobe.interventions import ImageSwap, PinLatents, PinLatentStates, RowBinding
 from latentprobe.recording import Recorder, RecordSpec
 from latentprobe.subjects import load_subject

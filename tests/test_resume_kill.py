@@ -28,10 +28,10 @@ RUNNER = textwrap.dedent("""
     what, out, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     subject, instances = load_subject("tiny"), builtin_instances(24)
     if what == "trace":
-        from latentprobe.tracing import trace
+        from latentprobe.runs.trace import trace
         trace(subject, instances, out, spec=RecordSpec(layers=[0, 2]), batch_size=4, shard_size=3, resume=resume)
     else:
-        from latentprobe.intervening import intervene
+        from latentprobe.runs.intervene import intervene
         from latentprobe.interventions import make_interventions
         ivs = make_interventions("latent", ["noise", "zero"], scales=[1.0], seed=0) + \\
             make_interventions("input", ["image-blank"], seed=0)

@@ -14,7 +14,7 @@ from latentprobe.decoding import LATENT, DecodeConfig, LatentDecoder, replay
 from latentprobe.errors import LatentProbeError
 from latentprobe.recording import Recorder, RecordSpec
 from latentprobe.store import TraceStore, TraceWriter
-from latentprobe.tracing import trace
+from latentprobe.runs.trace import trace
 
 from decoding_helpers import make_instances
 

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 from ..data import Instance, load_images
 from ..decoding import DecodeConfig, LatentDecoder
-from ..tracing import row_record
+from ..runs.common import row_record
 
 
 def decode_records(subject, instances: Sequence[Instance], batch_size: int = 50,

@@ -16,7 +16,7 @@ def ground_truth_checks(subject, instances: Sequence[Instance], out_dir: str | P
 
     Returns the clean accuracy, the accuracy and flip rate under each latent or text edit, and TE / NDE / NIE on
     correctness under the image swap, each as ``{estimate, ci_low, ci_high}`` (paired bootstrap)."""
-    from ..intervening import intervene
+    from ..runs.intervene import intervene
     from ..interventions import ImageSwap, LatentConstant, LatentNoise, TextSwap
 
     interventions = [ImageSwap(seed=seed)]

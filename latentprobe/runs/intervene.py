@@ -1,0 +1,597 @@
+"""`intervene`: run interventions on a subject and measure their causal effects.
+
+For every instance: one clean run (X = x0, Z = Z(x0)); then, batch by batch,
+
+* latent interventions, all decoded side by side from ONE prefill of the prompt (nothing a latent edit does can
+  change the prompt's keys and values), so a sweep of M edits costs one prefill plus one batched decode;
+* input interventions x1, each with the two mediation runs that pin the mediator: Y(x1, Z(x0)) (treated input,
+  clean latents) and Y(x0, Z(x1)) (clean input, the treated run's latents; decoded from the clean prefill).
+  Two definitions of the mediator Z (``mediators``): ``"fed_back"`` (default; the fed-back latent vectors, i.e.
+  layer 0 at the latent positions: the latent positions may still read the image in upper layers, a route that
+  then counts as direct) and ``"all_layers"`` (the latent positions' states at every layer taken from the
+  other run: the full mediator, so NDE is only what the answer reads from the image itself). The outcome
+  columns of the second end in ``_all_layers`` and its effects rows say ``mediator = all_layers``;
+* text interventions on a text mediator: the rewritten imagination is forced after the prompt, then the model
+  answers.
+
+Outputs in the run folder: ``effects_rows.parquet/.csv`` (one row per instance x intervention x seed),
+``effects_summary.parquet/.csv`` (tidy: subject, target, intervention, metric, estimate, ci_low, ci_high, n),
+``latent_change.parquet/.csv`` (input -> latent, per latent step), and the traces of every run in the store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..data import Instance, load_images
+from ..decoding import DecodeConfig, DecodeResult, LatentDecoder, RowOutput
+from ..effects import answer_flipped, latent_change_metrics, summarize
+from ..errors import LatentProbeError
+from ..fileio import atomic_write
+from ..knockout import KnockoutHooks
+from ..interventions import (InputIntervention, Intervention, LatentIntervention, LatentStats, LayerEditHooks,
+                            PinLatents, PinLatentStates, RowBinding, TextIntervention, derangement)
+from ..recording import Recorder, RecordSpec
+from ..store import TraceStore, TraceWriter
+from .common import decode_with_isolation, failed_record, manifest_for, progress_bar, row_record
+
+log = logging.getLogger(__name__)
+
+MEDIATORS = ("fed_back", "all_layers")
+
+
+@dataclass
+class CleanRun:
+    """What the clean run of one instance left behind, for binding edits and comparing outcomes."""
+
+    instance: Instance
+    images: list
+    record: dict[str, Any]
+    latents: dict[int, torch.Tensor]  # layer (0 = fed-back vector) -> (S, D)
+
+
+@dataclass
+class InterventionSummary:
+    run_dir: str
+    n_instances: int
+    n_failed: int
+    interventions: list[str]
+    table: pd.DataFrame
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    not_applied: dict[str, tuple[int, int, str]] = field(default_factory=dict)  # name -> (missing, rows, reason)
+
+    def lines(self) -> list[str]:
+        out = [f"instances       {self.n_instances} ({self.n_failed} failed)",
+               f"interventions   {len(self.interventions)}"]
+        out += not_applied_warnings(self.not_applied)
+        for name, (missing, total, reason) in self.not_applied.items():
+            out.append(f"not applied     {name}: {missing} of {total} rows ({reason}), excluded from its effects")
+        shown = self.table[self.table.metric.isin(["accuracy_change", "flip_rate", "NIE_correct", "TE_correct"])
+                           & (self.table.n > 0)]
+        for _, row in shown.iterrows():
+            out.append(f"  {row.intervention:<48} {row.metric:<16} {row.estimate:+.3f} "
+                       f"[{row.ci_low:+.3f}, {row.ci_high:+.3f}] n={int(row.n)}")
+        out.append(f"results         {self.run_dir}/effects_summary.csv")
+        return out
+
+
+def check_interventions(subject, interventions: Sequence[Intervention], n_instances: int, config: DecodeConfig):
+    """Everything that can be refused is refused here, before any model runs."""
+    if not interventions:
+        raise LatentProbeError("no interventions given", "pass --kind (e.g. --target latent --kind noise)")
+    if n_instances < 1:
+        raise LatentProbeError("the dataset is empty", "pass a data file with at least one instance")
+    for iv in interventions:
+        if iv.target == "text" and subject.mediator != "text":
+            raise LatentProbeError(f"{iv.name}: subject {subject.name} has no text mediator",
+                                   "text interventions need a text-imagination subject such as capimagine")
+        if iv.target == "latent" and subject.protocol is None:
+            raise LatentProbeError(f"{iv.name}: subject {subject.name} does not reason in latent space",
+                                   "use --target input, or a latent subject (monet, lvr, mirage, organisms)")
+    max_steps = config.latent_steps if config.latent_steps is not None else (
+        subject.protocol.num_steps if subject.protocol else 0)
+    for iv in interventions:
+        if hasattr(iv, "check_subject"):  # checks that need the subject (attention knockout: latent phase, blocks)
+            iv.check_subject(subject)
+        iv.check(max_steps, n_instances)
+
+
+def intervene(subject, instances: Sequence[Instance], interventions: Sequence[Intervention], out_dir: str | Path, *,
+              config: DecodeConfig | None = None, batch_size: int = 8, seed: int = 0, n_boot: int = 2000,
+              resume: bool = False, progress: bool = False, data_source: str | None = None,
+              writer_id: str = "w0", shard_size: int = 64,
+              mediators: Sequence[str] = ("fed_back",)) -> InterventionSummary:
+    """Run ``interventions`` on ``instances`` and write rows, summaries and traces into ``out_dir``.
+
+    >>> from latentprobe.interventions import make_interventions
+    >>> ivs = make_interventions("latent", ["noise", "zero"], scales=[1.0, 3.0])          # doctest: +SKIP
+    >>> intervene(load_subject("tiny"), builtin_instances(), ivs, "runs/iv")          # doctest: +SKIP
+    """
+    config = config or DecodeConfig(max_new_tokens=subject.max_new_tokens, seed=seed)
+    instances = list(instances)
+    check_interventions(subject, interventions, len(instances), config)
+    mediators = tuple(dict.fromkeys(mediators))
+    unknown = [m for m in mediators if m not in MEDIATORS]
+    if unknown or not mediators:
+        raise LatentProbeError(f"unknown mediator definition(s) {unknown or '(none)'}",
+                               f"choose from {', '.join(MEDIATORS)}")
+    layers = sorted({0} | {iv.layer for iv in interventions if isinstance(iv, LatentIntervention) and iv.layer})
+    if "all_layers" in mediators and subject.mediator == "latent":
+        layers = list(range(subject.num_layers + 1))  # the full mediator needs every layer's latent states
+    spec = RecordSpec(layers=layers, image="mean", prompt_last=True)
+    decoder = LatentDecoder(subject, config)
+    recorder = Recorder(decoder, spec)
+    manifest = manifest_for(subject, instances, config, spec, recorder.layers, "intervene", data_source,
+                            extra={"interventions": [iv.describe() for iv in interventions]})
+    from ..distributed import rank_and_world
+
+    writer = TraceWriter(out_dir, manifest, resume=resume, writer_id=writer_id, shared=rank_and_world()[1] > 1,
+                         shard_size=shard_size)
+    run = _Run(subject, decoder, recorder, writer, config, interventions, n_instances=len(instances))
+    run.mediators = mediators
+    bar = progress_bar(len(instances), progress, "intervene")
+    with recorder, writer:
+        clean = run.clean_pass(instances, batch_size)
+        run.compute_stats(clean)
+        donors = derangement(len(instances), seed) if len(instances) > 1 else [0]
+        donor_of = {inst.id: instances[d].id for inst, d in zip(instances, donors)}
+        done = writer.finished_keys(("instance_id", "intervention")) if resume else set()
+        ok = [inst for inst in instances if inst.id in clean]
+        for start in range(0, len(ok), batch_size):
+            chunk = ok[start:start + batch_size]
+            run.intervene_batch(chunk, clean, donor_of, done)
+            bar.update(len(chunk))
+    bar.close()
+    rows = run.result_rows(TraceStore(out_dir))
+    table = _summaries(rows, n_boot, seed)
+    if subject.mediator == "text" and "mediator" in table.columns:  # the pinned mediator is the imagination text
+        table.loc[table["mediator"] == "fed_back", "mediator"] = "text"
+    latent_change = _latent_change(run, clean, instances, n_boot, seed, applied_rows(rows))
+    _write_tables(Path(out_dir), rows, table, latent_change)
+    not_applied = not_applied_counts(rows)
+    for line in not_applied_warnings(not_applied):
+        log.warning(line)
+    return InterventionSummary(str(out_dir), len(instances), len(run.failures), [iv.name for iv in interventions],
+                               table, run.failures, not_applied)
+
+
+def applied_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose edit was made (runs from before the `applied` column count as applied)."""
+    if "applied" not in rows.columns:
+        return rows
+    return rows[rows["applied"].fillna(True).astype(bool)].reset_index(drop=True)
+
+
+def not_applied_counts(rows: pd.DataFrame) -> dict[str, tuple[int, int, str]]:
+    """Per intervention with any row not applied: (rows not applied, rows, the most common reason)."""
+    if rows.empty or "applied" not in rows.columns:
+        return {}
+    out = {}
+    for name, group in rows.groupby("intervention", sort=True):
+        missing = group[~group["applied"].fillna(True).astype(bool)]
+        if len(missing):
+            reasons = missing.get("not_applied_reason", pd.Series(dtype=str)).fillna("").value_counts()
+            out[str(name)] = (len(missing), len(group), str(reasons.index[0]) if len(reasons) else "")
+    return out
+
+
+def not_applied_warnings(counts: dict[str, tuple[int, int, str]]) -> list[str]:
+    """One loud line per intervention most of whose rows were not applied."""
+    return [f"WARNING: {name} was NOT APPLIED in {missing} of {total} rows ({reason}); its effects use only the "
+            f"{total - missing} applied row(s)" for name, (missing, total, reason) in counts.items()
+            if missing * 2 > total]
+
+
+class _Run:
+    def __init__(self, subject, decoder, recorder, writer, config, interventions, n_instances):
+        self.subject, self.decoder, self.recorder, self.writer = subject, decoder, recorder, writer
+        self.config = config
+        self.interventions = list(interventions)
+        self.latent_ivs = [iv for iv in interventions if isinstance(iv, LatentIntervention)]
+        self.input_ivs = [iv for iv in interventions if isinstance(iv, InputIntervention)]
+        self.text_ivs = [iv for iv in interventions if isinstance(iv, TextIntervention)]
+        self.stats: dict[int, LatentStats] = {}
+        self.done: set[tuple[str, str]] = set()
+        self.failures: list[tuple[str, str]] = []
+        self.layer_positions = {layer: i for i, layer in enumerate(recorder.layers)}
+        self.mediators: tuple[str, ...] = ("fed_back",)
+
+    # -- clean ------------------------------------------------------------------------------------------
+    def clean_pass(self, instances, batch_size) -> dict[str, CleanRun]:
+        store = TraceStore(self.writer.run_dir)
+        previous = {}
+        if len(store.index()):
+            frame = store.index()
+            previous = {r.instance_id: r for r in frame[frame.intervention == "clean"].itertuples()}
+        clean: dict[str, CleanRun] = {}
+        todo = []
+        for inst in instances:
+            if inst.id in previous:
+                row = previous[inst.id]
+                if row.status == "ok":
+                    images = load_images(inst)
+                    latents = self._latents_from_store(store, row.record_id)
+                    clean[inst.id] = CleanRun(inst, images, store.index().set_index("record_id").loc[row.record_id]
+                                              .to_dict() | {"record_id": row.record_id}, latents)
+                else:
+                    self.failures.append((inst.id, row.error))
+            else:
+                todo.append(inst)
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            for inst, imgs, row, tensors, error in decode_with_isolation(self.decoder, self.subject, chunk,
+                                                                        self.recorder):
+                if error is not None:
+                    self._fail(inst, "clean", "none", error)
+                    continue
+                record = row_record(self.subject, inst, row, intervention="clean", target="none",
+                                    seed=self.config.seed)
+                self.writer.add(record, {"latent": row.latent_vectors, **tensors})
+                latents = {0: row.latent_vectors}
+                for layer, pos in self.layer_positions.items():
+                    if layer and "latent_layers" in tensors:
+                        latents[layer] = tensors["latent_layers"][pos]
+                clean[inst.id] = CleanRun(inst, imgs, record, latents)
+        self.writer.flush()
+        return clean
+
+    def _latents_from_store(self, store, record_id) -> dict[int, torch.Tensor]:
+        latents = {0: store.tensor(record_id, "latent")}
+        for layer, pos in self.layer_positions.items():
+            if layer:
+                latents[layer] = store.tensor(record_id, "latent_layers")[pos]
+        return latents
+
+    def compute_stats(self, clean: dict[str, CleanRun]):
+        if not self.latent_ivs:
+            return
+        for layer in {iv.layer or 0 for iv in self.latent_ivs}:
+            vectors = [c.latents[layer] for c in clean.values() if layer in c.latents and len(c.latents[layer])]
+            if vectors:
+                self.stats[layer] = LatentStats.from_vectors(torch.cat(vectors))
+        if 0 not in self.stats and any((iv.layer or 0) == 0 for iv in self.latent_ivs):
+            raise LatentProbeError("no instance entered latent mode in the clean run, so latent interventions "
+                                   "have nothing to edit", "check the subject's protocol or force latent mode")
+
+    # -- interventions ------------------------------------------------------------------------------------
+    def intervene_batch(self, chunk: list[Instance], clean: dict[str, CleanRun], donor_of: dict[str, str], done):
+        subject, decoder = self.subject, self.decoder
+        self.done = done
+        cached = []
+
+        def clean_prefill():  # one prompt prefill per batch, made only if some intervention reuses it
+            if not cached:
+                cached.append(decoder.prefill(subject.encode(chunk, images=[clean[i.id].images for i in chunk])))
+            return cached[0]
+
+        if self.latent_ivs:
+            todo = [iv for iv in self.latent_ivs if any((i.id, iv.name) not in done for i in chunk)]
+            if todo:
+                edits = [iv.bind(self._binding(inst, iv, clean, donor_of)) for inst in chunk for iv in todo]
+                with LayerEditHooks(decoder, edits), KnockoutHooks(decoder, edits):
+                    # every copy samples from the instance's own stream, as the clean run did (common random numbers)
+                    result = decoder.decode(clean_prefill(), edits, repeats=len(todo), streams=[0] * len(todo))
+                records = self.recorder.records()
+                for k, (row, tensors) in enumerate(zip(result.rows, records)):
+                    inst, iv = chunk[k // len(todo)], todo[k % len(todo)]
+                    reason = self._donor_reason(inst, iv, clean, donor_of) or edits[k].not_applied_reason(
+                        row.n_latent_steps)
+                    self._write(inst, iv, row, tensors, clean, not_applied=reason)
+        for iv in self.input_ivs:
+            if all((i.id, iv.name) in done for i in chunk):
+                continue
+            self._input_intervention(iv, chunk, clean, donor_of, clean_prefill)
+        for iv in self.text_ivs:
+            if all((i.id, iv.name) in done for i in chunk):
+                continue
+            self._text_intervention(iv, chunk, clean, donor_of)
+        self.writer.flush()
+
+    def _binding(self, inst, iv: LatentIntervention, clean, donor_of) -> RowBinding:
+        layer = iv.layer or 0
+        donor = clean.get(donor_of[inst.id])
+        return RowBinding(instance_id=inst.id, clean=clean[inst.id].latents.get(layer),
+                          donor=donor.latents.get(layer) if donor is not None else None, stats=self.stats.get(layer))
+
+    def _donor_reason(self, inst, iv: Intervention, clean, donor_of) -> str | None:
+        """Why a donor edit cannot be made: the donor instance failed in the clean run."""
+        if iv.needs_donor and donor_of.get(inst.id) not in clean:
+            return f"the donor instance {donor_of.get(inst.id)} failed in the clean run"
+        return None
+
+    def _input_intervention(self, iv: InputIntervention, chunk, clean, donor_of, clean_prefill):
+        subject, decoder = self.subject, self.decoder
+        images, prompts, reasons = [], [], {}
+        for inst in chunk:
+            donor = clean.get(donor_of[inst.id])
+            own = clean[inst.id].images
+            reason = self._donor_reason(inst, iv, clean, donor_of) or iv.not_applied_reason(
+                inst, own, donor.instance if donor else None, donor.images if donor else None)
+            if reason is None:
+                imgs, question = iv.apply(inst, own, donor.instance if donor else None,
+                                          donor.images if donor else None)
+            else:  # not applied: the row runs on the clean input and is recorded as not applied
+                imgs, question = own, None
+                reasons[inst.id] = reason
+            images.append(imgs)
+            prompts.append(subject.prompt_text(inst, n_images=len(imgs), question=question))
+        treated = decoder.prefill(subject.encode(chunk, images=images, prompts=prompts))
+        x1 = decoder.decode(treated)
+        x1_records = self.recorder.records()
+        with self.recorder.paused():  # the mediation runs' states are not stored
+            mediation = self._mediation_runs(chunk, clean, images, prompts, treated, x1, clean_prefill, x1_records)
+        for inst, row, tensors in zip(chunk, x1.rows, x1_records):
+            extra = None
+            if subject.mediator == "text":  # input -> mediator for a text mediator: how much the imagination changed
+                extra = {"mediator_text_similarity": _text_similarity(
+                    clean[inst.id].record.get("mediator_text"), subject.mediator_span(row.raw_text))}
+            self._write(inst, iv, row, tensors, clean, mediation=mediation.get(inst.id), extra=extra,
+                        not_applied=reasons.get(inst.id))
+
+    def _mediation_runs(self, chunk, clean, images, prompts, treated, x1, clean_prefill,
+                        x1_records=None) -> dict[str, dict]:
+        """Outcomes of the two mediator-pinned runs, Y(x1, Z(x0)) and Y(x0, Z(x1)), per instance."""
+        subject, decoder = self.subject, self.decoder
+        if subject.mediator == "latent" and subject.protocol is not None:
+            full = {}
+            if "all_layers" in self.mediators:  # before the fed-back runs, which consume the treated prefill
+                full = self._all_layer_mediation_runs(chunk, clean, treated, x1, x1_records, clean_prefill)
+            # Y(x1, Z(x0)): treated input, clean latents; Y(x0, Z(x1)): clean input, the treated run's latents
+            pin_clean, pin_treated = PinLatents(source="clean"), PinLatents(source="treated")
+            edits = [pin_clean.bind(RowBinding(inst.id, forced=clean[inst.id].latents[0])) for inst in chunk]
+            x1z0 = decoder.decode(treated, edits, consume=True)
+            edits = [pin_treated.bind(RowBinding(inst.id, forced=row.latent_vectors)) for inst, row in zip(chunk, x1.rows)]
+            x0z1 = decoder.decode(clean_prefill(), edits)
+        elif subject.mediator == "text":
+            clean_spans = {i.id: clean[i.id].record.get("mediator_text") or "" for i in chunk}
+            treated_spans = {inst.id: subject.mediator_span(row.raw_text) or "" for inst, row in zip(chunk, x1.rows)}
+            x1z0 = self._decode_with_span(chunk, images, clean_spans, prompts)
+            x0z1 = self._decode_with_span(chunk, [clean[i.id].images for i in chunk], treated_spans, None)
+        else:  # no mediator: total effects only
+            return {}
+        out = {inst.id: {"x1_z0": self._outcome(inst, a), "x0_z1": self._outcome(inst, b)}
+               for inst, a, b in zip(chunk, x1z0.rows, x0z1.rows)}
+        if subject.mediator == "latent" and subject.protocol is not None:
+            for inst_id, runs in full.items():
+                out[inst_id].update(runs)
+        return out
+
+    def _all_layer_mediation_runs(self, chunk, clean, treated, x1, x1_records, clean_prefill) -> dict[str, dict]:
+        """Y(x1, Z(x0)) and Y(x0, Z(x1)) with the full mediator: the latent positions' states at every layer
+        (and the fed-back vectors) from the other run."""
+        decoder, upper = self.decoder, [layer for layer in self.layer_positions if layer > 0]
+
+        def states_of(tensors, fallback=None) -> dict[int, torch.Tensor] | None:
+            if tensors is None or "latent_layers" not in tensors:
+                return fallback
+            return {layer: tensors["latent_layers"][self.layer_positions[layer]] for layer in upper}
+
+        clean_states = [{layer: clean[inst.id].latents[layer] for layer in upper if layer in clean[inst.id].latents}
+                        for inst in chunk]
+        treated_states = [states_of(tensors) for tensors in x1_records]
+        pin_clean, pin_treated = PinLatents(source="clean-all-layers"), PinLatents(source="treated-all-layers")
+        edits = [pin_clean.bind(RowBinding(inst.id, forced=clean[inst.id].latents[0])) for inst in chunk]
+        with PinLatentStates(decoder, clean_states):
+            x1z0 = decoder.decode(treated, edits)
+        edits = [pin_treated.bind(RowBinding(inst.id, forced=row.latent_vectors)) for inst, row in zip(chunk, x1.rows)]
+        with PinLatentStates(decoder, treated_states):
+            x0z1 = decoder.decode(clean_prefill(), edits)
+        return {inst.id: {"x1_z0_all_layers": self._outcome(inst, a), "x0_z1_all_layers": self._outcome(inst, b)}
+                for inst, a, b in zip(chunk, x1z0.rows, x0z1.rows)}
+
+    def _decode_with_span(self, chunk, images, spans: dict[str, str], prompts) -> DecodeResult:
+        subject = self.subject
+        open_marker, close_marker = subject.text_mediator_markers
+        forced = []
+        for k, inst in enumerate(chunk):
+            base = prompts[k] if prompts is not None else subject.prompt_text(inst, n_images=len(images[k]))
+            forced.append(f"{base}{open_marker}{spans[inst.id]}{close_marker}")
+        return self.decoder.run(subject.encode(chunk, images=images, prompts=forced))
+
+    def _text_intervention(self, iv: TextIntervention, chunk, clean, donor_of):
+        spans, reasons = {}, {}
+        for inst in chunk:
+            own = clean[inst.id].record.get("mediator_text")
+            donor = clean.get(donor_of[inst.id])
+            donor_span = donor.record.get("mediator_text") if donor else None
+            reason = self._donor_reason(inst, iv, clean, donor_of) or iv.not_applied_reason(own, donor_span)
+            if reason is not None:  # recorded as not applied, never as an edit without effect
+                reasons[inst.id] = reason
+            spans[inst.id] = iv.rewrite(own or "", inst.id, donor_span or "") if reason is None else (own or "")
+        with self.recorder.paused():  # text-mediator runs store their text, not states
+            result = self._decode_with_span(chunk, [clean[i.id].images for i in chunk], spans, None)
+        for inst, row in zip(chunk, result.rows):
+            self._write(inst, iv, row, {}, clean, extra={"mediator_text_given": spans[inst.id]},
+                        not_applied=reasons.get(inst.id))
+
+    # -- rows -----------------------------------------------------------------------------------------------
+    def _outcome(self, inst: Instance, row: RowOutput) -> dict[str, Any]:
+        if row.failed:  # non-finite values: no outcome rather than a wrong one
+            return {"correct": float("nan"), "gold_prob": float("nan")}
+        rec = row_record(self.subject, inst, row)
+        return {"correct": float(rec["correct"]), "gold_prob": rec["gold_prob"], "answer": rec.get("parsed_answer")}
+
+    def _write(self, inst, iv: Intervention, row: RowOutput, tensors, clean, mediation=None, extra=None,
+               not_applied: str | None = None):
+        if (inst.id, iv.name) in self.done:  # a resumed batch re-runs its rows but never writes one twice
+            return
+        if row.failed:  # non-finite values in this run: a failed row with the decoder's reason
+            self._fail(inst, iv.name, iv.target, row.error)
+            return
+        base = clean[inst.id].record
+        # An edit that could not be made is recorded as such and left out of every effect (never a null effect).
+        record = row_record(self.subject, inst, row, intervention=iv.name, target=iv.target, kind=iv.kind,
+                            seed=self.config.seed, intervention_seed=iv.seed, applied=not_applied is None,
+                            not_applied_reason=not_applied or "", **(extra or {}))
+        record.update(_comparison(base, record, clean[inst.id].latents[0], row.latent_vectors))
+        if mediation:
+            for outcome in ("correct", "gold_prob"):
+                record[f"{outcome}_x0_z0"] = _as_float(base.get(outcome))
+                record[f"{outcome}_x1_z1"] = _as_float(record.get(outcome))
+                record[f"{outcome}_x1_z0"] = _as_float(mediation["x1_z0"][outcome])
+                record[f"{outcome}_x0_z1"] = _as_float(mediation["x0_z1"][outcome])
+            # The primary latent -> answer outcome: did the answer change from the clean answer (0 in the clean
+            # run by definition, so TE/NDE/NIE on it are rates of changed answers).
+            clean_answer = base.get("parsed_answer")
+            record["answer_changed_x0_z0"] = 0.0
+            record["answer_changed_x1_z1"] = float(answer_flipped(clean_answer, record.get("parsed_answer")))
+            for run in ("x1_z0", "x0_z1"):
+                record[f"answer_changed_{run}"] = float(answer_flipped(clean_answer, mediation[run]["answer"]))
+            if "x1_z0_all_layers" in mediation:  # the full mediator: same x0_z0 and x1_z1, other pinned runs
+                for outcome in ("correct", "gold_prob", "answer_changed"):
+                    record[f"{outcome}_all_layers_x0_z0"] = record[f"{outcome}_x0_z0"]
+                    record[f"{outcome}_all_layers_x1_z1"] = record[f"{outcome}_x1_z1"]
+                for run in ("x1_z0", "x0_z1"):
+                    given = mediation[f"{run}_all_layers"]
+                    record[f"correct_all_layers_{run}"] = _as_float(given["correct"])
+                    record[f"gold_prob_all_layers_{run}"] = _as_float(given["gold_prob"])
+                    record[f"answer_changed_all_layers_{run}"] = float(answer_flipped(clean_answer, given["answer"]))
+        self.writer.add(record, {"latent": row.latent_vectors, **(tensors or {})})
+
+    def _fail(self, inst, intervention, target, reason):
+        self.writer.add(failed_record(self.subject, inst, reason, intervention=intervention, target=target,
+                                      seed=self.config.seed))
+        self.failures.append((inst.id, reason))
+
+    def result_rows(self, store: TraceStore) -> pd.DataFrame:
+        frame = store.index()
+        return frame[(frame.intervention != "clean") & (frame.status == "ok")].reset_index(drop=True)
+
+
+def _text_similarity(a: str | None, b: str | None) -> float:
+    """Word-level similarity of two mediator texts (difflib ratio: 1 identical, 0 nothing shared)."""
+    import difflib
+
+    if a is None or b is None:
+        return float("nan")
+    return difflib.SequenceMatcher(a=a.split(), b=b.split(), autojunk=False).ratio()
+
+
+def _as_float(value) -> float:
+    try:
+        return float("nan") if value is None else float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _comparison(clean: dict, record: dict, clean_latents: torch.Tensor, latents: torch.Tensor) -> dict[str, Any]:
+    """Clean vs intervened outcome columns (the effects module's answer columns) and latent distances."""
+    shared = min(len(clean_latents), len(latents))
+    cosine = rel_l2 = float("nan")
+    if shared:
+        a, b = clean_latents[:shared].float(), latents[:shared].float()
+        cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
+        rel_l2 = float(((a - b).norm(dim=-1) / a.norm(dim=-1).clamp(min=1e-12)).mean())
+    return {
+        "clean_parsed": clean.get("parsed_answer"), "intervened_parsed": record.get("parsed_answer"),
+        "clean_correct": bool(clean.get("correct")), "intervened_correct": bool(record.get("correct")),
+        "clean_gold_prob": _as_float(clean.get("gold_prob")), "intervened_gold_prob": _as_float(record.get("gold_prob")),
+        "clean_answer_probs": clean.get("answer_probs"), "intervened_answer_probs": record.get("answer_probs"),
+        "clean_n_latent": int(clean.get("n_latent_steps") or 0), "intervened_n_latent": int(record["n_latent_steps"]),
+        "clean_answer_slot": clean.get("answer_slot"),
+        "latent_cosine": cosine, "latent_relative_l2": rel_l2,
+    }
+
+
+def _summaries(rows: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
+    """Effects over the applied rows only, plus one ``applied_rate`` row per intervention (estimate = share of rows
+    applied, exact Clopper-Pearson interval, n = all rows)."""
+    rates = _applied_rates(rows)
+    rows = applied_rows(rows)
+    table = _effect_summaries(rows, n_boot, seed)
+    if len(rates):
+        table = pd.concat([table, rates], ignore_index=True) if len(table) else rates
+    return table
+
+
+def _applied_rates(rows: pd.DataFrame) -> pd.DataFrame:
+    from scipy.stats import binomtest
+
+    if rows.empty or "applied" not in rows.columns:
+        return pd.DataFrame()
+    out = []
+    for key, group in rows.groupby(["subject", "target", "intervention"], sort=True):
+        applied = group["applied"].fillna(True).astype(bool)
+        ci = binomtest(int(applied.sum()), len(applied)).proportion_ci(method="exact")
+        out.append(dict(zip(["subject", "target", "intervention"], key), metric="applied_rate",
+                        estimate=float(applied.mean()), ci_low=float(ci.low), ci_high=float(ci.high), n=len(applied)))
+    return pd.DataFrame(out)
+
+
+def _effect_summaries(rows: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
+    if rows.empty:
+        return pd.DataFrame(columns=["subject", "target", "intervention", "metric", "estimate", "ci_low", "ci_high", "n"])
+    # the store's index() has already decoded the *_json columns (answer probabilities) into lists
+    keep = [c for c in rows.columns if not c.endswith("_json")]
+    table = summarize(rows[keep], seed=seed, n_boot=n_boot)
+    extra = []
+    for key, group in rows.groupby(["subject", "target", "intervention"], sort=True):
+        for metric in ("latent_cosine", "latent_relative_l2", "mediator_text_similarity"):
+            if metric not in group.columns:
+                continue
+            values = group.groupby("instance_id")[metric].mean().dropna().to_numpy()
+            if len(values):
+                from ..effects import paired_bootstrap
+
+                est, low, high = paired_bootstrap(values, n_boot=n_boot, seed=seed)
+                extra.append(dict(zip(["subject", "target", "intervention"], key), metric=metric, estimate=est,
+                                  ci_low=low, ci_high=high, n=len(values)))
+    if extra:
+        table = pd.concat([table, pd.DataFrame(extra)], ignore_index=True)
+    # Metrics that do not apply to an intervention (mediation of a latent edit) have n = 0: leave them out.
+    return table[table.n > 0].reset_index(drop=True)
+
+
+def _latent_change(run: _Run, clean: dict[str, CleanRun], instances, n_boot, seed, rows=None) -> pd.DataFrame:
+    """Input -> latent: per input intervention and latent step, distances set against inter-instance spread
+    (applied rows only)."""
+    if not run.input_ivs or run.subject.mediator != "latent":
+        return pd.DataFrame()
+    store = TraceStore(run.writer.run_dir)
+    frame = store.records(target="input")
+    if rows is not None and "record_id" in rows.columns:
+        frame = frame[frame.record_id.isin(set(rows.record_id))]
+    ids = [inst.id for inst in instances if inst.id in clean]
+    clean_by_id = {c: clean[c].latents[0].numpy() for c in ids}
+    frames = []
+    for name, group in frame.groupby("intervention"):
+        by_id = dict(zip(group.instance_id, group.record_id))
+        usable = [i for i in ids if i in by_id]
+        if len(usable) < 2:
+            continue
+        steps = max(max(len(clean_by_id[i]) for i in usable), 1)
+        a = _pad([clean_by_id[i] for i in usable], steps)
+        b = _pad([store.tensor(by_id[i], "latent").numpy() for i in usable], steps)
+        table = latent_change_metrics(a, b, seed=seed, n_boot=n_boot)
+        table.insert(0, "intervention", name)
+        table.insert(0, "subject", run.subject.name)
+        frames.append(table)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _pad(arrays, steps):
+    dim = next((a.shape[-1] for a in arrays if a.size), 1)
+    out = np.full((len(arrays), steps, dim), np.nan, dtype=np.float32)
+    for i, a in enumerate(arrays):
+        n = min(steps, len(a))
+        if n:
+            out[i, :n] = a[:n]
+    return out
+
+
+def _write_tables(out: Path, rows: pd.DataFrame, table: pd.DataFrame, latent_change: pd.DataFrame):
+    for name, frame in (("effects_rows", rows), ("effects_summary", table), ("latent_change", latent_change)):
+        frame = frame.copy()
+        for column in frame.columns:  # parquet needs one type per column
+            if frame[column].map(lambda v: isinstance(v, (list, dict))).any():
+                frame[column] = frame[column].map(lambda v: None if v is None else json.dumps(v))
+        atomic_write(out / f"{name}.parquet", lambda tmp, f=frame: f.to_parquet(tmp, index=False))
+        atomic_write(out / f"{name}.csv", lambda tmp, f=frame: f.to_csv(tmp, index=False))
