@@ -16,7 +16,7 @@ The weights ship with the package (``weights/<name>.safetensors`` + ``<name>.jso
 subjects named ``organism-<name>``::
 
     >>> from latentprobe.subjects import load_subject
-    >>> subject = load_subject("organism-bottleneck")                       # doctest: +SKIP
+    >>> subject = load_subject("organism-bottleneck")
     >>> from latentprobe.organisms import train_organism
     >>> result = train_organism("shortcut", out_dir="weights", seed=1)       # doctest: +SKIP
     >>> result.metrics["test_accuracy"]                                      # doctest: +SKIP

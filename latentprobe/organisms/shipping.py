@@ -99,8 +99,8 @@ def read_record(name: str, folder: str | Path | None = None) -> dict[str, Any]:
 def load_organism(name: str, folder: str | Path | None = None, attn_implementation: str = "eager", **_: Any):
     """Rebuild a saved organism offline and return it as a `Subject` (weights read with safetensors only).
 
-    >>> subject = load_organism("bottleneck")                                # doctest: +SKIP
-    >>> subject.name, subject.protocol.answer_mask                            # doctest: +SKIP
+    >>> subject = load_organism("bottleneck")
+    >>> subject.name, subject.protocol.answer_mask
     ('organism-bottleneck', 'answer_blind_to_image')
     """
     from safetensors.torch import load_file

@@ -4,7 +4,7 @@ Facts come from each model's public code (the repository and file of each fact a
 or a hub id (`--checkpoint`); the default hub id is the authors' published one.
 
     >>> from latentprobe.subjects import SUBJECTS, load_subject
-    >>> SUBJECTS["monet"].describe()["answer_parser"]      # doctest: +SKIP
+    >>> SUBJECTS["monet"].describe()["answer_parser"]
     'boxed'
     >>> load_subject("lvr", checkpoint="/models/LVR-7B")   # doctest: +SKIP
 """

@@ -2,8 +2,8 @@
 ``latentprobe/organisms/weights`` (see `latentprobe.organisms` for what each one is and how it was trained).
 
     >>> from latentprobe.subjects import load_subject
-    >>> subject = load_subject("organism-bottleneck")                       # doctest: +SKIP
-    >>> subject.protocol.answer_mask                                         # doctest: +SKIP
+    >>> subject = load_subject("organism-bottleneck")
+    >>> subject.protocol.answer_mask
     'answer_blind_to_image'
 """
 
