@@ -158,7 +158,21 @@ MIRAGE = LatentProtocol(
     stop_rule="end_token", num_steps=8, write_pad_ids=True,
     source="UMass-Embodied-AGI/Mirage: model-emitted <|latent_end|>, cap 8 (trained with 4 latent tokens)")
 
-PROTOCOLS: dict[str, LatentProtocol] = {p.name: p for p in (MONET, LVR, MIRAGE)}
+PROTOCOLS: dict[str, LatentProtocol] = {}
+
+
+def register_protocol(protocol: LatentProtocol) -> LatentProtocol:
+    """Add a protocol to the registry, as `latentprobe.subjects.register` adds a subject spec: a name can be
+    taken once. Returns the protocol, so a module can write ``MINE = register_protocol(LatentProtocol(...))``."""
+    if protocol.name in PROTOCOLS and PROTOCOLS[protocol.name] is not protocol:
+        raise LatentProbeError(f"a protocol named {protocol.name!r} is already registered",
+                               "give the new protocol another name")
+    PROTOCOLS[protocol.name] = protocol
+    return protocol
+
+
+for _protocol in (MONET, LVR, MIRAGE):
+    register_protocol(_protocol)
 
 
 def get_protocol(name: str) -> LatentProtocol:
