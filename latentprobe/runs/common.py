@@ -162,5 +162,5 @@ def default_instances(subject_name: str, limit: int | None = None, split: str = 
 
         path = organism_data(recipe)
         instances = load_jsonl(path, split=split)
-        return (instances[:limit] if limit else instances), f"{path} ({split} split)"
+        return (instances[:limit] if limit else instances), f"{path} (split {split})"
     return load_instances(None, limit=limit)
