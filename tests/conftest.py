@@ -12,6 +12,18 @@ def _isolated_cache(tmp_path_factory):
     os.environ["LATENTPROBE_CACHE"] = str(tmp_path_factory.mktemp("latentprobe-cache"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: tiny models run several times faster on one thread of a shared 2-core
+    machine, and the organisms were trained on one."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_subject():
     from latentprobe.subjects import load_subject

@@ -18,13 +18,7 @@ ALL = list(ORGANISMS)
 LETTER_ANSWERS = [name for name in ALL if name != "capimagine"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: one thread is several times faster than two on a shared machine, and matches training.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

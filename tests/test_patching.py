@@ -16,12 +16,7 @@ from latentprobe.patching import (PatchGrid, attribution_agreement, default_inst
 from latentprobe.subjects import load_subject
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster on a shared machine
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

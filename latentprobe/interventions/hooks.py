@@ -14,25 +14,27 @@ import torch
 from ..decoding import LATENT, LatentDecoder
 from .latent import BoundEdit
 
-class LayerEditHooks:
-    """Forward hooks applying bound edits at a chosen layer's output, at latent positions only.
 
-    Used as a context manager around `LatentDecoder.decode` with the same per-row edits list."""
+class _LatentOutputHooks:
+    """Forward hooks on chosen layers that rewrite the output at latent positions of the decoding steps.
 
-    def __init__(self, decoder: LatentDecoder, row_edits: Sequence[BoundEdit | None]):
+    Subclasses implement `edit_rows(layer, ctx, hidden)`, returning an edited copy of ``hidden`` or None for no
+    change. Hooks are prepended, so an edit runs before any recorder hook and recorded states are the edited
+    ones. Layer 0 (the fed-back vector) is never hooked: the decoder edits it itself."""
+
+    def __init__(self, decoder: LatentDecoder, layers):
         from ..recording import layer_modules
 
         self.decoder = decoder
-        self.row_edits = list(row_edits)
         self.handles = []
-        layers = sorted({e.layer for e in self.row_edits if isinstance(e, BoundEdit) and e.layer is not None})
         modules = layer_modules(decoder.model, decoder.subject.num_layers)
-        for layer in layers:
+        for layer in sorted(layers):
             module, is_pre = modules[layer]
-            if is_pre:  # layer 0 is the fed-back vector, edited by the decoder itself
-                continue
-            # prepend: the edit runs before any recorder hook, so recorded states are the edited ones
-            self.handles.append(module.register_forward_hook(self._make_hook(layer), prepend=True))
+            if not is_pre:
+                self.handles.append(module.register_forward_hook(self._make_hook(layer), prepend=True))
+
+    def edit_rows(self, layer: int, ctx, hidden: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError
 
     def _make_hook(self, layer: int):
         def hook(module, inputs, output):
@@ -40,16 +42,7 @@ class LayerEditHooks:
             if ctx is None or ctx.is_prefill:
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
-            rows = ctx.rows(LATENT).tolist()
-            edited = None
-            for r in rows:
-                edit = self.row_edits[r] if r < len(self.row_edits) else None
-                if not isinstance(edit, BoundEdit) or edit.layer != layer:
-                    continue
-                step = ctx.latent_index[r:r + 1]
-                if edited is None:
-                    edited = hidden.clone()
-                edited[r, -1] = edit.apply(hidden[r, -1:].clone(), step)[0]
+            edited = self.edit_rows(layer, ctx, hidden)
             if edited is None:
                 return None
             return (edited,) + tuple(output[1:]) if isinstance(output, tuple) else edited
@@ -64,7 +57,30 @@ class LayerEditHooks:
             handle.remove()
 
 
-class PinLatentStates:
+class LayerEditHooks(_LatentOutputHooks):
+    """Forward hooks applying bound edits at a chosen layer's output, at latent positions only.
+
+    Used as a context manager around `LatentDecoder.decode` with the same per-row edits list."""
+
+    def __init__(self, decoder: LatentDecoder, row_edits: Sequence[BoundEdit | None]):
+        self.row_edits = list(row_edits)
+        layers = {e.layer for e in self.row_edits if isinstance(e, BoundEdit) and e.layer is not None}
+        super().__init__(decoder, layers)
+
+    def edit_rows(self, layer, ctx, hidden):
+        edited = None
+        for r in ctx.rows(LATENT).tolist():
+            edit = self.row_edits[r] if r < len(self.row_edits) else None
+            if not isinstance(edit, BoundEdit) or edit.layer != layer:
+                continue
+            step = ctx.latent_index[r:r + 1]
+            if edited is None:
+                edited = hidden.clone()
+            edited[r, -1] = edit.apply(hidden[r, -1:].clone(), step)[0]
+        return edited
+
+
+class PinLatentStates(_LatentOutputHooks):
     """Forward hooks that set the latent positions' states at EVERY layer to another run's (the full mediator).
 
     ``states[r]`` maps layer L (1..N, ``hidden_states`` numbering) to an (S, D) tensor of row r's states at
@@ -77,45 +93,22 @@ class PinLatentStates:
     """
 
     def __init__(self, decoder: LatentDecoder, states: Sequence[dict[int, torch.Tensor] | None]):
-        from ..recording import layer_modules
-
-        self.decoder = decoder
         self.states = list(states)
-        self.handles = []
-        for layer, (module, is_pre) in sorted(layer_modules(decoder.model, decoder.subject.num_layers).items()):
-            if is_pre:  # layer 0: the fed-back vector, pinned by PinLatents through the decoder
+        super().__init__(decoder, range(1, decoder.subject.num_layers + 1))  # layer 0 is pinned by PinLatents
+
+    def edit_rows(self, layer, ctx, hidden):
+        edited = None
+        for r in ctx.rows(LATENT).tolist():
+            given = self.states[r] if r < len(self.states) else None
+            if not given or layer not in given:
                 continue
-            self.handles.append(module.register_forward_hook(self._make_hook(layer), prepend=True))
-
-    def _make_hook(self, layer: int):
-        def hook(module, inputs, output):
-            ctx = self.decoder.context
-            if ctx is None or ctx.is_prefill:
-                return None
-            hidden = output[0] if isinstance(output, tuple) else output
-            edited = None
-            for r in ctx.rows(LATENT).tolist():
-                given = self.states[r] if r < len(self.states) else None
-                if not given or layer not in given:
-                    continue
-                step = int(ctx.latent_index[r])
-                if step >= given[layer].shape[0]:
-                    continue
-                if edited is None:
-                    edited = hidden.clone()
-                edited[r, -1] = given[layer][step].to(edited)
+            step = int(ctx.latent_index[r])
+            if step >= given[layer].shape[0]:
+                continue
             if edited is None:
-                return None
-            return (edited,) + tuple(output[1:]) if isinstance(output, tuple) else edited
-
-        return hook
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
+                edited = hidden.clone()
+            edited[r, -1] = given[layer][step].to(edited)
+        return edited
 
 
 class NNsightRunner:
