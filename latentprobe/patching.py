@@ -195,8 +195,8 @@ def check_patch_request(subject, grid: PatchGrid, n_instances: int, directions: 
     if not np.isfinite(noise_scale) or noise_scale <= 0:
         raise LatentProbeError(f"noise scale must be a positive number, got {noise_scale}",
                                "ROME's strong corruption is 3 (x the image-embedding std)")
-    if not np.isfinite(min_gap) or not 0 <= min_gap < 1:
-        raise LatentProbeError(f"min_gap must be in [0, 1), got {min_gap}",
+    if not np.isfinite(min_gap) or not 0 < min_gap < 1:  # 0 would divide by gaps of ~1e-9 and report noise
+        raise LatentProbeError(f"min_gap must be in (0, 1), got {min_gap}",
                                "it is the smallest |p_clean - p_corrupt| a normalised metric is computed for")
     if semantics not in ("recompute", "pin"):
         raise LatentProbeError(f"unknown semantics {semantics!r}", "use recompute or pin")

@@ -263,3 +263,11 @@ def test_non_finite_min_gap_is_refused_by_the_parser(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["patch", "--subject", "organism-bottleneck", "--out", str(tmp_path / "p"), "--min-gap", "nan"])
     assert exit_info.value.code == 2 and "--min-gap: 'nan' is not a finite number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("min_gap", [0.0, -0.1, 1.0, float("nan"), float("inf")])
+def test_min_gap_outside_open_unit_interval_is_refused(min_gap):
+    from latentprobe.patching import check_patch_request
+
+    with pytest.raises(LatentProbeError, match="min_gap"):
+        check_patch_request(None, None, 2, ("denoise",), "image-noise", 3.0, min_gap, "recompute")
