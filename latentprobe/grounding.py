@@ -253,6 +253,8 @@ def grounding_summary(table: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0)
     difference. ``latent_step`` is the step ("0", "1", ...), "all" (every latent step pooled) or "prompt_last"."""
     from scipy import stats
 
+    from .effects import paired_bootstrap
+
     columns = ["subject", "measure", "layer", "latent_step", "n", "hit_rate", "hit_ci_low", "hit_ci_high",
                "chance_hit", "p_above_chance", "mass_inside", "chance_mass", "mass_gain", "mass_gain_ci_low",
                "mass_gain_ci_high"]
@@ -271,12 +273,8 @@ def grounding_summary(table: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0)
         chance = float(part["chance_hit"].mean())
         test = stats.binomtest(hits, n, p=min(max(chance, 1e-12), 1 - 1e-12), alternative="greater")
         ci = stats.binomtest(hits, n).proportion_ci(method="exact")
-        gain = (part["mass_inside"] - part["chance_mass"]).to_numpy()
-        low = high = float(gain.mean())
-        if n > 1 and np.ptp(gain) > 0:
-            boot = stats.bootstrap((gain,), np.mean, n_resamples=n_boot, method="percentile",
-                                   random_state=np.random.default_rng(seed))
-            low, high = float(boot.confidence_interval.low), float(boot.confidence_interval.high)
+        gain = (part["mass_inside"] - part["chance_mass"]).to_numpy(dtype=float)
+        _, low, high = paired_bootstrap(gain, n_boot=n_boot, seed=seed)
         out.append({"subject": subject, "measure": measure, "layer": layer, "latent_step": step, "n": n,
                     "hit_rate": hits / n, "hit_ci_low": ci.low, "hit_ci_high": ci.high, "chance_hit": chance,
                     "p_above_chance": test.pvalue, "mass_inside": float(part["mass_inside"].mean()),
