@@ -140,6 +140,12 @@ def random_placements(mask: np.ndarray, n_random: int, rng: np.random.Generator)
     return [corners[i] for i in picks]
 
 
+def _check_n_random(n_random):
+    if isinstance(n_random, bool) or not isinstance(n_random, (int, np.integer)) or n_random < 1:
+        raise LatentProbeError(f"n_random must be an integer >= 1, got {n_random!r}",
+                               "pass a positive number of random regions")
+
+
 def score_map(similarity: np.ndarray, mask: np.ndarray, n_random: int = 100,
               rng: np.random.Generator | None = None) -> dict[str, float]:
     """Pointing-game hit, mass inside the region, and both for random regions of the same size.
@@ -155,8 +161,7 @@ def score_map(similarity: np.ndarray, mask: np.ndarray, n_random: int = 100,
     """
     if not mask.any():
         raise LatentProbeError("the ground-truth region covers no image token", "check the region or its image")
-    if n_random < 1:
-        raise LatentProbeError(f"n_random must be >= 1, got {n_random}", "pass a positive number of random regions")
+    _check_n_random(n_random)
     rng = rng if rng is not None else np.random.default_rng(0)
     peak = np.unravel_index(int(np.argmax(similarity)), similarity.shape)
     weights = similarity - similarity.min()
@@ -307,6 +312,7 @@ def run_grounding(subject, instances, *, config=None, layers: Sequence[int] | No
     from .cache import run_with_cache
 
     layers = check_grounding_input(subject, instances, layers, image_layer)
+    _check_n_random(n_random)
     if not measures or set(measures) - set(MEASURES):
         raise LatentProbeError(f"unknown grounding measure(s) {list(measures)}", f"use {' and/or '.join(MEASURES)}")
     if batch_size < 1:
