@@ -630,6 +630,8 @@ def patch_map(subject, instances: Sequence[Instance], out_dir: str | Path | None
     if batch_size < 1 or max_rows < 1:
         raise LatentProbeError(f"batch_size and max_rows must be >= 1 (got {batch_size}, {max_rows})",
                                "pass positive numbers")
+    if not (n_boot >= 1 and float(n_boot).is_integer()):  # used only at the end, after every model pass
+        raise LatentProbeError(f"n_boot must be an integer >= 1, got {n_boot}", "pass a positive bootstrap count")
     decoder = LatentDecoder(subject, config)
     noise = None
     if corruption == "image-noise":
