@@ -28,7 +28,8 @@ from typing import Sequence
 import torch
 
 from .decoding import LATENT, TEXT, LatentDecoder, StepContext
-from .sites import Site, layer_modules
+from .patching import _LayerHooks
+from .sites import Site
 
 
 def slot_steps(result) -> list[int]:
@@ -44,7 +45,7 @@ def slot_steps(result) -> list[int]:
     return out
 
 
-class _GradStates:
+class _GradStates(_LayerHooks):
     """Hooks that make every grid layer's state a graph node whose gradient can be asked for."""
 
     def __init__(self, decoder: LatentDecoder, layers: Sequence[int]):
@@ -54,17 +55,8 @@ class _GradStates:
         self.handles = []
 
     def __enter__(self):
-        from .patching import _register
-
-        modules = layer_modules(self.decoder.model, self.decoder.subject.num_layers)
-        for layer in self.layers:
-            module, is_pre = modules[layer]
-            self.handles.append(_register(module, is_pre, self._keeper(layer)))
+        self.hook_layers(self.layers, self._keeper)
         return self
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
 
     def _keeper(self, layer):
         def keep(hidden):

@@ -140,6 +140,12 @@ def random_placements(mask: np.ndarray, n_random: int, rng: np.random.Generator)
     return [corners[i] for i in picks]
 
 
+def _check_n_random(n_random):
+    if isinstance(n_random, bool) or not isinstance(n_random, (int, np.integer)) or n_random < 1:
+        raise LatentProbeError(f"n_random must be an integer >= 1, got {n_random!r}",
+                               "pass a positive number of random regions")
+
+
 def score_map(similarity: np.ndarray, mask: np.ndarray, n_random: int = 100,
               rng: np.random.Generator | None = None) -> dict[str, float]:
     """Pointing-game hit, mass inside the region, and both for random regions of the same size.
@@ -155,8 +161,7 @@ def score_map(similarity: np.ndarray, mask: np.ndarray, n_random: int = 100,
     """
     if not mask.any():
         raise LatentProbeError("the ground-truth region covers no image token", "check the region or its image")
-    if n_random < 1:
-        raise LatentProbeError(f"n_random must be >= 1, got {n_random}", "pass a positive number of random regions")
+    _check_n_random(n_random)
     rng = rng if rng is not None else np.random.default_rng(0)
     peak = np.unravel_index(int(np.argmax(similarity)), similarity.shape)
     weights = similarity - similarity.min()
@@ -253,6 +258,8 @@ def grounding_summary(table: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0)
     difference. ``latent_step`` is the step ("0", "1", ...), "all" (every latent step pooled) or "prompt_last"."""
     from scipy import stats
 
+    from .effects import paired_bootstrap
+
     columns = ["subject", "measure", "layer", "latent_step", "n", "hit_rate", "hit_ci_low", "hit_ci_high",
                "chance_hit", "p_above_chance", "mass_inside", "chance_mass", "mass_gain", "mass_gain_ci_low",
                "mass_gain_ci_high"]
@@ -271,12 +278,8 @@ def grounding_summary(table: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0)
         chance = float(part["chance_hit"].mean())
         test = stats.binomtest(hits, n, p=min(max(chance, 1e-12), 1 - 1e-12), alternative="greater")
         ci = stats.binomtest(hits, n).proportion_ci(method="exact")
-        gain = (part["mass_inside"] - part["chance_mass"]).to_numpy()
-        low = high = float(gain.mean())
-        if n > 1 and np.ptp(gain) > 0:
-            boot = stats.bootstrap((gain,), np.mean, n_resamples=n_boot, method="percentile",
-                                   random_state=np.random.default_rng(seed))
-            low, high = float(boot.confidence_interval.low), float(boot.confidence_interval.high)
+        gain = (part["mass_inside"] - part["chance_mass"]).to_numpy(dtype=float)
+        _, low, high = paired_bootstrap(gain, n_boot=n_boot, seed=seed)
         out.append({"subject": subject, "measure": measure, "layer": layer, "latent_step": step, "n": n,
                     "hit_rate": hits / n, "hit_ci_low": ci.low, "hit_ci_high": ci.high, "chance_hit": chance,
                     "p_above_chance": test.pvalue, "mass_inside": float(part["mass_inside"].mean()),
@@ -309,6 +312,7 @@ def run_grounding(subject, instances, *, config=None, layers: Sequence[int] | No
     from .cache import run_with_cache
 
     layers = check_grounding_input(subject, instances, layers, image_layer)
+    _check_n_random(n_random)
     if not measures or set(measures) - set(MEASURES):
         raise LatentProbeError(f"unknown grounding measure(s) {list(measures)}", f"use {' and/or '.join(MEASURES)}")
     if batch_size < 1:

@@ -83,6 +83,11 @@ def lens_logits(subject, states: torch.Tensor, layer: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _check_top_k(top_k):
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise LatentProbeError(f"top_k must be an integer >= 1, got {top_k!r}", "pass a positive number of top tokens")
+
+
 def logit_lens_table(subject, cache, instances, *, layers: Sequence[int] | None = None, top_k: int = 5,
                      intervention: str = "none", seed: int = 0) -> pd.DataFrame:
     """The logit lens at every cached layer of every latent step of every instance (see module docstring).
@@ -99,8 +104,7 @@ def logit_lens_table(subject, cache, instances, *, layers: Sequence[int] | None 
     top_k : int
         Top tokens kept per cell.
     """
-    if top_k < 1:
-        raise LatentProbeError(f"top_k must be >= 1, got {top_k}", "pass a positive number of top tokens")
+    _check_top_k(top_k)
     layers = list(cache.layer_ids if layers is None else layers)
     by_id = {inst.id: inst for inst in instances}
     tokenizer = subject.tokenizer
@@ -136,8 +140,7 @@ def logit_lens_table(subject, cache, instances, *, layers: Sequence[int] | None 
 def nearest_embedding_table(subject, cache, instances, *, top_k: int = 5, intervention: str = "none",
                             seed: int = 0) -> pd.DataFrame:
     """Tokens whose input embeddings are nearest (cosine) to each fed-back vector z_k = ``latent[k].layer[0]``."""
-    if top_k < 1:
-        raise LatentProbeError(f"top_k must be >= 1, got {top_k}", "pass a positive number of top tokens")
+    _check_top_k(top_k)
     embeddings = subject.model.get_input_embeddings().weight.detach().float().cpu()
     unit = torch.nn.functional.normalize(embeddings, dim=-1)
     by_id = {inst.id: inst for inst in instances}
@@ -191,6 +194,7 @@ def run_lens(subject, instances, *, config=None, layers: Sequence[int] | None = 
     from .sites import check_sites
 
     check_lens_subject(subject)
+    _check_top_k(top_k)
     if batch_size < 1:
         raise LatentProbeError(f"batch size must be >= 1, got {batch_size}", "pass --batch-size 1 or more")
     layers = list(range(subject.num_layers + 1)) if layers is None else list(layers)

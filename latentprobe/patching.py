@@ -195,8 +195,8 @@ def check_patch_request(subject, grid: PatchGrid, n_instances: int, directions: 
     if not np.isfinite(noise_scale) or noise_scale <= 0:
         raise LatentProbeError(f"noise scale must be a positive number, got {noise_scale}",
                                "ROME's strong corruption is 3 (x the image-embedding std)")
-    if not np.isfinite(min_gap) or not 0 <= min_gap < 1:
-        raise LatentProbeError(f"min_gap must be in [0, 1), got {min_gap}",
+    if not np.isfinite(min_gap) or not 0 < min_gap < 1:  # 0 would divide by gaps of ~1e-9 and report noise
+        raise LatentProbeError(f"min_gap must be in (0, 1), got {min_gap}",
                                "it is the smallest |p_clean - p_corrupt| a normalised metric is computed for")
     if semantics not in ("recompute", "pin"):
         raise LatentProbeError(f"unknown semantics {semantics!r}", "use recompute or pin")
@@ -227,7 +227,23 @@ class RunStates:
         return self.layers.index(layer)
 
 
-class _StateCapture:
+class _LayerHooks:
+    """Base of the hook sets below (and attribution's): ``_register`` hooks on grid layers, removed on exit."""
+
+    handles: list
+
+    def hook_layers(self, layers, make):
+        """Hook every layer of ``layers`` with the function ``make(layer)`` returns."""
+        modules = layer_modules(self.decoder.model, self.decoder.subject.num_layers)
+        self.handles += [_register(*modules[layer], make(layer)) for layer in layers]
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+class _StateCapture(_LayerHooks):
     """Hooks that copy every grid layer's states during one prefill + decode (the reference runs)."""
 
     def __init__(self, decoder: LatentDecoder, layers: Sequence[int], prompt: bool):
@@ -237,10 +253,7 @@ class _StateCapture:
         self.handles = []
 
     def __enter__(self):
-        modules = layer_modules(self.decoder.model, self.decoder.subject.num_layers)
-        for layer in self.layers:
-            module, is_pre = modules[layer]
-            self.handles.append(_register(module, is_pre, self._reader(layer)))
+        self.hook_layers(self.layers, self._reader)
         self.handles.append(_Remover(self.decoder.add_step_listener(self._on_step)))
         # the key mask and positions of every decode step, as the decoder computed them (attribution replays them)
         self.masks: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -258,8 +271,7 @@ class _StateCapture:
 
     def __exit__(self, *exc):
         self.decoder.forward_fn = self._previous_forward
-        for handle in self.handles:
-            handle.remove()
+        super().__exit__(*exc)
 
     def _on_step(self, ctx: StepContext):
         if not ctx.is_prefill:
@@ -404,7 +416,7 @@ def _safe_images(inst):
 _STEP, _ALL_LATENT, _ANSWER = 0, 1, 2
 
 
-class DecodePatcher:
+class DecodePatcher(_LayerHooks):
     """Patch decode-phase sites while a prefill is decoded ``repeats`` times side by side: row b*M + c of the
     decoded batch is instance b with cell ``cells[c]`` restored from ``source`` (``base`` is the run being
     patched: its latents are what ``pin`` feeds to later steps)."""
@@ -426,16 +438,9 @@ class DecodePatcher:
         self.cell_step = torch.tensor([-1 if c.step is None else c.step for c in self.cells], device=device).repeat(bsz)
         self.answer_seen = torch.zeros(bsz * m, dtype=torch.long, device=device)
         layers = sorted({c.layer for c in self.cells} | ({0} if self.pin else set()))
-        modules = layer_modules(self.decoder.model, self.decoder.subject.num_layers)
-        for layer in layers:
-            module, is_pre = modules[layer]
-            self.handles.append(_register(module, is_pre, self._writer(layer)))
+        self.hook_layers(layers, self._writer)
         self.handles.append(_Remover(self.decoder.add_step_listener(self._on_step)))
         return self
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
 
     def _on_step(self, ctx: StepContext):
         self.writes = {}
@@ -503,7 +508,7 @@ def group_positions(batch, row: int, group: str) -> torch.Tensor:
     raise LatentProbeError(f"{group!r} is not a prompt position group", f"use one of {', '.join(PROMPT_GROUPS)}")
 
 
-class PrefillPatcher:
+class PrefillPatcher(_LayerHooks):
     """Patch prompt-phase sites in a prefill of ``base_batch.repeat(M)``: row b*M + c is instance b with the
     positions of ``cells[c]`` at its layer taken from ``source`` (aligned token by token)."""
 
@@ -524,15 +529,8 @@ class PrefillPatcher:
                 self.plan.setdefault(cell.layer, []).append((b * m + c, target, b, origin))
 
     def __enter__(self):
-        modules = layer_modules(self.decoder.model, self.decoder.subject.num_layers)
-        for layer in sorted(self.plan):
-            module, is_pre = modules[layer]
-            self.handles.append(_register(module, is_pre, self._writer(layer)))
+        self.hook_layers(sorted(self.plan), self._writer)
         return self
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
 
     def _writer(self, layer):
         def write(hidden):
@@ -632,6 +630,8 @@ def patch_map(subject, instances: Sequence[Instance], out_dir: str | Path | None
     if batch_size < 1 or max_rows < 1:
         raise LatentProbeError(f"batch_size and max_rows must be >= 1 (got {batch_size}, {max_rows})",
                                "pass positive numbers")
+    if not (n_boot >= 1 and float(n_boot).is_integer()):  # used only at the end, after every model pass
+        raise LatentProbeError(f"n_boot must be an integer >= 1, got {n_boot}", "pass a positive bootstrap count")
     decoder = LatentDecoder(subject, config)
     noise = None
     if corruption == "image-noise":

@@ -66,6 +66,8 @@ def ground_run(subject, instances, out_dir: str | Path, *, source: str = "given"
     check_grounding_input(subject, instances, layers, image_layer)
     if n_overlays < 0:
         raise LatentProbeError(f"n_overlays must be >= 0, got {n_overlays}", "pass 0 for no overlays")
+    if not (n_boot >= 1 and float(n_boot).is_integer()):
+        raise LatentProbeError(f"n_boot must be an integer >= 1, got {n_boot}", "pass a positive bootstrap count")
     out_dir = _prepare_out(out_dir)
     started = time.time()
     table = run_grounding(subject, instances, config=config, layers=layers, image_layer=image_layer,

@@ -143,3 +143,25 @@ def test_organism_grounding_on_defaults(tmp_path):
     pooled = summary[(summary.latent_step == "all") & (summary.measure == "centred")].set_index("layer")
     assert pooled.loc[1, "hit_rate"] > pooled.loc[1, "chance_hit"] + 0.08 and pooled.loc[1, "p_above_chance"] < 0.01
     assert pooled.loc[0, "hit_ci_low"] <= pooled.loc[0, "chance_hit"] <= pooled.loc[0, "hit_ci_high"]
+
+
+@pytest.mark.parametrize("n_random", [0, -3, float("nan"), float("inf"), 2.5, True])
+def test_a_bad_n_random_is_refused_before_the_model_runs(tiny_subject, monkeypatch, n_random):
+    from latentprobe import cache
+
+    monkeypatch.setattr(cache, "run_with_cache", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    with pytest.raises(LatentProbeError, match="n_random must be an integer >= 1"):
+        run_grounding(tiny_subject, builtin_instances()[:2], n_random=n_random)
+    with pytest.raises(LatentProbeError, match="n_random must be an integer >= 1"):
+        score_map(np.ones((2, 2)), np.eye(2, dtype=bool), n_random)
+
+
+@pytest.mark.parametrize("n_boot", [0, -1, float("nan"), 2.5])
+def test_a_bad_bootstrap_count_is_refused_before_the_model_runs(tiny_subject, monkeypatch, tmp_path, n_boot):
+    from latentprobe import cache
+    from latentprobe.where_runs import ground_run
+
+    monkeypatch.setattr(cache, "run_with_cache", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    with pytest.raises(LatentProbeError, match="n_boot must be an integer >= 1"):
+        ground_run(tiny_subject, builtin_instances()[:2], tmp_path / "g", n_boot=n_boot)
+    assert not (tmp_path / "g").exists()

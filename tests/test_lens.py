@@ -87,3 +87,12 @@ def test_a_model_without_an_lm_head_is_refused_before_anything_runs(tiny_subject
         run_lens(headless, builtin_instances()[:2])
     with pytest.raises(LatentProbeError, match="has 2 blocks"):
         run_lens(tiny_subject, builtin_instances()[:2], layers=[3])
+
+
+@pytest.mark.parametrize("top_k", [0, -1, float("nan"), float("inf"), 2.5, True])
+def test_a_bad_top_k_is_refused_before_the_model_runs(tiny_subject, monkeypatch, top_k):
+    from latentprobe import cache
+
+    monkeypatch.setattr(cache, "run_with_cache", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    with pytest.raises(LatentProbeError, match="top_k must be an integer >= 1"):
+        run_lens(tiny_subject, builtin_instances()[:2], top_k=top_k)

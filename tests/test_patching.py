@@ -263,3 +263,20 @@ def test_non_finite_min_gap_is_refused_by_the_parser(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["patch", "--subject", "organism-bottleneck", "--out", str(tmp_path / "p"), "--min-gap", "nan"])
     assert exit_info.value.code == 2 and "--min-gap: 'nan' is not a finite number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("min_gap", [0.0, -0.1, 1.0, float("nan"), float("inf")])
+def test_min_gap_outside_open_unit_interval_is_refused(min_gap):
+    from latentprobe.patching import check_patch_request
+
+    with pytest.raises(LatentProbeError, match="min_gap"):
+        check_patch_request(None, None, 2, ("denoise",), "image-noise", 3.0, min_gap, "recompute")
+
+
+@pytest.mark.parametrize("n_boot", [0, -1, float("nan"), float("inf"), 2.5])
+def test_a_bad_bootstrap_count_is_refused_before_the_model_runs(subjects, held_out, monkeypatch, n_boot):
+    from latentprobe import decoding
+
+    monkeypatch.setattr(decoding.LatentDecoder, "prefill", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    with pytest.raises(LatentProbeError, match="n_boot must be an integer >= 1"):
+        patch_map(_subject(subjects, "bottleneck"), held_out[:4], None, n_boot=n_boot)
