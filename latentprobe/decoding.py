@@ -339,7 +339,7 @@ class LatentDecoder:
             state.advance_positions()
             step += 1
         result = state.result(self.subject, batch)
-        self._read_answer_slots(result, state, cache, batch, answer_mask, image_mask, eos, step)
+        self._read_answer_slots(result, state, cache, batch, answer_mask, image_mask, step)
         self.context = None
         self.last_cache = cache
         return result
@@ -487,7 +487,7 @@ class LatentDecoder:
         return next_ids, next_latent
 
     def _read_answer_slots(self, result: DecodeResult, state: "_RowState", cache, batch, answer_mask, image_mask,
-                           eos, steps_run: int):
+                           steps_run: int):
         """Each row's answer slot (see `latentprobe.answer_slot`): logged states where the prefix was found,
         one teacher-forced forward through the cache for the rest."""
         tokenizer = self.subject.tokenizer
