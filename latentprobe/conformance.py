@@ -324,11 +324,15 @@ def _cache_vs_recompute(report, subject, decoder, batch, result, hidden_log) -> 
     scale = reference.norm(dim=-1).clamp(min=1e-6)
     hidden_error = float(((cached - reference).norm(dim=-1) / scale).max()) if len(cached) else 0.0
     latent_error = 0.0
-    positions = [result.prompt_length + j for j, kind in enumerate(row.step_kinds) if kind == LATENT]
+    steps = [j for j, kind in enumerate(row.step_kinds) if kind == LATENT]
+    positions = [result.prompt_length + j for j in steps]
     if positions:
         previous = recomputed[[p - 1 for p in positions]].to(next(subject.model.parameters()))
+        # the head maps a state computed at a latent position only (LVR never maps z_0)
+        at_latent = torch.tensor([j > 0 and row.step_kinds[j - 1] == LATENT for j in steps]).unsqueeze(-1)
         with torch.no_grad():
-            expected = decoder._feedback(previous).float().cpu()
+            mapped = decoder._feedback(previous).float().cpu()
+        expected = torch.where(at_latent, mapped, previous.float().cpu())
         latent_error = float(((row.latent_vectors.float() - expected).norm(dim=-1)
                               / expected.norm(dim=-1).clamp(min=1e-6)).max())
     dtype = next(subject.model.parameters()).dtype

@@ -339,7 +339,7 @@ class LatentDecoder:
             state.advance_positions()
             step += 1
         result = state.result(self.subject, batch)
-        self._read_answer_slots(result, state, cache, batch, answer_mask, image_mask, eos, step)
+        self._read_answer_slots(result, state, cache, batch, answer_mask, image_mask, step)
         self.context = None
         self.last_cache = cache
         return result
@@ -413,16 +413,21 @@ class LatentDecoder:
         text_rows = (mode == TEXT).nonzero(as_tuple=True)[0]
         latent_rows = (mode == LATENT).nonzero(as_tuple=True)[0]
         ends = None
-        need_logits = text_rows
+        need_logits, states = text_rows, hidden[text_rows]
         if len(latent_rows):
             ends = state.phase_count[latent_rows] >= state.limit[latent_rows]
             if proto.needs_logits_in_latent:
-                need_logits = torch.cat([text_rows, latent_rows])
+                deciding_latent = latent_rows
             elif proto.exit_rule == "model_choice":  # the exit choice only, after the last latent step
-                need_logits = torch.cat([text_rows, latent_rows[ends]])
+                deciding_latent = latent_rows[ends]
+            else:
+                deciding_latent = latent_rows[:0]
+            if len(deciding_latent):  # only latent rows can have a latent input: the head runs for them alone
+                need_logits = torch.cat([text_rows, deciding_latent])
+                states = torch.cat([states, self._through_head(hidden[deciding_latent], deciding_latent, state)])
         choice = torch.full((bsz,), pad_id, dtype=torch.long, device=device)
         if len(need_logits):  # the LM head only runs for rows whose choice is needed
-            logits = self._logits(self._through_head(hidden[need_logits], need_logits, state))
+            logits = self._logits(states)
             choice[need_logits] = self._select(logits, need_logits, generators)
             if hidden.dtype == torch.float16:  # finite states can overflow to infinite logits only in float16
                 state.finite[need_logits] &= torch.isfinite(logits).all(dim=-1)
@@ -482,7 +487,7 @@ class LatentDecoder:
         return next_ids, next_latent
 
     def _read_answer_slots(self, result: DecodeResult, state: "_RowState", cache, batch, answer_mask, image_mask,
-                           eos, steps_run: int):
+                           steps_run: int):
         """Each row's answer slot (see `latentprobe.answer_slot`): logged states where the prefix was found,
         one teacher-forced forward through the cache for the rest."""
         tokenizer = self.subject.tokenizer

@@ -59,6 +59,16 @@ class PromptStyle:
         return dict(self.__dict__)
 
 
+def answer_first_token(tokenizer, lead: str, text: str) -> int | None:
+    """The first token of ``text`` written after ``lead`` (the slot's token): a BPE that merges the lead into the
+    answer (Qwen's " B") gives the merged token; one that does not gives the answer's own first token."""
+    tokens = tokenizer.encode(lead + text, add_special_tokens=False)
+    lead_tokens = tokenizer.encode(lead, add_special_tokens=False) if lead else []
+    if lead_tokens and tokens[: len(lead_tokens)] == lead_tokens:
+        tokens = tokens[len(lead_tokens):]
+    return tokens[0] if tokens else None
+
+
 def _user_content(text: str, n_images: int, image_position: str = "before") -> list[dict[str, str]]:
     """Images then the text (or the text then the images, ``image_position="after"``); or, when the text holds
     ``<image>`` placeholders, each image at its own."""
@@ -162,6 +172,7 @@ class Subject:
     authors_settings: dict[str, Any] = field(default_factory=dict)  # the family's own decoding and image budget
     added_tokens: list[str] = field(default_factory=list)  # tokens added to the tokenizer at load (Mirage)
     answer_prefix: str | None = None  # text written just before the answer (latentprobe.answer_slot); None: default
+    answer_lead: str = ""  # text written between the answer prefix and the answer (LVR: "<answer> B": a space)
     _resolved: ResolvedProtocol | None = field(default=None, init=False, repr=False)
     _fingerprint: str | None = field(default=None, init=False, repr=False)
 
@@ -279,12 +290,9 @@ class Subject:
         from .answers import LETTER_PARSERS
 
         strings = instance.option_letters if self.answer_parser in LETTER_PARSERS else instance.options
-        ids = []
-        for text in strings:
-            tokens = self.tokenizer.encode(text, add_special_tokens=False)
-            if not tokens:
-                return None
-            ids.append(tokens[0])
+        ids = [answer_first_token(self.tokenizer, self.answer_lead, text) for text in strings]
+        if None in ids:
+            return None
         return ids if len(set(ids)) == len(ids) else None
 
     def answer_probabilities(self, instance: Instance, logits: torch.Tensor | None) -> list[float] | None:

@@ -107,3 +107,12 @@ def test_decoding_authors_line_names_what_is_not_applied(standins):
 def test_check_line_rejects_unknown_status():
     with pytest.raises(ValueError):
         CheckLine("x", "maybe", "")
+
+
+def test_cache_vs_recompute_passes_with_lvrs_head(tmp_path):
+    """The head maps states computed at latent positions only (never z_0): the recompute's expectation agrees."""
+    with_head = build_standin("lvr", tmp_path / "head", lvr_head=True)
+    report = run_check("lvr", str(with_head), max_new_tokens=64, prepare=lambda subject: scripted(subject, "lvr"))
+    line = by_name(report)["cache vs recompute"]
+    assert line.status == "pass", line.detail
+    assert by_name(report)["head"].status == "pass"

@@ -79,8 +79,8 @@ def test_lvr_prompt_is_the_raw_vstar_text_plus_its_instruction(family_subjects):
     assert user_text(subject.prompt_text(options_instance())).endswith(
         "Which colour is the top-left cell?\nOptions:\nA. red\nB. green\nC. blue\nD. yellow\n" + LETTER_SUFFIX)
     assert "<|im_start|>system\nYou are a helpful assistant.<|im_end|>" in subject.prompt_text(vstar_like)
-    # gold_prob is read over the option letters, as for the other letter parsers
-    letters = [subject.tokenizer.encode(letter, add_special_tokens=False)[0] for letter in "ABCD"]
+    # gold_prob is read over the option letters as LVR writes them after "<answer>" (" B": a leading space)
+    letters = [subject.tokenizer.encode("<answer> " + letter, add_special_tokens=False)[-1] for letter in "ABCD"]
     assert subject.answer_candidate_ids(vstar_like) == letters
     # a question swap replaces the question, not the instance's options
     swapped = user_text(subject.prompt_text(vstar_like, question="How many cells?"))
@@ -250,3 +250,24 @@ def test_wrong_checkpoint_for_the_family_is_a_clear_error(tmp_path):
         load_subject("monet", checkpoint=str(folder))
     with pytest.raises(LatentProbeError, match="hub is offline"):
         load_subject("monet")  # default hub id, offline in tests
+
+
+def test_lvr_candidates_are_the_tokens_it_writes_after_answer_tag(family_subjects):
+    """LVR writes "<answer> B </answer>": with a BPE that merges the space into the letter (Qwen's " B"), the
+    slot's candidates are the merged tokens; with one that does not, the letters after the space token."""
+    from latentprobe.subject import answer_first_token
+
+    class MergingTokenizer:
+        vocab = {" ": 1, "A": 2, "B": 3, " A": 4, " B": 5}
+
+        def encode(self, text, add_special_tokens=False):
+            return [self.vocab[text]]
+
+    assert [answer_first_token(MergingTokenizer(), " ", letter) for letter in "AB"] == [4, 5]
+    assert [answer_first_token(MergingTokenizer(), "", letter) for letter in "AB"] == [2, 3]
+    subject = family_subjects["lvr"]
+    assert subject.answer_lead == " "
+    tok = subject.tokenizer
+    tail = [tok.encode("<answer> " + letter, add_special_tokens=False)[-1] for letter in "ABCD"]
+    assert subject.answer_candidate_ids(options_instance()) == tail
+    assert family_subjects["monet"].answer_lead == ""

@@ -76,6 +76,7 @@ class FamilySpec(SubjectSpec):
     benchmark_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     head: str = "none"
     answer_prefix: str | None = None  # text just before the answer (latentprobe.answer_slot); None: the default rule
+    answer_lead: str = ""  # text between the answer prefix and the answer (LVR writes "<answer> B"): candidate ids
     notes: str = ""
 
     def describe(self) -> dict[str, Any]:
@@ -145,6 +146,7 @@ def _builder(spec_name: str):
                                   authors_settings=dict(spec.authors_settings), add_tokens=spec.adds_tokens,
                                   image_pixels=pixels if all(pixels) else None,
                                   answer_prefix=spec.answer_prefix)
+        subject.answer_lead = spec.answer_lead
         if subject.protocol is not None and subject.protocol.head_module:
             attach_feedback_head(subject, Path(folder))
         return subject
@@ -191,7 +193,7 @@ FAMILIES = [
                build=_builder("lvr"), needs_checkpoint=True, hub_id="vincentleebang/LVR-7B", protocol_name="lvr",
                prompt_style=PromptStyle(system_prompt=QWEN_DEFAULT_SYSTEM, suffix=LETTER_SUFFIX,
                                         raw_text_attribute="raw_text", options_footer="\n"),
-               answer_parser="answer_tag_letter", answer_prefix="<answer>", max_new_tokens=512,
+               answer_parser="answer_tag_letter", answer_prefix="<answer>", answer_lead=" ", max_new_tokens=512,
                authors_settings=LVR_AUTHORS,
                config_token_ids={"<|lvr_start|>": "lvr_start_id", "<|lvr|>": "lvr_id",
                                  "<|lvr_latent_end|>": "lvr_latent_end_id", "<|lvr_end|>": "lvr_end_id"},
