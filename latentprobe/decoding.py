@@ -33,6 +33,7 @@ here each row carries its own mode, step count and stop decision, so rows are in
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -68,8 +69,17 @@ class DecodeConfig:
                                        "pass 0 for no latent step, or leave it out for the protocol's own count")
         if self.latent_layout is not None:
             check_layout(self.latent_layout)
-        if self.do_sample and self.temperature <= 0:
-            raise LatentProbeError("temperature must be > 0 when sampling", "use do_sample=False for greedy")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise LatentProbeError(f"max_new_tokens must be a whole number, got {self.max_new_tokens!r}",
+                                   "pass a positive integer")
+        # Sampling settings are checked even for greedy runs: a manifest must never record an impossible value.
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise LatentProbeError(f"temperature must be a finite number > 0, got {self.temperature!r}",
+                                   "use e.g. temperature=0.7 (do_sample=False for greedy)")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise LatentProbeError(f"top_p must be in (0, 1], got {self.top_p!r}", "use 1.0 for no nucleus cut")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise LatentProbeError(f"top_k must be a whole number >= 0, got {self.top_k!r}", "use 0 for no top-k cut")
 
 
 @dataclass

@@ -3,6 +3,7 @@ get_rope_index over the full sequence, and the same instance decoded alone."""
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from latentprobe.decoding import LATENT, DecodeConfig, LatentDecoder, replay
@@ -376,3 +377,14 @@ def test_eos_ids_include_the_generation_config(tiny_subject, tmp_path):
             assert reference[r, batch.input_ids.shape[1]:][: len(row.generated_ids)].tolist() == row.generated_ids
     finally:
         generation.eos_token_id = saved
+
+
+@pytest.mark.parametrize("field, value", [("temperature", float("nan")), ("temperature", 0.0), ("temperature", -1.0),
+                                          ("temperature", float("inf")), ("top_p", 0.0), ("top_p", 1.5),
+                                          ("top_p", float("nan")), ("top_k", -1), ("top_k", 2.5),
+                                          ("max_new_tokens", 0), ("max_new_tokens", 3.5)])
+def test_decode_config_refuses_numbers_outside_their_range(field, value):
+    from latentprobe.errors import LatentProbeError
+
+    with pytest.raises(LatentProbeError, match=field):
+        DecodeConfig(**{field: value})
