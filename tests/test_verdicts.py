@@ -61,7 +61,8 @@ def test_needed_n_for_zero_events_is_the_exact_bound_and_grows_with_the_rate():
 
 @pytest.mark.parametrize("bad", [dict(answer_change=0), dict(answer_change=-0.1), dict(answer_change=float("nan")),
                                  dict(alpha=0), dict(alpha=0.7), dict(power=1.0), dict(change_ratio=float("inf")),
-                                 dict(correctness=1.5), dict(kl="0.1")])
+                                 dict(correctness=1.5), dict(kl="0.1"),
+                                 dict(visual_info=1.0), dict(gold_prob=float("-inf"))])
 def test_margins_refuse_impossible_values(bad):
     with pytest.raises(LatentProbeError):
         Margins(**bad)

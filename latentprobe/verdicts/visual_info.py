@@ -37,8 +37,9 @@ NEEDED_COLUMNS = {"subject", "representation", "attribute", "selection", "select
 
 
 def _check_arguments(margin: float, alpha: float) -> None:
-    if not (np.isfinite(margin) and margin > 0):
-        raise LatentProbeError(f"margin={margin} is not a positive finite number",
+    if not (np.isfinite(margin) and 0 < margin < 1):
+        raise LatentProbeError(f"margin={margin} is not a finite number in (0, 1): selectivity, a difference of "
+                               "accuracies, never exceeds 1, so no interval could lie above it",
                                "use a selectivity margin such as 0.1 (10 accuracy points above the control)")
     if not (np.isfinite(alpha) and 0 < alpha < 0.5):
         raise LatentProbeError(f"alpha={alpha} is not in (0, 0.5)", "use e.g. alpha=0.05")
