@@ -46,6 +46,7 @@ Metric names:
 
 from __future__ import annotations
 
+import math
 import warnings
 from statistics import NormalDist
 from typing import Callable, Iterator, Sequence
@@ -610,6 +611,21 @@ def _summarize_group(rows: pd.DataFrame, seed: int, n_boot: int, alpha: float) -
     return table
 
 
+def applied_only(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose edit was applied: an edit the decoder could not apply (e.g. the instance never entered
+    latent mode) is not a measurement. A missing value counts as applied; the strings "False"/"0" (a column
+    read back from text) count as not applied.
+
+    >>> applied_only(pd.DataFrame({"applied": [True, False, None, "False", "True"]})).index.tolist()
+    [0, 2, 4]
+    """
+    if "applied" not in frame.columns:
+        return frame
+    flags = frame["applied"].map(lambda v: True if v is None or (isinstance(v, float) and math.isnan(v))
+                                 else str(v).strip().lower() not in ("false", "0", "0.0", "no"))
+    return frame[flags.astype(bool)]
+
+
 def summarize(rows: pd.DataFrame, group_cols: Sequence[str] = ("subject", "target", "intervention"),
               seed: int = 0, n_boot: int = 2000, alpha: float = 0.05) -> pd.DataFrame:
     """The tidy long table of the module docstring: one row per group x metric.
@@ -630,9 +646,7 @@ def summarize(rows: pd.DataFrame, group_cols: Sequence[str] = ("subject", "targe
     """
     group_cols = list(group_cols)
     _require_columns(rows, group_cols, "summarize")
-    if "applied" in rows.columns:
-        # An edit the decoder could not apply (e.g. the instance never entered latent mode) is not a measurement.
-        rows = rows[rows["applied"].fillna(True).astype(bool)]
+    rows = applied_only(rows)
     has_answers = all(name in rows.columns for name in ANSWER_COLUMNS)
     if not has_answers and not _mediation_outcomes(list(rows.columns)):
         raise LatentProbeError("summarize: rows carry neither answer columns nor mediation outcome columns",

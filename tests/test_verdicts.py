@@ -180,6 +180,8 @@ def test_unapplied_rows_are_not_evidence():
         rate("s", "latent", "patch(steps=0,sem=recompute)", "flip_rate", 40, 80, applied=False),
     ])
     assert verdict_latent_answer(table, "s").verdict == "disconnect"
+    # read back from text, the flag is a string: "False" must still mean not applied
+    assert verdict_latent_answer(table.assign(applied=table.applied.map(str)), "s").verdict == "disconnect"
 
 
 def test_input_latent_uses_every_step_and_the_change_ratio_margin():
