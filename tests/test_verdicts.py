@@ -204,3 +204,10 @@ def test_all_verdicts_table_has_the_vocabulary_and_evidence_columns():
     shortcut = verdicts.set_index(["subject", "finding"]).loc[("s", "latent_answer")]
     assert shortcut.verdict == "inconclusive" and shortcut.needed_n == 72 and shortcut.margin == 0.05
     assert set(verdicts[verdicts.subject == "other"].verdict) == {"not measured"}
+
+
+def test_a_row_without_interval_or_p_value_is_no_evidence_of_an_effect():
+    row = mean_row("x", "NIE_gold_prob", 0.3, math.nan, math.nan, 2, math.nan, Margins())
+    assert math.isnan(row.p_value)
+    assert decide_family([row], Margins()).verdict == "inconclusive"
+

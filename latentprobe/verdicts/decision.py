@@ -111,6 +111,8 @@ def _p_from_interval(estimate: float, low: float, high: float, alpha: float) -> 
     from scipy.stats import norm
 
     se = (high - low) / (2 * norm.ppf(1 - alpha / 2))
+    if not math.isfinite(se) or not math.isfinite(estimate):  # no interval (e.g. too few instances): no evidence
+        return math.nan
     if not se > 0:
         return 1.0 if estimate == 0 else 0.0
     return float(2 * norm.sf(abs(estimate) / se))
