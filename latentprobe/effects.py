@@ -581,8 +581,8 @@ def latent_change_metrics(clean, intervened, step_mask=None, seed: int = 0, n_bo
         rows.insert(0, "step", step)
         frames.append(rows)
     if not frames:
-        return pd.DataFrame(columns=["step", *RESULT_COLUMNS])
-    return pd.concat(frames, ignore_index=True)
+        return pd.DataFrame(columns=["step", *RESULT_COLUMNS, "confidence"])
+    return pd.concat(frames, ignore_index=True).assign(confidence=1 - alpha)
 
 
 # -------------------------------------------------------------------------------------------------- summary
@@ -640,7 +640,7 @@ def summarize(rows: pd.DataFrame, group_cols: Sequence[str] = ("subject", "targe
     ...                      "intervened_parsed": ["C", "B"]})
     >>> table = summarize(rows, n_boot=100)
     >>> list(table.columns)
-    ['subject', 'target', 'intervention', 'metric', 'estimate', 'ci_low', 'ci_high', 'n', 'k', 'p_value', 'interval', 'mediator']
+    ['subject', 'target', 'intervention', 'metric', 'estimate', 'ci_low', 'ci_high', 'n', 'k', 'p_value', 'interval', 'mediator', 'confidence']
     >>> table.set_index("metric").loc["accuracy_change", "estimate"]
     np.float64(-0.5)
     """
@@ -658,5 +658,6 @@ def summarize(rows: pd.DataFrame, group_cols: Sequence[str] = ("subject", "targe
             summary[name] = value
         frames.append(summary)
     if not frames:
-        return pd.DataFrame(columns=[*group_cols, *RESULT_COLUMNS, "mediator"])
-    return pd.concat(frames, ignore_index=True)[[*group_cols, *RESULT_COLUMNS, "mediator"]]
+        return pd.DataFrame(columns=[*group_cols, *RESULT_COLUMNS, "mediator", "confidence"])
+    table = pd.concat(frames, ignore_index=True)[[*group_cols, *RESULT_COLUMNS, "mediator"]]
+    return table.assign(confidence=1 - alpha)  # the level of every interval, which the verdicts must know

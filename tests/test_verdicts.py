@@ -211,3 +211,18 @@ def test_a_row_without_interval_or_p_value_is_no_evidence_of_an_effect():
     assert math.isnan(row.p_value)
     assert decide_family([row], Margins()).verdict == "inconclusive"
 
+
+def test_a_stored_interval_is_used_at_the_verdicts_alpha():
+    from latentprobe.verdicts.decision import row_stats
+
+    # a 95% interval inside the margin 0.05, which a 99% verdict must not read as its own
+    stored = pd.Series(dict(metric="NIE_gold_prob", estimate=0.0, ci_low=-0.04, ci_high=0.04, n=100, p_value=1.0,
+                            interval="percentile bootstrap", confidence=0.95))
+    assert row_stats(stored, Margins(), "x").equivalent
+    strict = row_stats(stored, Margins(alpha=0.01), "x")
+    assert not strict.equivalent and strict.ci_high == pytest.approx(0.04 * 2.5758 / 1.95996, rel=1e-4)
+    assert not row_stats(stored.drop("confidence"), Margins(alpha=0.01), "x").equivalent  # no column: 95%
+    at_99 = stored.copy()
+    at_99["confidence"] = 0.99
+    assert row_stats(at_99, Margins(alpha=0.01), "x").ci_high == 0.04
+
