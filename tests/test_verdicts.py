@@ -226,3 +226,12 @@ def test_a_stored_interval_is_used_at_the_verdicts_alpha():
     at_99["confidence"] = 0.99
     assert row_stats(at_99, Margins(alpha=0.01), "x").ci_high == 0.04
 
+
+def test_a_mean_of_one_instance_decides_nothing():
+    from latentprobe.effects import mean_p_value
+
+    assert math.isnan(mean_p_value(np.array([[0.3]]))[0])
+    for value in (0.3, 0.01):  # zero-width interval from one instance: neither an effect nor inside the margin
+        row = mean_row("x", "NIE_gold_prob", value, value, value, 1, 0.0, Margins())
+        assert decide_family([row], Margins()).verdict == "inconclusive"
+

@@ -70,7 +70,9 @@ class RowStats:
     @property
     def equivalent(self) -> bool:
         low_ok = self.ci_low > -self.margin
-        return bool(self.n > 0 and low_ok and self.ci_high < self.margin)
+        # a mean of one instance has a zero-width bootstrap interval that shows nothing; a rate's exact interval
+        # is wide at n = 1 by itself
+        return bool(self.n >= (1 if self.is_rate else 2) and low_ok and self.ci_high < self.margin)
 
     @property
     def ruled_out_beyond(self) -> float:
@@ -135,7 +137,9 @@ def mean_row(label: str, metric: str, estimate: float, ci_low: float, ci_high: f
              margins: Margins, interval: str = "percentile bootstrap") -> RowStats:
     """A row of a mean with its stored interval and p-value (a normal approximation from the interval when the
     table has no p-value)."""
-    if p_value is None or math.isnan(p_value):
+    if n < 2:  # one value tests nothing, whatever its stored p-value or interval
+        p_value = math.nan
+    elif p_value is None or math.isnan(p_value):
         p_value = _p_from_interval(estimate, ci_low, ci_high, margins.alpha)
     return RowStats(label=label, metric=metric, estimate=float(estimate), ci_low=float(ci_low), ci_high=float(ci_high),
                     n=int(n), margin=margins.for_metric(metric), p_value=float(p_value), interval=interval)
