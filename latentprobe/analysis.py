@@ -227,7 +227,7 @@ def effect_tables(run_dirs: Sequence[str | Path]) -> pd.DataFrame | None:
             if len(table):
                 table = table.assign(target="input")
                 keep = ["subject", "target", "intervention", "metric", "estimate", "ci_low", "ci_high", "n", "step"]
-                keep += [c for c in ("p_value", "interval") if c in table.columns]
+                keep += [c for c in ("p_value", "interval", "confidence") if c in table.columns]
                 frames.append(table[keep])
     if not frames:
         return None
