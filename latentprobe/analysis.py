@@ -287,11 +287,12 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
             figures.setdefault("input_latent", []).extend(fig.plot_effects_forest(
                 effects, figure_dir / "effects-input-latent", metrics=["change_ratio"],
                 reference_lines={"change_ratio": margins.change_ratio}))
+    completeness = [s.completeness() for s in stores]  # reads each store's index once
     data = {"runs": [str(d) for d in run_dirs],
             "sources": sorted({str(s.manifest.get("data", {}).get("source")) for s in stores}),
             # the instances actually on disk (an interrupted run holds fewer than its manifest asked for)
-            "instances": int(max(s.completeness()["present"] for s in stores))}
-    incomplete = [w for s in stores for w in s.completeness()["warnings"]]
+            "instances": int(max(c["present"] for c in completeness))}
+    incomplete = [w for c in completeness for w in c["warnings"]]
     for warning in incomplete:
         log.warning(warning)
     if incomplete:
