@@ -240,8 +240,8 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
     """Everything measured in ``run_dirs`` (traces and intervention runs) into report.md and report.html, with
     verdicts.csv (one decision per subject x finding, columns ``verdicts.VERDICT_COLUMNS``) and
     verdict-rows.csv (every row each verdict combined, with its own decision)."""
-    from .report import write_report
-    from .verdicts import Margins, evidence_rows, judge, verdict_table
+    from .report import report_verdicts, write_report
+    from .verdicts import Margins, evidence_rows, verdict_table
 
     margins = Margins() if margins is None else margins
 
@@ -298,10 +298,9 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
     if incomplete:
         data["WARNING: incomplete runs"] = " ".join(incomplete)
     kwargs = {"title": title} if title else {}
+    judged = report_verdicts(subjects, effects, similarity, probes, margins)  # once, for the report and the tables
     md, html = write_report(out_dir, subjects=subjects, data=data, effects=effects, similarity=similarity,
-                            probes=probes, figures=figures, margins=margins, **kwargs)
-    judged = judge([s["name"] for s in subjects], effects=effects, similarity=similarity, probes=probes,
-                   margins=margins)
+                            probes=probes, figures=figures, margins=margins, judged=judged, **kwargs)
     _write_table(verdict_table(judged), out_dir / "verdicts")
     rows = evidence_rows(judged)
     if len(rows):
