@@ -227,7 +227,7 @@ def effect_tables(run_dirs: Sequence[str | Path]) -> pd.DataFrame | None:
             if len(table):
                 table = table.assign(target="input")
                 keep = ["subject", "target", "intervention", "metric", "estimate", "ci_low", "ci_high", "n", "step"]
-                keep += [c for c in ("p_value", "interval") if c in table.columns]
+                keep += [c for c in ("p_value", "interval", "confidence") if c in table.columns]
                 frames.append(table[keep])
     if not frames:
         return None
@@ -240,8 +240,8 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
     """Everything measured in ``run_dirs`` (traces and intervention runs) into report.md and report.html, with
     verdicts.csv (one decision per subject x finding, columns ``verdicts.VERDICT_COLUMNS``) and
     verdict-rows.csv (every row each verdict combined, with its own decision)."""
-    from .report import write_report
-    from .verdicts import Margins, evidence_rows, judge, verdict_table
+    from .report import report_verdicts, write_report
+    from .verdicts import Margins, evidence_rows, verdict_table
 
     margins = Margins() if margins is None else margins
 
@@ -287,20 +287,20 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
             figures.setdefault("input_latent", []).extend(fig.plot_effects_forest(
                 effects, figure_dir / "effects-input-latent", metrics=["change_ratio"],
                 reference_lines={"change_ratio": margins.change_ratio}))
+    completeness = [s.completeness() for s in stores]  # reads each store's index once
     data = {"runs": [str(d) for d in run_dirs],
             "sources": sorted({str(s.manifest.get("data", {}).get("source")) for s in stores}),
             # the instances actually on disk (an interrupted run holds fewer than its manifest asked for)
-            "instances": int(max(s.completeness()["present"] for s in stores))}
-    incomplete = [w for s in stores for w in s.completeness()["warnings"]]
+            "instances": int(max(c["present"] for c in completeness))}
+    incomplete = [w for c in completeness for w in c["warnings"]]
     for warning in incomplete:
         log.warning(warning)
     if incomplete:
         data["WARNING: incomplete runs"] = " ".join(incomplete)
     kwargs = {"title": title} if title else {}
+    judged = report_verdicts(subjects, effects, similarity, probes, margins)  # once, for the report and the tables
     md, html = write_report(out_dir, subjects=subjects, data=data, effects=effects, similarity=similarity,
-                            probes=probes, figures=figures, margins=margins, **kwargs)
-    judged = judge([s["name"] for s in subjects], effects=effects, similarity=similarity, probes=probes,
-                   margins=margins)
+                            probes=probes, figures=figures, margins=margins, judged=judged, **kwargs)
     _write_table(verdict_table(judged), out_dir / "verdicts")
     rows = evidence_rows(judged)
     if len(rows):

@@ -46,6 +46,7 @@ Metric names:
 
 from __future__ import annotations
 
+import math
 import warnings
 from statistics import NormalDist
 from typing import Callable, Iterator, Sequence
@@ -127,7 +128,7 @@ def mean_p_value(values: np.ndarray) -> np.ndarray:
     t-distribution's heavier tails and the (n-1)/n variance shrinkage); measured by simulation, its p < 0.05
     came in 6.9% of runs under a true null for one row and 9.6% for six Holm-adjusted rows, against the 5% a
     test promises. The t-test holds its level (``tests/test_calibration.py``). A column whose values are all
-    equal gives p = 1 when they are 0 and p = 0 otherwise.
+    equal gives p = 1 when they are 0 and p = 0 otherwise; a column with fewer than 2 values gives NaN.
     """
     from scipy.stats import ttest_1samp
 
@@ -135,11 +136,11 @@ def mean_p_value(values: np.ndarray) -> np.ndarray:
     out = np.full(values.shape[1], np.nan)
     for j in range(values.shape[1]):
         column = values[:, j][~np.isnan(values[:, j])]
-        if len(column) == 0:
+        if len(column) < 2:  # one value tests nothing
             continue
         if np.ptp(column) == 0:
             out[j] = 1.0 if column[0] == 0 else 0.0
-        elif len(column) >= 2:
+        else:
             out[j] = float(ttest_1samp(column, 0.0).pvalue)
     return out
 
@@ -580,8 +581,8 @@ def latent_change_metrics(clean, intervened, step_mask=None, seed: int = 0, n_bo
         rows.insert(0, "step", step)
         frames.append(rows)
     if not frames:
-        return pd.DataFrame(columns=["step", *RESULT_COLUMNS])
-    return pd.concat(frames, ignore_index=True)
+        return pd.DataFrame(columns=["step", *RESULT_COLUMNS, "confidence"])
+    return pd.concat(frames, ignore_index=True).assign(confidence=1 - alpha)
 
 
 # -------------------------------------------------------------------------------------------------- summary
@@ -610,6 +611,21 @@ def _summarize_group(rows: pd.DataFrame, seed: int, n_boot: int, alpha: float) -
     return table
 
 
+def applied_only(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose edit was applied: an edit the decoder could not apply (e.g. the instance never entered
+    latent mode) is not a measurement. A missing value counts as applied; the strings "False"/"0" (a column
+    read back from text) count as not applied.
+
+    >>> applied_only(pd.DataFrame({"applied": [True, False, None, "False", "True"]})).index.tolist()
+    [0, 2, 4]
+    """
+    if "applied" not in frame.columns:
+        return frame
+    flags = frame["applied"].map(lambda v: True if v is None or (isinstance(v, float) and math.isnan(v))
+                                 else str(v).strip().lower() not in ("false", "0", "0.0", "no"))
+    return frame[flags.astype(bool)]
+
+
 def summarize(rows: pd.DataFrame, group_cols: Sequence[str] = ("subject", "target", "intervention"),
               seed: int = 0, n_boot: int = 2000, alpha: float = 0.05) -> pd.DataFrame:
     """The tidy long table of the module docstring: one row per group x metric.
@@ -624,15 +640,13 @@ def summarize(rows: pd.DataFrame, group_cols: Sequence[str] = ("subject", "targe
     ...                      "intervened_parsed": ["C", "B"]})
     >>> table = summarize(rows, n_boot=100)
     >>> list(table.columns)
-    ['subject', 'target', 'intervention', 'metric', 'estimate', 'ci_low', 'ci_high', 'n', 'k', 'p_value', 'interval', 'mediator']
+    ['subject', 'target', 'intervention', 'metric', 'estimate', 'ci_low', 'ci_high', 'n', 'k', 'p_value', 'interval', 'mediator', 'confidence']
     >>> table.set_index("metric").loc["accuracy_change", "estimate"]
     np.float64(-0.5)
     """
     group_cols = list(group_cols)
     _require_columns(rows, group_cols, "summarize")
-    if "applied" in rows.columns:
-        # An edit the decoder could not apply (e.g. the instance never entered latent mode) is not a measurement.
-        rows = rows[rows["applied"].fillna(True).astype(bool)]
+    rows = applied_only(rows)
     has_answers = all(name in rows.columns for name in ANSWER_COLUMNS)
     if not has_answers and not _mediation_outcomes(list(rows.columns)):
         raise LatentProbeError("summarize: rows carry neither answer columns nor mediation outcome columns",
@@ -644,5 +658,6 @@ def summarize(rows: pd.DataFrame, group_cols: Sequence[str] = ("subject", "targe
             summary[name] = value
         frames.append(summary)
     if not frames:
-        return pd.DataFrame(columns=[*group_cols, *RESULT_COLUMNS, "mediator"])
-    return pd.concat(frames, ignore_index=True)[[*group_cols, *RESULT_COLUMNS, "mediator"]]
+        return pd.DataFrame(columns=[*group_cols, *RESULT_COLUMNS, "mediator", "confidence"])
+    table = pd.concat(frames, ignore_index=True)[[*group_cols, *RESULT_COLUMNS, "mediator"]]
+    return table.assign(confidence=1 - alpha)  # the level of every interval, which the verdicts must know

@@ -353,9 +353,15 @@ def reading_guide(margins: Margins) -> list[tuple[str, list[str]]]:
     ]
 
 
-def _build_blocks(title, subjects, data, effects, similarity, probes, figures, margins) -> list:
-    subject_names = _subject_names(subjects, effects, similarity, probes)
-    judged = judge(subject_names, effects, similarity, probes, margins)
+def report_verdicts(subjects, effects, similarity, probes, margins: Margins = Margins()) -> list:
+    """The verdicts a report shows: every subject named in ``subjects`` or in one of the tables."""
+    return judge(_subject_names(subjects, effects, similarity, probes), effects, similarity, probes, margins)
+
+
+def _build_blocks(title, subjects, data, effects, similarity, probes, figures, margins, judged=None) -> list:
+    if judged is None:
+        judged = report_verdicts(subjects, effects, similarity, probes, margins)
+    subject_names = list(dict.fromkeys(v.subject for v in judged))
     verdicts = verdict_table(judged)
     rows = evidence_rows(judged)
     figures = {key: list(paths) for key, paths in (figures or {}).items()}
@@ -581,6 +587,7 @@ def write_report(
     margins: Margins = Margins(),
     title: str = "latentprobe report: is latent reasoning causal?",
     name: str = "report",
+    judged: Sequence | None = None,
 ) -> tuple[Path, Path]:
     """Write ``<out_dir>/<name>.md`` and a self-contained ``<out_dir>/<name>.html``; return both paths.
 
@@ -588,7 +595,8 @@ def write_report(
     a table; ``effects``: the effects summary (columns ``EFFECT_COLUMNS``, optional ``step``);
     ``similarity``: ``similarity_table`` output (several subjects concatenated); ``probes``: ``probe_table``
     outputs concatenated; ``figures``: ``{finding: [paths]}`` with finding in ``FINDINGS`` (other keys go to
-    "Other figures"). Any input may be None: its sections then say "not measured".
+    "Other figures"). Any input may be None: its sections then say "not measured". ``judged``: the verdicts
+    of ``report_verdicts`` on the same inputs, when the caller has them already (they are judged here if not).
 
     >>> import tempfile
     >>> md, page = write_report(tempfile.mkdtemp(), subjects=[{"name": "tiny", "checkpoint": "random"}])
@@ -601,7 +609,7 @@ def write_report(
         if table is not None and not isinstance(table, pd.DataFrame):
             raise LatentProbeError(f"{what} is a {type(table).__name__}, not a DataFrame", "pass a pandas DataFrame")
     blocks = _build_blocks(title, subjects, data, effects, similarity, probes, _drop_duplicate_formats(figures),
-                           margins)
+                           margins, judged)
     md_path = atomic_write_text(out_dir / f"{name}.md", _render_markdown(blocks, out_dir))
     html_path = atomic_write_text(out_dir / f"{name}.html", _render_html(blocks, title))
     return md_path, html_path

@@ -183,7 +183,8 @@ def test_identical_latents_do_not_change():
         rows = table[table["metric"] == metric]
         assert rows["estimate"].to_numpy() == pytest.approx([value] * 3, abs=1e-12)
         assert rows["ci_high"].to_numpy() - rows["ci_low"].to_numpy() == pytest.approx([0.0] * 3, abs=1e-12)
-    assert set(table.columns) == {"step", "metric", "estimate", "ci_low", "ci_high", "n", "k", "p_value", "interval"}
+    assert set(table.columns) == {"step", "metric", "estimate", "ci_low", "ci_high", "n", "k", "p_value", "interval",
+                                  "confidence"}
 
 
 def test_swapping_in_another_instance_gives_change_ratio_near_one():
@@ -235,7 +236,8 @@ def test_summarize_produces_the_tidy_contract():
     both["correct_x1_z0"] = both["intervened_correct"]
     table = summarize(both, seed=0, n_boot=100)
     assert list(table.columns) == ["subject", "target", "intervention", "metric", "estimate", "ci_low", "ci_high",
-                                   "n", "k", "p_value", "interval", "mediator"]
+                                   "n", "k", "p_value", "interval", "mediator", "confidence"]
+    assert (table["confidence"] == 0.95).all()
     assert set(table["intervention"]) == {"noise", "blank_image"}
     assert table[table["intervention"] == "blank_image"]["target"].isna().all()
     noise = table[table["intervention"] == "noise"].set_index("metric")

@@ -61,7 +61,8 @@ def test_needed_n_for_zero_events_is_the_exact_bound_and_grows_with_the_rate():
 
 @pytest.mark.parametrize("bad", [dict(answer_change=0), dict(answer_change=-0.1), dict(answer_change=float("nan")),
                                  dict(alpha=0), dict(alpha=0.7), dict(power=1.0), dict(change_ratio=float("inf")),
-                                 dict(correctness=1.5), dict(kl="0.1")])
+                                 dict(correctness=1.5), dict(kl="0.1"),
+                                 dict(visual_info=1.0), dict(gold_prob=float("-inf"))])
 def test_margins_refuse_impossible_values(bad):
     with pytest.raises(LatentProbeError):
         Margins(**bad)
@@ -179,6 +180,8 @@ def test_unapplied_rows_are_not_evidence():
         rate("s", "latent", "patch(steps=0,sem=recompute)", "flip_rate", 40, 80, applied=False),
     ])
     assert verdict_latent_answer(table, "s").verdict == "disconnect"
+    # read back from text, the flag is a string: "False" must still mean not applied
+    assert verdict_latent_answer(table.assign(applied=table.applied.map(str)), "s").verdict == "disconnect"
 
 
 def test_input_latent_uses_every_step_and_the_change_ratio_margin():
@@ -201,3 +204,34 @@ def test_all_verdicts_table_has_the_vocabulary_and_evidence_columns():
     shortcut = verdicts.set_index(["subject", "finding"]).loc[("s", "latent_answer")]
     assert shortcut.verdict == "inconclusive" and shortcut.needed_n == 72 and shortcut.margin == 0.05
     assert set(verdicts[verdicts.subject == "other"].verdict) == {"not measured"}
+
+
+def test_a_row_without_interval_or_p_value_is_no_evidence_of_an_effect():
+    row = mean_row("x", "NIE_gold_prob", 0.3, math.nan, math.nan, 2, math.nan, Margins())
+    assert math.isnan(row.p_value)
+    assert decide_family([row], Margins()).verdict == "inconclusive"
+
+
+def test_a_stored_interval_is_used_at_the_verdicts_alpha():
+    from latentprobe.verdicts.decision import row_stats
+
+    # a 95% interval inside the margin 0.05, which a 99% verdict must not read as its own
+    stored = pd.Series(dict(metric="NIE_gold_prob", estimate=0.0, ci_low=-0.04, ci_high=0.04, n=100, p_value=1.0,
+                            interval="percentile bootstrap", confidence=0.95))
+    assert row_stats(stored, Margins(), "x").equivalent
+    strict = row_stats(stored, Margins(alpha=0.01), "x")
+    assert not strict.equivalent and strict.ci_high == pytest.approx(0.04 * 2.5758 / 1.95996, rel=1e-4)
+    assert not row_stats(stored.drop("confidence"), Margins(alpha=0.01), "x").equivalent  # no column: 95%
+    at_99 = stored.copy()
+    at_99["confidence"] = 0.99
+    assert row_stats(at_99, Margins(alpha=0.01), "x").ci_high == 0.04
+
+
+def test_a_mean_of_one_instance_decides_nothing():
+    from latentprobe.effects import mean_p_value
+
+    assert math.isnan(mean_p_value(np.array([[0.3]]))[0])
+    for value in (0.3, 0.01):  # zero-width interval from one instance: neither an effect nor inside the margin
+        row = mean_row("x", "NIE_gold_prob", value, value, value, 1, 0.0, Margins())
+        assert decide_family([row], Margins()).verdict == "inconclusive"
+

@@ -78,7 +78,7 @@ def test_missing_tables_are_not_measured_and_bad_arguments_are_errors():
     assert verdict_visual_info(rows, "other").verdict == NOT_MEASURED
     assert verdict_visual_info(rows.drop(columns=["selection"]), "s").verdict == NOT_MEASURED
     assert verdict_visual_info(rows.assign(representation="image_mean"), "s").verdict == NOT_MEASURED
-    for bad in (dict(margin=-0.1), dict(margin=np.inf), dict(alpha=0.7)):
+    for bad in (dict(margin=-0.1), dict(margin=np.inf), dict(margin=1.0), dict(margin=np.nan), dict(alpha=0.7)):
         with pytest.raises(LatentProbeError):
             verdict_visual_info(rows, "s", **bad)
     with pytest.raises(LatentProbeError, match="too narrow"):

@@ -28,7 +28,7 @@ import math
 
 import pandas as pd
 
-from ..effects import CHANGE_OUTCOME
+from ..effects import CHANGE_OUTCOME, applied_only
 from .base import NOT_MEASURED, Verdict
 from .decision import CONNECTED, DISCONNECT, INCONCLUSIVE_WORD, decide_family, row_stats, rows_frame
 from .margins import Margins
@@ -68,12 +68,6 @@ def _label(row) -> str:
     return f"{row.intervention}{step} {metric}"
 
 
-def _applied_only(effects: pd.DataFrame | None) -> pd.DataFrame | None:
-    if effects is None or "applied" not in effects.columns:
-        return effects
-    return effects[effects["applied"].fillna(True).astype(bool)]
-
-
 def _mediator_of(rows: pd.DataFrame) -> pd.Series:
     if "mediator" not in rows.columns:
         return pd.Series(FED_BACK, index=rows.index)
@@ -87,7 +81,7 @@ def verdict_input_latent(effects: pd.DataFrame | None, subject: str, margins: Ma
     rule = (f"disconnect if every input intervention x latent step change_ratio has its {1 - margins.alpha:.0%} "
             f"interval below {margin:g}; connected if some row differs from 0 after Holm (alpha {margins.alpha:g}); "
             "else inconclusive")
-    tidy = tidy_effects(_applied_only(effects)) if effects is not None and len(effects) else pd.DataFrame()
+    tidy = tidy_effects(applied_only(effects)) if effects is not None and len(effects) else pd.DataFrame()
     rows = tidy[(tidy.subject == subject) & (tidy.target == "input") & (tidy.metric_base == "change_ratio")] \
         if len(tidy) else tidy
     if rows.empty:
@@ -105,7 +99,7 @@ def verdict_latent_answer(effects: pd.DataFrame | None, subject: str, margins: M
             f"rate has its {1 - margins.alpha:.0%} exact interval below {margin:g}; connected if some rate differs "
             f"from 0 after Holm (alpha {margins.alpha:g}); else inconclusive. Disruption edits (noise, constants, "
             "zero, drop, shuffle, synthetic inputs) are judged alike and reported beside, never deciding")
-    tidy = tidy_effects(_applied_only(effects)) if effects is not None and len(effects) else pd.DataFrame()
+    tidy = tidy_effects(applied_only(effects)) if effects is not None and len(effects) else pd.DataFrame()
     if len(tidy):
         tidy = tidy[tidy.subject == subject].copy()
     if tidy.empty:

@@ -22,7 +22,8 @@ interval, n, and for rates the count of events k. A family is the rows one verdi
   otherwise `inconclusive`.
 
 Rows of rates (with k and n) get their exact Clopper-Pearson interval recomputed at the requested alpha;
-other rows use the interval stored with them (paired bootstrap, 95% by default). Planning numbers come with
+other rows use the interval stored with them (paired bootstrap), rescaled on the normal scale when it was
+made at another level than (1 - alpha) (its ``confidence`` column; 95% when the table has none). Planning numbers come with
 every row: the n that would decide it (at ``power``) and the smallest effect the run could detect.
 """
 
@@ -39,6 +40,9 @@ from .margins import Margins
 DISCONNECT, CONNECTED, INCONCLUSIVE_WORD = "disconnect", "connected", "inconclusive"
 ROW_EQUIVALENT, ROW_EFFECT, ROW_UNDECIDED = "equivalent", "effect", "undecided"
 _MAX_N = 10_000_000
+# Level of a stored (bootstrap) interval when its table has no ``confidence`` column: the effects tables'
+# default (``effects.summarize`` / ``latent_change_metrics`` with alpha 0.05).
+STORED_CONFIDENCE = 0.95
 
 
 @dataclass
@@ -66,7 +70,9 @@ class RowStats:
     @property
     def equivalent(self) -> bool:
         low_ok = self.ci_low > -self.margin
-        return bool(self.n > 0 and low_ok and self.ci_high < self.margin)
+        # a mean of one instance has a zero-width bootstrap interval that shows nothing; a rate's exact interval
+        # is wide at n = 1 by itself
+        return bool(self.n >= (1 if self.is_rate else 2) and low_ok and self.ci_high < self.margin)
 
     @property
     def ruled_out_beyond(self) -> float:
@@ -111,6 +117,8 @@ def _p_from_interval(estimate: float, low: float, high: float, alpha: float) -> 
     from scipy.stats import norm
 
     se = (high - low) / (2 * norm.ppf(1 - alpha / 2))
+    if not math.isfinite(se) or not math.isfinite(estimate):  # no interval (e.g. too few instances): no evidence
+        return math.nan
     if not se > 0:
         return 1.0 if estimate == 0 else 0.0
     return float(2 * norm.sf(abs(estimate) / se))
@@ -129,7 +137,9 @@ def mean_row(label: str, metric: str, estimate: float, ci_low: float, ci_high: f
              margins: Margins, interval: str = "percentile bootstrap") -> RowStats:
     """A row of a mean with its stored interval and p-value (a normal approximation from the interval when the
     table has no p-value)."""
-    if p_value is None or math.isnan(p_value):
+    if n < 2:  # one value tests nothing, whatever its stored p-value or interval
+        p_value = math.nan
+    elif p_value is None or math.isnan(p_value):
         p_value = _p_from_interval(estimate, ci_low, ci_high, margins.alpha)
     return RowStats(label=label, metric=metric, estimate=float(estimate), ci_low=float(ci_low), ci_high=float(ci_high),
                     n=int(n), margin=margins.for_metric(metric), p_value=float(p_value), interval=interval)
@@ -143,9 +153,20 @@ def row_stats(row: pd.Series, margins: Margins, label: str) -> RowStats:
     if k is not None and pd.notna(k) and n > 0:  # a rate of events: exact interval at this alpha
         return rate_row(label, metric, int(round(float(k))), n, margins)
     p = row.get("p_value")
-    return mean_row(label, metric, row.estimate, row.ci_low, row.ci_high, n,
-                    float(p) if p is not None and pd.notna(p) else math.nan, margins,
-                    str(row.get("interval") or "") or "as stored (no method recorded)")
+    interval = str(row.get("interval") or "") or "as stored (no method recorded)"
+    low, high = float(row.ci_low), float(row.ci_high)
+    stored = row.get("confidence")
+    stored = STORED_CONFIDENCE if stored is None or pd.isna(stored) else float(stored)
+    wanted = 1 - margins.alpha
+    if abs(stored - wanted) > 1e-9:  # an interval at another level than the verdict's alpha: rescale it
+        from scipy.stats import norm
+
+        scale = norm.ppf(1 - margins.alpha / 2) / norm.ppf(1 - (1 - stored) / 2)
+        estimate = float(row.estimate)
+        low, high = estimate - (estimate - low) * scale, estimate + (high - estimate) * scale
+        interval += f", {stored:.0%} interval rescaled to {wanted:.0%} (normal)"
+    return mean_row(label, metric, row.estimate, low, high, n,
+                    float(p) if p is not None and pd.notna(p) else math.nan, margins, interval)
 
 
 def _plan(stats: RowStats, margins: Margins, family_size: int = 1) -> None:

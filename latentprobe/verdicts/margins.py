@@ -80,8 +80,9 @@ class Margins:
             if value <= 0:
                 raise LatentProbeError(f"margin {item.name}={value} must be > 0",
                                        "an equivalence margin is the positive size of a negligible effect")
-            if item.name in ("answer_change", "correctness", "gold_prob") and value >= 1:
-                raise LatentProbeError(f"margin {item.name}={value} is not below 1, the whole range of a rate",
+            if item.name in ("answer_change", "correctness", "gold_prob", "visual_info") and value >= 1:
+                raise LatentProbeError(f"margin {item.name}={value} is not below 1, the whole range of a rate "
+                                       "(visual_info: of a selectivity, a difference of accuracies)",
                                        "use a margin such as 0.05")
 
     def for_metric(self, metric: str) -> float:

@@ -8,8 +8,8 @@ permutation ``p_value`` of the score against chance. The rule, with ``margin`` o
 (accuracy points, or R^2):
 
 - an attribute is **informative** when the latent selectivity interval lies above ``margin`` *and* its
-  permutation p-value, Holm-adjusted over the subject's attributes (``statsmodels`` ``multipletests``), is
-  below ``alpha``;
+  permutation p-value, Holm-adjusted over the subject's attributes (``decision.holm``, equal to statsmodels'
+  ``multipletests``), is below ``alpha``;
 - an attribute is **limited** when the latent selectivity interval lies below ``margin`` (the latents hold at
   most ``margin`` beyond what memorising the control's types gives: positive evidence of little information,
   not merely a low estimate) *and* the image-token baseline's interval lies above ``margin`` (the attribute is
@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from statsmodels.stats.multitest import multipletests
 
 from ..errors import LatentProbeError
 from .base import INCONCLUSIVE, NOT_MEASURED, Verdict
+from .decision import holm as holm_adjust
 
 LIMITED, INFORMATIVE = "limited", "informative"
 NEEDED_COLUMNS = {"subject", "representation", "attribute", "selection", "selectivity", "selectivity_ci_low",
@@ -37,8 +37,9 @@ NEEDED_COLUMNS = {"subject", "representation", "attribute", "selection", "select
 
 
 def _check_arguments(margin: float, alpha: float) -> None:
-    if not (np.isfinite(margin) and margin > 0):
-        raise LatentProbeError(f"margin={margin} is not a positive finite number",
+    if not (np.isfinite(margin) and 0 < margin < 1):
+        raise LatentProbeError(f"margin={margin} is not a finite number in (0, 1): selectivity, a difference of "
+                               "accuracies, never exceeds 1, so no interval could lie above it",
                                "use a selectivity margin such as 0.1 (10 accuracy points above the control)")
     if not (np.isfinite(alpha) and 0 < alpha < 0.5):
         raise LatentProbeError(f"alpha={alpha} is not in (0, 0.5)", "use e.g. alpha=0.05")
@@ -111,7 +112,7 @@ def verdict_visual_info(probes: pd.DataFrame | None, subject: str, *, margin: fl
     testable = np.isfinite(p_values)
     holm = np.full(len(p_values), np.nan)
     if testable.any():
-        holm[testable] = multipletests(p_values[testable], alpha=alpha, method="holm")[1]
+        holm[testable] = holm_adjust(p_values[testable], alpha)[1]
 
     per_attribute = {}
     for (attribute, row), adjusted in zip(latent.iterrows(), holm):
