@@ -221,6 +221,15 @@ def mean_difference(pairs: np.ndarray) -> float:
     return float(np.mean(pairs[:, 1] - pairs[:, 0]))
 
 
+def check_bootstrap(n_boot, alpha: float = 0.05) -> None:
+    """Refuse a resample count that is not a whole number >= 1 or an alpha outside (0, 1), before any work."""
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise LatentProbeError(f"the bootstrap needs a whole number of resamples >= 1, got {n_boot!r}",
+                               "pass e.g. n_boot=2000")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+        raise LatentProbeError(f"alpha must be in (0, 1), got {alpha!r}", "pass e.g. alpha=0.05 for 95% intervals")
+
+
 def paired_bootstrap(values_by_instance, statistic: Callable = np.mean, n_boot: int = 2000, seed: int = 0,
                      alpha: float = 0.05, method: str = "percentile") -> tuple[float, float, float]:
     """Estimate and (1 - alpha) bootstrap interval of ``statistic``, resampling instances.
@@ -238,6 +247,7 @@ def paired_bootstrap(values_by_instance, statistic: Callable = np.mean, n_boot: 
     """
     if method not in ("percentile", "bca"):
         raise LatentProbeError(f"unknown bootstrap method {method!r}", "use 'percentile' or 'bca'")
+    check_bootstrap(n_boot, alpha)
     values = _complete_rows(values_by_instance)
     if len(values) == 0:
         return (float("nan"),) * 3
@@ -252,6 +262,7 @@ def paired_bootstrap(values_by_instance, statistic: Callable = np.mean, n_boot: 
 
 def _summarise_matrix(per_instance: pd.DataFrame, n_boot: int, seed: int, alpha: float) -> pd.DataFrame:
     """One result row per column of an (instances, metrics) frame, all from one joint bootstrap."""
+    check_bootstrap(n_boot, alpha)
     values = per_instance.to_numpy(dtype=float)
     estimate, replicates = _bootstrap_column_means(values, n_boot, seed)
     low, high = _percentile_interval(replicates, alpha)

@@ -327,3 +327,12 @@ def test_bootstrap_p_value_is_the_level_at_which_the_interval_excludes_the_null(
     p = _bootstrap_p_value(replicates)
     assert p[0] == pytest.approx(2 * 252 / 1002, abs=1e-9)  # 251 replicates <= 0, plus one
     assert p[1] == 1.0 and np.isnan(p[2])
+
+
+@pytest.mark.parametrize("n_boot", [0, -5, 2.5, float("nan"), True])
+def test_bootstrap_refuses_a_resample_count_that_is_not_a_whole_number_above_zero(n_boot):
+    from latentprobe.effects import paired_bootstrap
+    from latentprobe.errors import LatentProbeError
+
+    with pytest.raises(LatentProbeError, match="resamples"):
+        paired_bootstrap(np.arange(10.0), n_boot=n_boot)
