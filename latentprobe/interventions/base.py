@@ -57,10 +57,17 @@ class Intervention(ABC):
     def __repr__(self) -> str:
         return self.name
 
+    # A kind swept by --scale names the constructor argument each scale fills, and its default.
+    scale_param: str | None = None
+    scale_default: float | None = None
+
     @classmethod
     def from_args(cls, *, seed: int = 0, scales=None, **_) -> list["Intervention"]:
-        """Instances from `make_interventions`' command-line style arguments (default: one, with ``seed``)."""
-        return [cls(seed=seed)]
+        """Instances from `make_interventions`' command-line style arguments: one per scale (into
+        ``scale_param``, default ``scale_default``) for a swept kind, else one, with ``seed``."""
+        if cls.scale_param is None:
+            return [cls(seed=seed)]
+        return [cls(**{cls.scale_param: s}, seed=seed) for s in (scales or [cls.scale_default])]
 
 
 # kind name -> class, per target, in registration order (the order shown by "choose from ..." messages)

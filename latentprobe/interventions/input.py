@@ -48,10 +48,8 @@ class ImageNoise(InputIntervention):
 
     kind = "image-noise"
 
-    @classmethod
-    def from_args(cls, *, seed=0, scales=None, **_):
-        """One per scale, read as the noise level (default 0.5)."""
-        return [cls(level=s, seed=seed) for s in (scales or [0.5])]
+    # one per --scale, read as the noise level (default 0.5)
+    scale_param, scale_default = "level", 0.5
 
     def __init__(self, level: float = 0.5, seed: int = 0):
         if level < 0:
@@ -100,10 +98,8 @@ class ImageMask(InputIntervention):
 
     kind = "image-mask"
 
-    @classmethod
-    def from_args(cls, *, seed=0, scales=None, **_):
-        """One per scale, read as the masked fraction of each side (default 0.5)."""
-        return [cls(fraction=s, seed=seed) for s in (scales or [0.5])]
+    # one per --scale, read as the masked fraction of each side (default 0.5)
+    scale_param, scale_default = "fraction", 0.5
 
     def __init__(self, region: str = "center", fraction: float = 0.5, seed: int = 0):
         if region not in ("center", "top", "bottom", "left", "right"):

@@ -47,10 +47,8 @@ class TextTruncate(TextIntervention):
 
     kind = "text-truncate"
 
-    @classmethod
-    def from_args(cls, *, seed=0, scales=None, **_):
-        """One per scale, read as the fraction of words to keep (default 0.5)."""
-        return [cls(fraction=s, seed=seed) for s in (scales or [0.5])]
+    # one per --scale, read as the fraction of words to keep (default 0.5)
+    scale_param, scale_default = "fraction", 0.5
 
     def __init__(self, fraction: float = 0.5, seed: int = 0):
         super().__init__(seed)
