@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "drop, shuffle; input: image-swap, image-noise, image-blank, image-mask, question-swap, "
                         "no-image; text: text-swap, text-truncate, text-shuffle; attention: answer->latent, "
                         "answer->image, latent->image (join with + to block together), or knockout (each of the three)")
-    p.add_argument("--attention-layers", default=None,
+    p.add_argument("--attention-layers", default=None, type=T.block_list,
                    help="attention: decoder blocks whose attention is knocked out, comma-separated 0..N-1 (None: all)")
     p.add_argument("--steps", default=None, type=T.step_list,
                    help="latent steps to edit, comma-separated from 0 (None: all)")
@@ -118,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=T.int_at_least(1), default=None,
                    help="at most this many instances (None: 64 on default data, all of --data)")
     _add_decode_args(p)
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--layers", default="all", help="hidden-state layers 0..N, comma-separated, or 'all'")
-    p.add_argument("--steps", default=None, help="latent steps, comma-separated from 0 (default: all)")
+    p.add_argument("--out", required=True, type=T.output_folder, help="output folder")
+    p.add_argument("--layers", default="all", type=T.layer_list_all,
+                   help="hidden-state layers 0..N, comma-separated, or 'all'")
+    p.add_argument("--steps", default=None, type=T.step_list, help="latent steps, comma-separated from 0 (default: all)")
     p.add_argument("--groups", default=None,
                    help="position groups: image, question, prompt_last, latent, answer (default: all that exist)")
     p.add_argument("--sites", default=None,
@@ -440,11 +441,7 @@ def _cmd_intervene(args):
 def _cmd_patch(args):
     from .patching import default_instances, patch_map
 
-    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--max-rows", args.max_rows)):
-        if value is not None and value < 1:
-            raise LatentProbeError(f"{flag} must be >= 1, got {value}", f"pass a positive {flag}")
-    layers = "all" if args.layers.strip() == "all" else _split_list(args.layers, int, "--layers")
-    steps = _split_list(args.steps, int, "--steps")
+    layers, steps = args.layers, args.steps  # parsed and range-checked by cli_types
     groups = [g.strip() for g in args.groups.split(",") if g.strip()] if args.groups else None
     directions = [d.strip() for d in args.direction.split(",") if d.strip()]
     subject = load_subject_from_args(args)
@@ -646,7 +643,7 @@ def _add_where_parsers(sub):
         _add_data_args(p)
         _add_decode_args(p)
         p.add_argument("--out", required=True, type=T.output_folder, help="output folder (must be new)")
-        p.add_argument("--layers", default="all",
+        p.add_argument("--layers", default="all", type=T.layer_list,
                        help="hidden-state layers: 'all', 'final' or comma-separated (0 = embeddings, N = final norm)")
         if name == "ground":
             p.add_argument("--image-layer", type=T.int_at_least(0), default=None,
