@@ -350,18 +350,6 @@ def decode_config_from_args(args, subject):
                         **sampling)
 
 
-def parse_layers(text):
-    if not isinstance(text, str):  # already parsed by cli_types.layer_list
-        return text
-    if text in ("final", "all"):
-        return text
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise LatentProbeError(f"--layers {text!r} is not 'final', 'all' or a list of integers",
-                               "e.g. --layers 0,14,28") from None
-
-
 def print_block(title: str, lines: list[str]):
     width = max([len(title)] + [len(l) for l in lines]) + 2
     print("=" * width)
@@ -380,7 +368,7 @@ def _cmd_trace(args):
     instances, source, writer_id = select_instances(args)
     subject = load_subject_from_args(args)
     warnings = _warn_about_conditions(subject, instances, source)
-    spec = RecordSpec(layers=parse_layers(args.layers), image=None if args.image_states == "none" else args.image_states,
+    spec = RecordSpec(layers=args.layers, image=None if args.image_states == "none" else args.image_states,
                       answer=args.answer_states)
     summary = trace(subject, instances, args.out, config=decode_config_from_args(args, subject), spec=spec,
                     batch_size=args.batch_size, resume=args.resume, data_source=source,
@@ -400,17 +388,6 @@ def _warn_about_conditions(subject, instances, source) -> list[str]:
     return [f"warning         {line}" for line in found]
 
 
-def _split_list(text, convert, flag):
-    if text is None:
-        return None
-    if isinstance(text, list):  # already parsed by cli_types
-        return text
-    try:
-        return [convert(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise LatentProbeError(f"{flag} {text!r} is not a comma-separated list of numbers", f"e.g. {flag} 0.5,1,3") from None
-
-
 def _cmd_intervene(args):
     from .runs.intervene import intervene
     from .interventions import make_interventions
@@ -421,12 +398,12 @@ def _cmd_intervene(args):
     if args.target == "attention":
         from .knockout import make_knockouts
 
-        interventions = make_knockouts(kinds, _split_list(args.attention_layers, int, "--attention-layers"), args.seed)
+        interventions = make_knockouts(kinds, args.attention_layers, args.seed)
     else:
         T.check_scales(kinds, args.scale)
         interventions = make_interventions(
-            args.target, kinds, steps=_split_list(args.steps, int, "--steps"),
-            scales=_split_list(args.scale, float, "--scale"), layer=args.layer,
+            args.target, kinds, steps=args.steps,
+            scales=args.scale, layer=args.layer,
             semantics=T.check_semantics(args.semantics), seed=args.seed,
             relative_to=args.relative_to, value=args.value)
     instances, source, writer_id = select_instances(args)
@@ -669,7 +646,7 @@ def _where_inputs(args):
         from .data import load_instances
 
         instances, source = load_instances(args.data, limit=args.limit, split=args.split)
-    layers = parse_layers(args.layers)
+    layers = args.layers
     if layers == "all":
         layers = None
     elif layers == "final":
