@@ -395,12 +395,12 @@ def _cmd_intervene(args):
     kinds = [k.strip() for spec in args.kind for k in spec.split(",") if k.strip()]
     if not kinds:
         raise LatentProbeError("--kind names no intervention", "e.g. --kind noise,zero")
+    T.check_scales(kinds, args.scale)  # also refuses a --scale that an attention knockout would ignore
     if args.target == "attention":
         from .knockout import make_knockouts
 
         interventions = make_knockouts(kinds, args.attention_layers, args.seed)
     else:
-        T.check_scales(kinds, args.scale)
         interventions = make_interventions(
             args.target, kinds, steps=args.steps,
             scales=args.scale, layer=args.layer,

@@ -105,6 +105,7 @@ BAD_INPUTS = [
     ("intervene --target attention --kind knockout --attention-layers -1 --out {root}/o", 2,
      "decoder blocks count from 0"),
     ("intervene --target attention --kind knockout --attention-layers 1,x --out {root}/o", 2, "'x' is not an integer"),
+    ("intervene --target attention --kind knockout --scale 2 --out {root}/o", 2, "none of the kinds knockout takes"),
     ("patch --layers -1 --out {root}/o", 2, "layer indices must be >= 0"),
     ("patch --layers final --out {root}/o", 2, "'final' is not a grid"),
     ("patch --steps -1 --out {root}/o", 2, "latent steps count from 0"),
