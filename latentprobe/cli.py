@@ -399,6 +399,9 @@ def _cmd_intervene(args):
     if args.target == "attention":
         from .knockout import make_knockouts
 
+        if args.steps is not None or args.layer is not None:
+            raise LatentProbeError("--steps and --layer edit latent steps; a knockout would ignore them",
+                                   "leave them out (choose blocks with --attention-layers)")
         interventions = make_knockouts(kinds, args.attention_layers, args.seed)
     else:
         interventions = make_interventions(
