@@ -8,9 +8,11 @@ family lives in its own module (`latent`, `input`, `text`); a kind becomes avail
 from __future__ import annotations
 
 import hashlib
+import math
 from abc import ABC
 from typing import Any, Callable
 
+from ..cli_types import MAX_NOISE_SCALE  # one bound for the command line and the classes
 from ..errors import LatentProbeError
 
 
@@ -68,6 +70,15 @@ class Intervention(ABC):
         if cls.scale_param is None:
             return [cls(seed=seed)]
         return [cls(**{cls.scale_param: s}, seed=seed) for s in (scales or [cls.scale_default])]
+
+
+
+def checked_scale(what: str, value: float, low: float, high: float, hint: str) -> float:
+    """``value`` as a float, refused unless finite and in [low, high] (a NaN would pass a plain ``< 0`` test)."""
+    value = float(value)
+    if not (math.isfinite(value) and low <= value <= high):
+        raise LatentProbeError(f"{what} must be in [{low:g}, {high:g}], got {value}", hint)
+    return value
 
 
 # kind name -> class, per target, in registration order (the order shown by "choose from ..." messages)
