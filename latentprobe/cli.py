@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "drop, shuffle; input: image-swap, image-noise, image-blank, image-mask, question-swap, "
                         "no-image; text: text-swap, text-truncate, text-shuffle; attention: answer->latent, "
                         "answer->image, latent->image (join with + to block together), or knockout (each of the three)")
-    p.add_argument("--attention-layers", default=None,
+    p.add_argument("--attention-layers", default=None, type=T.block_list,
                    help="attention: decoder blocks whose attention is knocked out, comma-separated 0..N-1 (None: all)")
     p.add_argument("--steps", default=None, type=T.step_list,
                    help="latent steps to edit, comma-separated from 0 (None: all)")
@@ -118,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=T.int_at_least(1), default=None,
                    help="at most this many instances (None: 64 on default data, all of --data)")
     _add_decode_args(p)
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--layers", default="all", help="hidden-state layers 0..N, comma-separated, or 'all'")
-    p.add_argument("--steps", default=None, help="latent steps, comma-separated from 0 (default: all)")
+    p.add_argument("--out", required=True, type=T.output_folder, help="output folder")
+    p.add_argument("--layers", default="all", type=T.layer_list_all,
+                   help="hidden-state layers 0..N, comma-separated, or 'all'")
+    p.add_argument("--steps", default=None, type=T.step_list, help="latent steps, comma-separated from 0 (default: all)")
     p.add_argument("--groups", default=None,
                    help="position groups: image, question, prompt_last, latent, answer (default: all that exist)")
     p.add_argument("--sites", default=None,
@@ -349,18 +350,6 @@ def decode_config_from_args(args, subject):
                         **sampling)
 
 
-def parse_layers(text):
-    if not isinstance(text, str):  # already parsed by cli_types.layer_list
-        return text
-    if text in ("final", "all"):
-        return text
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise LatentProbeError(f"--layers {text!r} is not 'final', 'all' or a list of integers",
-                               "e.g. --layers 0,14,28") from None
-
-
 def print_block(title: str, lines: list[str]):
     width = max([len(title)] + [len(l) for l in lines]) + 2
     print("=" * width)
@@ -379,7 +368,7 @@ def _cmd_trace(args):
     instances, source, writer_id = select_instances(args)
     subject = load_subject_from_args(args)
     warnings = _warn_about_conditions(subject, instances, source)
-    spec = RecordSpec(layers=parse_layers(args.layers), image=None if args.image_states == "none" else args.image_states,
+    spec = RecordSpec(layers=args.layers, image=None if args.image_states == "none" else args.image_states,
                       answer=args.answer_states)
     summary = trace(subject, instances, args.out, config=decode_config_from_args(args, subject), spec=spec,
                     batch_size=args.batch_size, resume=args.resume, data_source=source,
@@ -399,17 +388,6 @@ def _warn_about_conditions(subject, instances, source) -> list[str]:
     return [f"warning         {line}" for line in found]
 
 
-def _split_list(text, convert, flag):
-    if text is None:
-        return None
-    if isinstance(text, list):  # already parsed by cli_types
-        return text
-    try:
-        return [convert(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise LatentProbeError(f"{flag} {text!r} is not a comma-separated list of numbers", f"e.g. {flag} 0.5,1,3") from None
-
-
 def _cmd_intervene(args):
     from .runs.intervene import intervene
     from .interventions import make_interventions
@@ -417,15 +395,18 @@ def _cmd_intervene(args):
     kinds = [k.strip() for spec in args.kind for k in spec.split(",") if k.strip()]
     if not kinds:
         raise LatentProbeError("--kind names no intervention", "e.g. --kind noise,zero")
+    T.check_scales(kinds, args.scale)  # also refuses a --scale that an attention knockout would ignore
     if args.target == "attention":
         from .knockout import make_knockouts
 
-        interventions = make_knockouts(kinds, _split_list(args.attention_layers, int, "--attention-layers"), args.seed)
+        if args.steps is not None or args.layer is not None:
+            raise LatentProbeError("--steps and --layer edit latent steps; a knockout would ignore them",
+                                   "leave them out (choose blocks with --attention-layers)")
+        interventions = make_knockouts(kinds, args.attention_layers, args.seed)
     else:
-        T.check_scales(kinds, args.scale)
         interventions = make_interventions(
-            args.target, kinds, steps=_split_list(args.steps, int, "--steps"),
-            scales=_split_list(args.scale, float, "--scale"), layer=args.layer,
+            args.target, kinds, steps=args.steps,
+            scales=args.scale, layer=args.layer,
             semantics=T.check_semantics(args.semantics), seed=args.seed,
             relative_to=args.relative_to, value=args.value)
     instances, source, writer_id = select_instances(args)
@@ -440,11 +421,7 @@ def _cmd_intervene(args):
 def _cmd_patch(args):
     from .patching import default_instances, patch_map
 
-    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--max-rows", args.max_rows)):
-        if value is not None and value < 1:
-            raise LatentProbeError(f"{flag} must be >= 1, got {value}", f"pass a positive {flag}")
-    layers = "all" if args.layers.strip() == "all" else _split_list(args.layers, int, "--layers")
-    steps = _split_list(args.steps, int, "--steps")
+    layers, steps = args.layers, args.steps  # parsed and range-checked by cli_types
     groups = [g.strip() for g in args.groups.split(",") if g.strip()] if args.groups else None
     directions = [d.strip() for d in args.direction.split(",") if d.strip()]
     subject = load_subject_from_args(args)
@@ -646,7 +623,7 @@ def _add_where_parsers(sub):
         _add_data_args(p)
         _add_decode_args(p)
         p.add_argument("--out", required=True, type=T.output_folder, help="output folder (must be new)")
-        p.add_argument("--layers", default="all",
+        p.add_argument("--layers", default="all", type=T.layer_list,
                        help="hidden-state layers: 'all', 'final' or comma-separated (0 = embeddings, N = final norm)")
         if name == "ground":
             p.add_argument("--image-layer", type=T.int_at_least(0), default=None,
@@ -672,7 +649,7 @@ def _where_inputs(args):
         from .data import load_instances
 
         instances, source = load_instances(args.data, limit=args.limit, split=args.split)
-    layers = parse_layers(args.layers)
+    layers = args.layers
     if layers == "all":
         layers = None
     elif layers == "final":

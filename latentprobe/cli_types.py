@@ -75,18 +75,26 @@ def fraction_open(text: str) -> float:
     return value
 
 
+def _comma_values(text: str, convert, empty: str, bad: str) -> list:
+    """The comma-separated values of ``text`` through ``convert``; ``empty``/``bad`` explain a refusal."""
+    parts = [v.strip() for v in text.split(",") if v.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"{text!r} {empty}")
+    values = []
+    for part in parts:
+        try:
+            values.append(convert(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} {bad}") from None
+    return values
+
+
 def layer_list(text: str):
     """'final', 'all', or a non-empty comma-separated list of hidden-state indices >= 0."""
     if text in ("final", "all"):
         return text
-    parts = [v.strip() for v in text.split(",") if v.strip()]
-    if not parts:
-        raise argparse.ArgumentTypeError(f"{text!r} names no layer: use 'final', 'all' or e.g. 0,14,28")
-    try:
-        values = [int(v) for v in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not 'final', 'all' or a list of integers (e.g. 0,14,28)"
-                                         ) from None
+    values = _comma_values(text, int, "names no layer: use 'final', 'all' or e.g. 0,14,28",
+                           "is not 'final', 'all' or a list of integers (e.g. 0,14,28)")
     if min(values) < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: layer indices must be >= 0 (0 is the embeddings)")
     if len(set(values)) != len(values):
@@ -94,35 +102,42 @@ def layer_list(text: str):
     return values
 
 
+def layer_list_all(text: str):
+    """'all' or a comma-separated list of hidden-state indices >= 0 (no 'final': a map needs a grid)."""
+    if text == "final":
+        raise argparse.ArgumentTypeError("'final' is not a grid: use 'all' or e.g. 0,14,28")
+    return layer_list(text)
+
+
 def step_list(text: str) -> list[int]:
     """A non-empty comma-separated list of latent step indices >= 0."""
-    parts = [v.strip() for v in text.split(",") if v.strip()]
-    if not parts:
-        raise argparse.ArgumentTypeError(f"{text!r} names no step: e.g. --steps 0,2")
-    try:
-        values = [int(v) for v in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (e.g. 0,2)") from None
+    values = _comma_values(text, int, "names no step: e.g. --steps 0,2",
+                           "is not an integer (e.g. --steps 0,2)")
     if min(values) < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: latent steps count from 0")
     return values
 
 
+def block_list(text: str) -> list[int]:
+    """A non-empty comma-separated list of decoder block indices >= 0 (upper bound: checked against the model)."""
+    values = _comma_values(text, int, "names no block: e.g. --attention-layers 0,5",
+                           "is not an integer (e.g. --attention-layers 0,5)")
+    if min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: decoder blocks count from 0")
+    return values
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
 def scale_list(text: str) -> list[float]:
     """A non-empty comma-separated list of finite numbers (ranges per kind: :func:`check_scales`)."""
-    parts = [v.strip() for v in text.split(",") if v.strip()]
-    if not parts:
-        raise argparse.ArgumentTypeError(f"{text!r} names no value: e.g. --scale 0.5,1,3")
-    values = []
-    for part in parts:
-        try:
-            value = float(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r} is not a number (e.g. --scale 0.5,1,3)") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{part!r} is not a finite number")
-        values.append(value)
-    return values
+    return _comma_values(text, _finite, "names no value: e.g. --scale 0.5,1,3",
+                         "is not a finite number (e.g. --scale 0.5,1,3)")
 
 
 def name_list(text: str) -> list[str]:

@@ -1,23 +1,7 @@
 """Deprecated: moved to `latentprobe.runs.trace`; this module forwards to it for one release."""
 
-from __future__ import annotations
+from .runs._moved import forward
 
-import warnings
-from importlib import import_module
-
-warnings.warn("latentprobe.tracing is deprecated: import from latentprobe.runs.trace (and latentprobe.runs.common for the shared record and failure helpers)",
-              DeprecationWarning, stacklevel=2)
-
-_HOMES = ("latentprobe.runs.trace", "latentprobe.runs.common")
-
-
-def __getattr__(name: str):
-    for home in _HOMES:
-        module = import_module(home)
-        if hasattr(module, name):
-            return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set().union(*(dir(import_module(home)) for home in _HOMES)))
+__getattr__, __dir__ = forward(__name__, ("latentprobe.runs.trace", "latentprobe.runs.common"),
+                               "import from latentprobe.runs.trace (and latentprobe.runs.common for the shared "
+                               "record and failure helpers)")

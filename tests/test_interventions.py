@@ -319,3 +319,14 @@ def test_an_edit_that_makes_values_non_finite_fails_its_rows(tiny_subject, tmp_p
     assert failed.error.str.contains("non-finite values").all()
     rows = pd.read_parquet(tmp_path / "nan" / "effects_rows.parquet")
     assert nan.name not in set(rows.intervention) and len(rows) == 3  # the zero edit's rows go on
+
+
+@pytest.mark.parametrize("kind_target, value", [(("latent", "noise"), float("nan")), (("latent", "noise"), -1.0),
+                                                (("latent", "noise"), float("inf")), (("input", "image-noise"), float("nan")),
+                                                (("input", "image-mask"), 1.5), (("text", "text-truncate"), float("nan"))])
+def test_a_scale_outside_its_range_is_refused_by_the_class_too(kind_target, value):
+    from latentprobe.errors import LatentProbeError
+
+    target, kind = kind_target
+    with pytest.raises(LatentProbeError, match="must be in"):
+        make_interventions(target, [kind], scales=[value])

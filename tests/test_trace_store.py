@@ -185,3 +185,19 @@ def test_checkpoint_folder_round_trip(tmp_path):
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(LatentProbeError, match="not Qwen2.5-VL"):
         load_subject(str(folder), protocol="mirage")
+
+
+def test_deprecated_shims_warn_and_forward():
+    import importlib
+    import sys
+
+    from latentprobe.runs import intervene as intervene_mod, trace as trace_mod
+
+    for old, new, name in (("latentprobe.tracing", trace_mod, "trace"),
+                           ("latentprobe.intervening", intervene_mod, "intervene")):
+        sys.modules.pop(old, None)
+        with pytest.warns(DeprecationWarning, match=f"{old} is deprecated"):
+            module = importlib.import_module(old)
+        assert getattr(module, name) is getattr(new, name) and name in dir(module)
+        with pytest.raises(AttributeError, match="no attribute 'nope'"):
+            module.nope

@@ -8,9 +8,11 @@ family lives in its own module (`latent`, `input`, `text`); a kind becomes avail
 from __future__ import annotations
 
 import hashlib
+import math
 from abc import ABC
 from typing import Any, Callable
 
+from ..cli_types import MAX_NOISE_SCALE  # one bound for the command line and the classes
 from ..errors import LatentProbeError
 
 
@@ -57,10 +59,26 @@ class Intervention(ABC):
     def __repr__(self) -> str:
         return self.name
 
+    # A kind swept by --scale names the constructor argument each scale fills, and its default.
+    scale_param: str | None = None
+    scale_default: float | None = None
+
     @classmethod
     def from_args(cls, *, seed: int = 0, scales=None, **_) -> list["Intervention"]:
-        """Instances from `make_interventions`' command-line style arguments (default: one, with ``seed``)."""
-        return [cls(seed=seed)]
+        """Instances from `make_interventions`' command-line style arguments: one per scale (into
+        ``scale_param``, default ``scale_default``) for a swept kind, else one, with ``seed``."""
+        if cls.scale_param is None:
+            return [cls(seed=seed)]
+        return [cls(**{cls.scale_param: s}, seed=seed) for s in (scales or [cls.scale_default])]
+
+
+
+def checked_scale(what: str, value: float, low: float, high: float, hint: str) -> float:
+    """``value`` as a float, refused unless finite and in [low, high] (a NaN would pass a plain ``< 0`` test)."""
+    value = float(value)
+    if not (math.isfinite(value) and low <= value <= high):
+        raise LatentProbeError(f"{what} must be in [{low:g}, {high:g}], got {value}", hint)
+    return value
 
 
 # kind name -> class, per target, in registration order (the order shown by "choose from ..." messages)

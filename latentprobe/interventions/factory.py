@@ -24,6 +24,9 @@ def make_interventions(target: str, kinds: Sequence[str], *, steps: Sequence[int
     """
     if target not in KINDS_BY_TARGET:
         raise LatentProbeError(f"unknown target {target!r}", "use latent, input or text")
+    if target != "latent" and (steps is not None or layer is not None):
+        raise LatentProbeError(f"--steps and --layer edit latent steps; {target} interventions would ignore them",
+                               "leave them out, or use --target latent")
     table = KINDS_BY_TARGET[target]
     out: list[Intervention] = []
     for kind in kinds:

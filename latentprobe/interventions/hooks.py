@@ -7,6 +7,7 @@ layer's output, `PinLatentStates` sets the latent positions' states at every lay
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Callable, Sequence
 
 import torch
@@ -15,7 +16,7 @@ from ..decoding import LATENT, LatentDecoder
 from .latent import BoundEdit
 
 
-class _LatentOutputHooks:
+class _LatentOutputHooks(ABC):
     """Forward hooks on chosen layers that rewrite the output at latent positions of the decoding steps.
 
     Subclasses implement `edit_rows(layer, ctx, hidden)`, returning an edited copy of ``hidden`` or None for no
@@ -33,8 +34,9 @@ class _LatentOutputHooks:
             if not is_pre:
                 self.handles.append(module.register_forward_hook(self._make_hook(layer), prepend=True))
 
+    @abstractmethod
     def edit_rows(self, layer: int, ctx, hidden: torch.Tensor) -> torch.Tensor | None:
-        raise NotImplementedError
+        """The edited copy of ``hidden`` at this layer and decoding step, or None to leave it unchanged."""
 
     def _make_hook(self, layer: int):
         def hook(module, inputs, output):

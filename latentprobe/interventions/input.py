@@ -7,7 +7,7 @@ from abc import abstractmethod
 import numpy as np
 
 from ..errors import LatentProbeError
-from .base import Intervention, _seed_for, register_intervention
+from .base import MAX_NOISE_SCALE, Intervention, _seed_for, checked_scale, register_intervention
 
 class InputIntervention(Intervention):
     """Edits the instance itself (images or question); the latents are then whatever the model makes of it.
@@ -48,15 +48,11 @@ class ImageNoise(InputIntervention):
 
     kind = "image-noise"
 
-    @classmethod
-    def from_args(cls, *, seed=0, scales=None, **_):
-        """One per scale, read as the noise level (default 0.5)."""
-        return [cls(level=s, seed=seed) for s in (scales or [0.5])]
+    # one per --scale, read as the noise level (default 0.5)
+    scale_param, scale_default = "level", 0.5
 
     def __init__(self, level: float = 0.5, seed: int = 0):
-        if level < 0:
-            raise LatentProbeError(f"image-noise level must be >= 0, got {level}", "e.g. --scale 0.1,0.5")
-        self.level = float(level)
+        self.level = checked_scale("image-noise level", level, 0.0, MAX_NOISE_SCALE, "e.g. --scale 0.1,0.5")
         self.seed = seed
 
     def params(self):
@@ -100,15 +96,14 @@ class ImageMask(InputIntervention):
 
     kind = "image-mask"
 
-    @classmethod
-    def from_args(cls, *, seed=0, scales=None, **_):
-        """One per scale, read as the masked fraction of each side (default 0.5)."""
-        return [cls(fraction=s, seed=seed) for s in (scales or [0.5])]
+    # one per --scale, read as the masked fraction of each side (default 0.5)
+    scale_param, scale_default = "fraction", 0.5
 
     def __init__(self, region: str = "center", fraction: float = 0.5, seed: int = 0):
         if region not in ("center", "top", "bottom", "left", "right"):
             raise LatentProbeError(f"unknown mask region {region!r}", "use center, top, bottom, left or right")
-        self.region, self.fraction, self.seed = region, float(fraction), seed
+        fraction = checked_scale("image-mask fraction", fraction, 0.0, 1.0, "e.g. --scale 0.25,0.5")
+        self.region, self.fraction, self.seed = region, fraction, seed
 
     def params(self):
         return {"region": self.region, "fraction": self.fraction}

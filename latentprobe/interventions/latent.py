@@ -17,7 +17,7 @@ import torch
 
 from ..decoding import LatentEdit
 from ..errors import LatentProbeError
-from .base import Intervention, _fmt, _seed_for, register_intervention
+from .base import MAX_NOISE_SCALE, Intervention, _fmt, _seed_for, checked_scale, register_intervention
 
 @dataclass
 class LatentStats:
@@ -226,7 +226,7 @@ class LatentNoise(LatentIntervention):
         if relative_to not in ("std", "norm"):
             raise LatentProbeError(f"noise relative_to must be 'std' or 'norm', got {relative_to!r}",
                                    "see latentprobe.interventions for what each means")
-        self.scale = float(scale)
+        self.scale = checked_scale("noise scale", scale, 0.0, MAX_NOISE_SCALE, "e.g. --scale 0.5,1,3")
         self.relative_to = relative_to
 
     def params(self):

@@ -7,7 +7,7 @@ import re
 from abc import abstractmethod
 
 from ..errors import LatentProbeError
-from .base import Intervention, _seed_for, register_intervention
+from .base import Intervention, _seed_for, checked_scale, register_intervention
 
 class TextIntervention(Intervention):
     """Edits a text mediator span (the imagination a CapImagine-style subject writes before answering).
@@ -47,16 +47,12 @@ class TextTruncate(TextIntervention):
 
     kind = "text-truncate"
 
-    @classmethod
-    def from_args(cls, *, seed=0, scales=None, **_):
-        """One per scale, read as the fraction of words to keep (default 0.5)."""
-        return [cls(fraction=s, seed=seed) for s in (scales or [0.5])]
+    # one per --scale, read as the fraction of words to keep (default 0.5)
+    scale_param, scale_default = "fraction", 0.5
 
     def __init__(self, fraction: float = 0.5, seed: int = 0):
         super().__init__(seed)
-        if not 0 <= fraction <= 1:
-            raise LatentProbeError(f"text-truncate fraction must be in [0, 1], got {fraction}", "e.g. --scale 0.5")
-        self.fraction = float(fraction)
+        self.fraction = checked_scale("text-truncate fraction", fraction, 0.0, 1.0, "e.g. --scale 0.5")
 
     def params(self):
         return {"keep": self.fraction}

@@ -131,7 +131,7 @@ def progress_bar(total: int, enabled: bool, desc: str):
     return tqdm(total=total, disable=not enabled, desc=desc, unit="inst", leave=False)
 
 
-# the names these had when they were private to latentprobe.tracing
+# the names these had when they were private to latentprobe.tracing (read only through that deprecated shim)
 _progress = progress_bar
 _free_accelerator_memory = free_accelerator_memory
 _is_oom = is_oom

@@ -163,11 +163,16 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
                                table, run.failures, not_applied)
 
 
+def _applied(rows: pd.DataFrame) -> pd.Series:
+    """Per row, whether its edit was made (runs from before the `applied` column count as applied)."""
+    return rows["applied"].fillna(True).astype(bool)
+
+
 def applied_rows(rows: pd.DataFrame) -> pd.DataFrame:
     """The rows whose edit was made (runs from before the `applied` column count as applied)."""
     if "applied" not in rows.columns:
         return rows
-    return rows[rows["applied"].fillna(True).astype(bool)].reset_index(drop=True)
+    return rows[_applied(rows)].reset_index(drop=True)
 
 
 def not_applied_counts(rows: pd.DataFrame) -> dict[str, tuple[int, int, str]]:
@@ -176,7 +181,7 @@ def not_applied_counts(rows: pd.DataFrame) -> dict[str, tuple[int, int, str]]:
         return {}
     out = {}
     for name, group in rows.groupby("intervention", sort=True):
-        missing = group[~group["applied"].fillna(True).astype(bool)]
+        missing = group[~_applied(group)]
         if len(missing):
             reasons = missing.get("not_applied_reason", pd.Series(dtype=str)).fillna("").value_counts()
             out[str(name)] = (len(missing), len(group), str(reasons.index[0]) if len(reasons) else "")
@@ -519,7 +524,7 @@ def _applied_rates(rows: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     out = []
     for key, group in rows.groupby(["subject", "target", "intervention"], sort=True):
-        applied = group["applied"].fillna(True).astype(bool)
+        applied = _applied(group)
         ci = binomtest(int(applied.sum()), len(applied)).proportion_ci(method="exact")
         out.append(dict(zip(["subject", "target", "intervention"], key), metric="applied_rate",
                         estimate=float(applied.mean()), ci_low=float(ci.low), ci_high=float(ci.high), n=len(applied)))

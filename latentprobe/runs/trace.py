@@ -17,8 +17,7 @@ from ..decoding import DecodeConfig, LatentDecoder
 from ..errors import LatentProbeError
 from ..recording import Recorder, RecordSpec
 from ..store import TraceWriter
-from .common import (progress_bar, _free_accelerator_memory, _is_oom, _progress, decode_with_isolation,  # noqa: F401
-                     failed_record, manifest_for, row_record)
+from .common import decode_with_isolation, failed_record, manifest_for, progress_bar, row_record
 
 log = logging.getLogger(__name__)
 
