@@ -632,9 +632,15 @@ def applied_only(frame: pd.DataFrame) -> pd.DataFrame:
     """
     if "applied" not in frame.columns:
         return frame
-    flags = frame["applied"].map(lambda v: True if v is None or (isinstance(v, float) and math.isnan(v))
-                                 else str(v).strip().lower() not in ("false", "0", "0.0", "no"))
-    return frame[flags.astype(bool)]
+    return frame[applied_mask(frame)]
+
+
+def applied_mask(frame: pd.DataFrame) -> pd.Series:
+    """Per row, whether its edit was made (see `applied_only`; a frame without the column: every row)."""
+    if "applied" not in frame.columns:
+        return pd.Series(True, index=frame.index)
+    return frame["applied"].map(lambda v: True if v is None or (isinstance(v, float) and math.isnan(v))
+                                else str(v).strip().lower() not in ("false", "0", "0.0", "no")).astype(bool)
 
 
 def summarize(rows: pd.DataFrame, group_cols: Sequence[str] = ("subject", "target", "intervention"),

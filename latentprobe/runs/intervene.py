@@ -33,7 +33,7 @@ import torch
 
 from ..data import Instance, load_images
 from ..decoding import DecodeConfig, DecodeResult, LatentDecoder, RowOutput
-from ..effects import answer_flipped, latent_change_metrics, summarize
+from ..effects import answer_flipped, applied_mask, applied_only, latent_change_metrics, summarize
 from ..errors import LatentProbeError
 from ..fileio import atomic_write
 from ..knockout import KnockoutHooks
@@ -163,16 +163,9 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
                                table, run.failures, not_applied)
 
 
-def _applied(rows: pd.DataFrame) -> pd.Series:
-    """Per row, whether its edit was made (runs from before the `applied` column count as applied)."""
-    return rows["applied"].fillna(True).astype(bool)
-
-
 def applied_rows(rows: pd.DataFrame) -> pd.DataFrame:
     """The rows whose edit was made (runs from before the `applied` column count as applied)."""
-    if "applied" not in rows.columns:
-        return rows
-    return rows[_applied(rows)].reset_index(drop=True)
+    return applied_only(rows).reset_index(drop=True)
 
 
 def not_applied_counts(rows: pd.DataFrame) -> dict[str, tuple[int, int, str]]:
@@ -181,7 +174,7 @@ def not_applied_counts(rows: pd.DataFrame) -> dict[str, tuple[int, int, str]]:
         return {}
     out = {}
     for name, group in rows.groupby("intervention", sort=True):
-        missing = group[~_applied(group)]
+        missing = group[~applied_mask(group)]
         if len(missing):
             reasons = missing.get("not_applied_reason", pd.Series(dtype=str)).fillna("").value_counts()
             out[str(name)] = (len(missing), len(group), str(reasons.index[0]) if len(reasons) else "")
@@ -524,7 +517,7 @@ def _applied_rates(rows: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     out = []
     for key, group in rows.groupby(["subject", "target", "intervention"], sort=True):
-        applied = _applied(group)
+        applied = applied_mask(group)
         ci = binomtest(int(applied.sum()), len(applied)).proportion_ci(method="exact")
         out.append(dict(zip(["subject", "target", "intervention"], key), metric="applied_rate",
                         estimate=float(applied.mean()), ci_low=float(ci.low), ci_high=float(ci.high), n=len(applied)))
