@@ -23,8 +23,8 @@ def parser(description: str) -> argparse.ArgumentParser:
 def load(args):
     """The subject and instances the study runs on (default data: the organisms' held-out split)."""
     from latentprobe.data import load_instances, load_jsonl
-    from latentprobe.demo import demo_data
-    from latentprobe.subjects import load_subject
+    from latentprobe.study.demo import demo_data
+    from latentprobe.model.subjects import load_subject
 
     kwargs = {"checkpoint": args.checkpoint} if args.checkpoint else {}
     subject = load_subject(args.subject, **kwargs)

@@ -7,8 +7,8 @@ heatmaps per step and the step x step similarity.
     python analyses/collapse.py --subject organism-mirage
 """
 
-from latentprobe.analysis import collapse_study
-from latentprobe.recording import RecordSpec
+from latentprobe.report.build import collapse_study
+from latentprobe.model.recording import RecordSpec
 from latentprobe.runs.trace import trace
 
 from _common import load, parser, run_dir

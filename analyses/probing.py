@@ -5,8 +5,8 @@ chosen inside the training folds, and permutation p-values.
     python analyses/probing.py --subject organism-mirage --labels answer,cell_0_colour
 """
 
-from latentprobe.analysis import probe_study
-from latentprobe.recording import RecordSpec
+from latentprobe.report.build import probe_study
+from latentprobe.model.recording import RecordSpec
 from latentprobe.runs.trace import trace
 
 from _common import load, parser, run_dir
@@ -19,7 +19,7 @@ if __name__ == "__main__":
     out = run_dir(args, subject, "trace-all-layers")
     trace(subject, instances, out, spec=RecordSpec(layers="all"), resume=out.exists())
     table, figs = probe_study(out, args.labels.split(","), args.figures, seed=args.seed)
-    from latentprobe.probes import best_probe_rows
+    from latentprobe.stats.probes import best_probe_rows
 
     print(best_probe_rows(table)[["attribute", "representation", "layer", "step", "score", "control_score",
                                   "selectivity", "selectivity_ci_low", "selectivity_ci_high", "p_value",

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from latentprobe.data import Instance  # noqa: E402
-from latentprobe.subject import PromptStyle, Subject  # noqa: E402
+from latentprobe.model.subject import PromptStyle, Subject  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -184,7 +184,7 @@ def quiet_transformers():
 
 def build_subject(args, protocol=None, force_start=True, max_pixels=448 * 448, never_stop=True):
     """Tokenizer, image processor and model for ``args`` wrapped as a subject (protocol: a LatentProtocol)."""
-    from latentprobe.subjects import tiny
+    from latentprobe.model.subjects import tiny
 
     set_threads(args)
     shape = resolve_shape(args)

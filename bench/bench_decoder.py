@@ -24,9 +24,9 @@ import _common as C  # noqa: I001  (also puts the repository root on sys.path)
 
 import torch
 
-from latentprobe.decoding import DecodeConfig, LatentDecoder
-from latentprobe.protocol import LVR
-from latentprobe.recording import Recorder, RecordSpec
+from latentprobe.model.decoding import DecodeConfig, LatentDecoder
+from latentprobe.model.protocol import LVR
+from latentprobe.model.recording import Recorder, RecordSpec
 
 
 def image_sizes(batch: int, side: int) -> list[list[tuple[int, int]]]:

@@ -24,10 +24,10 @@ import _common as C  # noqa: I001  (also puts the repository root on sys.path)
 
 import torch
 
-from latentprobe.decoding import DecodeConfig, LatentDecoder
+from latentprobe.model.decoding import DecodeConfig, LatentDecoder
 from latentprobe.interventions import (LatentConstant, LatentNoise, LatentPatch, LatentShuffle, LatentStats,
                                        RowBinding)
-from latentprobe.protocol import LVR
+from latentprobe.model.protocol import LVR
 
 
 def sweep_interventions():

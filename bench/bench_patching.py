@@ -6,7 +6,7 @@ Sections, each timed side by side in this one process (repetitions interleaved i
 grid       one instance, the denoising grid over every layer 0..N x every latent step (image-swap corruption):
   reuse        the clean and the corrupted reference runs (prefill + decode, states copied at every layer),
                then ONE batched decode of all L x K patched cells from the corrupted prefill
-               (`latentprobe.patching.run_cells`, what `patch_map` does);
+               (`latentprobe.where.patching.run_cells`, what `patch_map` does);
   independent  the clean reference run, then L x K separate runs of the corrupted input, each with its own
                prefill and one patched cell. Expected: far more (about L x K corrupted runs).
   Before timing, every cell of the two variants is checked to give the same answer probabilities.
@@ -26,10 +26,10 @@ import _common as C  # noqa: I001  (also puts the repository root on sys.path)
 import numpy as np
 import torch
 
-from latentprobe.decoding import DecodeConfig, LatentDecoder
-from latentprobe.knockout import AttentionKnockout, run_knockout
-from latentprobe.patching import DecodePatcher, PatchGrid, _outcomes, reference_run, run_cells
-from latentprobe.protocol import LVR
+from latentprobe.model.decoding import DecodeConfig, LatentDecoder
+from latentprobe.interventions.knockout import AttentionKnockout, run_knockout
+from latentprobe.where.patching import DecodePatcher, PatchGrid, _outcomes, reference_run, run_cells
+from latentprobe.model.protocol import LVR
 
 
 def main():

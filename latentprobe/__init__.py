@@ -19,30 +19,34 @@ A whole run in four lines (``tiny`` is a random-weight model built offline; it a
 
 from importlib import import_module
 
+from . import _moved
+
+_moved.install()  # old module paths (latentprobe.model.decoding, latentprobe.where.patching, ...) keep working for one release
+
 __version__ = "0.1.0"
 
 # name -> module that defines it (one place per noun; see the README's architecture section)
 _EXPORTS = {
     "LatentProbeError": "errors",
-    "Instance": "data",
-    "builtin_instances": "data",
-    "load_instances": "data",
-    "LatentProtocol": "protocol",
-    "Subject": "subject",
-    "PromptStyle": "subject",
-    "load_subject": "subjects",
-    "LatentDecoder": "decoding",
-    "DecodeConfig": "decoding",
-    "StepContext": "decoding",
-    "Site": "sites",
-    "StepKind": "sites",
-    "Recorder": "recording",
-    "RecordSpec": "recording",
-    "TraceStore": "store",
+    "Instance": "data.instances",
+    "builtin_instances": "data.instances",
+    "load_instances": "data.loading",
+    "LatentProtocol": "model.protocol",
+    "Subject": "model.subject",
+    "PromptStyle": "model.subject",
+    "load_subject": "model.subjects",
+    "LatentDecoder": "model.decoding",
+    "DecodeConfig": "model.decoding",
+    "StepContext": "model.decoding",
+    "Site": "model.sites",
+    "StepKind": "model.sites",
+    "Recorder": "model.recording",
+    "RecordSpec": "model.recording",
+    "TraceStore": "runs.store",
     "trace": "runs.trace",
     "intervene": "runs.intervene",
     "make_interventions": "interventions",
-    "run_with_cache": "cache",
+    "run_with_cache": "model.cache",
     "Verdict": "verdicts",
 }
 

@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from .distributed import finish, init_if_launched
+    from .runs.distributed import finish, init_if_launched
 
     try:
         handler = globals()[f"_cmd_{args.command.replace('-', '_')}"]
@@ -266,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
 # -- helpers shared by commands -----------------------------------------------------------------------------
 def select_instances(args):
     """The instances this process runs: --data, --limit and --split, then --shard and torchrun's rank."""
-    from .data import load_instances
-    from .distributed import distributed_shard
+    from .data.loading import load_instances
+    from .runs.distributed import distributed_shard
 
     data = args.data
     if data is None and str(getattr(args, "subject", "")).startswith("organism-"):
@@ -286,8 +286,8 @@ def family_benchmark_options(args) -> dict:
 
     if not args.data or ":" not in args.data or Path(args.data).exists():
         return {}
-    from .subjects import _register_builtin_families
-    from .subjects.families import benchmark_options
+    from .model.subjects import _register_builtin_families
+    from .model.subjects.families import benchmark_options
 
     _register_builtin_families()
     try:
@@ -304,7 +304,7 @@ def organism_default_data(subject: str, limit: int | None):
     """The file of an organism's held-out split for the general commands (None for other subjects); written
     without the training images, so it is cheaper than `latentprobe.runs.common.default_instances`."""
     from .organisms.training import organism_held_out_data
-    from .runs.common import organism_recipe
+    from .organisms.recipes import organism_recipe
 
     recipe = organism_recipe(subject)
     return None if recipe is None else organism_held_out_data(recipe, min(limit, 600) if limit else None)
@@ -322,7 +322,7 @@ def shard_instances(instances, shard: str | None):
 
 
 def load_subject_from_args(args):
-    from .subjects import load_subject
+    from .model.subjects import load_subject
 
     kwargs = {"checkpoint": args.checkpoint} if args.checkpoint else {}
     if getattr(args, "mediator_markers", None):
@@ -331,11 +331,11 @@ def load_subject_from_args(args):
 
 
 def decode_config_from_args(args, subject):
-    from .decoding import DecodeConfig
+    from .model.decoding import DecodeConfig
 
     sampling = {"do_sample": args.sample, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     if getattr(args, "decoding", "greedy") == "authors":
-        from .subjects.families import decoding_preset
+        from .model.subjects.families import decoding_preset
 
         if args.sample:
             raise LatentProbeError("--sample and --decoding authors both set the sampling",
@@ -362,7 +362,7 @@ def print_block(title: str, lines: list[str]):
 
 # -- commands -------------------------------------------------------------------------------------------------
 def _cmd_trace(args):
-    from .recording import RecordSpec
+    from .model.recording import RecordSpec
     from .runs.trace import trace
 
     instances, source, writer_id = select_instances(args)
@@ -379,7 +379,7 @@ def _cmd_trace(args):
 def _warn_about_conditions(subject, instances, source) -> list[str]:
     """Say when the data are not what the subject expects (at once, before a long run) or when its answers mean
     nothing; the sentences are returned to be repeated under the run's summary."""
-    from .conditions import condition_warnings
+    from .model.conditions import condition_warnings
 
     found = condition_warnings(subject, instances, source)
     for line in found:
@@ -397,7 +397,7 @@ def _cmd_intervene(args):
         raise LatentProbeError("--kind names no intervention", "e.g. --kind noise,zero")
     T.check_scales(kinds, args.scale)  # also refuses a --scale that an attention knockout would ignore
     if args.target == "attention":
-        from .knockout import make_knockouts
+        from .interventions.knockout import make_knockouts
 
         if args.steps is not None or args.layer is not None:
             raise LatentProbeError("--steps and --layer edit latent steps; a knockout would ignore them",
@@ -419,14 +419,14 @@ def _cmd_intervene(args):
 
 
 def _cmd_patch(args):
-    from .patching import default_instances, patch_map
+    from .where.patching import default_instances, patch_map
 
     layers, steps = args.layers, args.steps  # parsed and range-checked by cli_types
     groups = [g.strip() for g in args.groups.split(",") if g.strip()] if args.groups else None
     directions = [d.strip() for d in args.direction.split(",") if d.strip()]
     subject = load_subject_from_args(args)
     config = decode_config_from_args(args, subject)
-    from .patching import check_patch_request, grid_of_sites, resolve_grid
+    from .where.patching import check_patch_request, grid_of_sites, resolve_grid
 
     sites = [v.strip() for v in args.sites.split(",") if v.strip()] if args.sites else None
     # bad layers, steps, groups or sites fail before the data loads and before any model runs
@@ -434,7 +434,7 @@ def _cmd_patch(args):
     if args.data is None:
         instances, source = default_instances(subject.name, limit=args.limit or 64)
     else:
-        from .data import load_instances
+        from .data.loading import load_instances
 
         instances, source = load_instances(args.data, limit=args.limit, split=args.split)
     check_patch_request(subject, grid, len(instances), directions, args.corruption, args.noise_scale, args.min_gap,
@@ -444,6 +444,9 @@ def _cmd_patch(args):
                        semantics=args.semantics, min_gap=args.min_gap, attribution=not args.no_attribution,
                        config=config, batch_size=args.batch_size, max_rows=args.max_rows, seed=args.seed,
                        n_boot=args.bootstrap, progress=not args.quiet and sys.stderr.isatty())
+    from .report.patch_figures import draw_patching_run
+
+    result.figures = [str(path) for path in draw_patching_run(args.out)]
     lines = [f"data      {len(instances)} instances ({source})"] + result.lines()
     lines += [f"figure    {f}" for f in result.figures]
     print_block(f"latentprobe patch: {subject.name}, {result.table.corruption.iloc[0] if len(result.table) else ''}",
@@ -451,7 +454,7 @@ def _cmd_patch(args):
 
 
 def _cmd_similarity(args):
-    from .analysis import collapse_study
+    from .report.build import collapse_study
     from .verdicts.collapse import verdict_collapse
 
     table, made = collapse_study(args.runs, args.out, seed=args.seed, n_boot=args.bootstrap)
@@ -468,8 +471,8 @@ def _cmd_similarity(args):
 
 
 def _cmd_probe(args):
-    from .analysis import probe_study
-    from .probes import best_probe_rows
+    from .report.build import probe_study
+    from .stats.probes import best_probe_rows
     from .verdicts.visual_info import verdict_visual_info
 
     labels = args.labels if isinstance(args.labels, list) else [v.strip() for v in args.labels.split(",") if v.strip()]
@@ -495,13 +498,13 @@ def _cmd_probe(args):
 
 
 def _cmd_report(args):
-    from .analysis import build_report
+    from .report.build import build_report
 
     labels = [v.strip() for v in args.labels.split(",") if v.strip()]
     md, html = build_report(args.runs, args.out, attributes=labels, seed=args.seed, n_boot=args.bootstrap)
     from pathlib import Path
 
-    from .store import TraceStore
+    from .runs.store import TraceStore
 
     lines = verdict_lines(Path(args.out) / "verdicts.csv")
     for run in args.runs:  # what each run actually holds, and whether it is complete
@@ -522,7 +525,8 @@ def verdict_lines(verdicts_csv) -> list[str]:
 
 
 def _cmd_plan(args):
-    from .planning import plan_lines, plan_runs
+    from .report.build import plan_runs
+    from .verdicts.planning import plan_lines
     from .verdicts import Margins
 
     margin = {} if args.margin is None else dict(answer_change=args.margin, correctness=args.margin,
@@ -532,10 +536,10 @@ def _cmd_plan(args):
 
 
 def _cmd_demo(args):
-    from .demo import run_demo
+    from .study.demo import run_demo
 
     subjects = [s.strip() for s in args.subjects.split(",")] if args.subjects else None
-    from .demo import DEMO_N_INSTANCES
+    from .study.demo import DEMO_N_INSTANCES
 
     result = run_demo(args.out, n_instances=DEMO_N_INSTANCES if args.instances is None else args.instances,
                       seed=args.seed, subjects=subjects, progress=sys.stderr.isatty())
@@ -548,7 +552,7 @@ def _cmd_demo(args):
 def _cmd_data(args):
     if args.data_command != "make":
         raise LatentProbeError("missing action", "use `latentprobe data make TASK --out DIR`")
-    from .tasks import make_task
+    from .data.tasks import make_task
 
     path = make_task(args.task, n=args.n, seed=args.seed, out_dir=args.out, test_fraction=args.test_fraction,
                      image_size=args.image_size)
@@ -577,7 +581,7 @@ def _cmd_organisms(args):
 
 
 def _cmd_check(args):
-    from .conformance import run_check
+    from .runs.conformance import run_check
 
     report = run_check(args.subject, args.checkpoint, device=args.device, dtype=args.dtype,
                        max_new_tokens=args.max_new_tokens, decoding=args.decoding,
@@ -588,7 +592,7 @@ def _cmd_check(args):
 
 
 def _cmd_subjects(args):
-    from .subjects import SUBJECTS, _register_builtin_families
+    from .model.subjects import SUBJECTS, _register_builtin_families
 
     _register_builtin_families()
     if args.show:
@@ -596,7 +600,7 @@ def _cmd_subjects(args):
             raise LatentProbeError(f"unknown subject {args.show!r}", f"choose one of {', '.join(sorted(SUBJECTS))}")
         print(json.dumps(SUBJECTS[args.show].describe(), indent=2, default=str))
         return
-    from .protocol import PROTOCOLS
+    from .model.protocol import PROTOCOLS
 
     width = max(len(name) for name in SUBJECTS) + 2
     print(f"{'subject':<{width}} {'protocol':<10} {'checkpoint':<11} summary")
@@ -640,13 +644,13 @@ def _add_where_parsers(sub):
 
 def _where_inputs(args):
     """Subject, instances (the subject's default data unless --data) and decoding settings for ground / lens."""
-    from .where_runs import DEFAULT_LIMIT, default_instances
+    from .where.runs import DEFAULT_LIMIT, default_instances
 
     subject = load_subject_from_args(args)
     if args.data is None:
         instances, source = default_instances(args.subject, limit=args.limit or DEFAULT_LIMIT)
     else:
-        from .data import load_instances
+        from .data.loading import load_instances
 
         instances, source = load_instances(args.data, limit=args.limit, split=args.split)
     layers = args.layers
@@ -658,12 +662,15 @@ def _where_inputs(args):
 
 
 def _cmd_ground(args):
-    from .where_runs import ground_run
+    from .where.runs import ground_run
 
     subject, instances, source, config, layers = _where_inputs(args)
     result = ground_run(subject, instances, args.out, source=source, config=config, layers=layers,
                         image_layer=args.image_layer, n_random=args.random_regions, batch_size=args.batch_size,
-                        n_overlays=args.overlays, n_boot=args.bootstrap, seed=args.seed)
+                        n_boot=args.bootstrap, seed=args.seed)
+    from .report.where_figures import draw_grounding_run
+
+    result["figures"] = draw_grounding_run(args.out, instances, subject.name, n_overlays=args.overlays)
     summary = result["summary"]
     lines = [f"{len(instances)} instances from {source}"]
     pooled = summary[summary["latent_step"].isin(["all", "prompt_last"])] if len(summary) else summary
@@ -678,7 +685,7 @@ def _cmd_ground(args):
 
 
 def _cmd_lens(args):
-    from .where_runs import lens_run
+    from .where.runs import lens_run
 
     subject, instances, source, config, layers = _where_inputs(args)
     if args.top_tokens < 1:
@@ -686,6 +693,9 @@ def _cmd_lens(args):
     result = lens_run(subject, instances, args.out, source=source, config=config, layers=layers,
                       top_k=args.top_tokens,
                       batch_size=args.batch_size, seed=args.seed)
+    from .report.where_figures import draw_lens_run
+
+    result["figures"] = draw_lens_run(args.out)
     summary = result["summary"]
     lines = [f"{len(instances)} instances from {source}"]
     if len(summary):

@@ -26,6 +26,6 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_subject():
-    from latentprobe.subjects import load_subject
+    from latentprobe.model.subjects import load_subject
 
     return load_subject("tiny")

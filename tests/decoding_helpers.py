@@ -4,7 +4,7 @@ import numpy as np
 from PIL import Image
 
 from latentprobe.data import Instance
-from latentprobe.decoding import LatentDecoder
+from latentprobe.model.decoding import LatentDecoder
 
 
 class ScriptedDecoder(LatentDecoder):
@@ -40,7 +40,7 @@ def make_instances(tmp_path, sizes, seed=0, question="What colour is the square?
 
 
 def with_protocol(subject, protocol, force_start):
-    from latentprobe.subject import PromptStyle, Subject
+    from latentprobe.model.subject import PromptStyle, Subject
 
     return Subject(name=subject.name, model=subject.model, tokenizer=subject.tokenizer,
                    image_processor=subject.image_processor, protocol=protocol,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from latentprobe.subjects import tiny
+from latentprobe.model.subjects import tiny
 
 FAMILY_TOKENS = {
     "monet": ("<abs_vis_token_pad>", "<abs_vis_token>", "</abs_vis_token>", "<observation>", "</observation>"),
@@ -59,7 +59,7 @@ def build_standin(family: str, folder: str | Path, seed: int = 0, config_ids_off
     """
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
-    from latentprobe.subjects.families import SUBJECTS_BY_NAME
+    from latentprobe.model.subjects.families import SUBJECTS_BY_NAME
 
     if family not in FAMILY_TOKENS:
         raise ValueError(f"no stand-in for {family!r}; choose one of {FAMILIES}")

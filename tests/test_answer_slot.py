@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from latentprobe.answer_slot import find_prefix_end
-from latentprobe.decoding import LATENT, DecodeConfig, LatentDecoder
-from latentprobe.protocol import LVR, MONET
-from latentprobe.subject import PromptStyle, Subject
+from latentprobe.model.answer_slot import find_prefix_end
+from latentprobe.model.decoding import LATENT, DecodeConfig, LatentDecoder
+from latentprobe.model.protocol import LVR, MONET
+from latentprobe.model.subject import PromptStyle, Subject
 
 from decoding_helpers import ScriptedDecoder, make_instances
 
@@ -145,7 +145,7 @@ def test_prompt_ending_with_the_close_marker_puts_the_slot_first(tiny_subject, t
 
 @pytest.mark.parametrize("name,prefix", [("lvr", "<answer>"), ("monet", "\\boxed{"), ("mirage", "\\boxed{")])
 def test_families_name_their_answer_prefix(name, prefix):
-    from latentprobe.subjects import SUBJECTS, _register_builtin_families
+    from latentprobe.model.subjects import SUBJECTS, _register_builtin_families
 
     _register_builtin_families()
     spec = SUBJECTS[name]
@@ -154,7 +154,7 @@ def test_families_name_their_answer_prefix(name, prefix):
 
 def test_trace_rows_and_summary_say_how_each_slot_was_read(tiny_subject, tmp_path):
     from latentprobe.data import builtin_instances
-    from latentprobe.store import TraceStore
+    from latentprobe.runs.store import TraceStore
     from latentprobe.runs.trace import trace
 
     subject = _subject(tiny_subject, None, answer_prefix="\\boxed{")

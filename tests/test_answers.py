@@ -2,7 +2,7 @@
 
 import pytest
 
-from latentprobe.answers import (PARSERS, ParsedAnswer, extract_boxed, extract_letter, extract_tags,
+from latentprobe.model.answers import (PARSERS, ParsedAnswer, extract_boxed, extract_letter, extract_tags,
                                  normalize_answer, score_answer)
 from latentprobe.data import Instance
 from latentprobe.errors import LatentProbeError
@@ -159,7 +159,7 @@ def test_parsed_answer_correct_follows_status():
     ("<answer>  </answer>", None),
 ])
 def test_lvr_answer_tag_letter_follows_the_authors_evaluation(text, expected):
-    from latentprobe.answers import extract_answer_tag_letter
+    from latentprobe.model.answers import extract_answer_tag_letter
 
     assert extract_answer_tag_letter(text, animal_question("B")) == expected
 

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from latentprobe.attribution import attribution_map, slot_steps
+from latentprobe.where.attribution import attribution_map, slot_steps
 from latentprobe.data import load_images
-from latentprobe.decoding import DecodeConfig, LatentDecoder
-from latentprobe.patching import PatchGrid, _outcomes, default_instances, reference_run, resolve_grid, run_cells
-from latentprobe.sites import Site
-from latentprobe.subjects import load_subject
+from latentprobe.model.decoding import DecodeConfig, LatentDecoder
+from latentprobe.where.patching import PatchGrid, _outcomes, default_instances, reference_run, resolve_grid, run_cells
+from latentprobe.model.sites import Site
+from latentprobe.model.subjects import load_subject
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster (tests/conftest.py)

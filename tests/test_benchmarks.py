@@ -15,10 +15,10 @@ from PIL import Image
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from latentprobe.benchmarks import BENCHMARKS, detect, load_benchmark  # noqa: E402
-from latentprobe.benchmarks.vsp import (judge_plan, parse_plan, plan_is_safe, shortest_plan,  # noqa: E402
+from latentprobe.data.benchmarks import BENCHMARKS, detect, load_benchmark  # noqa: E402
+from latentprobe.data.benchmarks.vsp import (judge_plan, parse_plan, plan_is_safe, shortest_plan,  # noqa: E402
                                         simulate_plan)
-from latentprobe.benchmarks.vstar import parse_question_text, shuffled_option_order  # noqa: E402
+from latentprobe.data.benchmarks.vstar import parse_question_text, shuffled_option_order  # noqa: E402
 from latentprobe.data import load_images  # noqa: E402
 from latentprobe.errors import InstanceError, LatentProbeError  # noqa: E402
 
@@ -419,7 +419,7 @@ def test_the_two_evaluations_differ_only_after_the_goal():
 
 
 def test_vsp_planning_is_scored_by_simulation_not_string_equality(vsp_folder):
-    from latentprobe.answers import score_answer
+    from latentprobe.model.answers import score_answer
 
     [plan] = load_benchmark("vsp", vsp_folder, split="spatial_planning")
     assert plan.answer == "D" and plan.attributes["answer_check"] == "plan_on_map"
@@ -532,7 +532,7 @@ def test_cli_traces_a_benchmark_folder(mmvp_folder, tmp_path):
     import subprocess
     import sys
 
-    from latentprobe.store import TraceStore
+    from latentprobe.runs.store import TraceStore
 
     out = tmp_path / "run"
     env = dict(os.environ, HF_HUB_OFFLINE="1")

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from latentprobe.cache import run_with_cache
-from latentprobe.decoding import LATENT, DecodeConfig, replay
+from latentprobe.model.cache import run_with_cache
+from latentprobe.model.decoding import LATENT, DecodeConfig, replay
 from latentprobe.errors import LatentProbeError
-from latentprobe.recording import RecordSpec
-from latentprobe.sites import Site
-from latentprobe.store import TraceStore
+from latentprobe.model.recording import RecordSpec
+from latentprobe.model.sites import Site
+from latentprobe.runs.store import TraceStore
 from latentprobe.runs.trace import trace
 
 from decoding_helpers import make_instances

@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from latentprobe.simulation import (family_verdict_rates, latent_answer_effects, mean_family, rate_family,
+from latentprobe.verdicts.simulation import (family_verdict_rates, latent_answer_effects, mean_family, rate_family,
                                     true_nie_correct, verdict_rates)
 
 

@@ -4,7 +4,7 @@ fix where it does not."""
 import pytest
 
 from latentprobe.cli import main
-from latentprobe.conformance import CheckLine, run_check
+from latentprobe.runs.conformance import CheckLine, run_check
 
 from standins import FAMILIES, build_standin, scripted
 

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from latentprobe.analysis import clean_records, collapse_study, control_types, probe_study
+from latentprobe.report.build import clean_records, collapse_study, control_types, probe_study
 from latentprobe.data import builtin_instances
 from latentprobe.errors import LatentProbeError
-from latentprobe.recording import RecordSpec
-from latentprobe.similarity import SIMILARITY_COLUMNS
-from latentprobe.store import TraceStore
+from latentprobe.model.recording import RecordSpec
+from latentprobe.stats.similarity import SIMILARITY_COLUMNS
+from latentprobe.runs.store import TraceStore
 from latentprobe.runs.trace import trace
 from latentprobe.verdicts.collapse import verdict_collapse
 from latentprobe.verdicts.visual_info import verdict_visual_info

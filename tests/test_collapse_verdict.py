@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from latentprobe.errors import LatentProbeError
-from latentprobe.similarity import relative_spread, similarity_table, spread_rows
+from latentprobe.stats.similarity import relative_spread, similarity_table, spread_rows
 from latentprobe.verdicts.base import NOT_MEASURED
 from latentprobe.verdicts.collapse import verdict_collapse
 

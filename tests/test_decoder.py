@@ -6,8 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from latentprobe.decoding import LATENT, DecodeConfig, LatentDecoder, replay
-from latentprobe.protocol import LVR, MIRAGE, MONET
+from latentprobe.model.decoding import LATENT, DecodeConfig, LatentDecoder, replay
+from latentprobe.model.protocol import LVR, MIRAGE, MONET
 
 from decoding_helpers import ScriptedDecoder, make_instances, with_protocol
 

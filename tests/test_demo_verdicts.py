@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from latentprobe.demo import DEMO_N_INSTANCES, run_demo
+from latentprobe.study.demo import DEMO_N_INSTANCES, run_demo
 from latentprobe.errors import LatentProbeError
 from latentprobe.verdicts import VERDICT_COLUMNS
 

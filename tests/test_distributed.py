@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from latentprobe.store import TraceStore
+from latentprobe.runs.store import TraceStore
 
 
 def _run(args, tmp_path):

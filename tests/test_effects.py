@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from latentprobe.effects import (answer_change_metrics, answer_flipped, kl_divergence, latent_change_metrics,
+from latentprobe.stats.effects import (answer_change_metrics, answer_flipped, kl_divergence, latent_change_metrics,
                                  mean_difference, mediation_effects, paired_bootstrap, summarize)
 from latentprobe.errors import LatentProbeError
 
@@ -301,7 +301,7 @@ def test_summary_p_values_agree_with_the_interval_and_a_t_test():
     rng = np.random.default_rng(3)
     far = pd.DataFrame({"y": rng.normal(1.0, 1.0, 60)})
     near = pd.DataFrame({"y": rng.normal(0.0, 1.0, 60)})
-    from latentprobe.effects import _summarise_matrix
+    from latentprobe.stats.effects import _summarise_matrix
 
     far_row, near_row = _summarise_matrix(far, 2000, 0, 0.05).iloc[0], _summarise_matrix(near, 2000, 0, 0.05).iloc[0]
     from scipy.stats import ttest_1samp
@@ -321,7 +321,7 @@ def test_unapplied_rows_are_left_out_of_summaries():
 
 
 def test_bootstrap_p_value_is_the_level_at_which_the_interval_excludes_the_null():
-    from latentprobe.effects import _bootstrap_p_value
+    from latentprobe.stats.effects import _bootstrap_p_value
 
     replicates = np.column_stack([np.linspace(-1, 3, 1001), np.zeros(1001), np.full(1001, np.nan)])
     p = _bootstrap_p_value(replicates)
@@ -331,7 +331,7 @@ def test_bootstrap_p_value_is_the_level_at_which_the_interval_excludes_the_null(
 
 @pytest.mark.parametrize("n_boot", [0, -5, 2.5, float("nan"), True])
 def test_bootstrap_refuses_a_resample_count_that_is_not_a_whole_number_above_zero(n_boot):
-    from latentprobe.effects import paired_bootstrap
+    from latentprobe.stats.effects import paired_bootstrap
     from latentprobe.errors import LatentProbeError
 
     with pytest.raises(LatentProbeError, match="resamples"):

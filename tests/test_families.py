@@ -8,12 +8,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from latentprobe.data import builtin_instances
-from latentprobe.decoding import DecodeConfig, LatentDecoder
+from latentprobe.model.decoding import DecodeConfig, LatentDecoder
 from latentprobe.errors import LatentProbeError
-from latentprobe.subjects import SUBJECTS, load_subject
-from latentprobe.subjects.families import (LETTER_SUFFIX, MIRAGE_VSP_PLANNING, MONET_SYSTEM, SUBJECTS_BY_NAME,
+from latentprobe.model.subjects import SUBJECTS, load_subject
+from latentprobe.model.subjects.families import (LETTER_SUFFIX, MIRAGE_VSP_PLANNING, MONET_SYSTEM, SUBJECTS_BY_NAME,
                                            benchmark_options, decoding_preset)
-from latentprobe.subjects.tiny import save_checkpoint
+from latentprobe.model.subjects.tiny import save_checkpoint
 from latentprobe.data import Instance
 from PIL import Image
 
@@ -123,7 +123,7 @@ def test_capimagine_markers_default_override_and_validation(family_subjects, tmp
 @pytest.mark.parametrize("family", FAMILIES)
 def test_scripted_family_outputs_are_parsed_where_the_model_writes_them(family_subjects, family, tmp_path):
     """End to end: the stand-in writes its family's answer format; trace reads and scores it."""
-    from latentprobe.store import TraceStore
+    from latentprobe.runs.store import TraceStore
     from latentprobe.runs.trace import trace
 
     subject = family_subjects[family]
@@ -217,7 +217,7 @@ def test_lvr_head_is_loaded_when_the_checkpoint_has_one(standin, tmp_path):
         (folder / item.name).write_bytes(item.read_bytes())
     weights = load_file(str(folder / "model.safetensors"))
     dim = 64
-    from latentprobe.subjects.lvr_head import LVRHead
+    from latentprobe.model.subjects.lvr_head import LVRHead
 
     head = LVRHead(dim)  # LVR's own key names: lvr_head.ln_q.*, lvr_head.mlp.0.*, lvr_head.mlp.2.*
     weights.update({f"lvr_head.{k}": v for k, v in head.state_dict().items()})
@@ -232,7 +232,7 @@ def test_lvr_head_is_loaded_when_the_checkpoint_has_one(standin, tmp_path):
     row = result.rows[0]
     assert row.n_latent_steps == 4
     # z_0 is h(start) as it is; every later fed vector is the head applied to the final-norm state before it
-    from latentprobe.decoding import LATENT, replay
+    from latentprobe.model.decoding import LATENT, replay
 
     hidden = replay(subject, batch, result)
     positions = [result.prompt_length + j for j, k in enumerate(row.step_kinds) if k == LATENT]
@@ -255,7 +255,7 @@ def test_wrong_checkpoint_for_the_family_is_a_clear_error(tmp_path):
 def test_lvr_candidates_are_the_tokens_it_writes_after_answer_tag(family_subjects):
     """LVR writes "<answer> B </answer>": with a BPE that merges the space into the letter (Qwen's " B"), the
     slot's candidates are the merged tokens; with one that does not, the letters after the space token."""
-    from latentprobe.subject import answer_first_token
+    from latentprobe.model.subject import answer_first_token
 
     class MergingTokenizer:
         vocab = {" ": 1, "A": 2, "B": 3, " A": 4, " B": 5}

@@ -10,14 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from latentprobe.cache import LatentCache
+from latentprobe.model.cache import LatentCache
 from latentprobe.cli import main
 from latentprobe.data import Instance, builtin_instances, load_jsonl
 from latentprobe.errors import LatentProbeError
-from latentprobe.grounding import (grounding_summary, grounding_table, region_mask, run_grounding, score_map,
+from latentprobe.where.grounding import (grounding_summary, grounding_table, region_mask, run_grounding, score_map,
                                    truth_boxes)
-from latentprobe.sites import Site
-from latentprobe.tasks.writer import make_task
+from latentprobe.model.sites import Site
+from latentprobe.data.tasks.writer import make_task
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_ground_and_lens_commands_write_tables_and_figures(tmp_path, transform_d
     lens = pd.read_parquet(lens_out / "lens.parquet")
     assert set(lens["layer"]) == {0, 2} and lens["gold_rank"].notna().all()
     assert (lens_out / "figures" / "lens-gold-rank.png").exists()
-    from latentprobe.where_report import is_where_run, where_and_when_markdown
+    from latentprobe.report.where_report import is_where_run, where_and_when_markdown
 
     markdown = where_and_when_markdown([out, lens_out, transform_data.parent], relative_to=tmp_path)
     assert markdown.startswith("## Where and when") and "### Grounding: tiny" in markdown
@@ -159,7 +159,7 @@ def test_a_bad_n_random_is_refused_before_the_model_runs(tiny_subject, monkeypat
 @pytest.mark.parametrize("n_boot", [0, -1, float("nan"), 2.5])
 def test_a_bad_bootstrap_count_is_refused_before_the_model_runs(tiny_subject, monkeypatch, tmp_path, n_boot):
     from latentprobe import cache
-    from latentprobe.where_runs import ground_run
+    from latentprobe.where.runs import ground_run
 
     monkeypatch.setattr(cache, "run_with_cache", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
     with pytest.raises(LatentProbeError, match="n_boot must be an integer >= 1"):

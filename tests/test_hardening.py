@@ -15,8 +15,8 @@ import torch
 from latentprobe.cli import build_parser, main
 from latentprobe.data import Instance, builtin_instances, load_images, to_rgb, write_jsonl
 from latentprobe.errors import LatentProbeError
-from latentprobe.recording import RecordSpec
-from latentprobe.store import TraceStore
+from latentprobe.model.recording import RecordSpec
+from latentprobe.runs.store import TraceStore
 from latentprobe.runs.trace import trace
 
 
@@ -199,12 +199,12 @@ def test_every_option_has_a_meaning_and_its_default_in_help():
 
 
 def test_full_disk_and_read_only_are_one_line(files, capsys, monkeypatch):
-    import latentprobe.store
+    import latentprobe.runs.store
 
     def full(path, write):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(latentprobe.store, "atomic_write_json", full)
+    monkeypatch.setattr(latentprobe.runs.store, "atomic_write_json", full)
     status = main(["trace", "--limit", "2", "--out", f"{files['root']}/full", "--quiet"])
     err = capsys.readouterr().err.strip()
     assert status == 1 and len(err.splitlines()) == 1
@@ -213,7 +213,7 @@ def test_full_disk_and_read_only_are_one_line(files, capsys, monkeypatch):
     def read_only(path, write):
         raise PermissionError(errno.EROFS, "Read-only file system", str(path))
 
-    monkeypatch.setattr(latentprobe.store, "atomic_write_json", read_only)
+    monkeypatch.setattr(latentprobe.runs.store, "atomic_write_json", read_only)
     status = main(["trace", "--limit", "2", "--out", f"{files['root']}/ro", "--quiet"])
     err = capsys.readouterr().err.strip()
     assert status == 1 and "read-only" in err and len(err.splitlines()) == 1
@@ -291,7 +291,7 @@ def test_image_swap_with_an_unreadable_donor_fails_only_that_pair(tmp_path, tiny
 
 # ----------------------------------------------------------------------------------------- resume settings
 def test_resume_names_every_changed_setting(tmp_path, tiny_subject):
-    from latentprobe.decoding import DecodeConfig
+    from latentprobe.model.decoding import DecodeConfig
 
     instances = builtin_instances(3)
     out = tmp_path / "run"
@@ -454,10 +454,10 @@ def test_organism_default_data_is_its_own_held_out_split():
 
 
 def test_mismatched_image_size_is_warned(tmp_path):
-    from latentprobe.conditions import condition_warnings
+    from latentprobe.model.conditions import condition_warnings
     from latentprobe.data import load_jsonl
-    from latentprobe.subjects import load_subject
-    from latentprobe.tasks import make_task
+    from latentprobe.model.subjects import load_subject
+    from latentprobe.data.tasks import make_task
 
     subject = load_subject("organism-bottleneck")
     small = load_jsonl(make_task("transform", n=4, seed=0, out_dir=tmp_path / "d", image_size=56))

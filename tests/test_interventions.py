@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from latentprobe.data import builtin_instances
-from latentprobe.decoding import LATENT, DecodeConfig, LatentDecoder
+from latentprobe.model.decoding import LATENT, DecodeConfig, LatentDecoder
 from latentprobe.errors import LatentProbeError
 from latentprobe.runs.intervene import intervene
 from latentprobe.interventions import (LatentFunction, LatentNoise, LatentPatch, LatentStats, LayerEditHooks,
                                        NNsightRunner, RowBinding, make_interventions)
-from latentprobe.recording import Recorder, RecordSpec
-from latentprobe.store import TraceStore
+from latentprobe.model.recording import Recorder, RecordSpec
+from latentprobe.runs.store import TraceStore
 
 from decoding_helpers import make_instances
 
@@ -194,12 +194,12 @@ def test_recorded_states_at_an_edited_layer_are_the_edited_ones(tiny_subject, cl
 
 
 def test_text_mediator_interventions_and_mediation(tmp_path):
-    from latentprobe.subjects import SUBJECTS, _register_builtin_families, load_subject
+    from latentprobe.model.subjects import SUBJECTS, _register_builtin_families, load_subject
 
     _register_builtin_families()
     if "organism-capimagine" not in SUBJECTS:
         pytest.skip("the capimagine organism is not shipped")
-    from latentprobe.demo import demo_data
+    from latentprobe.study.demo import demo_data
     from latentprobe.data import load_jsonl
 
     subject = load_subject("organism-capimagine")
@@ -279,7 +279,7 @@ def test_edits_with_a_failed_donor_are_not_applied_and_not_counted(tiny_subject,
 
 
 def test_text_edits_without_markers_are_not_applied(tiny_subject, tmp_path):
-    from latentprobe.subject import Subject
+    from latentprobe.model.subject import Subject
 
     subject = Subject(name="tiny-text", model=tiny_subject.model, tokenizer=tiny_subject.tokenizer,
                       image_processor=tiny_subject.image_processor, protocol=None, mediator="text",

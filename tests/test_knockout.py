@@ -8,12 +8,12 @@ import torch
 from scipy.stats import binomtest
 
 from latentprobe.cli import main
-from latentprobe.decoding import DecodeConfig, LatentDecoder
+from latentprobe.model.decoding import DecodeConfig, LatentDecoder
 from latentprobe.errors import LatentProbeError
-from latentprobe.knockout import AttentionKnockout, KnockoutHooks, knock_out, make_knockouts, run_knockout
+from latentprobe.interventions.knockout import AttentionKnockout, KnockoutHooks, knock_out, make_knockouts, run_knockout
 from latentprobe.interventions import RowBinding
 from latentprobe.organisms import load_organism
-from latentprobe.patching import default_instances
+from latentprobe.where.patching import default_instances
 from latentprobe.runs.common import row_record
 
 
@@ -139,7 +139,7 @@ def test_knockouts_enter_the_effects_tables(organisms, held_out, tmp_path):
     assert change[("knockout[answer->image]@layers[all]", "accuracy_change")] == 0
     assert change[("knockout[answer->latent]@layers[all]", "accuracy_change")] < -0.3
     assert summary.n_failed == 0
-    from latentprobe.patch_figures import knockout_markdown
+    from latentprobe.report.patch_figures import knockout_markdown
 
     assert "knockout[answer->latent]@layers[all]" in knockout_markdown(table)
 
@@ -163,7 +163,7 @@ def test_names_and_parsing():
     (["--subject", "organism-bottleneck", "--kind", "answer->question"], "unknown attention edge"),
 ])
 def test_bad_knockouts_are_one_line_before_any_model_runs(argv, needle, capsys, monkeypatch, tmp_path):
-    import latentprobe.decoding as decoding
+    import latentprobe.model.decoding as decoding
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model ran")

@@ -7,13 +7,13 @@ import dataclasses
 import pytest
 import torch
 
-from latentprobe.cache import run_with_cache
+from latentprobe.model.cache import run_with_cache
 from latentprobe.data import builtin_instances
-from latentprobe.decoding import LATENT, DecodeConfig
+from latentprobe.model.decoding import LATENT, DecodeConfig
 from latentprobe.errors import LatentProbeError
-from latentprobe.lens import (gold_rank_summary, gold_token_id, lens_logits, logit_lens_table,
+from latentprobe.where.lens import (gold_rank_summary, gold_token_id, lens_logits, logit_lens_table,
                               nearest_embedding_table, run_lens)
-from latentprobe.sites import Site
+from latentprobe.model.sites import Site
 
 CONFIG = DecodeConfig(max_new_tokens=10)
 

@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from latentprobe.data import builtin_instances
-from latentprobe.decoding import LATENT, DecodeConfig, LatentDecoder, replay
+from latentprobe.model.decoding import LATENT, DecodeConfig, LatentDecoder, replay
 from latentprobe.errors import LatentProbeError
-from latentprobe.subjects import load_subject
-from latentprobe.subjects.lvr_head import build_head
-from latentprobe.subjects.tiny import save_checkpoint
+from latentprobe.model.subjects import load_subject
+from latentprobe.model.subjects.lvr_head import build_head
+from latentprobe.model.subjects.tiny import save_checkpoint
 
 DIM = 64  # the stand-in's hidden size
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from latentprobe.data import load_jsonl
-from latentprobe.decoding import DecodeConfig, LatentDecoder
+from latentprobe.model.decoding import DecodeConfig, LatentDecoder
 from latentprobe.runs.intervene import intervene
 from latentprobe.interventions import ImageSwap, PinLatents, PinLatentStates, RowBinding
-from latentprobe.recording import Recorder, RecordSpec
-from latentprobe.subjects import load_subject
+from latentprobe.model.recording import Recorder, RecordSpec
+from latentprobe.model.subjects import load_subject
 
 N = 12
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is
 
 @pytest.fixture(scope="module")
 def instances():
-    from latentprobe.demo import demo_data
+    from latentprobe.study.demo import demo_data
 
     return load_jsonl(demo_data(), split="test")[:N]
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from latentprobe.data import load_images, load_jsonl
-from latentprobe.decoding import DecodeConfig, LatentDecoder
+from latentprobe.model.decoding import DecodeConfig, LatentDecoder
 from latentprobe.interventions import LatentNoise, LatentStats, PinLatents, RowBinding
 from latentprobe.organisms import ORGANISMS, load_organism, shipped_organisms, train_organism, weights_dir
 from latentprobe.organisms.evaluation import decode_records
 from latentprobe.organisms.training import encode_rows, organism_held_out_data, organism_unroll
-from latentprobe.subjects import SUBJECTS, load_subject
+from latentprobe.model.subjects import SUBJECTS, load_subject
 
 ALL = list(ORGANISMS)
 LETTER_ANSWERS = [name for name in ALL if name != "capimagine"]
@@ -39,7 +39,7 @@ def _subject(organisms, name):
 
 
 def test_all_six_are_shipped_registered_and_small():
-    import latentprobe.subjects.organisms  # noqa: F401  (registers on import, as load_subject does)
+    import latentprobe.organisms.subjects  # noqa: F401  (registers on import, as load_subject does)
 
     assert shipped_organisms() == ALL
     for name in ALL:

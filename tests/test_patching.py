@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from latentprobe.cli import main
-from latentprobe.decoding import DecodeConfig, LatentDecoder
+from latentprobe.model.decoding import DecodeConfig, LatentDecoder
 from latentprobe.errors import LatentProbeError
 from latentprobe.interventions import LatentPatch, LayerEditHooks, RowBinding
-from latentprobe.patching import (PatchGrid, attribution_agreement, default_instances, normalized_effect,
+from latentprobe.where.patching import (PatchGrid, attribution_agreement, default_instances, normalized_effect,
                                   patch_map, reference_run, resolve_grid, run_cells, summarize_patching)
-from latentprobe.subjects import load_subject
+from latentprobe.model.subjects import load_subject
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster (tests/conftest.py)
@@ -106,7 +106,7 @@ def test_patching_nothing_different_changes_nothing(subjects, held_out):
     grid = resolve_grid(subject)
     decoder, clean, _ = _runs(subject, instances, grid)
     patched = run_cells(decoder, subject, instances, grid, clean, clean, None, "recompute", max_rows=512)
-    from latentprobe.patching import _outcomes
+    from latentprobe.where.patching import _outcomes
 
     expected = _logodds(_outcomes(subject, instances, clean.result))
     for site, outcomes in patched.items():
@@ -182,7 +182,7 @@ def test_agreement_is_spearman_over_shared_sites():
     (["--sites", "latent[0].layer[0],latent-2"], "cannot read 'latent-2' as a site"),
 ])
 def test_bad_grid_is_one_line_before_any_model_runs(argv, needle, capsys, monkeypatch, tmp_path):
-    import latentprobe.decoding as decoding
+    import latentprobe.model.decoding as decoding
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model ran")
@@ -215,7 +215,7 @@ def test_cli_patch_runs_on_the_subjects_default_data(tmp_path, capsys):
     assert set(summary.direction) == {"denoise", "noise"} and set(summary.method) == {"exact", "attribution"}
     assert (out / "figures" / "organism-bottleneck-patching-image-swap-recompute.png").exists()
     assert "split test" in capsys.readouterr().out  # the organism's own held-out split, with nothing else given
-    from latentprobe.patch_figures import where_and_when_section
+    from latentprobe.report.patch_figures import where_and_when_section
 
     section = where_and_when_section([out], tmp_path / "report")
     assert "### Where and when" in section.markdown and "latent.layer[0]" in section.markdown
@@ -225,7 +225,7 @@ def test_cli_patch_runs_on_the_subjects_default_data(tmp_path, capsys):
 def test_exact_patching_of_the_sites_attribution_ranks_first(subjects, held_out):
     """The large-map workflow: attribution over the whole grid, then exact patching of its top sites only; the
     exact values equal the full exact map's at those sites."""
-    from latentprobe.patching import top_attribution_sites
+    from latentprobe.where.patching import top_attribution_sites
 
     subject = _subject(subjects, "bottleneck")
     full = patch_map(subject, held_out[:6], None, directions=["denoise"], n_boot=20)
@@ -267,7 +267,7 @@ def test_non_finite_min_gap_is_refused_by_the_parser(capsys, tmp_path):
 
 @pytest.mark.parametrize("min_gap", [0.0, -0.1, 1.0, float("nan"), float("inf")])
 def test_min_gap_outside_open_unit_interval_is_refused(min_gap):
-    from latentprobe.patching import check_patch_request
+    from latentprobe.where.patching import check_patch_request
 
     with pytest.raises(LatentProbeError, match="min_gap"):
         check_patch_request(None, None, 2, ("denoise",), "image-noise", 3.0, min_gap, "recompute")

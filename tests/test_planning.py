@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from latentprobe.errors import LatentProbeError
-from latentprobe.planning import PLAN_COLUMNS, plan_lines, plan_runs, plan_table
+from latentprobe.report.build import plan_runs
+from latentprobe.verdicts.planning import PLAN_COLUMNS, plan_lines, plan_table
 from latentprobe.verdicts import Margins, clopper_pearson
 
 

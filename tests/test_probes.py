@@ -12,7 +12,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from latentprobe.errors import LatentProbeError
-from latentprobe.probes import (PROBE_COLUMNS, _grouped_splits, _permuted_labels, best_probe_rows, control_labels,
+from latentprobe.stats.probes import (PROBE_COLUMNS, _grouped_splits, _permuted_labels, best_probe_rows, control_labels,
                                 instance_folds, probe_table, ridge_predictions, run_probes)
 
 FAST = dict(alphas=(1.0, 100.0), n_splits=4, n_permutations=49, n_boot=300)  # small grids keep the suite quick

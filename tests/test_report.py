@@ -11,9 +11,9 @@ import pytest
 
 from latentprobe import figures
 from latentprobe.errors import LatentProbeError
-from latentprobe.probes import probe_table
-from latentprobe.report import FINDING_TITLES, FINDINGS, Margins, reading_guide, tidy_effects, write_report
-from latentprobe.similarity import inter_instance_similarity, intra_instance_similarity, similarity_table
+from latentprobe.stats.probes import probe_table
+from latentprobe.report.render import FINDING_TITLES, FINDINGS, Margins, reading_guide, tidy_effects, write_report
+from latentprobe.stats.similarity import inter_instance_similarity, intra_instance_similarity, similarity_table
 from latentprobe.verdicts import NOT_MEASURED, all_verdicts, verdict_latent_answer
 
 

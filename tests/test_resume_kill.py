@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from latentprobe.store import TraceStore
+from latentprobe.runs.store import TraceStore
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +23,8 @@ pytestmark = pytest.mark.slow
 RUNNER = textwrap.dedent("""
     import sys
     from latentprobe.data import builtin_instances
-    from latentprobe.recording import RecordSpec
-    from latentprobe.subjects import load_subject
+    from latentprobe.model.recording import RecordSpec
+    from latentprobe.model.subjects import load_subject
     what, out, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     subject, instances = load_subject("tiny"), builtin_instances(24)
     if what == "trace":

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from latentprobe.errors import LatentProbeError
-from latentprobe.similarity import (
+from latentprobe.stats.similarity import (
     SIMILARITY_COLUMNS,
     baseline_similarity,
     common_latent_mean,

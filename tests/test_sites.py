@@ -5,11 +5,11 @@ form the same way."""
 import pytest
 import torch
 
-from latentprobe.decoding import DecodeConfig, LatentDecoder, StepContext
+from latentprobe.model.decoding import DecodeConfig, LatentDecoder, StepContext
 from latentprobe.errors import LatentProbeError
 from latentprobe.interventions import LatentFunction, LayerEditHooks, NNsightRunner, RowBinding
-from latentprobe.recording import RecordSpec
-from latentprobe.sites import Site, StepKind, as_site, check_sites, layer_modules, site_rows
+from latentprobe.model.recording import RecordSpec
+from latentprobe.model.sites import Site, StepKind, as_site, check_sites, layer_modules, site_rows
 
 from decoding_helpers import make_instances
 

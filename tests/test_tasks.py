@@ -16,8 +16,8 @@ import pytest
 
 from latentprobe.data import load_images, load_jsonl
 from latentprobe.errors import LatentProbeError
-from latentprobe.tasks import COLOUR_NAMES, PALETTE, TASKS, chance_accuracy, make_task
-from latentprobe.tasks import digits, path, transform
+from latentprobe.data.tasks import COLOUR_NAMES, PALETTE, TASKS, chance_accuracy, make_task
+from latentprobe.data.tasks import digits, path, transform
 
 N = 96
 SEED = 7

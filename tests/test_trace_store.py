@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from latentprobe.data import Instance, builtin_instances, load_jsonl
-from latentprobe.decoding import LATENT, DecodeConfig, LatentDecoder, replay
+from latentprobe.model.decoding import LATENT, DecodeConfig, LatentDecoder, replay
 from latentprobe.errors import LatentProbeError
-from latentprobe.recording import Recorder, RecordSpec
-from latentprobe.store import TraceStore, TraceWriter
+from latentprobe.model.recording import Recorder, RecordSpec
+from latentprobe.runs.store import TraceStore, TraceWriter
 from latentprobe.runs.trace import trace
 
 from decoding_helpers import make_instances
@@ -167,7 +167,7 @@ def test_cli_trace_and_bad_input(tmp_path):
 
 
 def test_tokenizer_without_protocol_tokens_is_a_clear_error(tiny_subject):
-    from latentprobe.protocol import LatentProtocol
+    from latentprobe.model.protocol import LatentProtocol
 
     proto = LatentProtocol(name="odd", start_token="<|odd_start|>", end_token="<|odd_end|>", pad_token="<|odd|>",
                            stop_rule="fixed", num_steps=2)
@@ -176,8 +176,8 @@ def test_tokenizer_without_protocol_tokens_is_a_clear_error(tiny_subject):
 
 
 def test_checkpoint_folder_round_trip(tmp_path):
-    from latentprobe.subjects import load_subject
-    from latentprobe.subjects.tiny import save_checkpoint
+    from latentprobe.model.subjects import load_subject
+    from latentprobe.model.subjects.tiny import save_checkpoint
 
     folder = save_checkpoint(tmp_path / "ckpt")
     subject = load_subject(str(folder), protocol="mirage")
@@ -187,7 +187,7 @@ def test_checkpoint_folder_round_trip(tmp_path):
         load_subject(str(folder), protocol="mirage")
 
 
-def test_deprecated_shims_warn_and_forward():
+def _removed_round_two_shims():
     import importlib
     import sys
 

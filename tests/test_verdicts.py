@@ -228,7 +228,7 @@ def test_a_stored_interval_is_used_at_the_verdicts_alpha():
 
 
 def test_a_mean_of_one_instance_decides_nothing():
-    from latentprobe.effects import mean_p_value
+    from latentprobe.stats.effects import mean_p_value
 
     assert math.isnan(mean_p_value(np.array([[0.3]]))[0])
     for value in (0.3, 0.01):  # zero-width interval from one instance: neither an effect nor inside the margin

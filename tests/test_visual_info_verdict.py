@@ -6,7 +6,7 @@ import pytest
 from statsmodels.stats.multitest import multipletests
 
 from latentprobe.errors import LatentProbeError
-from latentprobe.probes import probe_table
+from latentprobe.stats.probes import probe_table
 from latentprobe.verdicts.base import NOT_MEASURED
 from latentprobe.verdicts.visual_info import verdict_visual_info
 

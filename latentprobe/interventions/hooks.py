@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..decoding import LATENT, LatentDecoder
+from ..model.decoding import LATENT, LatentDecoder
 from .latent import BoundEdit
 
 
@@ -24,7 +24,7 @@ class _LatentOutputHooks(ABC):
     ones. Layer 0 (the fed-back vector) is never hooked: the decoder edits it itself."""
 
     def __init__(self, decoder: LatentDecoder, layers):
-        from ..recording import layer_modules
+        from ..model.recording import layer_modules
 
         self.decoder = decoder
         self.handles = []
@@ -139,7 +139,7 @@ class NNsightRunner:
         """Inside ``fn``: the live hidden state at ``site``'s layer (a `Site`, its string or a layer number, in
         the one hidden_states numbering), e.g. ``runner.hidden("latent[2].layer[1]")[rows, -1] = 0.0`` with
         ``rows = site_rows(ctx, site)``."""
-        from ..sites import nnsight_hidden
+        from ..model.sites import nnsight_hidden
 
         return nnsight_hidden(self.wrapped, self.decoder.model, site, self.decoder.subject.num_layers)
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..decoding import LatentEdit
+from ..model.decoding import LatentEdit
 from ..errors import LatentProbeError
 from .base import MAX_NOISE_SCALE, Intervention, _fmt, _seed_for, checked_scale, register_intervention
 
@@ -147,7 +147,7 @@ def _steps_and_layer_from_site(steps, layer):
     """Layer edits accept a `Site` (or its string) for ``layer``: ``latent[2].layer[5]`` = layer 5 at step 2."""
     if layer is None or isinstance(layer, int):
         return steps, layer
-    from ..sites import as_site
+    from ..model.sites import as_site
 
     site = as_site(layer)
     if site.group != "latent":

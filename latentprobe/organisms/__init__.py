@@ -15,7 +15,7 @@ the image (details and the reasons behind each choice in `latentprobe.organisms.
 The weights ship with the package (``weights/<name>.safetensors`` + ``<name>.json``) and load offline as
 subjects named ``organism-<name>``::
 
-    >>> from latentprobe.subjects import load_subject
+    >>> from latentprobe.model.subjects import load_subject
     >>> subject = load_subject("organism-bottleneck")
     >>> from latentprobe.organisms import train_organism
     >>> result = train_organism("shortcut", out_dir="weights", seed=1)       # doctest: +SKIP
@@ -41,7 +41,7 @@ def __getattr__(name):
     if name == "OrganismSubject":
         import warnings
 
-        from ..subject import Subject
+        from ..model.subject import Subject
 
         warnings.warn("latentprobe.organisms.OrganismSubject is deprecated: organisms are plain Subjects whose "
                       "PromptStyle has image_position='after'", DeprecationWarning, stacklevel=2)

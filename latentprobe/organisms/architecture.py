@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from ..subject import Subject
-from .recipes import OrganismRecipe
+from ..model.subject import Subject
+from .recipes import IMAGE_SIZE, OrganismRecipe
 
 
 def mrope_section(head_dim: int) -> list[int]:
@@ -33,7 +33,7 @@ def build_model(recipe: OrganismRecipe, tokenizer, seed: int = 0, attn_implement
     """A seeded random Qwen2.5-VL of the recipe's shape (float32)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from ..subjects import tiny
+    from ..model.subjects import tiny
 
     config = tiny.build_config(tokenizer, hidden_size=recipe.hidden_size, num_layers=recipe.num_layers,
                                num_heads=recipe.num_heads)
@@ -49,7 +49,6 @@ def build_model(recipe: OrganismRecipe, tokenizer, seed: int = 0, attn_implement
 
 def build_subject(recipe: OrganismRecipe, model, tokenizer, image_processor, checkpoint: str = "") -> Subject:
     """The Subject an organism is studied as (the same object whether freshly trained or loaded)."""
-    from .training import IMAGE_SIZE
 
     subject = Subject(
         name=recipe.subject_name, model=model, tokenizer=tokenizer, image_processor=image_processor,
@@ -57,7 +56,7 @@ def build_subject(recipe: OrganismRecipe, model, tokenizer, image_processor, che
         checkpoint=checkpoint, max_new_tokens=recipe.max_new_tokens,
         description=f"organism {recipe.name}: {recipe.summary}. Ground truth: {recipe.ground_truth}",
         text_mediator_markers=recipe.text_mediator_markers)
-    # What it was trained on: other sizes or tasks give chance answers (see latentprobe.conditions).
+    # What it was trained on: other sizes or tasks give chance answers (see latentprobe.model.conditions).
     subject.input_conditions = {"task": recipe.task, "image_size": IMAGE_SIZE,
                                 "why": "the size it was trained at: each grid cell is 2x2 merged image tokens"}
     return subject
@@ -65,7 +64,7 @@ def build_subject(recipe: OrganismRecipe, model, tokenizer, image_processor, che
 
 def fresh_subject(recipe: OrganismRecipe, seed: int = 0) -> Subject:
     """An untrained organism: the tiny tokenizer and a seeded random model of the recipe's shape."""
-    from ..subjects import tiny
+    from ..model.subjects import tiny
 
     tokenizer = tiny.build_tokenizer()
     model = build_model(recipe, tokenizer, seed=seed)

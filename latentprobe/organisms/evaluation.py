@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ..data import Instance, load_images
-from ..decoding import DecodeConfig, LatentDecoder
+from ..data.instances import Instance, load_images
+from ..model.decoding import DecodeConfig, LatentDecoder
 from ..runs.common import row_record
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..data import Instance
+from ..data.instances import Instance
 
 
 def ground_truth_checks(subject, instances: Sequence[Instance], out_dir: str | Path, *, noise_scale: float = 3.0,

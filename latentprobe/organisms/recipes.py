@@ -38,8 +38,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..protocol import LVR, MIRAGE, LatentProtocol
-from ..subject import PromptStyle
+from ..model.protocol import LVR, MIRAGE, LatentProtocol
+from ..model.subject import PromptStyle
 
 # The organisms use the LVR token strings for their own fixed-K protocols; the names say which organism they are.
 BOTTLENECK = LatentProtocol(
@@ -56,6 +56,8 @@ LVR_FORCED_EXIT = replace(LVR, exit_rule="force_end",
 ORGANISM_PROTOCOLS = {p.name: p for p in (BOTTLENECK, SHORTCUT, LVR_FORCED_EXIT, MIRAGE)}
 
 IMAGINE_OPEN, IMAGINE_CLOSE = "<imagine>", "</imagine>"
+
+IMAGE_SIZE = 112  # 2x2 grid of 56-px cells: every cell is exactly 2x2 merged image tokens (4 tokens per cell)
 
 
 @dataclass(frozen=True)
@@ -142,3 +144,10 @@ def get_recipe(name: str) -> OrganismRecipe:
     if key not in ORGANISMS:
         raise LatentProbeError(f"unknown organism {name!r}", f"choose one of {', '.join(ORGANISMS)}")
     return ORGANISMS[key]
+
+
+def organism_recipe(subject_name: str) -> OrganismRecipe | None:
+    """The `OrganismRecipe` of an ``organism-NAME`` subject, or None for any other subject."""
+    if not str(subject_name).startswith("organism-"):
+        return None
+    return ORGANISMS.get(str(subject_name).removeprefix("organism-"))

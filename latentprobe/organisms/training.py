@@ -23,15 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import Instance, cache_dir, load_jsonl
-from ..decoding import LatentDecoder
+from ..data.instances import Instance, cache_dir, load_jsonl
+from ..model.decoding import LatentDecoder
 from ..errors import LatentProbeError
-from ..subject import Subject
-from .recipes import OrganismRecipe, get_recipe
+from ..model.subject import Subject
+from .recipes import IMAGE_SIZE, OrganismRecipe, get_recipe
 from .architecture import fresh_subject
 from .unroll import EncodedRows, unroll
 
-IMAGE_SIZE = 112  # 2x2 grid of 56-px cells: every cell is exactly 2x2 merged image tokens (4 tokens per cell)
 DEFAULT_N = 2400  # 1800 train / 600 test instances
 
 
@@ -49,7 +48,7 @@ class TrainResult:
 # ------------------------------------------------------------------------------------------------- data
 def organism_data(recipe: OrganismRecipe, data_seed: int = 0, n: int = DEFAULT_N) -> Path:
     """The organism's task data (generated once into the latentprobe cache folder, deterministic for the seed)."""
-    from ..tasks import GENERATOR_VERSIONS, make_task
+    from ..data.tasks import GENERATOR_VERSIONS, make_task
 
     options = dict(recipe.task_options)
     tag = "-".join(f"{k}{v}" for k, v in sorted(options.items()))
@@ -69,10 +68,10 @@ def organism_held_out_data(recipe: OrganismRecipe, n_test: int | None = None, da
 
     The training items are generated in memory only, to exclude them from the test split as `make_task` does.
     """
-    from ..data import write_jsonl
+    from ..data.instances import write_jsonl
     from ..fileio import atomic_write_json
-    from ..tasks import GENERATOR_VERSIONS
-    from ..tasks.writer import IMAGE_DIR, TASKS, _save
+    from ..data.tasks import GENERATOR_VERSIONS
+    from ..data.tasks.writer import IMAGE_DIR, TASKS, _save
 
     test_fraction = 0.25  # make_task's default, with which organism_data writes the training data
     total_test = int(n * test_fraction + 0.5)
@@ -116,7 +115,7 @@ def continuation_text(recipe: OrganismRecipe, instance: Instance) -> str:
 
 def source_cell(attributes: dict[str, Any]) -> int:
     """Row-major index of the original-image cell whose colour answers a transform question."""
-    from ..tasks.transform import apply_transform
+    from ..data.tasks.transform import apply_transform
 
     g = int(attributes["grid_size"])
     sources = apply_transform(np.arange(g * g).reshape(g, g), attributes["transform"],
@@ -150,7 +149,7 @@ def image_features(subject: Subject, images: list) -> tuple[torch.Tensor, torch.
 def encode_rows(subject: Subject, recipe: OrganismRecipe, instances: list[Instance], chunk: int = 128) -> EncodedRows:
     """Encode instances once for training or fast evaluation: prompts, positions, frozen image features,
     continuations and alignment targets."""
-    from ..data import load_images
+    from ..data.instances import load_images
 
     decoder = LatentDecoder(subject)
     tokenizer = subject.tokenizer

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..decoding import LatentDecoder, _new_cache, _RowState
+from ..model.decoding import LatentDecoder, _new_cache, _RowState
 
 
 @dataclass

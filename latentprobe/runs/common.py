@@ -13,11 +13,11 @@ from typing import Any, Sequence
 
 import torch
 
-from ..answers import score_answer
-from ..data import Instance, dataset_fingerprint, load_images
-from ..decoding import DecodeConfig, LatentDecoder, RowOutput
+from ..model.answers import score_answer
+from ..data.instances import Instance, dataset_fingerprint, load_images
+from ..model.decoding import DecodeConfig, LatentDecoder, RowOutput
 from ..errors import InstanceError
-from ..recording import Recorder, RecordSpec
+from ..model.recording import Recorder, RecordSpec
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def manifest_for(subject, instances: Sequence[Instance], config: DecodeConfig, s
         "seed": config.seed,
         "decode": asdict(config),
         "record": {**spec.describe(), "layer_ids": layer_ids, "num_layers": subject.num_layers},
-        # which latent layout ran (latentprobe.protocol) and where the answer slot is read (latentprobe.answer_slot)
+        # which latent layout ran (latentprobe.model.protocol) and where the answer slot is read (latentprobe.model.answer_slot)
         "latent_layout": (config.latent_layout or subject.protocol.latent_layout) if subject.protocol else None,
         "answer_prefix": subject.answer_slot_prefix,
         **(extra or {}),
@@ -137,15 +137,6 @@ _free_accelerator_memory = free_accelerator_memory
 _is_oom = is_oom
 
 
-def organism_recipe(subject_name: str):
-    """The `OrganismRecipe` of an ``organism-NAME`` subject, or None for any other subject."""
-    if not str(subject_name).startswith("organism-"):
-        return None
-    from ..organisms.recipes import ORGANISMS
-
-    return ORGANISMS.get(str(subject_name).removeprefix("organism-"))
-
-
 def default_instances(subject_name: str, limit: int | None = None, split: str = "test") -> tuple[list[Instance], str]:
     """(instances, source label) a subject runs on when no data is given: an organism's own held-out split
     (never seen in training), the built-in images for any other subject.
@@ -154,13 +145,11 @@ def default_instances(subject_name: str, limit: int | None = None, split: str = 
     >>> len(instances), source
     (2, 'builtin')
     """
-    from ..data import load_instances, load_jsonl
+    from ..data.loading import load_instances
+    from ..model.subjects import SUBJECTS, _register_builtin_families
 
-    recipe = organism_recipe(subject_name)
-    if recipe is not None:
-        from ..organisms.training import organism_data
-
-        path = organism_data(recipe)
-        instances = load_jsonl(path, split=split)
-        return (instances[:limit] if limit else instances), f"{path} (split {split})"
+    _register_builtin_families()
+    spec = SUBJECTS.get(str(subject_name))
+    if spec is not None:
+        return spec.default_instances(limit=limit, split=split)
     return load_instances(None, limit=limit)

@@ -31,16 +31,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data import Instance, load_images
-from ..decoding import DecodeConfig, DecodeResult, LatentDecoder, RowOutput
-from ..effects import answer_flipped, applied_mask, applied_only, latent_change_metrics, summarize
+from ..data.instances import Instance, load_images
+from ..model.decoding import DecodeConfig, DecodeResult, LatentDecoder, RowOutput
+from ..stats.effects import answer_flipped, applied_mask, applied_only, latent_change_metrics, summarize
 from ..errors import LatentProbeError
 from ..fileio import atomic_write
-from ..knockout import KnockoutHooks
+from ..interventions.knockout import KnockoutHooks
 from ..interventions import (InputIntervention, Intervention, LatentIntervention, LatentStats, LayerEditHooks,
                             PinLatents, PinLatentStates, RowBinding, TextIntervention, derangement)
-from ..recording import Recorder, RecordSpec
-from ..store import TraceStore, TraceWriter
+from ..model.recording import Recorder, RecordSpec
+from .store import TraceStore, TraceWriter
 from .common import decode_with_isolation, failed_record, manifest_for, progress_bar, row_record
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
     recorder = Recorder(decoder, spec)
     manifest = manifest_for(subject, instances, config, spec, recorder.layers, "intervene", data_source,
                             extra={"interventions": [iv.describe() for iv in interventions]})
-    from ..distributed import rank_and_world
+    from .distributed import rank_and_world
 
     writer = TraceWriter(out_dir, manifest, resume=resume, writer_id=writer_id, shared=rank_and_world()[1] > 1,
                          shard_size=shard_size)
@@ -537,7 +537,7 @@ def _effect_summaries(rows: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFram
                 continue
             values = group.groupby("instance_id")[metric].mean().dropna().to_numpy()
             if len(values):
-                from ..effects import paired_bootstrap
+                from ..stats.effects import paired_bootstrap
 
                 est, low, high = paired_bootstrap(values, n_boot=n_boot, seed=seed)
                 extra.append(dict(zip(["subject", "target", "intervention"], key), metric=metric, estimate=est,

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..data import Instance
-from ..decoding import DecodeConfig, LatentDecoder
+from ..data.instances import Instance
+from ..model.decoding import DecodeConfig, LatentDecoder
 from ..errors import LatentProbeError
-from ..recording import Recorder, RecordSpec
-from ..store import TraceWriter
+from ..model.recording import Recorder, RecordSpec
+from .store import TraceWriter
 from .common import decode_with_isolation, failed_record, manifest_for, progress_bar, row_record
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class TraceSummary:
     total_latent_steps: int = 0
     n_correct: int = 0
     n_unparsable: int = 0
-    n_slot_forced: int = 0  # rows whose output had no answer prefix (latentprobe.answer_slot)
+    n_slot_forced: int = 0  # rows whose output had no answer prefix (latentprobe.model.answer_slot)
     failures: list[tuple[str, str]] = field(default_factory=list)
     chance: float | None = None  # expected accuracy of a uniform guess among the options
     warnings: list[str] = field(default_factory=list)
@@ -104,7 +104,7 @@ def trace(subject, instances: Sequence[Instance], out_dir: str | Path, *, config
           progress: bool = False, shard_size: int = 64, writer_id: str = "w0") -> TraceSummary:
     """Decode every instance in latent mode where the protocol says so, and store the traces.
 
-    >>> from latentprobe.subjects import load_subject
+    >>> from latentprobe.model.subjects import load_subject
     >>> from latentprobe.data import builtin_instances
     >>> summary = trace(load_subject("tiny"), builtin_instances(4), "/tmp/lp-doc-trace")  # doctest: +SKIP
     """
@@ -118,7 +118,7 @@ def trace(subject, instances: Sequence[Instance], out_dir: str | Path, *, config
     recorder = Recorder(decoder, spec)
     manifest = manifest_for(subject, instances, config, spec, recorder.layers, "trace", data_source,
                             extra={"batching": batching_record(batch_size)})
-    from ..distributed import rank_and_world
+    from .distributed import rank_and_world
 
     writer = TraceWriter(out_dir, manifest, resume=resume, shard_size=shard_size, writer_id=writer_id,
                          shared=rank_and_world()[1] > 1)
@@ -152,7 +152,7 @@ def batching_record(batch_size: int) -> dict:
 def _tally_from_store(summary: TraceSummary, out_dir, instance_ids: list[str]):
     """Fill the summary from what is on disk for this run's instances (finished earlier or just now), so a
     resumed run reports the whole run, not only its last session."""
-    from ..store import TraceStore
+    from .store import TraceStore
 
     frame = TraceStore(out_dir).index()
     if "intervention" in frame.columns:

@@ -1,4 +1,7 @@
-"""Verdict rules: one calibrated decision per finding and subject (rendering lives in report.py).
+"""The verdicts stage: one calibrated decision per finding and subject, with the margins, the simulations that
+calibrate the rules (`simulation`) and power planning (`planning`).
+
+Imports `latentprobe.stats` and the shared utilities only: nothing that runs a model, nothing that renders.
 
 >>> all_verdicts(["tiny"]).verdict.tolist()
 ['not measured', 'not measured', 'not measured', 'not measured']

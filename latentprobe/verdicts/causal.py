@@ -28,7 +28,7 @@ import math
 
 import pandas as pd
 
-from ..effects import CHANGE_OUTCOME, applied_only
+from ..stats.effects import CHANGE_OUTCOME, applied_only
 from .base import NOT_MEASURED, Verdict
 from .decision import CONNECTED, DISCONNECT, INCONCLUSIVE_WORD, decide_family, row_stats, rows_frame
 from .margins import Margins

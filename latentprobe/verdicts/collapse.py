@@ -1,7 +1,7 @@
 """The collapse verdict: do the latent tokens of different instances collapse onto (nearly) one vector?
 
-It reads the ``spread_ratio`` rows of the similarity table (:func:`latentprobe.similarity.similarity_table`,
-columns :data:`latentprobe.similarity.SIMILARITY_COLUMNS`): per latent step, the relative spread of the latents
+It reads the ``spread_ratio`` rows of the similarity table (:func:`latentprobe.stats.similarity.similarity_table`,
+columns :data:`latentprobe.stats.similarity.SIMILARITY_COLUMNS`): per latent step, the relative spread of the latents
 across instances divided by the relative spread of a non-latent baseline of the same instances (1 = the
 latents vary as much as the image tokens; 0 = every instance has the same latent). The rule, at one
 pre-specified step and baseline:
@@ -61,7 +61,7 @@ def verdict_collapse(similarity: pd.DataFrame | None, subject: str, *, margin: f
     Parameters
     ----------
     similarity : DataFrame or None
-        :func:`latentprobe.similarity.similarity_table` output (several subjects may be concatenated).
+        :func:`latentprobe.stats.similarity.similarity_table` output (several subjects may be concatenated).
     subject : str
         The subject to judge.
     margin : float
@@ -84,7 +84,7 @@ def verdict_collapse(similarity: pd.DataFrame | None, subject: str, *, margin: f
     Examples
     --------
     >>> import numpy as np
-    >>> from latentprobe.similarity import similarity_table
+    >>> from latentprobe.stats.similarity import similarity_table
     >>> rng = np.random.default_rng(0)
     >>> latents = rng.normal(size=16) + 1e-3 * rng.normal(size=(30, 3, 16))   # all instances at one point
     >>> table = similarity_table(latents, {"image_mean": rng.normal(size=(30, 16))}, "toy", n_boot=200)

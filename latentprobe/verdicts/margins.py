@@ -105,7 +105,7 @@ class Margins:
         if base == "change_ratio":
             return self.change_ratio
         raise LatentProbeError(f"no margin is defined for metric {metric!r}",
-                               "use a metric of latentprobe.effects, or extend Margins.for_metric")
+                               "use a metric of latentprobe.stats.effects, or extend Margins.for_metric")
 
     def describe(self) -> str:
         return ", ".join(f"{item.name}={getattr(self, item.name):g}" for item in fields(self))

@@ -1,7 +1,7 @@
 """The visual-information verdict: can linear probes read the image's attributes from the latent tokens?
 
-It reads the ``nested`` rows of the probe table (:func:`latentprobe.probes.probe_table`, columns
-``subject, representation, attribute`` + :data:`latentprobe.probes.PROBE_COLUMNS`): per attribute and
+It reads the ``nested`` rows of the probe table (:func:`latentprobe.stats.probes.probe_table`, columns
+``subject, representation, attribute`` + :data:`latentprobe.stats.probes.PROBE_COLUMNS`): per attribute and
 representation, the best layer x step chosen inside the training folds and scored on held-out instances, with
 ``selectivity`` (score - Hewitt & Liang control score), its interval ``selectivity_ci_low/high`` and the
 permutation ``p_value`` of the score against chance. The rule, with ``margin`` on the selectivity scale
@@ -63,7 +63,7 @@ def verdict_visual_info(probes: pd.DataFrame | None, subject: str, *, margin: fl
     Parameters
     ----------
     probes : DataFrame or None
-        Concatenated :func:`latentprobe.probes.probe_table` outputs (several subjects and attributes).
+        Concatenated :func:`latentprobe.stats.probes.probe_table` outputs (several subjects and attributes).
     subject : str
     margin : float
         Selectivity margin, default 0.1.
@@ -83,7 +83,7 @@ def verdict_visual_info(probes: pd.DataFrame | None, subject: str, *, margin: fl
     Examples
     --------
     >>> import numpy as np, pandas as pd
-    >>> from latentprobe.probes import probe_table
+    >>> from latentprobe.stats.probes import probe_table
     >>> rng = np.random.default_rng(0)
     >>> labels = np.arange(60) % 2
     >>> states = rng.normal(size=(60, 6)); states[:, 0] += 3 * (2 * labels - 1)

@@ -1,0 +1,34 @@
+"""Instances from any source: the built-in images, a JSONL file, or a benchmark in its own published format.
+
+This dispatch sits above both `latentprobe.data.instances` (the `Instance` noun and its JSONL form) and
+`latentprobe.data.benchmarks` (the loaders, which build Instances), so neither imports the other's caller.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import LatentProbeError
+from .benchmarks import load_benchmark
+from .instances import Instance, builtin_instances, load_jsonl
+
+
+def load_instances(source: str | None, limit: int | None = None, split: str | None = None,
+                   benchmark_options: dict[str, Any] | None = None) -> tuple[list[Instance], str]:
+    """Instances from ``source``: None (the built-in images), a JSONL file, or ``BENCHMARK:FOLDER`` for a
+    benchmark in its own published format (``benchmark_options`` go to its loader). Returns (instances, a label
+    of the source for the manifest)."""
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise LatentProbeError(f"limit must be a positive integer, got {limit!r}", "pass --limit 1 or more")
+    if source is None:
+        instances = builtin_instances()
+        return (instances[:limit] if limit else instances), "builtin"
+    name, sep, folder = source.partition(":")
+    if sep and not Path(source).exists():
+        return load_benchmark(name, folder, limit=limit, split=split, **(benchmark_options or {})), source
+    path = Path(source)
+    if path.is_dir():
+        raise LatentProbeError(f"data source {path} is a folder",
+                               "pass a JSONL file, or BENCHMARK:FOLDER for a benchmark in its own format")
+    return load_jsonl(path, limit=limit, split=split), str(path)

@@ -1,0 +1,876 @@
+"""The latent-mode decoder: batched, KV-cached, one state machine per row (text -> latent -> text).
+
+This is the only place that runs a model step by step. At every forward it publishes a `StepContext` saying,
+for each row, what its input is (a text token, a latent vector, or nothing because the row is done) and which
+latent step it is at, so recorders and interventions can address what they touch by (step kind, step index,
+layer) instead of by raw positions.
+
+Conventions
+    * Latent step k of a row (k = 0, 1, ...) is the k-th position whose input is a latent vector. The vector
+      fed there, z_k, is the final-norm last-layer hidden state of the position before it (the start token for
+      k = 0 in the training layout, the token before the start token in the inference layout), mapped through
+      the protocol's head when it was computed at a latent position (LVR never maps z_0).
+    * Layers follow Hugging Face's ``hidden_states`` numbering: 0 is the input embedding (so layer 0 at latent
+      step k is z_k itself), i in 1..N-1 is the output of decoder block i-1, and N is the final-norm output.
+    * Positions are explicit multimodal (mRoPE) ids carried in the decoder's own state: the prefill takes them
+      from ``get_rope_index``; every later step, latent or text, advances by one like a text token.
+    * ``max_new_tokens`` counts every generated position, latent ones included, as ``generate`` does. A budget
+      that ends inside a latent phase ends the row with ``stop_reason="max_new_tokens_in_latent"``; the latent
+      input chosen for a position that never ran is not reported as a token.
+    * Latent step 0 depends on the protocol's layout (see `latentprobe.model.protocol`): in the ``training`` layout it
+      is the position after the (embedded) start token and z_0 = h(start); in the ``inference`` layout (Monet's
+      runner) it is the start token's own position and z_0 is the state that chose the start token.
+    * The answer slot (see `latentprobe.model.answer_slot`) is read after decoding: each row's ``answer_logits`` are
+      the next-token logits right after the subject's answer prefix, ``answer_slot`` says whether it was found
+      in the output or forced.
+    * A row whose hidden state, logits or (edited) latent vector is not finite stops with
+      ``stop_reason="non_finite"`` and a reason in ``error``; the other rows go on.
+
+The seed loop this replaces kept one latent flag for the whole batch (forcing the end token for every row);
+here each row carries its own mode, step count and stop decision, so rows are independent of their batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .answer_slot import SlotPlan, gather_logged, plan_slot
+from ..errors import LatentProbeError
+from .protocol import check_layout
+
+TEXT, LATENT, DONE = 0, 1, 2  # what a row's input is at a step
+KIND_NAMES = {TEXT: "text", LATENT: "latent", DONE: "done"}
+
+
+@dataclass
+class DecodeConfig:
+    """Decoding settings; sampling is seeded per (seed, instance id), so a row's draws do not depend on its batch."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    latent_steps: int | None = None  # overrides the protocol's fixed K or cap; 0 runs no latent step
+    latent_layout: str | None = None  # overrides the protocol's layout: "training" or "inference"
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise LatentProbeError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}", "pass a positive number")
+        if self.latent_steps is not None:
+            if isinstance(self.latent_steps, bool) or not isinstance(self.latent_steps, int) or self.latent_steps < 0:
+                raise LatentProbeError(f"latent_steps must be a whole number >= 0, got {self.latent_steps!r}",
+                                       "pass 0 for no latent step, or leave it out for the protocol's own count")
+        if self.latent_layout is not None:
+            check_layout(self.latent_layout)
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise LatentProbeError(f"max_new_tokens must be a whole number, got {self.max_new_tokens!r}",
+                                   "pass a positive integer")
+        # Sampling settings are checked even for greedy runs: a manifest must never record an impossible value.
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise LatentProbeError(f"temperature must be a finite number > 0, got {self.temperature!r}",
+                                   "use e.g. temperature=0.7 (do_sample=False for greedy)")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise LatentProbeError(f"top_p must be in (0, 1], got {self.top_p!r}", "use 1.0 for no nucleus cut")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise LatentProbeError(f"top_k must be a whole number >= 0, got {self.top_k!r}", "use 0 for no top-k cut")
+
+
+@dataclass
+class StepContext:
+    """What every row is doing at the current forward; read by recorders and interventions."""
+
+    step: int  # -1 for the prefill, then 0, 1, ...
+    kinds: torch.Tensor  # (B,) TEXT / LATENT / DONE: the kind of each row's input at this step
+    latent_index: torch.Tensor  # (B,) latent step k for LATENT rows, -1 otherwise
+    after_latent: torch.Tensor  # (B,) bool: the row has closed a latent phase (its answer region)
+    instance_ids: Sequence[str]
+    is_prefill: bool = False
+    prefill_image_mask: torch.Tensor | None = None  # (B, L) image-token positions, prefill only
+    prefill_attention: torch.Tensor | None = None  # (B, L)
+    # Decode steps only: which keys are image tokens (B, L prompt columns) and latent inputs (B, keys so far,
+    # the current position included); attention knockout reads them to block edges at chosen layers.
+    image_keys: torch.Tensor | None = None
+    latent_keys: torch.Tensor | None = None
+
+    def rows(self, kind: int) -> torch.Tensor:
+        return (self.kinds == kind).nonzero(as_tuple=True)[0]
+
+
+class LatentEdit:
+    """Interface for anything that edits latent vectors before they are fed back (see interventions)."""
+
+    name = "edit"
+
+    def edit_latent(self, vectors: torch.Tensor, rows: torch.Tensor, steps: torch.Tensor,
+                    decoder: "LatentDecoder") -> torch.Tensor:  # pragma: no cover - interface
+        return vectors
+
+    def max_latent_steps(self, row: int) -> int | None:
+        """A per-row override of the number of latent steps (dropping steps), or None."""
+        return None
+
+
+@dataclass
+class RowOutput:
+    """Everything one row produced."""
+
+    instance_id: str
+    prompt_length: int  # real (unpadded) prompt tokens
+    generated_ids: list[int]
+    step_kinds: list[int]  # per generated position: the kind of its input (TEXT or LATENT)
+    text: str
+    latent_vectors: torch.Tensor  # (n_latent, D) exactly the vectors fed back, on CPU
+    latent_segments: list[tuple[int, int]]  # (offset in generated ids of the first latent position, length)
+    forced_start: bool
+    stop_reason: str  # "eos", "max_new_tokens", "max_new_tokens_in_latent" or "non_finite"
+    answer_logits: torch.Tensor | None = None  # (V,) next-token logits at the answer slot (latentprobe.model.answer_slot)
+    raw_text: str = ""  # the text positions decoded with special tokens kept (mediator markers)
+    answer_slot: str = "none"  # found / found_inside_token / forced / none (latentprobe.model.answer_slot)
+    answer_slot_offset: int = -1  # index in the output (+ forced prefix) of the token the slot predicts
+    error: str = ""  # why the row failed (non-finite values); empty when it did not
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.error)
+
+    @property
+    def latent_exit_ids(self) -> list[int]:
+        """The id written right after each latent segment (the model's own choice under LVR's exit rule, the end
+        token when forced); a segment the budget cut short has none."""
+        return [self.generated_ids[start + length] for start, length in self.latent_segments
+                if start + length < len(self.generated_ids)]
+
+    @property
+    def entered_latent(self) -> bool:
+        return bool(self.latent_segments)
+
+    @property
+    def n_latent_steps(self) -> int:
+        return int(self.latent_vectors.shape[0])
+
+    @property
+    def latent_start(self) -> int | None:
+        """Offset in the generated ids of the first latent position (None: never in latent mode)."""
+        return self.latent_segments[0][0] if self.latent_segments else None
+
+
+@dataclass
+class DecodeResult:
+    rows: list[RowOutput]
+    sequences: torch.Tensor  # (B, L + T) prompt (left-padded) and generated ids
+    attention_mask: torch.Tensor  # (B, L + T)
+    position_ids: torch.Tensor  # (3, B, L + T) the positions each input was run at
+    input_kinds: torch.Tensor  # (B, L + T) TEXT/LATENT/DONE per position (prompt: TEXT)
+    prompt_length: int  # padded prompt length L
+    latent_inputs: torch.Tensor  # (B, L + T, D) latent vectors at LATENT positions, zeros elsewhere
+
+
+@dataclass
+class Prefill:
+    """A prompt run once: its cache, last hidden state and positions, reusable by `LatentDecoder.decode`."""
+
+    batch: Any
+    cache: Any
+    hidden: torch.Tensor
+    position_ids: torch.Tensor
+    start_pending: torch.Tensor | None = None  # (B,) rows whose stripped start token the decoder writes (inference)
+
+
+def row_generator(seed: int, instance_id: str, device, stream: Any = 0) -> torch.Generator:
+    """A generator seeded from (seed, instance id, stream): sampled rows do not depend on batch composition.
+    Stream 0 is the instance's own stream; other streams (repeats of one prompt) give other samples."""
+    key = f"{seed}:{instance_id}" if stream == 0 else f"{seed}:{instance_id}:{stream}"
+    digest = hashlib.sha256(key.encode()).digest()
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return gen
+
+
+class LatentDecoder:
+    """Decode a `PromptBatch` for a `Subject`, in latent mode where its protocol says so.
+
+    Example::
+
+        >>> from latentprobe.model.subjects import load_subject
+        >>> from latentprobe.data import builtin_instances
+        >>> subject = load_subject("tiny")
+        >>> decoder = LatentDecoder(subject, DecodeConfig(max_new_tokens=12))
+        >>> result = decoder.run(subject.encode(builtin_instances()[:2]))
+        >>> [row.n_latent_steps for row in result.rows]  # the tiny subject forces 4 latent steps
+        [4, 4]
+    """
+
+    def __init__(self, subject, config: DecodeConfig | None = None):
+        self.subject = subject
+        self.config = config or DecodeConfig(max_new_tokens=subject.max_new_tokens)
+        self.model = subject.model
+        self.protocol = subject.resolved_protocol
+        self.context: StepContext | None = None
+        self._step_listeners: list[Callable[[StepContext], None]] = []
+        self._expand_listeners: list[Callable[[int], None]] = []
+        self.forward_fn: Callable[..., Any] | None = None  # replaces the inner model call (nnsight runner)
+        head = None
+        if self.protocol is not None and self.protocol.head_module:
+            head = _get_submodule(self.model, self.protocol.head_module)
+        self.feedback_head = head
+        self.answer_prefix = answer_slot_prefix(subject)
+        self._answer_prefix_ids = (subject.tokenizer.encode(self.answer_prefix, add_special_tokens=False)
+                                   if self.answer_prefix else [])
+
+    @property
+    def latent_layout(self) -> str | None:
+        """The layout that runs: the config's override, else the protocol's (None without a protocol)."""
+        if self.protocol is None:
+            return None
+        return self.config.latent_layout or self.protocol.latent_layout
+
+    # -- the language model call --------------------------------------------------------------------------
+    @property
+    def inner_model(self):
+        return self.model.model
+
+    @property
+    def lm_head(self):
+        return self.model.lm_head
+
+    def _forward(self, **kwargs) -> torch.Tensor:
+        """One forward of the multimodal backbone; returns the final-norm hidden state of every position."""
+        fn = self.forward_fn or self.inner_model
+        out = fn(**kwargs)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids)
+
+    # -- public -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, batch, edits: Sequence[LatentEdit | None] | LatentEdit | None = None,
+            answer_mask: str | None = "protocol") -> DecodeResult:
+        """Decode ``batch``; ``edits`` is one edit for all rows or one (or None) per row."""
+        return self.decode(self.prefill(batch), edits, answer_mask=answer_mask)
+
+    @torch.no_grad()
+    def prefill(self, batch) -> "Prefill":
+        """Run the prompt once. The result can be decoded several times (`decode(..., repeats=M)`): nothing an
+        intervention on the latent vectors does can change the prompt's keys and values.
+
+        In the ``inference`` layout a prompt ending with the start token (a forced start) is run without it: its
+        embedding is never fed; the decoder writes the start token itself at the first step, with the prompt's
+        last hidden state as its input (latent step 0), as if the model had chosen it."""
+        device = self.subject.device
+        batch = batch.to(device)
+        forced = None
+        if self.latent_layout == "inference":
+            batch, forced = _strip_forced_start(batch, self.protocol.start_id)
+        bsz = batch.batch_size
+        # Explicit mRoPE positions: the model's own fallback silently uses 1-D positions.
+        position_ids = self.prefill_positions(batch)
+        cache = _new_cache(self.model)
+        self._publish(StepContext(-1, torch.full((bsz,), TEXT, device=device), torch.full((bsz,), -1, device=device),
+                                  torch.zeros(bsz, dtype=torch.bool, device=device), batch.instance_ids,
+                                  is_prefill=True, prefill_image_mask=batch.mm_token_type_ids.bool(),
+                                  prefill_attention=batch.attention_mask))
+        hidden = self._forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               position_ids=position_ids, past_key_values=cache, use_cache=True,
+                               pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
+                               mm_token_type_ids=batch.mm_token_type_ids)[:, -1]
+        self.context = None
+        return Prefill(batch=batch, cache=cache, hidden=hidden, position_ids=position_ids, start_pending=forced)
+
+    @torch.no_grad()
+    def decode(self, prefill: "Prefill", edits=None, *, repeats: int = 1, answer_mask: str | None = "protocol",
+               consume: bool = False, streams: Sequence[Any] | None = None) -> DecodeResult:
+        """Decode from a prefill. With ``repeats`` = M, every prompt row is decoded M times side by side (row
+        b's copies are rows b*M .. b*M+M-1), each with its own edit: one batched loop for a sweep of edits.
+        The prefill's cache is copied unless ``consume``.
+
+        Under sampling, copy m draws from the seeded stream ``streams[m]`` (default ``m``: M different, reproducible
+        samples; copy 0 draws what an unrepeated decode draws). Pass ``streams=[0] * M`` to give every copy the
+        instance's own stream (common random numbers, as the intervention runner does)."""
+        import copy
+
+        if repeats < 1:
+            raise LatentProbeError(f"repeats must be >= 1, got {repeats}", "decode each prompt row at least once")
+        streams = list(range(repeats)) if streams is None else list(streams)
+        if len(streams) != repeats:
+            raise LatentProbeError(f"{len(streams)} sampling streams given for {repeats} repeats",
+                                   "give one stream per repeat")
+        batch = prefill.batch.repeat(repeats) if repeats > 1 else prefill.batch
+        cache = prefill.cache if consume else copy.deepcopy(prefill.cache)
+        hidden, position_ids = prefill.hidden, prefill.position_ids
+        start_pending = prefill.start_pending
+        if repeats > 1:
+            cache.batch_repeat_interleave(repeats)
+            hidden = hidden.repeat_interleave(repeats, dim=0)
+            position_ids = position_ids.repeat_interleave(repeats, dim=1)
+            if start_pending is not None:
+                start_pending = start_pending.repeat_interleave(repeats, dim=0)
+            for fn in self._expand_listeners:
+                fn(repeats)
+        device = hidden.device
+        bsz = batch.batch_size
+        row_edits = _per_row(edits, bsz)
+        if answer_mask == "protocol":
+            answer_mask = self.protocol.answer_mask if self.protocol is not None else None
+        cfg = self.config
+        eos = torch.tensor(self.subject.eos_token_ids, device=device)
+        pad_id = self.subject.pad_token_id
+        generators = None
+        if cfg.do_sample:
+            generators = [row_generator(cfg.seed, iid, device, streams[r % repeats])
+                          for r, iid in enumerate(batch.instance_ids)]
+        state = _RowState.start(batch, self.protocol, position_ids, cfg, self.subject.hidden_size, device,
+                                row_edits=row_edits, start_pending=start_pending)
+        image_mask = batch.mm_token_type_ids.bool()
+        self.last_cache = None
+        step = 0
+        while True:
+            next_ids, next_latent = self._decide(state, hidden, row_edits, generators, eos, pad_id)
+            kinds = state.input_kind
+            state.append_inputs(next_ids, kinds, next_latent)
+            positions = state.current_positions()
+            if state.all_done():  # the last chosen ids are in the sequence; nothing is left to run
+                break
+            inputs = self.embed(next_ids.unsqueeze(1))
+            if next_latent is not None:
+                inputs = torch.where((kinds == LATENT).view(-1, 1, 1), next_latent.unsqueeze(1).to(inputs.dtype), inputs)
+            attention = state.effective_attention(answer_mask, image_mask)
+            self._publish(StepContext(step, kinds, state.input_latent_index.clone(), state.after_latent.clone(),
+                                      batch.instance_ids, image_keys=image_mask, latent_keys=state.latent_mark))
+            hidden = self._forward(inputs_embeds=inputs, attention_mask=attention, position_ids=positions,
+                                   past_key_values=cache, use_cache=True)[:, -1]
+            state.advance_positions()
+            step += 1
+        result = state.result(self.subject, batch)
+        self._read_answer_slots(result, state, cache, batch, answer_mask, image_mask, step)
+        self.context = None
+        self.last_cache = cache
+        return result
+
+    def prefill_positions(self, batch) -> torch.Tensor:
+        """mRoPE position ids of the prompt, as ``get_rope_index`` gives them (3, B, L)."""
+        if batch.image_grid_thw is None:
+            text_pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+            return text_pos.unsqueeze(0).expand(3, -1, -1).contiguous()
+        position_ids, _ = self.inner_model.get_rope_index(
+            batch.input_ids, mm_token_type_ids=batch.mm_token_type_ids, image_grid_thw=batch.image_grid_thw,
+            attention_mask=batch.attention_mask)
+        return position_ids
+
+    def add_step_listener(self, fn: Callable[[StepContext], None],
+                          on_expand: Callable[[int], None] | None = None) -> Callable[[], None]:
+        """Call ``fn(context)`` before every forward (and ``on_expand(M)`` when a prefill is decoded M times
+        side by side); returns a function that removes them."""
+        self._step_listeners.append(fn)
+        if on_expand is not None:
+            self._expand_listeners.append(on_expand)
+
+        def remove():
+            self._step_listeners.remove(fn)
+            if on_expand is not None:
+                self._expand_listeners.remove(on_expand)
+
+        return remove
+
+    # -- internals ------------------------------------------------------------------------------------------
+    def _publish(self, context: StepContext):
+        self.context = context
+        for fn in self._step_listeners:
+            fn(context)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def _select(self, logits: torch.Tensor, rows: torch.Tensor, generators) -> torch.Tensor:
+        if not self.config.do_sample:
+            return logits.argmax(dim=-1)
+        scores = _warp(logits, self.config)
+        probs = torch.softmax(scores, dim=-1)
+        picks = [torch.multinomial(probs[i], 1, generator=generators[int(r)]) for i, r in enumerate(rows)]
+        return torch.cat(picks)
+
+    def _feedback(self, hidden: torch.Tensor, computed_at_latent: bool = True) -> torch.Tensor:
+        """The vector fed back from ``hidden``: through the protocol's head when the state was computed at a latent
+        position (LVR never maps z_0, the start token's state). Used by the organisms' training unroll."""
+        if self.feedback_head is None or not computed_at_latent:
+            return hidden
+        return self.feedback_head(hidden).to(hidden.dtype)
+
+    def _through_head(self, hidden: torch.Tensor, rows: torch.Tensor, state: "_RowState") -> torch.Tensor:
+        """LVR's head maps states computed at latent positions; the state of the position before the first latent
+        step (z_0) is fed as it is (src/train/monkey_patch_forward_lvr.py: the head runs only in LVR mode)."""
+        if self.feedback_head is None or not len(rows):
+            return hidden
+        at_latent = (state.input_kind[rows] == LATENT).unsqueeze(-1)
+        return torch.where(at_latent, self.feedback_head(hidden).to(hidden.dtype), hidden)
+
+    def _decide(self, state: "_RowState", hidden, row_edits, generators, eos, pad_id):
+        """Choose each row's next id (and latent vector) from the forward just run; update row modes."""
+        proto = self.protocol
+        bsz = hidden.shape[0]
+        device = hidden.device
+        mode = state.mode
+        state.log_hidden(hidden)
+        state.finite = torch.isfinite(hidden).all(dim=-1)
+        state.latent_bad = None
+        text_rows = (mode == TEXT).nonzero(as_tuple=True)[0]
+        latent_rows = (mode == LATENT).nonzero(as_tuple=True)[0]
+        ends = None
+        need_logits, states = text_rows, hidden[text_rows]
+        if len(latent_rows):
+            ends = state.phase_count[latent_rows] >= state.limit[latent_rows]
+            if proto.needs_logits_in_latent:
+                deciding_latent = latent_rows
+            elif proto.exit_rule == "model_choice":  # the exit choice only, after the last latent step
+                deciding_latent = latent_rows[ends]
+            else:
+                deciding_latent = latent_rows[:0]
+            if len(deciding_latent):  # only latent rows can have a latent input: the head runs for them alone
+                need_logits = torch.cat([text_rows, deciding_latent])
+                states = torch.cat([states, self._through_head(hidden[deciding_latent], deciding_latent, state)])
+        choice = torch.full((bsz,), pad_id, dtype=torch.long, device=device)
+        if len(need_logits):  # the LM head only runs for rows whose choice is needed
+            logits = self._logits(states)
+            choice[need_logits] = self._select(logits, need_logits, generators)
+            if hidden.dtype == torch.float16:  # finite states can overflow to infinite logits only in float16
+                state.finite[need_logits] &= torch.isfinite(logits).all(dim=-1)
+        if state.start_pending is not None:  # a forced start in the inference layout: the start is the choice
+            choice = torch.where(state.start_pending, torch.full_like(choice, proto.start_id), choice)
+            state.start_pending = None
+        next_ids = torch.full((bsz,), pad_id, dtype=torch.long, device=device)
+        next_latent = None
+        next_kind = torch.full((bsz,), DONE, dtype=torch.long, device=device)
+
+        # Rows that decide a text token: text rows, and latent rows whose phase ends here (the end token when the
+        # exit is forced, the model's own choice under LVR's exit rule).
+        deciding, deciding_ids = text_rows, choice[text_rows]
+        if len(latent_rows):
+            if proto.stop_rule == "end_token":
+                ends = ends | (choice[latent_rows] == proto.end_id)
+            ending = latent_rows[ends]
+            if len(ending):
+                exit_ids = (choice[ending] if proto.exit_rule == "model_choice"
+                            else torch.full_like(ending, proto.end_id))
+                state.close_latent(ending)
+                deciding, deciding_ids = torch.cat([deciding, ending]), torch.cat([deciding_ids, exit_ids])
+            feeding = latent_rows[~ends]
+        else:
+            feeding = latent_rows
+        if len(deciding):
+            next_ids[deciding] = deciding_ids
+            next_kind[deciding] = TEXT
+        feed_ids = None
+        if proto is not None and len(deciding):
+            opens = deciding[deciding_ids == proto.start_id]
+            if len(opens):
+                state.open_latent(opens)
+                if self.latent_layout == "inference":
+                    # The start token's position takes the state that chose it (step 0); no step to run: as text.
+                    opens = opens[state.limit[opens] > 0]
+                    if len(opens):
+                        feed_ids = torch.cat([torch.full_like(feeding, -1), torch.full_like(opens, proto.start_id)])
+                        feeding = torch.cat([feeding, opens])
+        if len(feeding):
+            vectors = self._through_head(hidden[feeding], feeding, state)
+            steps = state.latent_total[feeding]
+            edited = _apply_edits(vectors, feeding, steps, row_edits, self)
+            if edited is not vectors or self.feedback_head is not None:  # only an edit or a head can add inf/NaN
+                state.latent_bad = torch.zeros_like(state.finite)
+                state.latent_bad[feeding] = ~torch.isfinite(edited).all(dim=-1)
+            next_latent = torch.zeros_like(hidden)
+            next_latent[feeding] = edited.to(hidden.dtype)
+            if feed_ids is None and proto.write_pad_ids:
+                next_ids[feeding] = proto.pad_id
+            else:
+                ids = torch.full_like(feeding, proto.pad_id) if proto.write_pad_ids else choice[feeding]
+                next_ids[feeding] = ids if feed_ids is None else torch.where(feed_ids >= 0, feed_ids, ids)
+            next_kind[feeding] = LATENT
+            state.feed_latent(feeding)
+        state.record_choice(next_ids, next_kind, eos, self.config.max_new_tokens)
+        return next_ids, next_latent
+
+    def _read_answer_slots(self, result: DecodeResult, state: "_RowState", cache, batch, answer_mask, image_mask,
+                           steps_run: int):
+        """Each row's answer slot (see `latentprobe.model.answer_slot`): logged states where the prefix was found,
+        one teacher-forced forward through the cache for the rest."""
+        tokenizer = self.subject.tokenizer
+        eos_ids = set(self.subject.eos_token_ids)
+        kinds = result.input_kinds[:, result.prompt_length:].tolist()
+        plans: list[SlotPlan | None] = []
+        for r, row in enumerate(result.rows):
+            if row.failed:
+                plans.append(None)
+                continue
+            fed = [kind != DONE for kind in kinds[r][: len(row.generated_ids)]]
+            plans.append(plan_slot(tokenizer, self.answer_prefix, self._answer_prefix_ids, batch.prompts[r],
+                                   row.generated_ids, [k == TEXT for k in row.step_kinds], fed, eos_ids))
+        logits: dict[int, torch.Tensor] = {}
+        usable = [p if p is not None else SlotPlan("none", -1) for p in plans]
+        rows, states = gather_logged(state.hidden_log, usable)
+        if rows:
+            for r, value in zip(rows, self._logits(states)):
+                logits[r] = value
+        forced_rows = [r for r, p in enumerate(plans) if p is not None and p.forced_ids]
+        if forced_rows:
+            for r, value in zip(forced_rows, self._teacher_force(state, cache, forced_rows,
+                                                                 [plans[r].forced_ids for r in forced_rows],
+                                                                 answer_mask, image_mask, batch, steps_run)):
+                logits[r] = value
+        for r, row in enumerate(result.rows):
+            plan = plans[r]
+            if plan is None:
+                continue
+            row.answer_slot, row.answer_slot_offset = plan.status, plan.offset
+            row.answer_logits = logits[r].float().cpu() if r in logits else None
+            if row.answer_logits is not None and not torch.isfinite(row.answer_logits).all():
+                row.answer_logits, row.answer_slot = None, "none"
+
+    def _teacher_force(self, state, cache, rows: list[int], forced: list[list[int]], answer_mask, image_mask,
+                       batch, step: int) -> torch.Tensor:
+        """Feed ``forced[i]`` after the last position row ``rows[i]`` fed, in one forward through the cache (other
+        rows masked), and return the logits after each row's last forced id. The cache is cropped back after."""
+        device = state.device
+        bsz = len(state.mode)
+        width = max(len(ids) for ids in forced)
+        ids = torch.full((bsz, width), self.subject.pad_token_id, dtype=torch.long, device=device)
+        new_attention = torch.zeros((bsz, width), dtype=torch.long, device=device)
+        for r, seq in zip(rows, forced):
+            ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long, device=device)
+            new_attention[r, : len(seq)] = 1
+        cached = cache.get_seq_length()
+        # the forced prefix sits after the latent phase: an organism's answer mask applies to it
+        entered = torch.zeros(bsz, dtype=torch.bool, device=device)
+        entered[rows] = state.latent_mark[rows].any(dim=1)
+        state.after_latent |= entered
+        past = state.effective_attention(answer_mask, image_mask)[:, :cached]
+        attention = torch.cat([past, new_attention], dim=1)
+        positions = (state.next_position.view(1, -1, 1) + torch.arange(width, device=device).view(1, 1, -1))
+        positions = positions.expand(3, -1, -1).contiguous()
+        done = torch.full((bsz,), DONE, dtype=torch.long, device=device)
+        self._publish(StepContext(step, done, torch.full((bsz,), -1, device=device), state.after_latent.clone(),
+                                  batch.instance_ids))
+        try:
+            hidden = self._forward(inputs_embeds=self.embed(ids), attention_mask=attention, position_ids=positions,
+                                   past_key_values=cache, use_cache=True)
+        finally:
+            cache.crop(-width)  # drop the forced positions (a negative count, as transformers 5 asks)
+        index = torch.tensor(rows, device=device)
+        last = torch.tensor([len(seq) - 1 for seq in forced], device=device)
+        return self._logits(hidden[index, last])
+
+
+NONFINITE_STATE, NONFINITE_LATENT = 3, 4  # stop codes; 1 eos, 2 budget, 5 budget inside a latent phase
+STOP_REASONS = {1: "eos", 2: "max_new_tokens", 3: "non_finite", 4: "non_finite", 5: "max_new_tokens_in_latent"}
+
+
+def answer_slot_prefix(subject) -> str | None:
+    """The text after which a subject's answer slot sits: its own ``answer_prefix``, else the close marker of its
+    text mediator, else its protocol's end token; None (the first generated position) for plain models."""
+    prefix = getattr(subject, "answer_prefix", None)
+    if prefix:
+        return prefix
+    markers = getattr(subject, "text_mediator_markers", None)
+    if markers:
+        return markers[1]
+    if subject.protocol is not None:
+        return subject.protocol.end_token
+    return None
+
+
+def _strip_forced_start(batch, start_id: int):
+    """A batch whose prompts end with the start token, without it, and the rows that must start (see prefill)."""
+    from dataclasses import replace as dc_replace
+
+    last = batch.input_ids[:, -1] == start_id
+    if not bool(last.any()):
+        return batch, None
+    if not bool(last.all()):
+        raise LatentProbeError("in the inference layout a batch must force the latent start in every row or in none",
+                               "put prompts that end with the start token in a batch of their own")
+    if batch.input_ids.shape[1] < 2:
+        raise LatentProbeError("a prompt made only of the start token cannot be run in the inference layout",
+                               "give the prompt some text before the start token")
+    trim = lambda t: t[:, :-1]
+    return dc_replace(batch, input_ids=trim(batch.input_ids), attention_mask=trim(batch.attention_mask),
+                      mm_token_type_ids=trim(batch.mm_token_type_ids)), last
+
+
+class _RowState:
+    """Per-row decoding state, kept as tensors on the model's device.
+
+    Each step is logged as whole-batch tensors (chosen ids, input kinds, live rows, latent inputs, the final
+    hidden state); per-row lists (generated ids, latent vectors, segments) are derived once in `result`, so the
+    decoding loop does not synchronise with the host once per row per step.
+    """
+
+    @classmethod
+    def start(cls, batch, proto, position_ids, cfg, hidden_size, device, row_edits=None, start_pending=None):
+        self = cls()
+        bsz = batch.batch_size
+        self.device = device
+        self.hidden_size = hidden_size
+        self.prompt_length = batch.input_ids.shape[1]
+        self.sequences = [batch.input_ids]
+        self.attention = [batch.attention_mask]
+        self.positions = [position_ids]
+        self.kinds = [torch.full_like(batch.input_ids, TEXT)]
+        self.latent_inputs: list[torch.Tensor | None] = []
+        self.live_log: list[torch.Tensor] = []  # per step: rows whose choice is part of their output
+        self.hidden_log: list[torch.Tensor] = []  # per step: the final hidden state the choice was made from
+        self.next_position = position_ids.max(dim=2).values.max(dim=0).values + 1  # (B,)
+        self.mode = torch.full((bsz,), TEXT, dtype=torch.long, device=device)
+        self.phase_count = torch.zeros(bsz, dtype=torch.long, device=device)
+        self.latent_total = torch.zeros(bsz, dtype=torch.long, device=device)
+        self.after_latent = torch.zeros(bsz, dtype=torch.bool, device=device)
+        self.n_generated = torch.zeros(bsz, dtype=torch.long, device=device)
+        self.stop_code = torch.zeros(bsz, dtype=torch.long, device=device)  # see STOP_REASONS
+        self.finite = torch.ones(bsz, dtype=torch.bool, device=device)  # this step's state (and logits) finite
+        self.latent_bad: torch.Tensor | None = None  # this step's edited latent vectors not finite
+        self.input_kind = torch.full((bsz,), TEXT, dtype=torch.long, device=device)
+        self.input_latent_index = torch.full((bsz,), -1, dtype=torch.long, device=device)
+        self.forced_start = torch.zeros(bsz, dtype=torch.bool, device=device)
+        self.start_pending = start_pending
+        self.latent_mark = torch.zeros((bsz, self.prompt_length), dtype=torch.bool, device=device)
+        self.limit = self._latent_limits(bsz, row_edits or [None] * bsz, proto, cfg)
+        if proto is not None:
+            forced = batch.input_ids[:, -1] == proto.start_id
+            self.forced_start = forced
+            self.mode = torch.where(forced, torch.full_like(self.mode, LATENT), self.mode)
+        if start_pending is not None:
+            self.forced_start = self.forced_start | start_pending
+        return self
+
+    def _latent_limits(self, bsz, row_edits, proto, cfg) -> torch.Tensor:
+        """Each row's number of latent steps: the protocol's K or cap, or its edit's override (fixed per decode)."""
+        default = 0
+        if proto is not None:
+            default = proto.num_steps if cfg.latent_steps is None else cfg.latent_steps
+        limits = [default] * bsz
+        for r, edit in enumerate(row_edits):
+            override = edit.max_latent_steps(r) if edit is not None else None
+            if override is not None:
+                limits[r] = override
+        return torch.tensor(limits, dtype=torch.long, device=self.device)
+
+    # mode transitions
+    def open_latent(self, rows):
+        self.mode[rows] = LATENT
+        self.phase_count[rows] = 0
+
+    def close_latent(self, rows):
+        self.mode[rows] = TEXT
+        self.after_latent[rows] = True
+
+    def feed_latent(self, rows):
+        self.phase_count[rows] += 1
+        self.latent_total[rows] += 1
+
+    def log_hidden(self, hidden):
+        self.hidden_log.append(hidden)
+
+    def record_choice(self, next_ids, next_kind, eos, max_new_tokens):
+        """A text-mode eos, the token budget or a non-finite value ends a row; what each row feeds next becomes its
+        input kind. A latent input chosen for a position that will never run, and the choice made from non-finite
+        values, are not part of the row's output."""
+        live = self.mode != DONE
+        bad_state = ~self.finite
+        bad = live & (bad_state if self.latent_bad is None else bad_state | self.latent_bad)
+        ok = live & ~bad
+        hit_eos = ok & (next_kind == TEXT) & torch.isin(next_ids, eos)
+        self.n_generated += live.long()
+        out_of_budget = ok & ~hit_eos & (self.n_generated >= max_new_tokens)
+        in_latent = out_of_budget & (next_kind == LATENT)
+        # a row stops once (its code is 0 until then): eos 1, budget 2, budget inside a latent phase 5, non-finite 3/4
+        self.stop_code += hit_eos.long() + 2 * out_of_budget.long() + 3 * in_latent.long()
+        if self.latent_bad is None:
+            self.stop_code += NONFINITE_STATE * bad.long()
+        else:
+            self.stop_code += bad.long() * torch.where(bad_state, NONFINITE_STATE, NONFINITE_LATENT)
+        finished = hit_eos | out_of_budget | bad
+        # A latent vector chosen as the input of a position that will never run was not fed back: undo it.
+        self.latent_total -= (finished & (next_kind == LATENT)).long()
+        self.mode = self.mode.masked_fill(finished, DONE)
+        next_kind = next_kind.masked_fill(~ok | finished, DONE)
+        self.live_log.append(ok & ~in_latent)
+        self.input_kind = next_kind
+        self.input_latent_index = (self.latent_total - 1).masked_fill(next_kind != LATENT, -1)
+
+    def all_done(self) -> bool:
+        return bool((self.mode == DONE).all())
+
+    # sequence bookkeeping
+    def append_inputs(self, next_ids, kinds, next_latent):
+        self.sequences.append(next_ids.unsqueeze(1))
+        self.attention.append((kinds != DONE).long().unsqueeze(1))
+        self.kinds.append(kinds.unsqueeze(1))
+        self.latent_inputs.append(next_latent)
+        self.latent_mark = torch.cat([self.latent_mark, (kinds == LATENT).unsqueeze(1)], dim=1)
+
+    def current_positions(self) -> torch.Tensor:
+        pos = self.next_position.view(1, -1, 1).expand(3, -1, 1).contiguous()
+        self.positions.append(pos)
+        return pos
+
+    def advance_positions(self):
+        self.next_position = self.next_position + (self.input_kind != DONE).long()
+
+    def effective_attention(self, answer_mask, image_mask) -> torch.Tensor:
+        """The key mask for this step: padding, plus an organism's answer mask for rows past their latents."""
+        attention = torch.cat(self.attention, dim=1)
+        if answer_mask is None:
+            return attention
+        length = attention.shape[1]
+        if answer_mask == "answer_blind_to_image":
+            blocked = torch.zeros_like(attention, dtype=torch.bool)
+            blocked[:, : image_mask.shape[1]] = image_mask
+        elif answer_mask == "answer_blind_to_latents":
+            blocked = self.latent_mark[:, :length]
+        else:
+            raise LatentProbeError(f"unknown answer mask {answer_mask!r}",
+                                   "use answer_blind_to_image or answer_blind_to_latents")
+        blocked = blocked & self.after_latent.unsqueeze(1)
+        return attention.masked_fill(blocked, 0)
+
+    def result(self, subject, batch) -> DecodeResult:
+        """Derive every row's outputs from the step logs (one transfer to the host)."""
+        sequences = torch.cat(self.sequences, dim=1).cpu()
+        kinds = torch.cat(self.kinds, dim=1).cpu()
+        live = torch.stack(self.live_log, dim=1).cpu() if self.live_log else torch.zeros((len(sequences), 0), dtype=torch.bool)
+        bsz, length = sequences.shape
+        latent_inputs = torch.zeros((bsz, length, self.hidden_size), dtype=torch.float32)
+        for t, vec in enumerate(self.latent_inputs):
+            if vec is not None:
+                latent_inputs[:, self.prompt_length + t] = vec.float().cpu()
+        latent_inputs *= (kinds == LATENT).unsqueeze(-1)  # only vectors that were really fed
+        stop_code = self.stop_code.cpu().tolist()
+        forced = self.forced_start.cpu().tolist()
+        generated_part = sequences[:, self.prompt_length:]
+        kinds_part = kinds[:, self.prompt_length:]
+        rows = []
+        for r in range(bsz):
+            steps = live[r].nonzero(as_tuple=True)[0]
+            ids = generated_part[r, steps].tolist()
+            step_kinds = [LATENT if k == LATENT else TEXT for k in kinds_part[r, steps].tolist()]
+            latent_offsets = [j for j, k in enumerate(step_kinds) if k == LATENT]
+            segments: list[list[int]] = []
+            for j in latent_offsets:
+                if segments and segments[-1][0] + segments[-1][1] == j:
+                    segments[-1][1] += 1
+                else:
+                    segments.append([j, 1])
+            positions = [self.prompt_length + int(steps[j]) for j in latent_offsets]
+            vectors = latent_inputs[r, positions] if positions else torch.zeros((0, self.hidden_size))
+            text_ids = [tok for tok, kind in zip(ids, step_kinds) if kind == TEXT]
+            error = ""
+            if stop_code[r] in (NONFINITE_STATE, NONFINITE_LATENT):
+                what = "hidden state or logits" if stop_code[r] == NONFINITE_STATE else "latent vector (after any edit)"
+                error = (f"non-finite values (NaN or inf) in the {what} at generated position {len(ids)}; "
+                         "the row was stopped there")
+            rows.append(RowOutput(
+                instance_id=batch.instance_ids[r], prompt_length=int(batch.attention_mask[r].sum()),
+                generated_ids=ids, step_kinds=step_kinds,
+                text=subject.tokenizer.decode(text_ids, skip_special_tokens=True),
+                latent_vectors=vectors, latent_segments=[tuple(seg) for seg in segments],
+                forced_start=bool(forced[r]), stop_reason=STOP_REASONS.get(stop_code[r], ""),
+                raw_text=subject.tokenizer.decode(text_ids, skip_special_tokens=False), error=error))
+        return DecodeResult(rows=rows, sequences=sequences, attention_mask=torch.cat(self.attention, 1).cpu(),
+                            position_ids=torch.cat(self.positions, dim=2).cpu(), input_kinds=kinds,
+                            prompt_length=self.prompt_length, latent_inputs=latent_inputs)
+
+
+def _per_row(edits, bsz) -> list:
+    if edits is None or isinstance(edits, LatentEdit) or not isinstance(edits, (list, tuple)):
+        return [edits] * bsz
+    if len(edits) != bsz:
+        raise LatentProbeError(f"{len(edits)} edits given for a batch of {bsz}", "give one edit per row, or one for all")
+    return list(edits)
+
+
+def _apply_edits(vectors, rows, steps, row_edits, decoder):
+    """Apply each row's edit to its latent vector; rows sharing an edit object are edited together."""
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(rows.tolist()):
+        if row_edits[r] is not None:
+            groups.setdefault(id(row_edits[r]), []).append(i)
+    if not groups:
+        return vectors
+    vectors = vectors.clone()
+    for members in groups.values():
+        idx = torch.tensor(members, device=vectors.device)
+        edit = row_edits[int(rows[idx[0]])]
+        vectors[idx] = edit.edit_latent(vectors[idx], rows[idx], steps[idx], decoder).to(vectors.dtype)
+    return vectors
+
+
+def _warp(logits: torch.Tensor, cfg: DecodeConfig) -> torch.Tensor:
+    """Temperature, top-k and top-p with transformers' own logits warpers."""
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    scores = logits
+    if cfg.temperature != 1.0:
+        scores = TemperatureLogitsWarper(cfg.temperature)(None, scores)
+    if cfg.top_k:
+        scores = TopKLogitsWarper(cfg.top_k)(None, scores)
+    if cfg.top_p < 1.0:
+        scores = TopPLogitsWarper(cfg.top_p)(None, scores)
+    return scores
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config.get_text_config())
+
+
+def _get_submodule(model, path: str):
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+@torch.no_grad()
+def replay(subject, batch, result: DecodeResult, position_ids: torch.Tensor | None = None,
+           output_hidden_states: bool = False):
+    """Run a whole decoded sequence in one forward without a cache (the reference for cached decoding).
+
+    Ids drive image scattering and positions; embeddings are the ids' embeddings except at the positions whose
+    input was a latent vector (``result.input_kinds == LATENT``), where the fed vectors are used as given (a
+    zeroed latent stays a latent). Positions default to ``get_rope_index`` over the full sequence. Returns the
+    final-norm hidden states (B, T, D), or the full ``hidden_states`` tuple when ``output_hidden_states``.
+    """
+    device = subject.device
+    sequences = result.sequences.to(device)
+    attention_mask = result.attention_mask.to(device)
+    batch = batch.to(device)
+    mm_types = torch.zeros_like(sequences)
+    mm_types[:, : batch.mm_token_type_ids.shape[1]] = batch.mm_token_type_ids
+    embeds = subject.model.get_input_embeddings()(sequences)
+    # A generated <|image_pad|> is text: hide it from the image scatter (which counts image ids), keep its embedding.
+    image_id = getattr(subject.model.config, "image_token_id", None)
+    if image_id is not None:
+        generated = torch.zeros_like(sequences, dtype=torch.bool)
+        generated[:, result.prompt_length:] = True
+        sequences = sequences.masked_fill(generated & (sequences == image_id), subject.pad_token_id)
+    is_latent = (result.input_kinds == LATENT).to(device).unsqueeze(-1)
+    embeds = torch.where(is_latent, result.latent_inputs.to(device=device, dtype=embeds.dtype), embeds)
+    if position_ids is None:
+        if batch.image_grid_thw is not None:
+            position_ids, _ = subject.model.model.get_rope_index(
+                sequences, mm_token_type_ids=mm_types, image_grid_thw=batch.image_grid_thw,
+                attention_mask=attention_mask)
+        else:
+            position_ids = ((attention_mask.cumsum(-1) - 1).clamp(min=0)).unsqueeze(0).expand(3, -1, -1)
+    out = subject.model.model(input_ids=sequences, inputs_embeds=embeds, attention_mask=attention_mask,
+                              position_ids=position_ids.to(device), pixel_values=batch.pixel_values,
+                              image_grid_thw=batch.image_grid_thw, mm_token_type_ids=mm_types, use_cache=False,
+                              output_hidden_states=output_hidden_states)
+    return out.hidden_states if output_hidden_states else out.last_hidden_state
