@@ -265,3 +265,47 @@ def test_parsers_read_answers_as_the_authors_do():
     assert score_answer("### Alex is a yumpus.", prosqa, "after_hash").correct
     letter = Instance(id="l", question="?", answer="B", options=["cat", "dog"])
     assert score_answer("I looked. Final answer: B\nDone", letter, "final_answer").correct
+
+
+# --------------------------------------------------------------------------------- the README's "add a family"
+
+def test_the_readme_add_a_family_recipe_is_one_file_that_check_accepts(tmp_path, monkeypatch, capsys):
+    """The python block under "### Add a family" in the README, saved as a module and named in
+    LATENTPROBE_FAMILIES, registers a family that `latentprobe subjects` lists and `check` passes."""
+    import re
+    import sys
+    from pathlib import Path
+
+    from latentprobe.cli import main
+    from latentprobe.model.protocol import PROTOCOLS
+    from latentprobe.model.subjects import SUBJECTS
+    from latentprobe.model.subjects.families import SUBJECTS_BY_NAME
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Add a family", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "lp_pause_family.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("LATENTPROBE_FAMILIES", "lp_pause_family")
+    folder = build_text_standin("coconut", tmp_path / "ckpt")
+    try:
+        report = run_check("pause-gpt2", str(folder), max_new_tokens=24,
+                           prepare=lambda subject: ScriptedOutputs(subject, "### 7"))
+        lines = {line.name: line for line in report.lines}
+        assert report.ok, report.table()
+        assert "3 steps" in lines["latent phase"].detail and "exactly 3 latent steps" in lines["layout, stop rule"].detail
+        assert main(["subjects"]) in (0, None)
+        assert "pause-gpt2" in capsys.readouterr().out
+    finally:
+        SUBJECTS.pop("pause-gpt2", None)
+        SUBJECTS_BY_NAME.pop("pause-gpt2", None)
+        PROTOCOLS.pop("pause", None)
+        sys.modules.pop("lp_pause_family", None)
+
+
+def test_a_family_module_that_cannot_be_imported_is_one_clear_line(monkeypatch):
+    from latentprobe.model.subjects import load_subject as load
+
+    monkeypatch.setenv("LATENTPROBE_FAMILIES", "no_such_family_module_xyz")
+    with pytest.raises(LatentProbeError, match="LATENTPROBE_FAMILIES"):
+        load("tiny")

@@ -13,7 +13,9 @@ Conventions
     * Layers follow Hugging Face's ``hidden_states`` numbering: 0 is the input embedding (so layer 0 at latent
       step k is z_k itself), i in 1..N-1 is the output of decoder block i-1, and N is the final-norm output.
     * Positions are explicit multimodal (mRoPE) ids carried in the decoder's own state: the prefill takes them
-      from ``get_rope_index``; every later step, latent or text, advances by one like a text token.
+      from ``get_rope_index``; every later step, latent or text, advances by one like a text token. A text-only
+      backbone (GPT-2, Llama, Qwen2/3; `latentprobe.model.backbones`) gets the same tensor's first row as 1-D
+      ``position_ids``: the loop does not know which backbone it runs.
     * ``max_new_tokens`` counts every generated position, latent ones included, as ``generate`` does. A budget
       that ends inside a latent phase ends the row with ``stop_reason="max_new_tokens_in_latent"``; the latent
       input chosen for a position that never ran is not reported as a token.

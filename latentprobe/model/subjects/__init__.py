@@ -74,6 +74,11 @@ def register(spec: SubjectSpec) -> None:
     SUBJECTS[spec.name] = spec
 
 
+def unregister(name: str) -> None:
+    """Remove a subject from the registry (tests and notebooks that declare a family for a while)."""
+    SUBJECTS.pop(name, None)
+
+
 def load_subject(name_or_path: str, protocol: str | None = None, device: str | None = None,
                  dtype: str | None = None, mediator_markers: Any = None, **kwargs: Any) -> Subject:
     """Load a subject by registered name, or a local checkpoint folder (with ``protocol`` naming its family).
@@ -264,3 +269,11 @@ def _register_builtin_families():
         except ModuleNotFoundError as exc:
             if exc.name != module:
                 raise
+    # Your own families: LATENTPROBE_FAMILIES names importable modules (comma-separated) that declare them
+    # (`families.register_family`), so every command finds them by name.
+    for module in filter(None, (m.strip() for m in os.environ.get("LATENTPROBE_FAMILIES", "").split(","))):
+        try:
+            import_module(module)
+        except ImportError as exc:
+            raise LatentProbeError(f"LATENTPROBE_FAMILIES names {module!r}, which cannot be imported ({exc})",
+                                   "put the module on PYTHONPATH, or fix the name") from None

@@ -20,7 +20,7 @@ import torch
 from ...errors import LatentProbeError
 from ..protocol import get_protocol
 from ..subject import PromptStyle, Subject
-from . import SubjectSpec, download_checkpoint, load_checkpoint, register, _looks_like_hub_id
+from . import SubjectSpec, download_checkpoint, load_checkpoint, register, unregister, _looks_like_hub_id
 from .lvr_head import attach_feedback_head  # noqa: F401  (LVR's head, src/model/lvr_heads.py)
 
 QWEN_DEFAULT_SYSTEM = None  # the chat template's own "You are a helpful assistant."
@@ -385,5 +385,24 @@ FAMILIES += [
                      "their batch-1 run."),
 ]
 SUBJECTS_BY_NAME = {spec.name: spec for spec in FAMILIES}
+
+
+def register_family(name: str, summary: str, **fields: Any) -> FamilySpec:
+    """Declare a family in one call (the README's "add a family" recipe): a `FamilySpec` whose builder follows its
+    ``backbone`` ("qwen2_5_vl" or "text"), registered so that every command finds it by ``name``.
+
+    >>> spec = register_family("doc-pause", "a doc example", protocol_name="coconut", backbone="text")
+    >>> SUBJECTS_BY_NAME["doc-pause"].describe()["backbone"]
+    'text'
+    >>> _ = SUBJECTS_BY_NAME.pop("doc-pause"), unregister("doc-pause")
+    """
+    backbone = fields.get("backbone", "qwen2_5_vl")
+    if backbone not in ("qwen2_5_vl", "text"):
+        raise LatentProbeError(f"family {name}: unknown backbone {backbone!r}", "use 'qwen2_5_vl' or 'text'")
+    build = _text_builder(name) if backbone == "text" else _builder(name)
+    spec = FamilySpec(name=name, summary=summary, build=build, needs_checkpoint=True, **fields)
+    register(spec)
+    SUBJECTS_BY_NAME[name] = spec
+    return spec
 for _spec in FAMILIES:
     register(_spec)
