@@ -102,7 +102,7 @@ def _independent_prj(folder):
     return prj.eval()
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("kind", ["gpt2", pytest.param("qwen2", marks=pytest.mark.slow)])
 def test_coconut_decoding_equals_the_authors_algorithm(text_standins, kind):
     subject = load_subject("coconut", checkpoint=str(text_standins[("coconut", kind)]))
     batch = subject.encode(mixed_instances())
@@ -122,7 +122,7 @@ def test_coconut_decoding_equals_the_authors_algorithm(text_standins, kind):
         assert ours == tokens[: len(ours)] and len(ours) >= min(len(tokens), new_text - 1)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("kind", ["gpt2", pytest.param("qwen2", marks=pytest.mark.slow)])
 def test_codi_decoding_equals_the_authors_loop(text_standins, kind):
     folder = text_standins[("codi", kind)]
     subject = load_subject("codi", checkpoint=str(folder))
