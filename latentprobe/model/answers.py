@@ -38,7 +38,7 @@ from ..errors import LatentProbeError
 
 ANSWER_STATUSES = ("correct", "wrong", "unparsable")
 # Parsers whose answers to an option question are letters: the answer slot's candidates are the option letters.
-LETTER_PARSERS = frozenset({"letter", "boxed", "answer_tag_letter"})
+LETTER_PARSERS = frozenset({"letter", "boxed", "answer_tag_letter", "final_answer"})
 
 
 @dataclass(frozen=True)

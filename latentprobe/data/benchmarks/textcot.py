@@ -22,7 +22,7 @@ from typing import Any
 
 from ..instances import Instance
 from ...errors import LatentProbeError
-from .common import require_path
+from .common import require_path, wrong_format
 
 PROSQA, GSM8K_AUG = "prosqa", "gsm8k-aug"
 PROSQA_HINT = "pass the folder (or file) holding Coconut's data/prosqa_test.json (facebookresearch/coconut)"
@@ -32,7 +32,7 @@ _PROSQA_CHOICE = re.compile(r"Is (\w+) an? (\w+) or (?:an? )?(\w+)\?\s*$")
 _SPLITS = ("test", "valid", "val", "train")
 
 
-def _json_file(folder: str | Path, stem: str, split: str | None, hint: str, title: str) -> Path:
+def _json_file(folder: str | Path, stem: str, split: str | None, hint: str, title: str, registry_name: str) -> Path:
     path = require_path(folder, title, hint)
     if path.is_file():
         return path
@@ -41,7 +41,7 @@ def _json_file(folder: str | Path, stem: str, split: str | None, hint: str, titl
         for candidate in (f"{stem}_{name}.json", f"{stem}_{name}.jsonl", f"{name}.json", f"{name}.jsonl"):
             if (path / candidate).exists():
                 return path / candidate
-    raise LatentProbeError(f"{title}: no {stem}_{{{','.join(wanted)}}}.json under {path}", hint)
+    raise wrong_format(title, path, f"{stem}_{{{','.join(wanted)}}}.json", hint, registry_name)
 
 
 def _rows(path: Path, title: str, hint: str) -> list[dict[str, Any]]:
@@ -69,7 +69,7 @@ def _require(row: dict, fields: tuple[str, ...], where: str, hint: str) -> None:
 def load_prosqa(folder: str | Path, limit: int | None = None, split: str | None = None,
                 cache_dir: str | Path | None = None) -> list[Instance]:
     """ProsQA from Coconut's JSON (see the module docstring)."""
-    path = _json_file(folder, "prosqa", split, PROSQA_HINT, "ProsQA")
+    path = _json_file(folder, "prosqa", split, PROSQA_HINT, "ProsQA", PROSQA)
     instances = []
     for i, row in enumerate(_rows(path, "ProsQA", PROSQA_HINT)):
         _require(row, ("question", "answer"), f"ProsQA {path.name} row {i}", PROSQA_HINT)
@@ -98,7 +98,7 @@ def gsm_answer(value: Any) -> str:
 def load_gsm8k_aug(folder: str | Path, limit: int | None = None, split: str | None = None,
                    cache_dir: str | Path | None = None) -> list[Instance]:
     """GSM8k-Aug from Coconut's or CODI's JSON (see the module docstring)."""
-    path = _json_file(folder, "gsm", split, GSM_HINT, "GSM8k-Aug")
+    path = _json_file(folder, "gsm", split, GSM_HINT, "GSM8k-Aug", GSM8K_AUG)
     instances = []
     for i, row in enumerate(_rows(path, "GSM8k-Aug", GSM_HINT)):
         _require(row, ("question", "answer"), f"GSM8k-Aug {path.name} row {i}", GSM_HINT)
