@@ -619,7 +619,7 @@ def _cmd_subjects(args):
         needs = ("required" if not hub_id else "hub default") if spec.needs_checkpoint else "built in"
         print(f"{name:<{width}} {protocol:<10} {needs:<11} {spec.summary}")
     print()
-    print("protocols (the facts each one runs, and the authors' files they come from):")
+    print("protocols: (the facts each one runs, and the authors' files they come from)")
     for name, proto in sorted(PROTOCOLS.items()):
         facts = [f"exit {proto.exit_rule}", f"layout {proto.latent_layout}",
                  "pad ids written" if proto.write_pad_ids else "sampled ids kept"]

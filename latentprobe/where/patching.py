@@ -191,7 +191,7 @@ def check_patch_request(subject, grid: PatchGrid, n_instances: int, directions: 
         raise LatentProbeError("the dataset is empty", "pass data with at least one instance")
     if corruption not in CORRUPTIONS:
         raise LatentProbeError(f"unknown corruption {corruption!r}", f"use one of {', '.join(CORRUPTIONS)}")
-    if corruption in IMAGE_CORRUPTIONS and subject.text_only:
+    if corruption in IMAGE_CORRUPTIONS and getattr(subject, "text_only", False):
         from ..model.backbones import require_images
 
         require_images(subject, f"the {corruption} corruption")
