@@ -43,19 +43,21 @@ class Backbone:
     module: Callable[[torch.nn.Module], torch.nn.Module]
     multimodal: bool = False
     attention: str = "self_attn"  # each block's self-attention submodule (attention knockout hooks it)
+    embedding_key: str = "model.embed_tokens.weight"  # the input embedding in a saved checkpoint (load checks it)
 
 
 BACKBONES: dict[str, Backbone] = {}
 
 
 def register_backbone(model_type: str, parts: Callable | None = None, *, module: Callable | None = None,
-                      multimodal: bool = False, attention: str = "self_attn"):
+                      multimodal: bool = False, attention: str = "self_attn",
+                      embedding_key: str = "model.embed_tokens.weight"):
     """Register an architecture (``config.model_type``). Call it with ``parts`` and ``module``, or use it as a
     decorator on ``parts`` (the older form, for a backbone reached at ``model.model``)."""
 
     def add(function: Callable) -> Callable:
         BACKBONES[model_type] = Backbone(model_type, function, module or (lambda model: model.model), multimodal,
-                                         attention)
+                                         attention, embedding_key)
         return function
 
     if parts is not None:
@@ -69,9 +71,10 @@ def _qwen2_5_vl_parts(model):
     return text_model.layers, text_model.norm
 
 
-register_backbone("qwen2_5_vl", _qwen2_5_vl_parts, module=lambda model: model.model, multimodal=True)
+register_backbone("qwen2_5_vl", _qwen2_5_vl_parts, module=lambda model: model.model, multimodal=True,
+                  embedding_key="model.language_model.embed_tokens.weight")
 register_backbone("gpt2", lambda model: (model.transformer.h, model.transformer.ln_f),
-                  module=lambda model: model.transformer, attention="attn")
+                  module=lambda model: model.transformer, attention="attn", embedding_key="transformer.wte.weight")
 for _llama_like in ("llama", "qwen2", "qwen3"):
     register_backbone(_llama_like, lambda model: (model.model.layers, model.model.norm),
                       module=lambda model: model.model)

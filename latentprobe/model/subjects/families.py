@@ -186,7 +186,8 @@ def _text_builder(spec_name: str):
             folder = download_checkpoint(folder)
         subject = load_text_checkpoint(folder, protocol=protocol or spec.protocol_name, name=spec.name,
                                        prompt_style=spec.prompt_style, answer_parser=spec.answer_parser,
-                                       torch_dtype=torch_dtype, attn_implementation=attn_implementation or "eager",
+                                       torch_dtype=torch_dtype,
+                                       attn_implementation=attn_implementation or _best_attention(),
                                        add_tokens=spec.adds_tokens, add_special=spec.adds_special,
                                        max_new_tokens=spec.max_new_tokens, description=spec.summary,
                                        authors_settings=dict(spec.authors_settings), answer_prefix=spec.answer_prefix,

@@ -124,6 +124,7 @@ def load_text_checkpoint(folder: str, protocol: str | None = None, name: str | N
     if not any(path.glob("*.safetensors")):
         raise LatentProbeError(f"{folder} has no .safetensors weights",
                                "convert the weights to safetensors; latentprobe never unpickles .bin files")
+    _check_weights_are(path, config)
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", trust_remote_code=False)
     added = [token for token in add_tokens if token not in tokenizer.get_vocab()]
     for token in added:  # one call per token, in the authors' order, so the ids are the ones they got
@@ -141,3 +142,26 @@ def load_text_checkpoint(folder: str, protocol: str | None = None, name: str | N
                       answer_parser=answer_parser, checkpoint=str(path.resolve()), **kwargs)
     subject.added_tokens = added
     return subject
+
+
+def _check_weights_are(path: Path, config) -> None:
+    """The safetensors hold this architecture's input embedding at the config's shape: a config.json that names
+    another model than its weights is refused before anything is built (a bare config would build a full-size
+    random model)."""
+    from safetensors import safe_open
+
+    key = BACKBONES[config.model_type].embedding_key
+    text = config.get_text_config()
+    expected = (text.vocab_size, text.hidden_size)
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            names = set(handle.keys())
+            found = key if key in names else key.split(".", 1)[1] if key.split(".", 1)[1] in names else None
+            if found is not None:
+                shape = tuple(handle.get_slice(found).get_shape())
+                if shape[1] != expected[1] or shape[0] < expected[0]:
+                    break
+                return
+    raise LatentProbeError(f"{path}: config.json says {config.model_type!r} (embedding {expected[0]} x {expected[1]}) but "
+                           f"the weights are not that model's (no {key} of that shape)",
+                           "point at a folder whose config.json and weights come from the same checkpoint")
