@@ -128,8 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="patch only these sites, comma-separated (e.g. latent[2].layer[14],image.layer[3]) "
                         "instead of the --layers/--steps/--groups grid")
     p.add_argument("--direction", default="denoise,noise", help="denoise, noise or both (comma-separated)")
-    p.add_argument("--corruption", default="image-swap", choices=["image-swap", "image-noise"],
-                   help="image-swap (another instance's image) or image-noise (ROME-style, on image-token embeddings)")
+    p.add_argument("--corruption", default=None, choices=["image-swap", "image-noise", "question-swap"],
+                   help="image-swap (another instance's image), image-noise (ROME-style, on image-token embeddings) "
+                        "or question-swap (another instance's question); default: image-swap, question-swap for "
+                        "a text-only subject")
     p.add_argument("--noise-scale", type=T.positive_float, default=3.0, help="image-noise: x the image-embedding std (default 3)")
     p.add_argument("--semantics", default="recompute", choices=["recompute", "pin"],
                    help="after a patched latent step: recompute later steps, or pin them to the patched run's")
@@ -273,6 +275,11 @@ def select_instances(args):
     if data is None and str(getattr(args, "subject", "")).startswith("organism-"):
         held_out = organism_default_data(args.subject, args.limit)  # its own held-out split, not the built-in set
         data = str(held_out) if held_out else None
+    if data is None:
+        from .model.subjects import is_text_subject
+
+        if is_text_subject(getattr(args, "subject", None)) or is_text_subject(getattr(args, "checkpoint", None)):
+            data = "builtin-text"  # a text-only model reads the built-in text set, not the images
     options = family_benchmark_options(args)
     instances, source = load_instances(data, limit=args.limit, split=args.split, benchmark_options=options)
     instances, writer_id = shard_instances(instances, args.shard)
@@ -426,6 +433,8 @@ def _cmd_patch(args):
     directions = [d.strip() for d in args.direction.split(",") if d.strip()]
     subject = load_subject_from_args(args)
     config = decode_config_from_args(args, subject)
+    if args.corruption is None:
+        args.corruption = "question-swap" if subject.text_only else "image-swap"
     from .where.patching import check_patch_request, grid_of_sites, resolve_grid
 
     sites = [v.strip() for v in args.sites.split(",") if v.strip()] if args.sites else None
@@ -610,10 +619,18 @@ def _cmd_subjects(args):
         needs = ("required" if not hub_id else "hub default") if spec.needs_checkpoint else "built in"
         print(f"{name:<{width}} {protocol:<10} {needs:<11} {spec.summary}")
     print()
-    print("protocols:")
+    print("protocols: (the facts each one runs, and the authors' files they come from)")
     for name, proto in sorted(PROTOCOLS.items()):
+        facts = [f"exit {proto.exit_rule}", f"layout {proto.latent_layout}",
+                 "pad ids written" if proto.write_pad_ids else "sampled ids kept"]
+        if proto.head_module:
+            facts.append(f"head {proto.head_module}" + (" (z_0 too)" if proto.head_maps_first else ""))
+        if proto.never_in_text:
+            facts.append(f"never in text: {', '.join(proto.never_in_text)}")
         print(f"  {name:<8} start {proto.start_token}  end {proto.end_token}  rule {proto.stop_rule} "
-              f"({'K' if proto.stop_rule == 'fixed' else 'cap'}={proto.num_steps})")
+              f"({'K' if proto.stop_rule == 'fixed' else 'cap'}={proto.num_steps}); {'; '.join(facts)}")
+        if proto.source:
+            print(f"  {'':<8} source: {proto.source}")
 
 
 # -- where and when: ground, lens ------------------------------------------------------------------------------

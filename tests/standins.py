@@ -33,8 +33,10 @@ FAMILY_TOKENS = {
     "mirage": (),  # Mirage's src/test.py adds <|latent_pad|>, <|latent_start|>, <|latent_end|> after loading
     "capimagine": (),  # plain Qwen2.5-VL: <think_image> is ordinary text
     "qwen2.5-vl": (),
+    # ILVR's src/main.py adds Mirage's three strings in one add_tokens call before training; its checkpoint holds them
+    "ilvr": ("<|latent_pad|>", "<|latent_start|>", "<|latent_end|>"),
 }
-FAMILIES = tuple(FAMILY_TOKENS)
+FAMILIES = ("monet", "lvr", "mirage", "capimagine", "qwen2.5-vl")  # the first families; ILVR is built on demand
 SPARE_EMBEDDING_ROWS = 8
 
 # What each family writes, as its authors' evaluation reads it. Every script answers "B", which is not the gold of
@@ -45,6 +47,8 @@ SCRIPTS = {
     "mirage": "<|latent_start|><|latent_end|>\\boxed{B}",
     "capimagine": "<think_image>green cell</think_image>\\boxed{B}",
     "qwen2.5-vl": "B",
+    # ILVR opens a span itself (twice here: spans interleave with text); the decoder writes the K pads and the end
+    "ilvr": "Look.<|latent_start|><|latent_end|> Then<|latent_start|><|latent_end|>Final answer: B",
 }
 SCRIPT_LATENT_STEPS = {"monet": 3, "mirage": 4}
 
@@ -79,6 +83,8 @@ def build_standin(family: str, folder: str | Path, seed: int = 0, config_ids_off
         setattr(config, attribute, int(token_id) + config_ids_offset)
     if family == "lvr":
         config.lvr_head = lvr_head
+    if family == "ilvr":
+        config.latent_size = 8  # src/main.py: config.latent_size = args.latent_size (run_training.sh: 8)
     config._attn_implementation = "eager"
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -150,7 +156,9 @@ class ScriptedOutputs:
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def __enter__(self):
-        inner, head = self.subject.model.model, self.subject.model.lm_head
+        from latentprobe.model.backbones import backbone_module
+
+        inner, head = backbone_module(self.subject.model), self.subject.model.lm_head
         self._handles = [inner.register_forward_pre_hook(self._before_backbone, with_kwargs=True),
                          inner.register_forward_hook(self._after_backbone, with_kwargs=True),
                          head.register_forward_hook(self._after_head)]

@@ -182,8 +182,10 @@ def test_checkpoint_folder_round_trip(tmp_path):
     folder = save_checkpoint(tmp_path / "ckpt")
     subject = load_subject(str(folder), protocol="mirage")
     assert subject.resolved_protocol.start_id == subject.tokenizer.convert_tokens_to_ids("<|latent_start|>")
+    # llama is a text backbone since issue 23: a folder whose config says llama but whose weights are Qwen2.5-VL's
+    # is refused by the weights check, before a (full-size, random) model is built
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(LatentProbeError, match="not Qwen2.5-VL"):
+    with pytest.raises(LatentProbeError, match="weights are not that model's"):
         load_subject(str(folder), protocol="mirage")
 
 

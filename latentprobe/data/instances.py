@@ -244,6 +244,41 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def builtin_text_instances(n: int = 8, seed: int = 0, hops: int = 2) -> list[Instance]:
+    """A small synthetic text set for text-only subjects: chained additions ("a = 3. b = a + 2. What is b?").
+
+    Each question defines ``hops`` + 1 variables, each the previous one plus a small number, and asks for the
+    last; the gold is the number, with two options (the gold and the value one hop earlier) so that the answer
+    slot has candidates. The chain and the values are ``attributes``.
+
+    >>> inst = builtin_text_instances(1)[0]
+    >>> inst.question, inst.answer, inst.options
+    ('a = 8. b = a + 3. c = b + 3. What is c?', '14', ['14', '11'])
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    names = "abcdefgh"
+    if not 1 <= hops < len(names):
+        raise LatentProbeError(f"hops must be between 1 and {len(names) - 1}, got {hops}", "use e.g. hops=2")
+    instances = []
+    for i in range(n):
+        values = [int(rng.integers(1, 10))]
+        parts = [f"{names[0]} = {values[0]}."]
+        steps = []
+        for k in range(1, hops + 1):
+            add = int(rng.integers(1, 5))
+            values.append(values[-1] + add)
+            parts.append(f"{names[k]} = {names[k - 1]} + {add}.")
+            steps.append(f"{names[k]} = {values[-2]} + {add} = {values[-1]}")
+        gold, previous = str(values[-1]), str(values[-2])
+        instances.append(Instance(
+            id=f"builtin-text-{i:03d}", question=" ".join(parts) + f" What is {names[hops]}?", answer=gold,
+            options=[gold, previous], attributes={"values": values, "steps": steps, "hops": hops},
+            task="builtin-chain", split="test"))
+    return instances
+
+
 def builtin_instances(n: int = 8, seed: int = 0, image_size: int = 56) -> list[Instance]:
     """A small synthetic image set so every command runs with no data: one coloured square per image.
 

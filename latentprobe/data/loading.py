@@ -11,12 +11,13 @@ from typing import Any
 
 from ..errors import LatentProbeError
 from .benchmarks import load_benchmark
-from .instances import Instance, builtin_instances, load_jsonl
+from .instances import Instance, builtin_instances, builtin_text_instances, load_jsonl
 
 
 def load_instances(source: str | None, limit: int | None = None, split: str | None = None,
                    benchmark_options: dict[str, Any] | None = None) -> tuple[list[Instance], str]:
-    """Instances from ``source``: None (the built-in images), a JSONL file, or ``BENCHMARK:FOLDER`` for a
+    """Instances from ``source``: None (the built-in images), ``builtin-text`` (the built-in text set, for
+    text-only subjects), a JSONL file, or ``BENCHMARK:FOLDER`` for a
     benchmark in its own published format (``benchmark_options`` go to its loader). Returns (instances, a label
     of the source for the manifest)."""
     if limit is not None and (not isinstance(limit, int) or limit < 1):
@@ -24,6 +25,9 @@ def load_instances(source: str | None, limit: int | None = None, split: str | No
     if source is None:
         instances = builtin_instances()
         return (instances[:limit] if limit else instances), "builtin"
+    if source == "builtin-text":  # the text set, for text-only subjects (Coconut, CODI)
+        instances = builtin_text_instances()
+        return (instances[:limit] if limit else instances), "builtin-text"
     name, sep, folder = source.partition(":")
     if sep and not Path(source).exists():
         return load_benchmark(name, folder, limit=limit, split=split, **(benchmark_options or {})), source

@@ -38,6 +38,7 @@ class Intervention(ABC):
     kind = "none"
     seed: int = 0
     needs_donor = False  # takes something from another instance (patch, swaps)
+    needs_images = False  # edits or reads image tokens: refused on a text-only subject
 
     def check(self, max_steps: int, n_instances: int):
         """Refuse, before any model runs, what cannot work (here: a donor with a single instance)."""

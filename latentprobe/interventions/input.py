@@ -33,6 +33,7 @@ class InputIntervention(Intervention):
 @register_intervention("image-swap")
 class ImageSwap(InputIntervention):
     kind = "image-swap"
+    needs_images = True
     needs_donor = True
 
     def __init__(self, seed: int = 0):
@@ -47,6 +48,7 @@ class ImageNoise(InputIntervention):
     """Gaussian pixel noise with standard deviation ``level`` x 255 (level 0.1 = 10% of the range)."""
 
     kind = "image-noise"
+    needs_images = True
 
     # one per --scale, read as the noise level (default 0.5)
     scale_param, scale_default = "level", 0.5
@@ -73,6 +75,7 @@ class ImageNoise(InputIntervention):
 @register_intervention("image-blank")
 class ImageBlank(InputIntervention):
     kind = "image-blank"
+    needs_images = True
 
     def __init__(self, colour: str = "gray", seed: int = 0):
         self.colour = colour
@@ -95,6 +98,7 @@ class ImageMask(InputIntervention):
     """A gray box over a region: ``region`` center / top / bottom / left / right, covering ``fraction`` of each side."""
 
     kind = "image-mask"
+    needs_images = True
 
     # one per --scale, read as the masked fraction of each side (default 0.5)
     scale_param, scale_default = "fraction", 0.5
@@ -145,6 +149,7 @@ class QuestionSwap(InputIntervention):
 @register_intervention("no-image")
 class NoImage(InputIntervention):
     kind = "no-image"
+    needs_images = True
 
     def __init__(self, seed: int = 0):
         self.seed = seed

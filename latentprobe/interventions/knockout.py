@@ -38,6 +38,7 @@ import torch
 from ..model.decoding import LATENT, TEXT, LatentDecoder, StepContext
 from ..errors import LatentProbeError
 from . import BoundEdit, LatentIntervention, RowBinding
+from ..model.backbones import attention_module
 from ..model.sites import backbone_parts
 
 QUERY_GROUPS = ("answer", "latent")
@@ -66,6 +67,10 @@ class AttentionKnockout(LatentIntervention):
 
     target = "attention"
     kind = "knockout"
+
+    @property
+    def needs_images(self) -> bool:  # an edge into the image tokens needs a model that has them
+        return any(edge.endswith("->image") for edge in self.edges)
 
     def __init__(self, edges: Sequence[str], layers: Sequence[int] | None = None, seed: int = 0):
         super().__init__(steps=None, layer=None, semantics="recompute", seed=seed)
@@ -167,10 +172,11 @@ class KnockoutHooks:
         self.implementation = getattr(self.decoder.model.config, "_attn_implementation", "eager")
         for layer in range(n):
             if self.layer_rows[layer].any():
-                attention = getattr(blocks[layer], "self_attn", None)
+                attention = attention_module(self.decoder.model, blocks[layer])
                 if attention is None:
-                    raise LatentProbeError(f"block {layer} has no self_attn module to knock out",
-                                           "register the backbone's attention module path in latentprobe.model.sites")
+                    raise LatentProbeError(f"block {layer} has no self-attention module to knock out",
+                                           "register the backbone's attention module name with "
+                                           "latentprobe.model.backbones.register_backbone(attention=...)")
                 self.handles.append(attention.register_forward_pre_hook(self._hook(layer), with_kwargs=True))
         remove = self.decoder.add_step_listener(self._on_step)
         self.handles.append(type("Remover", (), {"remove": staticmethod(remove)})())

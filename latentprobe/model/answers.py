@@ -38,7 +38,7 @@ from ..errors import LatentProbeError
 
 ANSWER_STATUSES = ("correct", "wrong", "unparsable")
 # Parsers whose answers to an option question are letters: the answer slot's candidates are the option letters.
-LETTER_PARSERS = frozenset({"letter", "boxed", "answer_tag_letter"})
+LETTER_PARSERS = frozenset({"letter", "boxed", "answer_tag_letter", "final_answer"})
 
 
 @dataclass(frozen=True)
@@ -352,6 +352,61 @@ def extract_exact(text: str, instance: Instance | None = None) -> str | None:
     'The red square.'
     """
     return text.strip() or None
+
+
+_FINAL_ANSWER_PATTERNS = (re.compile(r"final\s*answer\s*(?:is)?\s*[:：]\s*(.+)", re.I),
+                          re.compile(r"answer\s*(?:is)?\s*[:：]\s*(.+)", re.I))
+
+
+@register_parser("final_answer", "ILVR: the first line after 'final answer:' (else 'answer:'), else the text")
+def extract_final_answer(text: str, instance: Instance | None = None) -> str | None:
+    r"""ILVR's reading of an answer (XD111ds/ILVR, src/evaluate_deepseed.py ``extract_final_answer``).
+
+    The first line after the first "final answer:" (or "final answer is:"), else after the first "answer:", case
+    ignored; else the single yes/no word of the text; else the whole text. Its ``normalize_for_match`` then
+    compares yes/no words; here the parsed text is compared as every parser's is (options, then normalised text).
+
+    >>> [extract_final_answer(t) for t in ["Final answer: B\nmore", "so the answer is: no", "Yes.", "red"]]
+    ['B', 'no', 'yes', 'red']
+    """
+    stripped = text.strip()
+    for pattern in _FINAL_ANSWER_PATTERNS:
+        match = pattern.search(stripped)
+        if match:
+            return re.split(r"[\n\r]", match.group(1).strip())[0] or None
+    words = [w for w in re.findall(r"[A-Za-z]+", stripped.lower()) if w in ("yes", "true", "a", "no", "false", "b")]
+    if len(words) == 1:  # the authors' yes/no sets (they hold "a" and "b" too)
+        return words[0]
+    return stripped or None
+
+
+@register_parser("after_hash", "Coconut: the text after the last '#', commas removed")
+def extract_after_hash(text: str, instance: Instance | None = None) -> str | None:
+    """Coconut's reading (facebookresearch/coconut, run.py): ``text.split("#")[-1].replace(",", "").strip()``.
+
+    Coconut splits the decoded prompt and output together; the prompt holds no '#', so an output without one
+    gives Coconut the whole text and gives this parser the output alone.
+
+    >>> [extract_after_hash(t) for t in ["### 1,800", "Every wumpus ... ### Alex is a zumpus.", "###"]]
+    ['1800', 'Alex is a zumpus.', None]
+    """
+    return text.split("#")[-1].replace(",", "").strip() or None
+
+
+_NUMBER = re.compile(r"-?\d+\.?\d*")
+
+
+@register_parser("last_number", "CODI: the last number in the text, commas removed")
+def extract_last_number(text: str, instance: Instance | None = None) -> str | None:
+    """CODI's reading (zhenyi4/codi, test.py ``extract_answer_number``): commas removed, the last number (an
+    optional minus, digits, an optional point and digits). CODI turns it into a float; here its text is kept (a
+    trailing "." dropped), which `texts_match` compares as a number.
+
+    >>> [extract_last_number(t) for t in ["The answer is: 1,800", "3 apples, then 7.", "none"]]
+    ['1800', '7', None]
+    """
+    numbers = _NUMBER.findall(text.replace(",", ""))
+    return numbers[-1].rstrip(".") if numbers else None
 
 
 # ------------------------------------------------------------------------------------------------ scoring

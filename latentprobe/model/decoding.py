@@ -13,7 +13,9 @@ Conventions
     * Layers follow Hugging Face's ``hidden_states`` numbering: 0 is the input embedding (so layer 0 at latent
       step k is z_k itself), i in 1..N-1 is the output of decoder block i-1, and N is the final-norm output.
     * Positions are explicit multimodal (mRoPE) ids carried in the decoder's own state: the prefill takes them
-      from ``get_rope_index``; every later step, latent or text, advances by one like a text token.
+      from ``get_rope_index``; every later step, latent or text, advances by one like a text token. A text-only
+      backbone (GPT-2, Llama, Qwen2/3; `latentprobe.model.backbones`) gets the same tensor's first row as 1-D
+      ``position_ids``: the loop does not know which backbone it runs.
     * ``max_new_tokens`` counts every generated position, latent ones included, as ``generate`` does. A budget
       that ends inside a latent phase ends the row with ``stop_reason="max_new_tokens_in_latent"``; the latent
       input chosen for a position that never ran is not reported as a token.
@@ -40,6 +42,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .answer_slot import SlotPlan, gather_logged, plan_slot
+from .backbones import backbone_call
 from ..errors import LatentProbeError
 from .protocol import check_layout
 
@@ -220,6 +223,9 @@ class LatentDecoder:
         if self.protocol is not None and self.protocol.head_module:
             head = _get_submodule(self.model, self.protocol.head_module)
         self.feedback_head = head
+        # What one forward calls: the backbone (positions, embeddings and module paths per architecture are the
+        # backbone registry's business, not this loop's).
+        self._backbone = backbone_call(self.model)
         self.answer_prefix = answer_slot_prefix(subject)
         self._answer_prefix_ids = (subject.tokenizer.encode(self.answer_prefix, add_special_tokens=False)
                                    if self.answer_prefix else [])
@@ -234,7 +240,7 @@ class LatentDecoder:
     # -- the language model call --------------------------------------------------------------------------
     @property
     def inner_model(self):
-        return self.model.model
+        return self._backbone
 
     @property
     def lm_head(self):
@@ -399,7 +405,7 @@ class LatentDecoder:
     def _feedback(self, hidden: torch.Tensor, computed_at_latent: bool = True) -> torch.Tensor:
         """The vector fed back from ``hidden``: through the protocol's head when the state was computed at a latent
         position (LVR never maps z_0, the start token's state). Used by the organisms' training unroll."""
-        if self.feedback_head is None or not computed_at_latent:
+        if self.feedback_head is None or not (computed_at_latent or self.protocol.head_maps_first):
             return hidden
         return self.feedback_head(hidden).to(hidden.dtype)
 
@@ -408,6 +414,8 @@ class LatentDecoder:
         step (z_0) is fed as it is (src/train/monkey_patch_forward_lvr.py: the head runs only in LVR mode)."""
         if self.feedback_head is None or not len(rows):
             return hidden
+        if self.protocol.head_maps_first:  # CODI maps every fed vector, z_0 included
+            return self.feedback_head(hidden).to(hidden.dtype)
         at_latent = (state.input_kind[rows] == LATENT).unsqueeze(-1)
         return torch.where(at_latent, self.feedback_head(hidden).to(hidden.dtype), hidden)
 
@@ -438,7 +446,11 @@ class LatentDecoder:
         choice = torch.full((bsz,), pad_id, dtype=torch.long, device=device)
         if len(need_logits):  # the LM head only runs for rows whose choice is needed
             logits = self._logits(states)
-            choice[need_logits] = self._select(logits, need_logits, generators)
+            scores = logits
+            if proto is not None and proto.never_in_text_ids and len(text_rows):  # ILVR's template, CODI's eot cut
+                scores = logits.clone()
+                scores[: len(text_rows), list(proto.never_in_text_ids)] = float("-inf")
+            choice[need_logits] = self._select(scores, need_logits, generators)
             if hidden.dtype == torch.float16:  # finite states can overflow to infinite logits only in float16
                 state.finite[need_logits] &= torch.isfinite(logits).all(dim=-1)
         if state.start_pending is not None:  # a forced start in the inference layout: the start is the choice
@@ -864,12 +876,12 @@ def replay(subject, batch, result: DecodeResult, position_ids: torch.Tensor | No
     embeds = torch.where(is_latent, result.latent_inputs.to(device=device, dtype=embeds.dtype), embeds)
     if position_ids is None:
         if batch.image_grid_thw is not None:
-            position_ids, _ = subject.model.model.get_rope_index(
+            position_ids, _ = subject.model.model.get_rope_index(  # images: Qwen2.5-VL
                 sequences, mm_token_type_ids=mm_types, image_grid_thw=batch.image_grid_thw,
                 attention_mask=attention_mask)
         else:
             position_ids = ((attention_mask.cumsum(-1) - 1).clamp(min=0)).unsqueeze(0).expand(3, -1, -1)
-    out = subject.model.model(input_ids=sequences, inputs_embeds=embeds, attention_mask=attention_mask,
+    out = backbone_call(subject.model)(input_ids=sequences, inputs_embeds=embeds, attention_mask=attention_mask,
                               position_ids=position_ids.to(device), pixel_values=batch.pixel_values,
                               image_grid_thw=batch.image_grid_thw, mm_token_type_ids=mm_types, use_cache=False,
                               output_hidden_states=output_hidden_states)

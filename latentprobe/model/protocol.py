@@ -22,7 +22,15 @@ Layouts (where latent step 0 sits)
                    written at step k, and the cap counts the vector at the start position.
 
 Feedback: the last layer's hidden state after the final norm at the last position, optionally mapped through
-a head module of the checkpoint (LVR's optional ``LVRHead``), is the next step's input embedding.
+a head module of the checkpoint (LVR's optional ``LVRHead``; CODI's projection ``prj``), is the next step's input
+embedding. LVR maps only states computed at latent positions; CODI maps the first one too (``head_maps_first``).
+
+Text constraints: ``never_in_text`` names tokens the model is never allowed to choose outside latent mode (ILVR's
+``LatentTemplateLogitsProcessor`` bans its pad and end tokens there; CODI cuts its eot id from the logits).
+
+Two protocols may share token strings and differ in rules: ILVR and Mirage both use ``<|latent_start|>``,
+``<|latent_pad|>``, ``<|latent_end|>``, but ILVR runs exactly K latents and forces the end (``fixed``), while Mirage
+stops when the model chooses the end (``end_token``). A subject is always loaded with a named protocol.
 
 Example::
 
@@ -73,6 +81,8 @@ class LatentProtocol:
     answer_mask: AnswerMask | None = None
     exit_rule: ExitRule = "force_end"
     latent_layout: LatentLayout = "training"
+    head_maps_first: bool = False  # the head maps z_0 too (CODI); LVR feeds z_0 as it is
+    never_in_text: tuple[str, ...] = ()  # tokens never chosen outside latent mode (ILVR's template, CODI's eot)
     source: str = ""
 
     def __post_init__(self):
@@ -88,6 +98,13 @@ class LatentProtocol:
                                    "set the fixed step count or the cap to a positive number")
         if self.pad_token is None and self.write_pad_ids:
             raise LatentProbeError(f"protocol {self.name}: write_pad_ids needs a pad_token", "name the pad token")
+        unknown = [tok for tok in self.never_in_text if tok not in self.token_strings]
+        if unknown:
+            raise LatentProbeError(f"protocol {self.name}: never_in_text names {', '.join(unknown)}, which is not "
+                                   "one of its tokens", "list only the protocol's start, end, pad or extra tokens")
+        if self.head_maps_first and not self.head_module:
+            raise LatentProbeError(f"protocol {self.name}: head_maps_first needs a head_module",
+                                   "name the head module, or drop head_maps_first")
 
     @property
     def needs_logits_in_latent(self) -> bool:
@@ -121,6 +138,7 @@ class LatentProtocol:
             start_id=vocab[self.start_token],
             end_id=vocab[self.end_token],
             pad_id=vocab[self.pad_token] if self.pad_token else None,
+            never_in_text_ids=tuple(vocab[tok] for tok in self.never_in_text),
         )
 
     def describe(self) -> dict:
@@ -135,6 +153,7 @@ class ResolvedProtocol:
     start_id: int
     end_id: int
     pad_id: int | None
+    never_in_text_ids: tuple[int, ...] = ()
 
     def __getattr__(self, item):  # protocol fields read through (stop_rule, num_steps, ...)
         return getattr(self.protocol, item)
@@ -158,6 +177,28 @@ MIRAGE = LatentProtocol(
     stop_rule="end_token", num_steps=8, write_pad_ids=True,
     source="UMass-Embodied-AGI/Mirage: model-emitted <|latent_end|>, cap 8 (trained with 4 latent tokens)")
 
+ILVR = LatentProtocol(
+    name="ilvr", pad_token="<|latent_pad|>", start_token="<|latent_start|>", end_token="<|latent_end|>",
+    stop_rule="fixed", num_steps=8, write_pad_ids=True, exit_rule="force_end",
+    never_in_text=("<|latent_pad|>", "<|latent_end|>"),
+    source="XD111ds/ILVR: src/utils_deepseed.py LatentTemplateLogitsProcessor (pad and end banned outside a span; "
+           "K pads then the end forced), K = config.latent_size = 8 (run_training.sh LATENT_SIZE=8); the model opens "
+           "each span itself; transformers/src/transformers/generation/utils.py _sample feeds the last hidden "
+           "state at each pad position")
+COCONUT = LatentProtocol(
+    name="coconut", start_token="<|start-latent|>", pad_token="<|latent|>", end_token="<|end-latent|>",
+    stop_rule="fixed", num_steps=6, write_pad_ids=True, exit_rule="force_end",
+    source="facebookresearch/coconut: coconut.py (each <|latent|> position takes the last hidden state of the "
+           "position before it); dataset.py get_question_latent_dataset (question, start, latent x k, end); "
+           "k = max_latent_stage x c_thought = 6 (args/prosqa_coconut_eval.yaml, args/gsm_coconut_eval.yaml)")
+CODI = LatentProtocol(
+    name="codi", start_token="<|codi_bot|>", pad_token="[PAD]", end_token="<|codi_eot|>",
+    stop_rule="fixed", num_steps=6, write_pad_ids=True, exit_rule="force_end", head_module="prj",
+    head_maps_first=True, never_in_text=("<|codi_eot|>",),
+    source="zhenyi4/codi: src/model.py (bot/eot ids past the vocabulary, prj head), test.py (bot appended, "
+           "inf_latent_iterations latents each projected by prj, the first included; eot fed; logits cut before "
+           "the last id), scripts/test_gpt2.sh (6 iterations)")
+
 PROTOCOLS: dict[str, LatentProtocol] = {}
 
 
@@ -171,7 +212,7 @@ def register_protocol(protocol: LatentProtocol) -> LatentProtocol:
     return protocol
 
 
-for _protocol in (MONET, LVR, MIRAGE):
+for _protocol in (MONET, LVR, MIRAGE, ILVR, COCONUT, CODI):
     register_protocol(_protocol)
 
 

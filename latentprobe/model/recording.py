@@ -30,7 +30,7 @@ Example::
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -182,6 +182,14 @@ class Recorder:
     def __init__(self, decoder: LatentDecoder, spec: RecordSpec | None = None):
         self.decoder = decoder
         self.spec = spec or RecordSpec()
+        if decoder.subject.text_only and self.spec.image:
+            # A text model has no image group: the default image mean is simply not recorded, image sites asked
+            # for by name (image="all") are refused.
+            if self.spec.image == "all":
+                from .backbones import require_images
+
+                require_images(decoder.subject, "recording image sites")
+            self.spec = replace(self.spec, image=None)
         self.num_layers = decoder.subject.num_layers
         self.layers = self.spec.resolve_layers(self.num_layers)
         self.sites = self.spec.sites(self.num_layers)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Callable
 
 import torch
 
@@ -105,33 +104,16 @@ class Site:
 
 
 # ----------------------------------------------------------------------------------- backbone mapping
-# One function per backbone returning (blocks, final_norm); the numbering above is derived from them alone.
-_BACKBONES: dict[str, Callable[[torch.nn.Module], tuple[torch.nn.ModuleList, torch.nn.Module]]] = {}
-
-
-def register_backbone(model_type: str):
-    """Register how to find the decoder blocks and the final norm of one architecture (``config.model_type``)."""
-
-    def decorate(function):
-        _BACKBONES[model_type] = function
-        return function
-
-    return decorate
-
-
-@register_backbone("qwen2_5_vl")
-def _qwen2_5_vl(model):
-    text_model = model.model.language_model
-    return text_model.layers, text_model.norm
+# Blocks, final norm, backbone module and position layout of each architecture live in latentprobe.model.backbones; the
+# numbering above is derived from (blocks, final norm) alone. ``register_backbone`` is re-exported here.
+from .backbones import register_backbone  # noqa: E402,F401  (the public name users know from this module)
 
 
 def backbone_parts(model) -> tuple[torch.nn.ModuleList, torch.nn.Module]:
     """The decoder blocks and the final norm of ``model``, found through the backbone registry."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in _BACKBONES:
-        raise LatentProbeError(f"no site mapping for model_type {model_type!r}",
-                               f"register one with latentprobe.model.sites.register_backbone (known: {sorted(_BACKBONES)})")
-    return _BACKBONES[model_type](model)
+    from .backbones import backbone_of
+
+    return backbone_of(model).parts(model)
 
 
 def num_layers(model) -> int:
@@ -224,7 +206,7 @@ def module_path(root: torch.nn.Module, module: torch.nn.Module) -> str:
         if candidate is module:
             return name
     raise LatentProbeError("the backbone's module for this site is not inside the wrapped model",
-                           "wrap the subject's backbone (subject.model.model) or the whole subject.model")
+                           "wrap the subject's backbone (latentprobe.model.backbones.backbone_call) or the whole subject.model")
 
 
 def nnsight_hidden(envoy, model, site: Site | int, n_layers: int | None = None):

@@ -49,6 +49,11 @@ class PromptStyle:
     # and this string appended (Mirage's test.py appends "<|im_start|>assistant", no newline)
     generation_prompt: str | None = None
     image_position: str = "before"  # images before the question text (Qwen's layout) or "after" it (organisms)
+    # Text latent-CoT evaluations (Coconut, CODI) feed the question itself, no chat turn: ``plain`` renders the
+    # question text (+ suffix) alone and tokenises it with the tokenizer's own special tokens (a Llama BOS).
+    plain: bool = False
+    strip_question: bool = False  # CODI's test.py strips the question ...
+    question_replace: tuple[tuple[str, str], ...] = ()  # ... and replaces "  " with " " (in this order)
 
     def __post_init__(self):
         if self.image_position not in ("before", "after"):
@@ -196,7 +201,7 @@ class Subject:
     def eos_token_ids(self) -> list[int]:
         """``<|im_end|>``, the tokenizer's eos and the checkpoint's ``generation_config`` eos ids (Qwen2.5-VL lists
         ``<|endoftext|>`` there too), as ``generate`` stops on them."""
-        ids = {self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+        ids = {self.tokenizer.get_vocab()["<|im_end|>"]} if "<|im_end|>" in self.tokenizer.get_vocab() else set()
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         generation = getattr(self.model, "generation_config", None)
@@ -219,11 +224,18 @@ class Subject:
 
     @property
     def num_layers(self) -> int:
-        return self.model.config.text_config.num_hidden_layers
+        return self.model.config.get_text_config().num_hidden_layers
 
     @property
     def hidden_size(self) -> int:
-        return self.model.config.text_config.hidden_size
+        return self.model.config.get_text_config().hidden_size
+
+    @property
+    def text_only(self) -> bool:
+        """A decoder-only language model (no images, 1-D positions); see `latentprobe.model.backbones`."""
+        from .backbones import is_multimodal
+
+        return not is_multimodal(self.model)
 
     def fingerprint(self) -> str:
         """A hash of the weights (sampled for speed on large models) and the config."""
@@ -247,9 +259,12 @@ class Subject:
             "authors_settings": self.authors_settings or None, "added_tokens": list(self.added_tokens),
             "answer_prefix": self.answer_slot_prefix,
             "layers": self.num_layers, "hidden_size": self.hidden_size,
+            "backbone": self.model.config.model_type, "text_only": self.text_only,
         }
 
     def _check_vision_tokens(self):
+        if self.text_only:
+            return
         config = self.model.config
         vocab = self.tokenizer.get_vocab()
         for attr, token in (("image_token_id", "<|image_pad|>"), ("vision_start_token_id", "<|vision_start|>")):
@@ -318,6 +333,13 @@ class Subject:
     def question_text(self, instance: Instance) -> str:
         """The user turn's text as the family's evaluation writes it (see `PromptStyle`)."""
         style = self.prompt_style
+        if style.strip_question or style.question_replace:
+            import dataclasses
+
+            question = instance.question.strip() if style.strip_question else instance.question
+            for old, new in style.question_replace:
+                question = question.replace(old, new)
+            instance = dataclasses.replace(instance, question=question)
         template = style.task_templates.get(instance.task or "")
         if template is not None:
             # literal replacement, not str.format: templates hold LaTeX braces ("\\boxed{}")
@@ -340,6 +362,8 @@ class Subject:
             attributes = {k: v for k, v in instance.attributes.items() if k != style.raw_text_attribute}
             instance = dataclasses.replace(instance, question=question, attributes=attributes)
         text = self.question_text(instance)
+        if style.plain:  # the question itself, as text latent-CoT evaluations feed it
+            return self._with_forced_start(text + style.assistant_prefix)
         content = _user_content(text, n_images, style.image_position)
         messages = []
         if style.system_prompt:
@@ -357,8 +381,10 @@ class Subject:
                                                           **kwargs)
         if not add_generation:
             text += style.generation_prompt
-        text += style.assistant_prefix
-        if style.force_latent_start:
+        return self._with_forced_start(text + style.assistant_prefix)
+
+    def _with_forced_start(self, text: str) -> str:
+        if self.prompt_style.force_latent_start:
             if self.protocol is None:
                 raise LatentProbeError(f"subject {self.name}: force_latent_start needs a latent protocol",
                                        "give the subject a protocol or unset force_latent_start")
@@ -372,6 +398,14 @@ class Subject:
         ``images`` overrides the instances' own images (input interventions pass edited ones);
         ``prompts`` overrides the prompt text (question interventions).
         """
+        if self.text_only:
+            given = images if images is not None else [inst.images for inst in instances]
+            with_images = [inst.id for inst, row in zip(instances, given) if row]
+            if with_images:
+                raise LatentProbeError(f"subject {self.name} is a text-only model and instance {with_images[0]} has "
+                                       "images", "use text instances (e.g. --data builtin-text, prosqa:FOLDER, "
+                                       "gsm8k-aug:FILE) with a text subject")
+            images = [[] for _ in instances]
         if images is None:
             images = [load_images(inst) for inst in instances]
         merge = getattr(self.image_processor, "merge_size", 2)
@@ -395,7 +429,7 @@ class Subject:
                 expanded += image_pad * n_tokens + piece
             cursor += len(images[i])
             texts.append(text)
-            rows.append(self.tokenizer(expanded, add_special_tokens=False)["input_ids"])
+            rows.append(self.tokenizer(expanded, add_special_tokens=self.prompt_style.plain)["input_ids"])
         max_len = max(len(r) for r in rows)
         pad = self.pad_token_id
         input_ids = torch.full((len(rows), max_len), pad, dtype=torch.long)
@@ -403,7 +437,8 @@ class Subject:
         for i, ids in enumerate(rows):
             input_ids[i, max_len - len(ids):] = torch.tensor(ids, dtype=torch.long)
             attention[i, max_len - len(ids):] = 1
-        image_token_id = self.model.config.image_token_id
-        mm_types = ((input_ids == image_token_id) & attention.bool()).long()
+        image_token_id = getattr(self.model.config, "image_token_id", None)
+        mm_types = (((input_ids == image_token_id) & attention.bool()).long() if image_token_id is not None
+                    else torch.zeros_like(input_ids))
         return PromptBatch([inst.id for inst in instances], input_ids, attention, mm_types, pixel_values, grid, texts,
                            merge, [len(row) for row in images])

@@ -139,7 +139,7 @@ _is_oom = is_oom
 
 def default_instances(subject_name: str, limit: int | None = None, split: str = "test") -> tuple[list[Instance], str]:
     """(instances, source label) a subject runs on when no data is given: an organism's own held-out split
-    (never seen in training), the built-in images for any other subject.
+    (never seen in training), the built-in text set for a text-only subject, the built-in images for any other.
 
     >>> instances, source = default_instances("tiny", limit=2)
     >>> len(instances), source
@@ -152,4 +152,6 @@ def default_instances(subject_name: str, limit: int | None = None, split: str = 
     spec = SUBJECTS.get(str(subject_name))
     if spec is not None:
         return spec.default_instances(limit=limit, split=split)
-    return load_instances(None, limit=limit)
+    from ..model.subjects import is_text_subject
+
+    return load_instances("builtin-text" if is_text_subject(subject_name) else None, limit=limit)

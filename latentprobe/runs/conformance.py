@@ -109,6 +109,7 @@ def run_check(subject_name: str, checkpoint: str | None = None, *, device: str |
     _chat_template(report, subject, spec)
     _head(report, subject)
     _eos(report, subject)
+    _authors_ids(report, subject, spec)
     _decode_checks(report, subject, max_new_tokens, latent_steps, prepare)
     _protocol(report, subject, latent_steps)
     _decoding(report, subject, decoding)
@@ -117,9 +118,21 @@ def run_check(subject_name: str, checkpoint: str | None = None, *, device: str |
 
 # ----------------------------------------------------------------------------------------------- static checks
 
+def _check_instance(subject):
+    """The built-in instance a check decodes: an image question, or a text one for a text-only subject."""
+    from ..data.instances import builtin_instances, builtin_text_instances
+
+    return (builtin_text_instances(1) if subject.text_only else builtin_instances(1))[0]
+
+
 def _architecture(report: CheckReport, subject) -> None:
     config = subject.model.config
     arch = ", ".join(getattr(config, "architectures", None) or ["(none listed)"])
+    if subject.text_only:  # the loader admitted only a registered text backbone
+        rows = subject.model.get_input_embeddings().weight.shape[0]
+        report.add("architecture", "pass", f"{config.model_type} ({arch}), text-only: 1-D positions, no image "
+                                           f"group; {rows} embedding rows for {len(subject.tokenizer)} tokens")
+        return
     if config.model_type != "qwen2_5_vl":
         report.add("architecture", "fail", f"model_type {config.model_type!r} ({arch})",
                    "latentprobe's families are Qwen2.5-VL fine-tunes; point at the Qwen2.5-VL checkpoint")
@@ -172,9 +185,16 @@ def _tokens(report: CheckReport, subject, spec) -> None:
 
 
 def _chat_template(report: CheckReport, subject, spec) -> None:
-    from ..data.instances import builtin_instances
-
-    instance = builtin_instances(1)[0]
+    instance = _check_instance(subject)
+    if subject.prompt_style.plain:
+        prompt = subject.prompt_text(instance)
+        start = subject.protocol.start_token if subject.prompt_style.force_latent_start else ""
+        ok = prompt.endswith(start) and instance.question.strip() in prompt
+        report.add("chat template", "pass" if ok else "fail",
+                   f"no chat turn: the question itself{' then ' + start if start else ''}, as the family's "
+                   f"evaluation feeds it ({len(prompt)} characters)",
+                   "" if ok else "the prompt does not hold the question and the forced start token")
+        return
     if not subject.tokenizer.chat_template:
         report.add("chat template", "fail", "the tokenizer has no chat template",
                    "copy chat_template.json (or tokenizer_config.json's chat_template) from "
@@ -239,6 +259,26 @@ def _head(report: CheckReport, subject) -> None:
         report.add("head", "pass", detail)
 
 
+def _authors_ids(report: CheckReport, subject, spec) -> None:
+    """Ids the authors' own code hard-codes (ILVR's generate loop) or places at the vocabulary's end (CODI)."""
+    vocab = subject.tokenizer.get_vocab()
+    fixed = getattr(spec, "authors_fixed_ids", None) or {}
+    if fixed:
+        differ = [f"{token} = {vocab.get(token)} (hard-coded {value})" for token, value in fixed.items()
+                  if vocab.get(token) != value]
+        if differ:
+            report.add("authors' fixed ids", "warn", "; ".join(differ),
+                       "latentprobe reads the ids from the tokenizer; the authors' own generate loop would not "
+                       "recognise these tokens, so their published runs used other ids")
+        else:
+            report.add("authors' fixed ids", "pass", "the tokenizer's ids are the ones the authors' code hard-codes")
+    trailing = getattr(spec, "trailing_token_ids", ()) or ()
+    if trailing:  # the loader refuses a folder where they are not (this line says so when it loaded)
+        rows = subject.model.get_input_embeddings().weight.shape[0]
+        report.add("authors' fixed ids", "pass", f"{', '.join(trailing)} are the last {len(trailing)} of {rows} "
+                                                 "embedding rows, as the authors' code defines them")
+
+
 def _weight_keys(folder: Path) -> list[str]:
     from safetensors import safe_open
 
@@ -276,10 +316,10 @@ def _generation_config_eos(folder: Path) -> list[int]:
 def _decode_checks(report: CheckReport, subject, max_new_tokens: int, latent_steps: int | None, prepare) -> None:
     import contextlib
 
-    from ..data.instances import builtin_instances
+    from ..model.backbones import backbone_module
     from ..model.decoding import DecodeConfig, LatentDecoder
 
-    instance = builtin_instances(1)[0]
+    instance = _check_instance(subject)
     decoder = LatentDecoder(subject, DecodeConfig(max_new_tokens=max_new_tokens, latent_steps=latent_steps))
     hidden_log: list[torch.Tensor] = []
 
@@ -289,7 +329,7 @@ def _decode_checks(report: CheckReport, subject, max_new_tokens: int, latent_ste
             hidden_log.append(state[:, -1].detach().float().cpu())
 
     context = prepare(subject) if prepare is not None else contextlib.nullcontext()
-    handle = subject.model.model.register_forward_hook(keep_hidden, with_kwargs=True)
+    handle = backbone_module(subject.model).register_forward_hook(keep_hidden, with_kwargs=True)
     try:
         with context:
             batch = subject.encode([instance])
@@ -328,8 +368,10 @@ def _cache_vs_recompute(report, subject, decoder, batch, result, hidden_log) -> 
     positions = [result.prompt_length + j for j in steps]
     if positions:
         previous = recomputed[[p - 1 for p in positions]].to(next(subject.model.parameters()))
-        # the head maps a state computed at a latent position only (LVR never maps z_0)
-        at_latent = torch.tensor([j > 0 and row.step_kinds[j - 1] == LATENT for j in steps]).unsqueeze(-1)
+        # the head maps a state computed at a latent position only (LVR never maps z_0); CODI's maps every one
+        maps_first = subject.protocol.head_maps_first
+        at_latent = torch.tensor([maps_first or (j > 0 and row.step_kinds[j - 1] == LATENT)
+                                  for j in steps]).unsqueeze(-1)
         with torch.no_grad():
             mapped = decoder._feedback(previous).float().cpu()
         expected = torch.where(at_latent, mapped, previous.float().cpu())
@@ -408,6 +450,10 @@ def _protocol(report: CheckReport, subject, latent_steps: int | None) -> None:
     layout = getattr(proto, "layout", None)
     fed = "final-norm last hidden state" + (f" through {proto.head_module}" if proto.head_module and
                                             hasattr(subject.model, proto.head_module) else "")
+    if proto.head_maps_first and hasattr(subject.model, proto.head_module or ""):
+        fed += " (the first one too)"
+    if proto.never_in_text:
+        fed += f"; never chosen outside latent mode: {', '.join(proto.never_in_text)}"
     ids = "pad ids written" if proto.write_pad_ids else "the model's own ids kept"
     report.add("layout, stop rule", "info", f"{proto.name}: {rule}; fed back: {fed}; {ids}"
                                             + (f"; layout {layout}" if layout else ""))

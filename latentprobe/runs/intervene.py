@@ -90,6 +90,10 @@ def check_interventions(subject, interventions: Sequence[Intervention], n_instan
     if n_instances < 1:
         raise LatentProbeError("the dataset is empty", "pass a data file with at least one instance")
     for iv in interventions:
+        if iv.needs_images and subject.text_only:
+            from ..model.backbones import require_images
+
+            require_images(subject, iv.name)
         if iv.target == "text" and subject.mediator != "text":
             raise LatentProbeError(f"{iv.name}: subject {subject.name} has no text mediator",
                                    "text interventions need a text-imagination subject such as capimagine")

@@ -291,6 +291,9 @@ def grounding_summary(table: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0)
 # ------------------------------------------------------------------------------------------------ runner
 def check_grounding_input(subject, instances, layers: Sequence[int] | None, image_layer: int | None) -> list[int]:
     """Everything grounding needs, checked before any model runs; returns the layers to map."""
+    from ..model.backbones import require_images
+
+    require_images(subject, "grounding")
     if not instances:
         raise LatentProbeError("grounding got no instances", "pass a data file with at least one instance")
     without = [inst.id for inst in instances if not inst.images]

@@ -61,7 +61,10 @@ from .hooks import DECODE_GROUPS, PROMPT_GROUPS, _LayerHooks, _register, _Remove
 log = logging.getLogger(__name__)
 
 DIRECTIONS = ("denoise", "noise")
-CORRUPTIONS = ("image-swap", "image-noise")
+CORRUPTIONS = ("image-swap", "image-noise", "question-swap")
+IMAGE_CORRUPTIONS = ("image-swap", "image-noise")
+PROMPT_GROUPS = ("image", "question", "prompt_last")
+DECODE_GROUPS = ("latent", "answer")
 DEFAULT_GROUPS = ("image", "question", "prompt_last", "latent", "answer")
 METRIC_OF = {"denoise": "recovery", "noise": "damage"}  # on the gold probability
 LOGODDS_METRIC_OF = {"denoise": "recovery_logodds", "noise": "damage_logodds"}  # on the gold log-odds
@@ -154,8 +157,13 @@ def resolve_grid(subject, layers: Sequence[int] | str | None = None, steps: Sequ
             raise LatentProbeError(f"latent step {step} is out of range: {subject.name} runs at most "
                                    f"{max_steps} latent steps", f"use steps 0..{max_steps - 1}")
     if groups is None:
-        groups = [g for g in DEFAULT_GROUPS if latent or g in PROMPT_GROUPS]
+        groups = [g for g in DEFAULT_GROUPS if (latent or g in PROMPT_GROUPS)
+                  and not (g == "image" and subject.text_only)]  # a text model has no image group
     groups = [str(g).strip() for g in groups if str(g).strip()]
+    if "image" in groups and subject.text_only:
+        from ..model.backbones import require_images
+
+        require_images(subject, "the image position group")
     for group in groups:
         if group not in POSITION_GROUPS:
             raise LatentProbeError(f"unknown position group {group!r}", f"use some of {', '.join(POSITION_GROUPS)}")
@@ -183,9 +191,14 @@ def check_patch_request(subject, grid: PatchGrid, n_instances: int, directions: 
         raise LatentProbeError("the dataset is empty", "pass data with at least one instance")
     if corruption not in CORRUPTIONS:
         raise LatentProbeError(f"unknown corruption {corruption!r}", f"use one of {', '.join(CORRUPTIONS)}")
-    if corruption == "image-swap" and n_instances < 2:
-        raise LatentProbeError("image-swap needs another instance's image, but there is only one instance",
-                               "run on at least two instances, or use --corruption image-noise")
+    if corruption in IMAGE_CORRUPTIONS and getattr(subject, "text_only", False):
+        from ..model.backbones import require_images
+
+        require_images(subject, f"the {corruption} corruption")
+    if corruption in ("image-swap", "question-swap") and n_instances < 2:
+        raise LatentProbeError(f"{corruption} needs another instance to take from, but there is only one instance",
+                               "run on at least two instances" + (", or use --corruption image-noise"
+                                                                  if corruption == "image-swap" else ""))
     for direction in directions:
         if direction not in DIRECTIONS:
             raise LatentProbeError(f"unknown patching direction {direction!r}", f"use {' or '.join(DIRECTIONS)}")
@@ -542,8 +555,9 @@ def patch_map(subject, instances: Sequence[Instance], out_dir: str | Path | None
     sites : sequence of Site or str, optional
         Patch exactly these sites instead of a grid (e.g. `top_attribution_sites` of a cheaper run).
     directions : ``denoise`` and/or ``noise``.
-    corruption : ``image-swap`` (another instance's image, a seeded derangement) or ``image-noise``
-        (``noise_scale`` x the per-dimension std of the image-token embeddings).
+    corruption : ``image-swap`` (another instance's image, a seeded derangement), ``image-noise``
+        (``noise_scale`` x the per-dimension std of the image-token embeddings) or ``question-swap`` (another
+        instance's question, options and template kept: the corruption for text subjects).
     semantics : ``recompute`` (later latent steps follow the patched one) or ``pin`` (they keep the values of
         the run being patched).
     min_gap : instances with ``|p_clean - p_corrupt| < min_gap`` are excluded from recovery / damage.
@@ -573,8 +587,10 @@ def patch_map(subject, instances: Sequence[Instance], out_dir: str | Path | None
     noise = None
     if corruption == "image-noise":
         noise = ImageEmbeddingNoise(decoder, image_embedding_std(subject, instances), noise_scale, seed)
-    corruption_name = noise.name if noise is not None else "image-swap"
-    donors = derangement(len(instances), seed) if corruption == "image-swap" else list(range(len(instances)))
+    corruption_name = noise.name if noise is not None else corruption
+    swaps = corruption in ("image-swap", "question-swap")
+    donors = derangement(len(instances), seed) if swaps else list(range(len(instances)))
+    by_id = {inst.id: inst for inst in instances}
     failures: list[tuple[str, str]] = []
     loaded: dict[str, list] = {}
     usable = []
@@ -583,13 +599,15 @@ def patch_map(subject, instances: Sequence[Instance], out_dir: str | Path | None
         if images is None:
             failures.append((inst.id, "unreadable image"))
             continue
-        if not images:
+        if not images and corruption in IMAGE_CORRUPTIONS:
             failures.append((inst.id, "no image to corrupt"))
             continue
         loaded[inst.id] = images
         usable.append(inst)
     if not usable:
-        raise LatentProbeError("no instance has a readable image to corrupt", "check the data's image paths")
+        raise LatentProbeError("no instance has a readable image to corrupt",
+                               "check the data's image paths" if corruption in IMAGE_CORRUPTIONS else
+                               "check the data's image paths (question-swap keeps each instance's images)")
     donor_of = {inst.id: instances[d].id for inst, d in zip(instances, donors)}
     rows: list[dict] = []
     attribution_rows: list[dict] = []
@@ -599,10 +617,16 @@ def patch_map(subject, instances: Sequence[Instance], out_dir: str | Path | None
         chunk = usable[start:start + batch_size]
         tick = time.time()
         clean_images = [loaded[i.id] for i in chunk]
-        corrupt_images = clean_images if noise is not None else \
-            [loaded.get(donor_of[i.id]) or _safe_images_by_id(instances, donor_of[i.id]) for i in chunk]
+        if corruption == "question-swap":  # this instance's images and options, the donor's question
+            prompts = [subject.prompt_text(i, n_images=len(loaded[i.id]), question=by_id[donor_of[i.id]].question)
+                       for i in chunk]
+            corrupt_batch = subject.encode(chunk, images=clean_images, prompts=prompts)
+        else:
+            corrupt_images = clean_images if noise is not None else \
+                [loaded.get(donor_of[i.id]) or _safe_images_by_id(instances, donor_of[i.id]) for i in chunk]
+            corrupt_batch = subject.encode(chunk, images=corrupt_images)
         clean = reference_run(decoder, subject.encode(chunk, images=clean_images), grid, None)
-        corrupt = reference_run(decoder, subject.encode(chunk, images=corrupt_images), grid, noise)
+        corrupt = reference_run(decoder, corrupt_batch, grid, noise)
         outcomes = {"clean": _outcomes(subject, chunk, clean.result), "corrupt": _outcomes(subject, chunk, corrupt.result)}
         timing["reference"] += time.time() - tick
         for direction in directions:

@@ -16,6 +16,8 @@ hrbench-4k, -8k      DreamMr/HR-Bench hr_bench_4k/8k.tsv (base64, VLMEvalKit lay
 blink                BLINK-Benchmark/BLINK per-sub-task val parquet files
 mme-realworld-lite   MME-RealWorld-Lite.json + imgs/, mme_realworld_lite.tsv (base64), lmms-eval parquet
 vsp                  UCSB-NLP-Chang/Visual-Spatial-Planning maze task-main (planning) and task4 (reasoning)
+prosqa               facebookresearch/coconut data/prosqa_{train,valid,test}.json (text only)
+gsm8k-aug            Coconut's gsm_{split}.json (preprocessing/gsm_icot.py), CODI's GSM8k-Aug JSON/JSONL (text)
 ==================== ==========================================================================================
 
 Example::
@@ -36,7 +38,7 @@ from typing import Callable
 
 from ..instances import Instance
 from ...errors import LatentProbeError
-from . import blink, hrbench, mme_realworld, mmvp, vsp, vstar
+from . import blink, hrbench, mme_realworld, mmvp, textcot, vsp, vstar
 
 BENCHMARKS: dict[str, Callable[..., list[Instance]]] = {
     vstar.NAME: vstar.load,
@@ -46,6 +48,8 @@ BENCHMARKS: dict[str, Callable[..., list[Instance]]] = {
     blink.NAME: blink.load,
     mme_realworld.NAME: mme_realworld.load,
     vsp.NAME: vsp.load,
+    textcot.PROSQA: textcot.load_prosqa,
+    textcot.GSM8K_AUG: textcot.load_gsm8k_aug,
 }
 
 # Other spellings people type, mapped to the registry names.
@@ -54,6 +58,7 @@ ALIASES = {
     "hrbench4k": "hrbench-4k", "hr-bench-4k": "hrbench-4k", "hrbench8k": "hrbench-8k", "hr-bench-8k": "hrbench-8k",
     "mme-realworld": "mme-realworld-lite", "mmerealworld-lite": "mme-realworld-lite",
     "mme-realworld-lite": "mme-realworld-lite",
+    "gsm8k": "gsm8k-aug", "gsm-aug": "gsm8k-aug", "gsm8kaug": "gsm8k-aug",
 }
 
 _DETECTORS: dict[str, Callable[[Path], bool]] = {
@@ -64,6 +69,8 @@ _DETECTORS: dict[str, Callable[[Path], bool]] = {
     blink.NAME: blink.looks_like,
     mme_realworld.NAME: mme_realworld.looks_like,
     vsp.NAME: vsp.looks_like,
+    textcot.PROSQA: textcot.looks_like_prosqa,
+    textcot.GSM8K_AUG: textcot.looks_like_gsm,
 }
 
 

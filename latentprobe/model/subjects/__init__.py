@@ -38,7 +38,8 @@ class SubjectSpec:
             return self.default_data(limit=limit, split=split)
         from ...data.loading import load_instances
 
-        return load_instances(None, limit=limit)
+        # a text-only family (Coconut, CODI) reads the built-in text set, every other subject the built-in images
+        return load_instances("builtin-text" if getattr(self, "backbone", None) == "text" else None, limit=limit)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "summary": self.summary, "protocol": self.protocol_name,
@@ -73,6 +74,11 @@ def register(spec: SubjectSpec) -> None:
     SUBJECTS[spec.name] = spec
 
 
+def unregister(name: str) -> None:
+    """Remove a subject from the registry (tests and notebooks that declare a family for a while)."""
+    SUBJECTS.pop(name, None)
+
+
 def load_subject(name_or_path: str, protocol: str | None = None, device: str | None = None,
                  dtype: str | None = None, mediator_markers: Any = None, **kwargs: Any) -> Subject:
     """Load a subject by registered name, or a local checkpoint folder (with ``protocol`` naming its family).
@@ -92,7 +98,12 @@ def load_subject(name_or_path: str, protocol: str | None = None, device: str | N
     elif _looks_like_hub_id(name_or_path):
         subject = load_checkpoint(download_checkpoint(name_or_path), protocol=protocol, **kwargs)
     elif _looks_like_path(name_or_path):
-        subject = load_checkpoint(name_or_path, protocol=protocol, **kwargs)
+        if is_text_subject(name_or_path):  # a decoder-only causal LM folder (GPT-2, Llama, Qwen2, Qwen3)
+            from .text import load_text_checkpoint
+
+            subject = load_text_checkpoint(name_or_path, protocol=protocol, **kwargs)
+        else:
+            subject = load_checkpoint(name_or_path, protocol=protocol, **kwargs)
     else:
         raise LatentProbeError(f"unknown subject {name_or_path!r}",
                                f"choose one of {', '.join(sorted(SUBJECTS))}, a checkpoint folder or a hub id")
@@ -194,6 +205,24 @@ def _load_image_processor(path: Path, image_pixels: tuple[int, int] | None = Non
     return Qwen2VLImageProcessorPil(**kwargs)
 
 
+def is_text_subject(name_or_path: str | None) -> bool:
+    """Whether a subject name (a text family such as coconut or codi) or checkpoint folder (a registered text
+    backbone's model_type) is a text-only model, known without loading it: its default data is the text set."""
+    if not name_or_path:
+        return False
+    _register_builtin_families()
+    spec = SUBJECTS.get(name_or_path)
+    if spec is not None:
+        return getattr(spec, "backbone", "qwen2_5_vl") == "text"
+    if Path(name_or_path).is_dir():
+        from ..backbones import BACKBONES
+        from .text import read_model_type
+
+        model_type = read_model_type(Path(name_or_path))
+        return model_type in BACKBONES and not BACKBONES[model_type].multimodal
+    return False
+
+
 def _looks_like_path(value: str) -> bool:
     return os.sep in value or value.startswith(".") or Path(value).exists()
 
@@ -240,3 +269,11 @@ def _register_builtin_families():
         except ModuleNotFoundError as exc:
             if exc.name != module:
                 raise
+    # Your own families: LATENTPROBE_FAMILIES names importable modules (comma-separated) that declare them
+    # (`families.register_family`), so every command finds them by name.
+    for module in filter(None, (m.strip() for m in os.environ.get("LATENTPROBE_FAMILIES", "").split(","))):
+        try:
+            import_module(module)
+        except ImportError as exc:
+            raise LatentProbeError(f"LATENTPROBE_FAMILIES names {module!r}, which cannot be imported ({exc})",
+                                   "put the module on PYTHONPATH, or fix the name") from None

@@ -20,7 +20,7 @@ import torch
 from ...errors import LatentProbeError
 from ..protocol import get_protocol
 from ..subject import PromptStyle, Subject
-from . import SubjectSpec, download_checkpoint, load_checkpoint, register, _looks_like_hub_id
+from . import SubjectSpec, download_checkpoint, load_checkpoint, register, unregister, _looks_like_hub_id
 from .lvr_head import attach_feedback_head  # noqa: F401  (LVR's head, src/model/lvr_heads.py)
 
 QWEN_DEFAULT_SYSTEM = None  # the chat template's own "You are a helpful assistant."
@@ -78,6 +78,13 @@ class FamilySpec(SubjectSpec):
     answer_prefix: str | None = None  # text just before the answer (latentprobe.model.answer_slot); None: the default rule
     answer_lead: str = ""  # text between the answer prefix and the answer (LVR writes "<answer> B"): candidate ids
     notes: str = ""
+    # Beyond the three Qwen2.5-VL families (issue 23):
+    backbone: str = "qwen2_5_vl"  # "qwen2_5_vl", or "text" for a decoder-only causal LM (Coconut, CODI)
+    config_latent_steps: str | None = None  # config field holding K (ILVR's latent_size); None: the protocol's
+    authors_fixed_ids: dict[str, int] = field(default_factory=dict)  # ids the authors' code hard-codes (ILVR)
+    adds_special: bool = False  # tokens in ``adds_tokens`` are added as special tokens (CODI)
+    # tokens whose ids the authors define as the last rows of the resized embedding, in order (CODI: pad, bot, eot)
+    trailing_token_ids: tuple[str, ...] = ()
 
     def describe(self) -> dict[str, Any]:
         protocol = get_protocol(self.protocol_name).describe() if self.protocol_name else None
@@ -90,7 +97,10 @@ class FamilySpec(SubjectSpec):
                 "adds_tokens_at_load": list(self.adds_tokens), "benchmark_options": self.benchmark_options,
                 "feedback_head": self.head, "notes": self.notes,
                 "answer_slot": _answer_slot_rule(self),
-                "latent_layout": protocol["latent_layout"] if protocol else None}
+                "latent_layout": protocol["latent_layout"] if protocol else None,
+                "backbone": self.backbone, "latent_steps_from_config": self.config_latent_steps,
+                "authors_fixed_ids": self.authors_fixed_ids, "trailing_token_ids": list(self.trailing_token_ids),
+                "source_files": protocol["source"] if protocol else None}
 
 
 def decoding_preset(subject: Subject, preset: str = "greedy") -> tuple[dict[str, Any], dict[str, Any]]:
@@ -134,6 +144,9 @@ def _builder(spec_name: str):
         # The number of latent steps is a decoding setting (DecodeConfig.latent_steps / --latent-steps).
         spec: FamilySpec = SUBJECTS_BY_NAME[spec_name]
         folder = checkpoint or spec.hub_id
+        if not folder:
+            raise LatentProbeError(f"{spec.name} has no published checkpoint id latentprobe knows",
+                                   "pass --checkpoint FOLDER (the authors' Qwen2.5-VL fine-tune, saved as safetensors)")
         if _looks_like_hub_id(folder):
             folder = download_checkpoint(folder)
         proto_name = protocol or spec.protocol_name
@@ -149,9 +162,78 @@ def _builder(spec_name: str):
         subject.answer_lead = spec.answer_lead
         if subject.protocol is not None and subject.protocol.head_module:
             attach_feedback_head(subject, Path(folder))
+        _steps_from_config(subject, spec)
         return subject
 
     return build
+
+
+def _text_builder(spec_name: str):
+    """Build a text latent-CoT family (a decoder-only causal LM folder) as its authors run it."""
+
+    def build(checkpoint: str | None = None, protocol: str | None = None, torch_dtype: Any = None,
+              attn_implementation: str | None = None, **_: Any) -> Subject:
+        from .codi_head import attach_codi_head
+        from .text import load_text_checkpoint
+
+        spec: FamilySpec = SUBJECTS_BY_NAME[spec_name]
+        folder = checkpoint or spec.hub_id
+        if not folder:
+            raise LatentProbeError(f"{spec.name} has no published checkpoint latentprobe can load",
+                                   f"pass --checkpoint FOLDER (a safetensors causal-LM folder; see `latentprobe "
+                                   f"subjects --show {spec.name}`)")
+        if _looks_like_hub_id(folder):
+            folder = download_checkpoint(folder)
+        subject = load_text_checkpoint(folder, protocol=protocol or spec.protocol_name, name=spec.name,
+                                       prompt_style=spec.prompt_style, answer_parser=spec.answer_parser,
+                                       torch_dtype=torch_dtype,
+                                       attn_implementation=attn_implementation or _best_attention(),
+                                       add_tokens=spec.adds_tokens, add_special=spec.adds_special,
+                                       max_new_tokens=spec.max_new_tokens, description=spec.summary,
+                                       authors_settings=dict(spec.authors_settings), answer_prefix=spec.answer_prefix,
+                                       mediator=spec.mediator)
+        subject.answer_lead = spec.answer_lead
+        _check_trailing_ids(subject, spec, folder)
+        proto = subject.protocol
+        if proto is not None and proto.head_module and not attach_codi_head(subject, Path(folder)) \
+                and spec.head == "required":
+            raise LatentProbeError(f"{folder} has no {proto.head_module}.* weights, which {spec.name} feeds every "
+                                   "latent through", f"save the {proto.head_module} tensors beside the model's "
+                                   "(see `latentprobe subjects --show " + spec.name + "`)")
+        return subject
+
+    return build
+
+
+def _steps_from_config(subject: Subject, spec: "FamilySpec") -> None:
+    """ILVR reads K from ``config.latent_size`` (src/evaluate_deepseed.py): the subject's protocol runs that many."""
+    if not spec.config_latent_steps or subject.protocol is None:
+        return
+    value = getattr(subject.model.config, spec.config_latent_steps, None)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LatentProbeError(f"config.{spec.config_latent_steps} = {value!r} is not a positive whole number",
+                               f"fix the checkpoint's config.json ({spec.name} reads its latent count there)")
+    if value != subject.protocol.num_steps:
+        subject.protocol = subject.protocol.with_steps(value)
+        subject._resolved = subject.protocol.resolve(subject.tokenizer)
+
+
+def _check_trailing_ids(subject: Subject, spec: "FamilySpec", folder) -> None:
+    """CODI's pad, bot and eot are the last rows of the resized embedding (src/model.py): the tokens named for them
+    must land there, or every latent would be fed between the wrong markers."""
+    if not spec.trailing_token_ids:
+        return
+    rows = subject.model.get_input_embeddings().weight.shape[0]
+    vocab = subject.tokenizer.get_vocab()
+    expected = {token: rows - len(spec.trailing_token_ids) + k for k, token in enumerate(spec.trailing_token_ids)}
+    wrong = [f"{token} = {vocab.get(token)} (authors' id {expected[token]})" for token in spec.trailing_token_ids
+             if vocab.get(token) != expected[token]]
+    if wrong:
+        raise LatentProbeError(f"{folder}: {', '.join(wrong)}: the tokenizer is not the base model's one "
+                               f"({len(vocab)} tokens for {rows} embedding rows)",
+                               f"save the base model's tokenizer, without {spec.name}'s tokens, in the folder")
 
 
 def _answer_slot_rule(spec: "FamilySpec") -> str:
@@ -231,6 +313,97 @@ FAMILIES = [
                protocol_name=None, prompt_style=PromptStyle(suffix=LETTER_SUFFIX), answer_parser="letter",
                mediator=None, max_new_tokens=64),
 ]
+# ---------------------------------------------------------------------------------------- beyond three models
+# ILVR (XD111ds/ILVR): Mirage's token strings, its own protocol. src/main.py adds <|latent_pad|>, <|latent_start|>,
+# <|latent_end|> in one add_tokens call and stores their ids and latent_size in the config; src/evaluate_deepseed.py
+# runs model.generate (greedy at temperature 0, eval.sh: 4096 new tokens) with LatentTemplateLogitsProcessor
+# (src/utils_deepseed.py): outside a latent span <|latent_pad|> and <|latent_end|> are banned; inside, pad is forced
+# until K = config.latent_size pads follow the start, then <|latent_end|>. The vendored generate loop
+# (transformers/src/transformers/generation/utils.py, _sample) embeds the model-chosen start token, then feeds the
+# last hidden state (post-norm, modeling_qwen2_5_vl.py returns it as outputs.hidden_states) at each pad position,
+# resetting its counters at every start token, so latent spans interleave with text.
+ILVR_AUTHORS = {"do_sample": False, "max_new_tokens": 4096, "latent_steps": 8,
+                "source": "XD111ds/ILVR eval.sh (TEMPERATURE=0.0, MAX_NEW_TOKENS=4096), src/evaluate_deepseed.py"}
+# Coconut (facebookresearch/coconut): run.py adds <|start-latent|>, <|end-latent|>, <|latent|> with add_tokens;
+# dataset.py get_question_latent_dataset builds question + "\n", start, latent x k, end with k = max_latent_stage x
+# c_thought (6 for ProsQA and GSM8k in args/*_eval.yaml); coconut.py feeds each latent position the last hidden state
+# (hidden_states[-1], after GPT-2's ln_f) of the position before it, then decodes greedily (argmax) until eos;
+# run.py reads the answer as text.split("#")[-1] and gives 64 new tokens for GSM8k, 128 otherwise.
+COCONUT_AUTHORS = {"do_sample": False, "max_new_tokens": 128, "latent_steps": 6,
+                   "source": "facebookresearch/coconut coconut.py generate (argmax); run.py (64 tokens for GSM8k)"}
+# CODI (zhenyi4/codi): src/model.py gives pad, bot, eot the ids vocab_size, +1, +2 past the base vocabulary and a
+# projection prj (Dropout, Linear, GELU, Linear, LayerNorm); test.py appends bot to the question
+# (remove_eos=True in scripts/test_gpt2.sh), projects the bot state and every latent output before feeding it for
+# inf_latent_iterations = 6 steps, feeds eot, then decodes greedily with the last vocabulary id (eot) cut from the
+# logits, 256 new tokens, and reads the last number of the output (extract_answer_number).
+CODI_AUTHORS = {"do_sample": False, "max_new_tokens": 256, "latent_steps": 6,
+                "source": "zhenyi4/codi test.py (greedy, max_new_tokens 256), scripts/test_gpt2.sh "
+                          "(inf_latent_iterations 6, use_prj, prj_dim 768)"}
+TEXT_COT_STYLE = dict(plain=True, force_latent_start=True, option_format="", options_header="")
+
+FAMILIES += [
+    FamilySpec(name="ilvr", summary="ILVR-7B: interleaved latent visual reasoning, K = 8 latents per span",
+               build=_builder("ilvr"), needs_checkpoint=True, hub_id="", protocol_name="ilvr",
+               prompt_style=PromptStyle(system_prompt=QWEN_DEFAULT_SYSTEM, raw_text_attribute="text_input"),
+               answer_parser="final_answer", answer_prefix="Final answer:", answer_lead=" ", max_new_tokens=4096,
+               authors_settings=ILVR_AUTHORS,
+               config_token_ids={"<|latent_pad|>": "latent_token_id", "<|latent_start|>": "latent_start_id",
+                                 "<|latent_end|>": "latent_end_id"},
+               config_latent_steps="latent_size",
+               authors_fixed_ids={"<|latent_pad|>": 151665, "<|latent_start|>": 151666, "<|latent_end|>": 151667},
+               notes="Same token strings as Mirage, another protocol: the model opens each latent span itself, "
+                     "exactly K = config.latent_size (8) latents follow, <|latent_end|> is forced, and outside a "
+                     "span pad and end are never chosen (LatentTemplateLogitsProcessor). The prompt is the data's "
+                     "text_input after the images, with Qwen's default system prompt; answers are read as "
+                     "extract_final_answer does (\"final answer: X\", then \"answer: X\"). Its vendored generate "
+                     "hard-codes ids 151665-151667 while the logits processor reads them from the tokenizer: "
+                     "`check` warns when a checkpoint's ids differ. No checkpoint is named in the repository."),
+    FamilySpec(name="coconut", summary="Coconut (GPT-2): 6 continuous thoughts between <|start-latent|> and "
+                                       "<|end-latent|>", build=_text_builder("coconut"), needs_checkpoint=True,
+               hub_id="", protocol_name="coconut",
+               prompt_style=PromptStyle(suffix="\n", **TEXT_COT_STYLE),
+               answer_parser="after_hash", answer_prefix="###", answer_lead=" ", max_new_tokens=128,
+               authors_settings=COCONUT_AUTHORS,
+               adds_tokens=("<|start-latent|>", "<|end-latent|>", "<|latent|>"),
+               benchmark_options={}, backbone="text",
+               notes="A decoder-only causal LM (GPT-2 in the paper, Llama 3 tested). The authors publish no "
+                     "weights and save checkpoints as pickled state dicts: save the base_causallm as a "
+                     "safetensors folder first. The question plus a newline is followed by the start token, "
+                     "6 latents (ProsQA: 6 x 1; GSM8k: 3 stages x 2) and the end token, all in the prompt."),
+    FamilySpec(name="codi", summary="CODI (GPT-2): 6 latents through a projection head, between bot and eot ids",
+               build=_text_builder("codi"), needs_checkpoint=True, hub_id="", protocol_name="codi",
+               prompt_style=PromptStyle(strip_question=True, question_replace=(("  ", " "),), **TEXT_COT_STYLE),
+               answer_parser="last_number", answer_prefix="The answer is:", answer_lead=" ", max_new_tokens=256,
+               authors_settings=CODI_AUTHORS, adds_tokens=("[PAD]", "<|codi_bot|>", "<|codi_eot|>"),
+               adds_special=True, trailing_token_ids=("[PAD]", "<|codi_bot|>", "<|codi_eot|>"), head="required",
+               backbone="text",
+               notes="CODI's bot and eot have no strings: latentprobe names them <|codi_bot|> and <|codi_eot|> and "
+                     "adds them (after [PAD]) so that they get the authors' ids, the last three embedding rows. "
+                     "The released weights (zen-E/CODI-gpt2, zen-E/CODI-llama3.2-1b-Instruct) are the CODI "
+                     "module's state dict with LoRA adapters: merge them into the base model and save it as a "
+                     "safetensors folder with the prj.* tensors. The authors' batched decode passes no attention "
+                     "mask after the prompt (left padding is attended); latentprobe masks padding, which equals "
+                     "their batch-1 run."),
+]
 SUBJECTS_BY_NAME = {spec.name: spec for spec in FAMILIES}
+
+
+def register_family(name: str, summary: str, **fields: Any) -> FamilySpec:
+    """Declare a family in one call (the README's "add a family" recipe): a `FamilySpec` whose builder follows its
+    ``backbone`` ("qwen2_5_vl" or "text"), registered so that every command finds it by ``name``.
+
+    >>> spec = register_family("doc-pause", "a doc example", protocol_name="coconut", backbone="text")
+    >>> SUBJECTS_BY_NAME["doc-pause"].describe()["backbone"]
+    'text'
+    >>> _ = SUBJECTS_BY_NAME.pop("doc-pause"), unregister("doc-pause")
+    """
+    backbone = fields.get("backbone", "qwen2_5_vl")
+    if backbone not in ("qwen2_5_vl", "text"):
+        raise LatentProbeError(f"family {name}: unknown backbone {backbone!r}", "use 'qwen2_5_vl' or 'text'")
+    build = _text_builder(name) if backbone == "text" else _builder(name)
+    spec = FamilySpec(name=name, summary=summary, build=build, needs_checkpoint=True, **fields)
+    register(spec)
+    SUBJECTS_BY_NAME[name] = spec
+    return spec
 for _spec in FAMILIES:
     register(_spec)

@@ -17,6 +17,7 @@ QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_
                        "<|image_pad|>", "<|video_pad|>")
 # Markers around text-space imagination (the capimagine organism writes <imagine>...</imagine> before answering).
 TEXT_MEDIATOR_TOKENS = ("<imagine>", "</imagine>")
+VL_PROTOCOLS = ("monet", "lvr", "mirage", "ilvr")
 
 # The Qwen2-VL chat template (as shipped with Qwen2.5-VL-7B-Instruct): a default system turn, images as
 # <|vision_start|><|image_pad|><|vision_end|> placeholders that the encoder expands to one pad per merged patch.
@@ -54,7 +55,10 @@ def build_tokenizer(extra_special_tokens: tuple[str, ...] | None = None, vocab_s
     from ..protocol import PROTOCOLS
 
     if extra_special_tokens is None:
-        extra_special_tokens = tuple(tok for p in PROTOCOLS.values() for tok in p.token_strings) + TEXT_MEDIATOR_TOKENS
+        # The vision-language protocols' tokens only (ILVR's are Mirage's): the vocabulary, and so every tiny and
+        # organism checkpoint built from it, stays the same when text-model protocols are registered.
+        extra_special_tokens = tuple(tok for name in VL_PROTOCOLS for tok in PROTOCOLS[name].token_strings
+                                     ) + TEXT_MEDIATOR_TOKENS
     specials = list(dict.fromkeys(QWEN_SPECIAL_TOKENS + tuple(extra_special_tokens)))
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
