@@ -317,6 +317,13 @@ def monte_carlo_limit(level: float, n_sims: int, z: float = 2.0) -> float:
     return level + z * math.sqrt(level * (1 - level) / n_sims)
 
 
+# Scenarios whose error rate is known to exceed its target (measured with analyses/calibration.py and reported in
+# the README), with the level the fast tests hold them to so that a regression beyond it is still caught. BCa
+# intervals of a mean of rare large jumps (skewness ~6) under-cover at n = 40: a sample that happens to hold few
+# jumps looks like a mean below the margin; no bootstrap interval knows about jumps it has not seen.
+KNOWN_SHORTFALL = {"skewed, at the margin (0.05), n=40": 0.2, "normal, at the margin (0.05), sd 0.05, n=80": 0.06}
+
+
 # Every rule x scenario of the calibration table: (rule, scenario, error word, target, how to decide one run).
 def scenarios(fast: bool = False) -> list[tuple[str, str, str, float, Callable[[np.random.Generator], str]]]:
     """The calibration scenarios of issue 18 (``analyses/calibration.py`` prints their error rates; the tests
