@@ -141,7 +141,8 @@ def verdict_collapse(similarity: pd.DataFrame | None, subject: str, *, margin: f
     how = "whitened" if whitened is True or whitened == 1.0 else "centred (too few pooled tokens to whiten)"
     sentence = (f"latent step {at} varies {_fmt(estimate)} [{_fmt(low)}, {_fmt(high)}] as much as {yard} per "
                 f"direction ({how}, n={n}); {noise_text}" + ("; " + "; ".join(beside) if beside else ""))
-    details = {"baseline": baseline, "step": at, "placebo": None if noise is None else float(noise.estimate),
+    # the floor itself is in the noise_excess row only as the spread's excess over it; the sentence gives both
+    details = {"baseline": baseline, "step": at, "placebo": None,
                "effect_size": "collapse ratio (whitened per-direction spread, latents / single token)",
                "yardstick": yard,
                "per_step": {int(r.step): (float(r.estimate), float(r.ci_low), float(r.ci_high))
