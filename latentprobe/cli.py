@@ -10,6 +10,13 @@ from . import cli_types as T
 from .errors import LatentProbeError
 
 
+OVERWRITE_HELP = ("replace an existing --out folder: the result is built in a new folder beside it and swapped in "
+                  "when complete, so nothing stale is left and a failed run keeps the old one")
+# Each swept kind's scale when --scale is not given (the classes' own defaults; tests/test_cli_ux.py holds them equal).
+SCALE_DEFAULTS = {"noise": 3.0, "image-noise": 0.5, "image-mask": 0.5, "text-truncate": 0.5, "drop": 0}
+SCALE_DEFAULTS_TEXT = ", ".join(f"{kind} {value:g}" for kind, value in SCALE_DEFAULTS.items())
+
+
 def _add_subject_args(p: argparse.ArgumentParser):
     p.add_argument("--subject", default="tiny", help="a subject name (see `latentprobe subjects`) or a checkpoint folder")
     p.add_argument("--protocol", default=None, help="latent protocol for a checkpoint folder: monet, lvr or mirage")
@@ -54,7 +61,7 @@ def _add_decode_args(p: argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latentprobe", description=(
+    parser = T.Parser(prog="latentprobe", description=(
         "Do a model's latent visual thoughts carry the image to the answer? Trace, intervene, measure."))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -94,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", default=None, type=T.scale_list,
                    help="comma-separated sweep: noise scale (x data std or x mean norm, 0..1e4), image-noise level "
                         "(0..1e4), image-mask fraction (0..1), text-truncate fraction (0..1), drop: whole number "
-                        "of steps kept (None: each kind's default)")
+                        f"of steps kept (default per kind: {SCALE_DEFAULTS_TEXT})")
     p.add_argument("--relative-to", default="std", choices=["std", "norm"], help="noise scale reference")
     p.add_argument("--value", default=None, choices=["zero", "mean", "random"],
                    help="constant: which tensor replaces the latents (None: the kind's default)")
@@ -143,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("similarity", help="collapse analysis: cosine similarity of latents across instances/steps")
     p.add_argument("runs", nargs="+", metavar="TRACE_DIR", help="trace folders")
-    p.add_argument("--out", required=True, type=T.output_folder, help="folder for figures and tables")
+    p.add_argument("--out", required=True, type=T.output_folder, help="a new folder for figures and tables")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of the bootstrap and the baselines")
     p.add_argument("--bootstrap", type=T.int_at_least(100), default=1000,
                    help="bootstrap resamples for the 95%% intervals (>= 100)")
@@ -151,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("probe", help="linear probes from latent states to instance attributes, with baselines")
     p.add_argument("run", metavar="TRACE_DIR", help="a trace folder")
     p.add_argument("--labels", required=True, type=T.name_list, help="comma-separated attributes (or 'answer')")
-    p.add_argument("--out", required=True, type=T.output_folder, help="folder for figures and tables")
+    p.add_argument("--out", required=True, type=T.output_folder, help="a new folder for figures and tables")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--folds", type=T.int_between(2, 100), default=5,
                    help="cross-validation folds, grouped by instance (2..100)")
     p.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of the folds and the control task")
@@ -167,8 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_where_parsers(sub)  # ground, lens
 
     p = sub.add_parser("report", help="one Markdown and one self-contained HTML report from runs")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="trace and intervention folders")
-    p.add_argument("--out", required=True, type=T.output_folder, help="folder for report.md, report.html, tables")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="folders written by trace, intervene, patch, ground or lens (each shows in its section)")
+    p.add_argument("--out", required=True, type=T.output_folder,
+                   help="a new folder for report.md, report.html, verdicts.csv, figures/")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--labels", default="", help="attributes to probe (comma-separated; empty: no probes)")
     p.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of the bootstrap and the probes")
     p.add_argument("--bootstrap", type=T.int_at_least(100), default=1000,
@@ -227,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a text-mediator subject's imagination markers (capimagine: <think_image>,</think_image>)")
     p.add_argument("--decoding", default="greedy", choices=["greedy", "authors"],
                    help="greedy (the analysis default) or the family's own sampling settings")
+
+    p = sub.add_parser("cache", help="where latentprobe's generated data are cached, how big, and --clear")
+    p.add_argument("--clear", action="store_true",
+                   help="delete what latentprobe wrote there (regenerated identically when next needed)")
 
     p = sub.add_parser("subjects", help="list subjects and their protocols")
     p.add_argument("--show", default=None, metavar="NAME", help="print everything a subject will do")
@@ -419,7 +435,10 @@ def _cmd_intervene(args):
 
 
 def _cmd_patch(args):
+    from .fileio import refuse_existing
     from .where.patching import default_instances, patch_map
+
+    refuse_existing(args.out)  # before the model loads: a patching run never writes over another's tables
 
     layers, steps = args.layers, args.steps  # parsed and range-checked by cli_types
     groups = [g.strip() for g in args.groups.split(",") if g.strip()] if args.groups else None
@@ -457,7 +476,12 @@ def _cmd_similarity(args):
     from .report.build import collapse_study
     from .verdicts.collapse import verdict_collapse
 
-    table, made = collapse_study(args.runs, args.out, seed=args.seed, n_boot=args.bootstrap)
+    from .fileio import fresh_output
+    from .verdicts import Margins
+
+    with fresh_output(args.out, args.overwrite, args.runs) as staging:
+        table, made = collapse_study(args.runs, staging, seed=args.seed, n_boot=args.bootstrap,
+                                     margin=Margins().collapse)
     lines = ["relative spread across instances (0 = collapsed) per latent step; baselines once:"]
     spread = table[table.statistic == "relative_spread"]
     for (subject, rep), rows in spread.groupby(["subject", "representation"], sort=True):
@@ -476,9 +500,13 @@ def _cmd_probe(args):
     from .verdicts.visual_info import verdict_visual_info
 
     labels = args.labels if isinstance(args.labels, list) else [v.strip() for v in args.labels.split(",") if v.strip()]
-    table, made = probe_study(args.run, labels, args.out, seed=args.seed, n_splits=args.folds,
-                              random_init_dir=args.random_init, control_type=args.control_type,
-                              n_permutations=args.permutations)
+    from .fileio import fresh_output
+
+    inputs = [args.run] + ([args.random_init] if args.random_init else [])
+    with fresh_output(args.out, args.overwrite, inputs) as staging:
+        table, made = probe_study(args.run, labels, staging, seed=args.seed, n_splits=args.folds,
+                                  random_init_dir=args.random_init, control_type=args.control_type,
+                                  n_permutations=args.permutations)
     lines = []
     for row in best_probe_rows(table).itertuples():
         where = f"layer {row.layer:>2}" + (f" step {row.step:>2}" if row.step is not None and row.step >= 0 else "        ")
@@ -498,19 +526,24 @@ def _cmd_probe(args):
 
 
 def _cmd_report(args):
-    from .report.build import build_report
-
-    labels = [v.strip() for v in args.labels.split(",") if v.strip()]
-    md, html = build_report(args.runs, args.out, attributes=labels, seed=args.seed, n_boot=args.bootstrap)
     from pathlib import Path
 
+    from .fileio import fresh_output
+    from .report.build import build_report, run_kind
     from .runs.store import TraceStore
 
-    lines = verdict_lines(Path(args.out) / "verdicts.csv")
-    for run in args.runs:  # what each run actually holds, and whether it is complete
-        state = TraceStore(run).completeness()
-        lines += [f"warning   {w}" for w in state["warnings"]]
-    lines += ["", f"report    {html}", f"markdown  {md}"]
+    labels = [v.strip() for v in args.labels.split(",") if v.strip()]
+    kinds = [run_kind(run) for run in args.runs]  # a folder no command wrote is refused before anything is built
+    with fresh_output(args.out, args.overwrite, args.runs) as staging:
+        build_report(args.runs, staging, attributes=labels, seed=args.seed, n_boot=args.bootstrap)
+    out = Path(args.out)
+    lines = verdict_lines(out / "verdicts.csv")
+    lines.append("")
+    for run, kind in zip(args.runs, kinds):  # what each run actually holds, and whether it is complete
+        lines.append(f"{kind:<9} {run}")
+        if kind in ("trace", "intervene"):
+            lines += [f"warning   {w}" for w in TraceStore(run).completeness()["warnings"]]
+    lines += ["", f"report    {out / 'report.html'}", f"markdown  {out / 'report.md'}"]
     print_block("latentprobe report: verdict per subject and finding", lines)
 
 
@@ -572,6 +605,9 @@ def _cmd_organisms(args):
     if not args.overwrite_shipped and Path(out).resolve() == Path(weights_dir()).resolve():
         raise LatentProbeError(f"--out {out} is the package's shipped weights folder",
                                "pass --overwrite-shipped to replace the shipped organism on purpose")
+    if not args.overwrite_shipped and (Path(out) / f"{args.name}.safetensors").exists():
+        raise LatentProbeError(f"{out} already holds weights of organism-{args.name}",
+                               "choose another --out (or --seed), or delete the folder first")
     result = train_organism(args.name, out_dir=out, seed=args.seed)
     metrics = result.metrics
     lines = [f"{key:<22} {metrics[key]}" for key in ("test_accuracy", "chance", "steps", "call_seconds", "seed")
@@ -614,6 +650,48 @@ def _cmd_subjects(args):
     for name, proto in sorted(PROTOCOLS.items()):
         print(f"  {name:<8} start {proto.start_token}  end {proto.end_token}  rule {proto.stop_rule} "
               f"({'K' if proto.stop_rule == 'fixed' else 'cap'}={proto.num_steps})")
+
+
+def _cmd_cache(args):
+    """Where latentprobe's data cache is, how big, what it holds; --clear empties it."""
+    import os
+    import shutil
+
+    from .data.instances import cache_dir, cache_entries
+
+    root = cache_dir()
+    where = "LATENTPROBE_CACHE" if os.environ.get("LATENTPROBE_CACHE") else "default; set LATENTPROBE_CACHE to move it"
+    lines = [f"folder    {root} ({where})"]
+    entries = cache_entries()
+    if not entries:
+        lines.append("empty     (generated data is written here the first time a command needs it)")
+    total = 0
+    for entry in entries:
+        size, count = _folder_size(entry)
+        total += size
+        lines.append(f"  {entry.name:<28} {_human_bytes(size):>9}  {count} files")
+    if entries:
+        lines.append(f"size      {_human_bytes(total)} in all")
+    if args.clear and entries:
+        for entry in entries:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        lines.append(f"cleared   {len(entries)} entries ({_human_bytes(total)}); they are regenerated on demand, "
+                     "identically (every generator is seeded)")
+    print_block("latentprobe cache: generated data", lines)
+
+
+def _folder_size(path) -> tuple[int, int]:
+    if path.is_file():
+        return path.stat().st_size, 1
+    files = [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files), len(files)
+
+
+def _human_bytes(size: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
 
 
 # -- where and when: ground, lens ------------------------------------------------------------------------------
