@@ -10,6 +10,8 @@ from . import cli_types as T
 from .errors import LatentProbeError
 
 
+LIMIT_HELP = ("at most this many instances (default: 80 of the subject's own data when --data is not given, every "
+              "instance of --data otherwise; the same rule for every command)")
 OVERWRITE_HELP = ("replace an existing --out folder: the result is built in a new folder beside it and swapped in "
                   "when complete, so nothing stale is left and a failed run keeps the old one")
 # Each swept kind's scale when --scale is not given (the classes' own defaults; tests/test_cli_ux.py holds them equal).
@@ -40,7 +42,7 @@ def _add_data_args(p: argparse.ArgumentParser):
                    help="a JSONL file, or BENCHMARK:FOLDER (e.g. mmvp:/data/MMVP); None: an organism's own held-out "
                         "split, else 8 built-in images")
     p.add_argument("--split", default=None, help="only instances of this split (None: all)")
-    p.add_argument("--limit", type=T.int_at_least(1), default=None, help="at most this many instances (None: all)")
+    p.add_argument("--limit", type=T.int_at_least(1), default=None, help=LIMIT_HELP)
 
 
 def _add_decode_args(p: argparse.ArgumentParser):
@@ -122,8 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a JSONL file or BENCHMARK:FOLDER (default: the subject's own held-out split for organisms, "
                         "else the built-in images)")
     p.add_argument("--split", default=None, help="only instances of this split")
-    p.add_argument("--limit", type=T.int_at_least(1), default=None,
-                   help="at most this many instances (None: 64 on default data, all of --data)")
+    p.add_argument("--limit", type=T.int_at_least(1), default=None, help=LIMIT_HELP)
     _add_decode_args(p)
     p.add_argument("--out", required=True, type=T.output_folder, help="output folder")
     p.add_argument("--layers", default="all", type=T.layer_list_all,
@@ -251,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    from .model.conditions import ConditionWarning
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -262,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         handler = globals()[f"_cmd_{args.command.replace('-', '_')}"]
         if args.command in ("trace", "intervene"):
             init_if_launched()
-        status = handler(args) or 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConditionWarning)  # the commands print these sentences themselves
+            status = handler(args) or 0
         if args.command in ("trace", "intervene"):
             finish()
         return status
@@ -282,15 +289,15 @@ def main(argv: list[str] | None = None) -> int:
 # -- helpers shared by commands -----------------------------------------------------------------------------
 def select_instances(args):
     """The instances this process runs: --data, --limit and --split, then --shard and torchrun's rank."""
-    from .data.loading import load_instances
+    from .data.loading import default_limit, load_instances
     from .runs.distributed import distributed_shard
 
-    data = args.data
+    data, limit = args.data, default_limit(args.data, args.limit)  # the one rule (latentprobe.data.loading)
     if data is None and str(getattr(args, "subject", "")).startswith("organism-"):
-        held_out = organism_default_data(args.subject, args.limit)  # its own held-out split, not the built-in set
+        held_out = organism_default_data(args.subject, limit)  # its own held-out split, not the built-in set
         data = str(held_out) if held_out else None
     options = family_benchmark_options(args)
-    instances, source = load_instances(data, limit=args.limit, split=args.split, benchmark_options=options)
+    instances, source = load_instances(data, limit=limit, split=args.split, benchmark_options=options)
     instances, writer_id = shard_instances(instances, args.shard)
     instances, writer_id = distributed_shard(instances, writer_id)
     return instances, source, writer_id
@@ -367,7 +374,7 @@ def decode_config_from_args(args, subject):
 
 
 def print_block(title: str, lines: list[str]):
-    width = max([len(title)] + [len(l) for l in lines]) + 2
+    width = min(100, max([len(title)] + [len(l) for l in lines]) + 2)  # a rule, not a ruler: at most 100 columns
     print("=" * width)
     print(title)
     print("-" * width)
@@ -435,6 +442,7 @@ def _cmd_intervene(args):
 
 
 def _cmd_patch(args):
+    from .data.loading import default_limit
     from .fileio import refuse_existing
     from .where.patching import default_instances, patch_map
 
@@ -451,7 +459,7 @@ def _cmd_patch(args):
     # bad layers, steps, groups or sites fail before the data loads and before any model runs
     grid = grid_of_sites(subject, sites, config) if sites else resolve_grid(subject, layers, steps, groups, config)
     if args.data is None:
-        instances, source = default_instances(subject.name, limit=args.limit or 64)
+        instances, source = default_instances(subject.name, limit=default_limit(None, args.limit))
     else:
         from .data.loading import load_instances
 
@@ -632,9 +640,12 @@ def _cmd_subjects(args):
 
     _register_builtin_families()
     if args.show:
+        from .model.subjects import did_you_mean
+
         if args.show not in SUBJECTS:
-            raise LatentProbeError(f"unknown subject {args.show!r}", f"choose one of {', '.join(sorted(SUBJECTS))}")
-        print(json.dumps(SUBJECTS[args.show].describe(), indent=2, default=str))
+            raise LatentProbeError(f"unknown subject {args.show!r}{did_you_mean(args.show)}",
+                                   f"choose one of {', '.join(sorted(SUBJECTS))}")
+        print_block(f"latentprobe subjects --show {args.show}", subject_facts(SUBJECTS[args.show]))
         return
     from .model.protocol import PROTOCOLS
 
@@ -694,6 +705,39 @@ def _human_bytes(size: int) -> str:
         size /= 1000
 
 
+def subject_facts(spec) -> list[str]:
+    """What `subjects --show` prints: the subject's own description, and for an organism its recipe and protocol
+    (read from the registry and the recipe; no model is loaded)."""
+    from .organisms.recipes import organism_recipe
+
+    facts = dict(spec.describe())
+    recipe = organism_recipe(spec.name)
+    if recipe is not None:
+        from .data.loading import DEFAULT_INSTANCES
+        from .organisms.training import DEFAULT_N, IMAGE_SIZE
+
+        facts.update({
+            "ground_truth": recipe.ground_truth, "mediator": recipe.mediator or "none",
+            "architecture": f"Qwen2.5-VL, {recipe.num_layers} layers, hidden {recipe.hidden_size}, "
+                            f"{recipe.num_heads} heads",
+            "latent_steps": recipe.latent_steps if recipe.protocol else 0,
+            "text_mediator_markers": ",".join(recipe.text_mediator_markers or ()) or None,
+            "max_new_tokens": recipe.max_new_tokens,
+            "data": f"the {recipe.task} task at {IMAGE_SIZE} x {IMAGE_SIZE} px; own held-out split of "
+                    f"{int(DEFAULT_N * 0.25 + 0.5)} instances, the first {DEFAULT_INSTANCES} by default "
+                    f"(latentprobe.organism_data('{spec.name.removeprefix('organism-')}', n))",
+            "protocol": recipe.protocol.describe() if recipe.protocol else None})
+    lines = []
+    for key, value in facts.items():
+        if isinstance(value, dict):
+            for inner, item in value.items():
+                if item not in (None, "", (), []):
+                    lines.append(f"{key + '.' + inner:<28} {item}")
+        elif value not in (None, "", (), []):
+            lines.append(f"{key:<28} {value}")
+    return lines
+
+
 # -- where and when: ground, lens ------------------------------------------------------------------------------
 def _add_where_parsers(sub):
     for name, help_text in (("ground", "grounding maps: where in the image each latent step looks, scored against "
@@ -722,11 +766,12 @@ def _add_where_parsers(sub):
 
 def _where_inputs(args):
     """Subject, instances (the subject's default data unless --data) and decoding settings for ground / lens."""
-    from .where.runs import DEFAULT_LIMIT, default_instances
+    from .data.loading import default_limit
+    from .where.runs import default_instances
 
     subject = load_subject_from_args(args)
     if args.data is None:
-        instances, source = default_instances(args.subject, limit=args.limit or DEFAULT_LIMIT)
+        instances, source = default_instances(args.subject, limit=default_limit(None, args.limit))
     else:
         from .data.loading import load_instances
 

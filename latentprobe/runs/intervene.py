@@ -34,6 +34,7 @@ import torch
 from ..data.instances import Instance, load_images
 from ..model.decoding import DecodeConfig, DecodeResult, LatentDecoder, RowOutput
 from ..stats.effects import answer_flipped, applied_mask, applied_only, latent_change_metrics, summarize
+from ..model.conditions import warn_about_conditions
 from ..errors import LatentProbeError
 from ..fileio import atomic_write
 from ..interventions.knockout import KnockoutHooks
@@ -118,6 +119,7 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
     config = config or DecodeConfig(max_new_tokens=subject.max_new_tokens, seed=seed)
     instances = list(instances)
     check_interventions(subject, interventions, len(instances), config)
+    warn_about_conditions(subject, instances, data_source)
     mediators = tuple(dict.fromkeys(mediators))
     unknown = [m for m in mediators if m not in MEDIATORS]
     if unknown or not mediators:

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from ..data.instances import Instance
 from ..model.decoding import DecodeConfig, LatentDecoder
+from ..model.conditions import warn_about_conditions
 from ..errors import LatentProbeError
 from ..model.recording import Recorder, RecordSpec
 from .store import TraceWriter
@@ -114,6 +115,7 @@ def trace(subject, instances: Sequence[Instance], out_dir: str | Path, *, config
         raise LatentProbeError(f"batch size must be >= 1, got {batch_size}", "pass --batch-size 1 or more")
     config = config or DecodeConfig(max_new_tokens=subject.max_new_tokens)
     spec = spec or RecordSpec()
+    warn_about_conditions(subject, instances, data_source)  # another task or image size: at chance, say so now
     decoder = LatentDecoder(subject, config)
     recorder = Recorder(decoder, spec)
     manifest = manifest_for(subject, instances, config, spec, recorder.layers, "trace", data_source,

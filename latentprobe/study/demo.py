@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..data.instances import load_jsonl
 from ..model.decoding import DecodeConfig
+from ..data.loading import DEFAULT_INSTANCES
 from ..errors import LatentProbeError
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 DEMO_ORGANISMS = ("bottleneck", "shortcut", "mirage", "lvr", "capimagine", "direct")
 # Enough held-out questions for an organism without a latent route to reach `disconnect` at the default margin:
 # 0 answer changes in n give an exact 95% upper bound of 1 - 0.025^(1/n), below 0.05 from n = 72 on.
-DEMO_N_INSTANCES = 80
+DEMO_N_INSTANCES = DEFAULT_INSTANCES  # the one rule for default instance counts (latentprobe.data.loading)
 # Instances decoded together. The organisms are so small that a forward's fixed cost dominates: one batch of 80
 # instead of five of 16 took 3.4x less CPU for CapImagine's trace (26.1 s -> 7.7 s) and 2.3x less for the
 # bottleneck's (5.5 s -> 2.4 s), at 0.59 GB peak; answers do not depend on the batch size beyond float rounding.
