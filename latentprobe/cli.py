@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run in --out (refused when a setting that changes what is "
                         "recorded differs; damaged shards are re-run)")
     p.add_argument("--shard", default=None, help="i/n: run only the i-th of n interleaved shards of the data")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress (a bar on a terminal, else a line every 30 s on stderr)")
 
     p = sub.add_parser("intervene", help="edit inputs, latents or a text mediator and measure causal effects")
     _add_subject_args(p)
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out (refused when a setting differs)")
     p.add_argument("--shard", default=None, help="i/n: run only the i-th of n interleaved shards of the data")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress (a bar on a terminal, else a line every 30 s on stderr)")
 
     p = sub.add_parser("patch", help="activation patching maps: layer x latent step and layer x position group")
     _add_subject_args(p)
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=T.int_at_least(1), default=512, help="rows decoded side by side at most")
     p.add_argument("--bootstrap", type=T.int_at_least(100), default=1000,
                    help="bootstrap resamples for the 95%% intervals (>= 100)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress (a bar on a terminal, else a line every 30 s on stderr)")
 
     p = sub.add_parser("similarity", help="collapse analysis: cosine similarity of latents across instances/steps")
     p.add_argument("runs", nargs="+", metavar="TRACE_DIR", help="trace folders")
@@ -373,14 +373,24 @@ def decode_config_from_args(args, subject):
                         **sampling)
 
 
-def print_block(title: str, lines: list[str]):
-    width = min(100, max([len(title)] + [len(l) for l in lines]) + 2)  # a rule, not a ruler: at most 100 columns
-    print("=" * width)
-    print(title)
-    print("-" * width)
+def print_block(title: str, lines: list[str], width: int = 100):
+    """A titled block of result lines, each at most ``width`` columns (longer ones wrap with a hanging indent)."""
+    import textwrap
+
+    shown = []
     for line in lines:
+        if len(line) <= width:
+            shown.append(line)
+        else:
+            indent = " " * min(10, len(line) - len(line.lstrip()) + 4)
+            shown += textwrap.wrap(line, width=width, subsequent_indent=indent, break_on_hyphens=False)
+    rule = min(width, max([len(title)] + [len(line) for line in shown]) + 2)
+    print("=" * rule)
+    print(title)
+    print("-" * rule)
+    for line in shown:
         print(line)
-    print("=" * width)
+    print("=" * rule)
 
 
 # -- commands -------------------------------------------------------------------------------------------------
@@ -395,7 +405,7 @@ def _cmd_trace(args):
                       answer=args.answer_states)
     summary = trace(subject, instances, args.out, config=decode_config_from_args(args, subject), spec=spec,
                     batch_size=args.batch_size, resume=args.resume, data_source=source,
-                    progress=not args.quiet and sys.stderr.isatty(), writer_id=writer_id)
+                    progress=not args.quiet, writer_id=writer_id)
     print_block(f"latentprobe trace: {subject.name} on {source}", summary.lines() + warnings)
 
 
@@ -437,7 +447,7 @@ def _cmd_intervene(args):
     warnings = _warn_about_conditions(subject, instances, source)
     summary = intervene(subject, instances, interventions, args.out, config=decode_config_from_args(args, subject),
                         batch_size=args.batch_size, seed=args.seed, n_boot=args.bootstrap, resume=args.resume,
-                        progress=not args.quiet and sys.stderr.isatty(), data_source=source, writer_id=writer_id)
+                        progress=not args.quiet, data_source=source, writer_id=writer_id)
     print_block(f"latentprobe intervene: {subject.name}, target {args.target}", summary.lines() + warnings)
 
 
@@ -470,7 +480,7 @@ def _cmd_patch(args):
                        directions=directions, corruption=args.corruption, noise_scale=args.noise_scale,
                        semantics=args.semantics, min_gap=args.min_gap, attribution=not args.no_attribution,
                        config=config, batch_size=args.batch_size, max_rows=args.max_rows, seed=args.seed,
-                       n_boot=args.bootstrap, progress=not args.quiet and sys.stderr.isatty())
+                       n_boot=args.bootstrap, progress=not args.quiet)
     from .report.patch_figures import draw_patching_run
 
     result.figures = [str(path) for path in draw_patching_run(args.out)]
@@ -515,13 +525,13 @@ def _cmd_probe(args):
         table, made = probe_study(args.run, labels, staging, seed=args.seed, n_splits=args.folds,
                                   random_init_dir=args.random_init, control_type=args.control_type,
                                   n_permutations=args.permutations)
-    lines = []
+    lines = [f"{'attribute':<12} {'states':<11} {'cell':<10} {'score':>5}  {'control':>7}  "
+             f"{'selectivity [95% CI]':<26} {'p':>6}  chance"]
     for row in best_probe_rows(table).itertuples():
-        where = f"layer {row.layer:>2}" + (f" step {row.step:>2}" if row.step is not None and row.step >= 0 else "        ")
-        lines.append(f"{row.attribute:<14} {row.representation:<12} {where}  score {row.score:.3f}  "
-                     f"control {row.control_score:.3f}  selectivity {row.selectivity:+.3f} "
-                     f"[{row.selectivity_ci_low:+.3f}, {row.selectivity_ci_high:+.3f}]  p {row.p_value:.3g}  "
-                     f"chance {row.chance:.3f}")
+        cell = f"L{row.layer}" + (f" step {row.step}" if row.step is not None and row.step >= 0 else "")
+        selectivity = f"{row.selectivity:+.3f} [{row.selectivity_ci_low:+.3f}, {row.selectivity_ci_high:+.3f}]"
+        lines.append(f"{row.attribute[:12]:<12} {row.representation[:11]:<11} {cell:<10} {row.score:5.3f}  "
+                     f"{row.control_score:7.3f}  {selectivity:<26} {row.p_value:6.3g}  {row.chance:.3f}")
     skipped = table[table.skipped_reason.fillna("") != ""]
     if len(skipped):
         lines.append(f"skipped {len(skipped)} probes: {skipped.skipped_reason.iloc[0]}")
@@ -583,7 +593,7 @@ def _cmd_demo(args):
     from .study.demo import DEMO_N_INSTANCES
 
     result = run_demo(args.out, n_instances=DEMO_N_INSTANCES if args.instances is None else args.instances,
-                      seed=args.seed, subjects=subjects, progress=sys.stderr.isatty())
+                      seed=args.seed, subjects=subjects, progress=True)
     lines = verdict_lines(result["verdicts"])
     lines += ["", f"report    {result['report_html']}", f"markdown  {result['report_md']}",
               f"took      {result['seconds']:.0f}s"]

@@ -75,10 +75,13 @@ class InterventionSummary:
         out += not_applied_warnings(self.not_applied)
         for name, (missing, total, reason) in self.not_applied.items():
             out.append(f"not applied     {name}: {missing} of {total} rows ({reason}), excluded from its effects")
-        shown = self.table[self.table.metric.isin(["accuracy_change", "flip_rate", "NIE_correct", "TE_correct"])
-                           & (self.table.n > 0)]
+        # the mediation summary on correctness: total, direct (NDE) and indirect (NIE) effects, per mediator
+        shown = self.table[self.table.metric.isin(["accuracy_change", "flip_rate", "TE_correct", "NDE_correct",
+                                                   "NIE_correct"]) & (self.table.n > 0)]
         for _, row in shown.iterrows():
-            out.append(f"  {row.intervention:<48} {row.metric:<16} {row.estimate:+.3f} "
+            mediator = row.get("mediator") if isinstance(row.get("mediator"), str) else ""
+            metric = f"{row.metric}[{mediator}]" if mediator and row.metric[:2] in ("NI", "ND") else row.metric
+            out.append(f"  {row.intervention[:44]:<44} {metric:<22} {row.estimate:+.3f} "
                        f"[{row.ci_low:+.3f}, {row.ci_high:+.3f}] n={int(row.n)}")
         out.append(f"results         {self.run_dir}/effects_summary.csv")
         return out
