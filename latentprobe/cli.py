@@ -374,21 +374,13 @@ def decode_config_from_args(args, subject):
 
 
 def print_block(title: str, lines: list[str], width: int = 100):
-    """A titled block of result lines, each at most ``width`` columns (longer ones wrap with a hanging indent)."""
-    import textwrap
-
-    shown = []
-    for line in lines:
-        if len(line) <= width:
-            shown.append(line)
-        else:
-            indent = " " * min(10, len(line) - len(line.lstrip()) + 4)
-            shown += textwrap.wrap(line, width=width, subsequent_indent=indent, break_on_hyphens=False)
-    rule = min(width, max([len(title)] + [len(line) for line in shown]) + 2)
+    """A titled block of result lines; the rules are at most ``width`` columns (the lines are kept whole, so a
+    warning or a path can be found with grep; the commands lay their tables out within 100 columns)."""
+    rule = min(width, max([len(title)] + [len(line) for line in lines]) + 2)
     print("=" * rule)
     print(title)
     print("-" * rule)
-    for line in shown:
+    for line in lines:
         print(line)
     print("=" * rule)
 
@@ -453,7 +445,7 @@ def _cmd_intervene(args):
 
 def _cmd_patch(args):
     from .data.loading import default_limit
-    from .fileio import refuse_existing
+    from .cli_types import refuse_existing
     from .where.patching import default_instances, patch_map
 
     refuse_existing(args.out)  # before the model loads: a patching run never writes over another's tables
@@ -494,7 +486,7 @@ def _cmd_similarity(args):
     from .report.build import collapse_study
     from .verdicts.collapse import verdict_collapse
 
-    from .fileio import fresh_output
+    from .cli_types import fresh_output
     from .verdicts import Margins
 
     with fresh_output(args.out, args.overwrite, args.runs) as staging:
@@ -518,7 +510,7 @@ def _cmd_probe(args):
     from .verdicts.visual_info import verdict_visual_info
 
     labels = args.labels if isinstance(args.labels, list) else [v.strip() for v in args.labels.split(",") if v.strip()]
-    from .fileio import fresh_output
+    from .cli_types import fresh_output
 
     inputs = [args.run] + ([args.random_init] if args.random_init else [])
     with fresh_output(args.out, args.overwrite, inputs) as staging:
@@ -546,7 +538,7 @@ def _cmd_probe(args):
 def _cmd_report(args):
     from pathlib import Path
 
-    from .fileio import fresh_output
+    from .cli_types import fresh_output
     from .report.build import build_report, run_kind
     from .runs.store import TraceStore
 
@@ -737,14 +729,17 @@ def subject_facts(spec) -> list[str]:
                     f"{int(DEFAULT_N * 0.25 + 0.5)} instances, the first {DEFAULT_INSTANCES} by default "
                     f"(latentprobe.organism_data('{spec.name.removeprefix('organism-')}', n))",
             "protocol": recipe.protocol.describe() if recipe.protocol else None})
-    lines = []
+    import textwrap
+
+    pairs = []
     for key, value in facts.items():
         if isinstance(value, dict):
-            for inner, item in value.items():
-                if item not in (None, "", (), []):
-                    lines.append(f"{key + '.' + inner:<28} {item}")
+            pairs += [(f"{key}.{inner}", item) for inner, item in value.items() if item not in (None, "", (), [])]
         elif value not in (None, "", (), []):
-            lines.append(f"{key:<28} {value}")
+            pairs.append((key, value))
+    lines = []
+    for key, value in pairs:  # 100 columns: long values wrap under themselves
+        lines += textwrap.wrap(f"{key:<28} {value}", width=100, subsequent_indent=" " * 29, break_on_hyphens=False)
     return lines
 
 

@@ -329,3 +329,64 @@ def show_defaults(parser: argparse.ArgumentParser) -> None:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
                 show_defaults(child)
+
+
+# -- output folders: never overwritten without being asked ---------------------------------------------------
+def refuse_existing(out, what: str = "--out", allow_overwrite: bool = False) -> None:
+    """Refuse an output folder that exists and holds anything (before any model runs or file is written)."""
+    from .errors import LatentProbeError
+
+    folder = Path(out)
+    if folder.is_dir() and any(folder.iterdir()):
+        fix = "choose a new folder" + (", or pass --overwrite to replace it (the old one is removed only once the "
+                                       "new one is complete)" if allow_overwrite else ", or delete it first")
+        raise LatentProbeError(f"{what} {out} exists and is not empty", fix)
+
+
+class fresh_output:
+    """``with fresh_output(out, overwrite, inputs) as staging:`` write into ``staging``; on success it becomes
+    ``out`` in one rename (an existing ``out`` is moved aside first and deleted after), so ``out`` never holds a
+    mix of an old and a new result and a failed run leaves the old one untouched. Refuses a non-empty ``out``
+    unless ``overwrite``, and an ``out`` that is or contains one of ``inputs`` (replacing it would delete them)."""
+
+    def __init__(self, out, overwrite: bool, inputs=()):
+        from .errors import LatentProbeError
+
+        self.out = Path(out)
+        target = self.out.resolve()
+        for given in inputs:
+            source = Path(given).resolve()
+            if source == target or target in source.parents:
+                raise LatentProbeError(f"--out {out} holds the input {given}",
+                                       "write the result to a folder outside the runs it reads")
+        if not overwrite:
+            refuse_existing(out, allow_overwrite=True)
+
+    def __enter__(self):
+        import tempfile
+
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.new-", dir=self.out.parent))
+        return self.staging
+
+    def __exit__(self, kind, value, traceback):
+        import shutil
+        import tempfile
+
+        from .fileio import _umask
+
+        if kind is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            return False
+        os.chmod(self.staging, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; results are as readable as any
+        if self.out.exists():
+            aside = tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent)
+            os.rmdir(aside)
+            os.rename(self.out, aside)
+            os.rename(self.staging, self.out)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(self.staging, self.out)
+        return False
+
+

@@ -93,7 +93,7 @@ figcaption { font-size: .88em; color: #333; max-width: 60em; }
 table.matrix { width: 100%; table-layout: fixed; font-size: .8em; margin: .3em 0 .4em; }
 table.matrix th { font-size: 1.08em; } table.matrix th a { color: inherit; text-decoration: none; }
 table.matrix th.subject, table.matrix td.subject { width: 13em; white-space: nowrap; }
-table.matrix td { padding: .3em .45em; } table.matrix .evidence { display: block; color: #333; margin-top: .15em;
+table.matrix td { padding: .3em .45em; overflow-wrap: anywhere; } table.matrix .evidence { display: block; color: #333; margin-top: .15em;
        line-height: 1.25; }
 .legend { font-size: .82em; margin: .2em 0 .3em; } .legend span.item { margin-right: 1.2em; display: inline-block; }
 nav.contents { font-size: .85em; margin: .3em 0; } nav.contents a { margin-right: .9em; }

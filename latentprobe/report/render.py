@@ -344,6 +344,17 @@ def _cell_evidence(row) -> str:
     return text
 
 
+def first_sentence(text: str, limit: int = 180) -> str:
+    """The deciding part of an evidence string for a matrix cell: its first sentence, at most ``limit``
+    characters (cut at a word, marked with an ellipsis); the whole string is in the finding's section."""
+    text = " ".join(str(text).split())
+    cut = text.find(". ")
+    sentence = text if cut < 0 else text[:cut + 1]
+    if len(sentence) > limit:
+        sentence = sentence[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " …"
+    return sentence
+
+
 def _key_value_table(mapping: Mapping) -> pd.DataFrame:
     return pd.DataFrame({"field": [str(k) for k in mapping], "value": [str(v) for v in mapping.values()]})
 
@@ -367,7 +378,7 @@ def _build_blocks(title, subjects, data, effects, similarity, probes, figures, m
     if subject_names:
         matrix = VerdictMatrix(subject_names, list(FINDINGS), dict(FINDING_TITLES))
         for row in verdicts.itertuples():
-            matrix.cells[(row.subject, row.finding)] = (row.verdict, _cell_evidence(row))
+            matrix.cells[(row.subject, row.finding)] = (row.verdict, first_sentence(_cell_evidence(row)))
         blocks.append(matrix)
     else:
         blocks.append(Paragraph("no subject appears in any input.", "Not measured"))
