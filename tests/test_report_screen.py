@@ -10,14 +10,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from latentprobe.report.render import FINDING_TITLES, QUESTION, write_report
+from latentprobe.report.render import FINDING_TITLES, QUESTION, first_sentence, write_report
 from latentprobe.verdicts import FINDINGS, Verdict
 
 WORDS = {"input_latent": "connected", "latent_answer": "disconnect", "collapse": "not collapsed",
          "visual_info": "inconclusive"}
-# As long as the verdicts' own evidence sentences get (the demo's longest is about 200 characters).
+# As long as the verdicts' evidence strings get: the demo's run to 700 characters in several sentences. The
+# matrix shows the first sentence (at most 180 characters); the finding's section shows all of it.
 EVIDENCE = ("0 of 80 answers changed when the latents were patched from another instance; 95% upper bound 0.045 is "
-            "below the margin 0.05, and the image-swap NIE on correctness is 0.000 [-0.02, 0.02] (n=80)")
+            "below the margin 0.05, and the image-swap NIE on correctness is 0.000 [-0.02, 0.02] (n=80). "
+            + "Secondary: image-blank(colour=gray) NDE_answer_changed (all_layers mediator) 0.812 [0.710, 0.891]; " * 6)
 SUBJECTS = [f"organism-{name}" for name in ("bottleneck", "shortcut", "mirage", "lvr", "capimagine", "direct")]
 
 SCREEN_CHECK = """<script>
@@ -79,8 +81,10 @@ def test_first_screen_holds_the_verdict_matrix(six_subject_report, tmp_path):
         assert box["right"] <= check["width"], (part, check)
     assert check["headers"] == ["subject"] + [FINDING_TITLES[f] for f in FINDINGS]
     assert len(check["evidence"]) == len(SUBJECTS) * len(FINDINGS)
-    assert check["evidence"].count(EVIDENCE) == 5 * len(FINDINGS)
-    assert QUESTION[:40] in page.read_text()
+    shown = first_sentence(EVIDENCE)
+    assert len(shown) <= 182 and shown.endswith("…") and check["evidence"].count(shown) == 5 * len(FINDINGS)
+    html = page.read_text()
+    assert QUESTION[:40] in html and html.count(EVIDENCE.strip()) >= 5 * len(FINDINGS)  # whole, in the sections
 
 
 def test_screenshot_of_the_first_screen(six_subject_report, tmp_path):
