@@ -278,7 +278,8 @@ def plot_subject_comparison(table: pd.DataFrame, path, *, representation: str = 
                 axes[1].axhline(margin, color="black", linestyle="--", linewidth=1.2,
                                 label=f"margin {margin:g} (collapsed below)")
             axes[1].set_ylim(bottom=0)
-        axes[-1].legend(fontsize="small")
+        handles, labels = axes[-1].get_legend_handles_labels()  # below the panels: inside, it covered the bands
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize="small")
         fig.suptitle("Collapse across subjects: latent tokens between instances")
         return save_figure(fig, path)
 

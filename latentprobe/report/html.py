@@ -84,7 +84,7 @@ h3 { font-size: 1.05em; margin-top: 1.3em; } h1, h2, h3 { line-height: 1.2; }
 table { border-collapse: collapse; margin: .5em 0 1.1em; font-size: .86em; }
 th, td { border: 1px solid #bbb; padding: .22em .5em; text-align: left; vertical-align: top; }
 th { background: #f0f0f0; } caption { caption-side: top; text-align: left; font-style: italic; padding: .3em 0; }
-figure { margin: .8em 0 1.4em; } figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
+figure { margin: .8em 0 1.4em; } figure img { max-width: 100%; max-height: 85vh; height: auto; border: 1px solid #ddd; }
 figcaption { font-size: .88em; color: #333; max-width: 60em; }
 .verdict { font-weight: 600; padding: .05em .45em; border-radius: .3em; white-space: nowrap; }
 .verdict-disconnect, .verdict-collapsed, .verdict-limited { background: #cfe3f5; }
