@@ -92,7 +92,8 @@ def patching_heatmaps(table: pd.DataFrame, out_dir: str | Path, annotate: bool =
                                                    [:n_rows]):
             image = None
             for k, direction in enumerate(directions):
-                title = f"{direction}: {METRIC_OF[direction] if row_index == 0 else 'attribution'} ({what})"
+                title = f"{direction}: {METRIC_OF[direction]} ({what})" if row_index == 0 else \
+                    f"{direction}: attribution (gold log-odds)"
                 for j, kind in enumerate(("steps", "groups")):
                     label = "layer x latent step" if kind == "steps" else "layer x position group"
                     image = _panel(axes[row_index, 2 * k + j], _matrix(frames[direction], kind), f"{title}\n{label}",
