@@ -30,6 +30,7 @@ _EXPORTS = {
     "LatentProbeError": "errors",
     "Instance": "data.instances",
     "builtin_instances": "data.instances",
+    "organism_data": "organisms.held_out",
     "load_instances": "data.loading",
     "LatentProtocol": "model.protocol",
     "Subject": "model.subject",

@@ -10,6 +10,15 @@ from . import cli_types as T
 from .errors import LatentProbeError
 
 
+LIMIT_HELP = ("at most this many instances (default: 80 of the subject's own data when --data is not given, every "
+              "instance of --data otherwise; the same rule for every command)")
+OVERWRITE_HELP = ("replace an existing --out folder: the result is built in a new folder beside it and swapped in "
+                  "when complete, so nothing stale is left and a failed run keeps the old one")
+# Each swept kind's scale when --scale is not given (the classes' own defaults; tests/test_cli_ux.py holds them equal).
+SCALE_DEFAULTS = {"noise": 3.0, "image-noise": 0.5, "image-mask": 0.5, "text-truncate": 0.5, "drop": 0}
+SCALE_DEFAULTS_TEXT = ", ".join(f"{kind} {value:g}" for kind, value in SCALE_DEFAULTS.items())
+
+
 def _add_subject_args(p: argparse.ArgumentParser):
     p.add_argument("--subject", default="tiny", help="a subject name (see `latentprobe subjects`) or a checkpoint folder")
     p.add_argument("--protocol", default=None, help="latent protocol for a checkpoint folder: monet, lvr or mirage")
@@ -33,7 +42,7 @@ def _add_data_args(p: argparse.ArgumentParser):
                    help="a JSONL file, or BENCHMARK:FOLDER (e.g. mmvp:/data/MMVP); None: an organism's own held-out "
                         "split, else 8 built-in images")
     p.add_argument("--split", default=None, help="only instances of this split (None: all)")
-    p.add_argument("--limit", type=T.int_at_least(1), default=None, help="at most this many instances (None: all)")
+    p.add_argument("--limit", type=T.int_at_least(1), default=None, help=LIMIT_HELP)
 
 
 def _add_decode_args(p: argparse.ArgumentParser):
@@ -54,7 +63,7 @@ def _add_decode_args(p: argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latentprobe", description=(
+    parser = T.Parser(prog="latentprobe", description=(
         "Do a model's latent visual thoughts carry the image to the answer? Trace, intervene, measure."))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -72,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run in --out (refused when a setting that changes what is "
                         "recorded differs; damaged shards are re-run)")
     p.add_argument("--shard", default=None, help="i/n: run only the i-th of n interleaved shards of the data")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress (a bar on a terminal, else a line every 30 s on stderr)")
 
     p = sub.add_parser("intervene", help="edit inputs, latents or a text mediator and measure causal effects")
     _add_subject_args(p)
@@ -94,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", default=None, type=T.scale_list,
                    help="comma-separated sweep: noise scale (x data std or x mean norm, 0..1e4), image-noise level "
                         "(0..1e4), image-mask fraction (0..1), text-truncate fraction (0..1), drop: whole number "
-                        "of steps kept (None: each kind's default)")
+                        f"of steps kept (default per kind: {SCALE_DEFAULTS_TEXT})")
     p.add_argument("--relative-to", default="std", choices=["std", "norm"], help="noise scale reference")
     p.add_argument("--value", default=None, choices=["zero", "mean", "random"],
                    help="constant: which tensor replaces the latents (None: the kind's default)")
@@ -107,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out (refused when a setting differs)")
     p.add_argument("--shard", default=None, help="i/n: run only the i-th of n interleaved shards of the data")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress (a bar on a terminal, else a line every 30 s on stderr)")
 
     p = sub.add_parser("patch", help="activation patching maps: layer x latent step and layer x position group")
     _add_subject_args(p)
@@ -115,8 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a JSONL file or BENCHMARK:FOLDER (default: the subject's own held-out split for organisms, "
                         "else the built-in images)")
     p.add_argument("--split", default=None, help="only instances of this split")
-    p.add_argument("--limit", type=T.int_at_least(1), default=None,
-                   help="at most this many instances (None: 64 on default data, all of --data)")
+    p.add_argument("--limit", type=T.int_at_least(1), default=None, help=LIMIT_HELP)
     _add_decode_args(p)
     p.add_argument("--out", required=True, type=T.output_folder, help="output folder")
     p.add_argument("--layers", default="all", type=T.layer_list_all,
@@ -141,11 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=T.int_at_least(1), default=512, help="rows decoded side by side at most")
     p.add_argument("--bootstrap", type=T.int_at_least(100), default=1000,
                    help="bootstrap resamples for the 95%% intervals (>= 100)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress (a bar on a terminal, else a line every 30 s on stderr)")
 
     p = sub.add_parser("similarity", help="collapse analysis: cosine similarity of latents across instances/steps")
     p.add_argument("runs", nargs="+", metavar="TRACE_DIR", help="trace folders")
-    p.add_argument("--out", required=True, type=T.output_folder, help="folder for figures and tables")
+    p.add_argument("--out", required=True, type=T.output_folder, help="a new folder for figures and tables")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of the bootstrap and the baselines")
     p.add_argument("--bootstrap", type=T.int_at_least(100), default=1000,
                    help="bootstrap resamples for the 95%% intervals (>= 100)")
@@ -153,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("probe", help="linear probes from latent states to instance attributes, with baselines")
     p.add_argument("run", metavar="TRACE_DIR", help="a trace folder")
     p.add_argument("--labels", required=True, type=T.name_list, help="comma-separated attributes (or 'answer')")
-    p.add_argument("--out", required=True, type=T.output_folder, help="folder for figures and tables")
+    p.add_argument("--out", required=True, type=T.output_folder, help="a new folder for figures and tables")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--folds", type=T.int_between(2, 100), default=5,
                    help="cross-validation folds, grouped by instance (2..100)")
     p.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of the folds and the control task")
@@ -169,8 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_where_parsers(sub)  # ground, lens
 
     p = sub.add_parser("report", help="one Markdown and one self-contained HTML report from runs")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="trace and intervention folders")
-    p.add_argument("--out", required=True, type=T.output_folder, help="folder for report.md, report.html, tables")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="folders written by trace, intervene, patch, ground or lens (each shows in its section)")
+    p.add_argument("--out", required=True, type=T.output_folder,
+                   help="a new folder for report.md, report.html, verdicts.csv, figures/")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--labels", default="", help="attributes to probe (comma-separated; empty: no probes)")
     p.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of the bootstrap and the probes")
     p.add_argument("--bootstrap", type=T.int_at_least(100), default=1000,
@@ -230,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoding", default="greedy", choices=["greedy", "authors"],
                    help="greedy (the analysis default) or the family's own sampling settings")
 
+    p = sub.add_parser("cache", help="where latentprobe's generated data are cached, how big, and --clear")
+    p.add_argument("--clear", action="store_true",
+                   help="delete what latentprobe wrote there (regenerated identically when next needed)")
+
     p = sub.add_parser("subjects", help="list subjects and their protocols")
     p.add_argument("--show", default=None, metavar="NAME", help="print everything a subject will do")
     T.show_defaults(parser)
@@ -237,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    from .model.conditions import ConditionWarning
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -248,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         handler = globals()[f"_cmd_{args.command.replace('-', '_')}"]
         if args.command in ("trace", "intervene"):
             init_if_launched()
-        status = handler(args) or 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConditionWarning)  # the commands print these sentences themselves
+            status = handler(args) or 0
         if args.command in ("trace", "intervene"):
             finish()
         return status
@@ -268,12 +291,12 @@ def main(argv: list[str] | None = None) -> int:
 # -- helpers shared by commands -----------------------------------------------------------------------------
 def select_instances(args):
     """The instances this process runs: --data, --limit and --split, then --shard and torchrun's rank."""
-    from .data.loading import load_instances
+    from .data.loading import default_limit, load_instances
     from .runs.distributed import distributed_shard
 
-    data = args.data
+    data, limit = args.data, default_limit(args.data, args.limit)  # the one rule (latentprobe.data.loading)
     if data is None and str(getattr(args, "subject", "")).startswith("organism-"):
-        held_out = organism_default_data(args.subject, args.limit)  # its own held-out split, not the built-in set
+        held_out = organism_default_data(args.subject, limit)  # its own held-out split, not the built-in set
         data = str(held_out) if held_out else None
     if data is None:
         from .model.subjects import is_text_subject
@@ -281,7 +304,7 @@ def select_instances(args):
         if is_text_subject(getattr(args, "subject", None)) or is_text_subject(getattr(args, "checkpoint", None)):
             data = "builtin-text"  # a text-only model reads the built-in text set, not the images
     options = family_benchmark_options(args)
-    instances, source = load_instances(data, limit=args.limit, split=args.split, benchmark_options=options)
+    instances, source = load_instances(data, limit=limit, split=args.split, benchmark_options=options)
     instances, writer_id = shard_instances(instances, args.shard)
     instances, writer_id = distributed_shard(instances, writer_id)
     return instances, source, writer_id
@@ -357,14 +380,16 @@ def decode_config_from_args(args, subject):
                         **sampling)
 
 
-def print_block(title: str, lines: list[str]):
-    width = max([len(title)] + [len(l) for l in lines]) + 2
-    print("=" * width)
+def print_block(title: str, lines: list[str], width: int = 100):
+    """A titled block of result lines; the rules are at most ``width`` columns (the lines are kept whole, so a
+    warning or a path can be found with grep; the commands lay their tables out within 100 columns)."""
+    rule = min(width, max([len(title)] + [len(line) for line in lines]) + 2)
+    print("=" * rule)
     print(title)
-    print("-" * width)
+    print("-" * rule)
     for line in lines:
         print(line)
-    print("=" * width)
+    print("=" * rule)
 
 
 # -- commands -------------------------------------------------------------------------------------------------
@@ -379,7 +404,7 @@ def _cmd_trace(args):
                       answer=args.answer_states)
     summary = trace(subject, instances, args.out, config=decode_config_from_args(args, subject), spec=spec,
                     batch_size=args.batch_size, resume=args.resume, data_source=source,
-                    progress=not args.quiet and sys.stderr.isatty(), writer_id=writer_id)
+                    progress=not args.quiet, writer_id=writer_id)
     print_block(f"latentprobe trace: {subject.name} on {source}", summary.lines() + warnings)
 
 
@@ -421,12 +446,16 @@ def _cmd_intervene(args):
     warnings = _warn_about_conditions(subject, instances, source)
     summary = intervene(subject, instances, interventions, args.out, config=decode_config_from_args(args, subject),
                         batch_size=args.batch_size, seed=args.seed, n_boot=args.bootstrap, resume=args.resume,
-                        progress=not args.quiet and sys.stderr.isatty(), data_source=source, writer_id=writer_id)
+                        progress=not args.quiet, data_source=source, writer_id=writer_id)
     print_block(f"latentprobe intervene: {subject.name}, target {args.target}", summary.lines() + warnings)
 
 
 def _cmd_patch(args):
+    from .data.loading import default_limit
+    from .cli_types import refuse_existing
     from .where.patching import default_instances, patch_map
+
+    refuse_existing(args.out)  # before the model loads: a patching run never writes over another's tables
 
     layers, steps = args.layers, args.steps  # parsed and range-checked by cli_types
     groups = [g.strip() for g in args.groups.split(",") if g.strip()] if args.groups else None
@@ -441,7 +470,7 @@ def _cmd_patch(args):
     # bad layers, steps, groups or sites fail before the data loads and before any model runs
     grid = grid_of_sites(subject, sites, config) if sites else resolve_grid(subject, layers, steps, groups, config)
     if args.data is None:
-        instances, source = default_instances(subject.name, limit=args.limit or 64)
+        instances, source = default_instances(subject.name, limit=default_limit(None, args.limit))
     else:
         from .data.loading import load_instances
 
@@ -452,7 +481,7 @@ def _cmd_patch(args):
                        directions=directions, corruption=args.corruption, noise_scale=args.noise_scale,
                        semantics=args.semantics, min_gap=args.min_gap, attribution=not args.no_attribution,
                        config=config, batch_size=args.batch_size, max_rows=args.max_rows, seed=args.seed,
-                       n_boot=args.bootstrap, progress=not args.quiet and sys.stderr.isatty())
+                       n_boot=args.bootstrap, progress=not args.quiet)
     from .report.patch_figures import draw_patching_run
 
     result.figures = [str(path) for path in draw_patching_run(args.out)]
@@ -466,7 +495,12 @@ def _cmd_similarity(args):
     from .report.build import collapse_study
     from .verdicts.collapse import verdict_collapse
 
-    table, made = collapse_study(args.runs, args.out, seed=args.seed, n_boot=args.bootstrap)
+    from .cli_types import fresh_output
+    from .verdicts import Margins
+
+    with fresh_output(args.out, args.overwrite, args.runs) as staging:
+        table, made = collapse_study(args.runs, staging, seed=args.seed, n_boot=args.bootstrap,
+                                     margin=Margins().collapse)
     lines = ["relative spread across instances (0 = collapsed) per latent step; baselines once:"]
     spread = table[table.statistic == "relative_spread"]
     for (subject, rep), rows in spread.groupby(["subject", "representation"], sort=True):
@@ -485,16 +519,20 @@ def _cmd_probe(args):
     from .verdicts.visual_info import verdict_visual_info
 
     labels = args.labels if isinstance(args.labels, list) else [v.strip() for v in args.labels.split(",") if v.strip()]
-    table, made = probe_study(args.run, labels, args.out, seed=args.seed, n_splits=args.folds,
-                              random_init_dir=args.random_init, control_type=args.control_type,
-                              n_permutations=args.permutations)
-    lines = []
+    from .cli_types import fresh_output
+
+    inputs = [args.run] + ([args.random_init] if args.random_init else [])
+    with fresh_output(args.out, args.overwrite, inputs) as staging:
+        table, made = probe_study(args.run, labels, staging, seed=args.seed, n_splits=args.folds,
+                                  random_init_dir=args.random_init, control_type=args.control_type,
+                                  n_permutations=args.permutations)
+    lines = [f"{'attribute':<12} {'states':<11} {'cell':<10} {'score':>5}  {'control':>7}  "
+             f"{'selectivity [95% CI]':<26} {'p':>6}  chance"]
     for row in best_probe_rows(table).itertuples():
-        where = f"layer {row.layer:>2}" + (f" step {row.step:>2}" if row.step is not None and row.step >= 0 else "        ")
-        lines.append(f"{row.attribute:<14} {row.representation:<12} {where}  score {row.score:.3f}  "
-                     f"control {row.control_score:.3f}  selectivity {row.selectivity:+.3f} "
-                     f"[{row.selectivity_ci_low:+.3f}, {row.selectivity_ci_high:+.3f}]  p {row.p_value:.3g}  "
-                     f"chance {row.chance:.3f}")
+        cell = f"L{row.layer}" + (f" step {row.step}" if row.step is not None and row.step >= 0 else "")
+        selectivity = f"{row.selectivity:+.3f} [{row.selectivity_ci_low:+.3f}, {row.selectivity_ci_high:+.3f}]"
+        lines.append(f"{row.attribute[:12]:<12} {row.representation[:11]:<11} {cell:<10} {row.score:5.3f}  "
+                     f"{row.control_score:7.3f}  {selectivity:<26} {row.p_value:6.3g}  {row.chance:.3f}")
     skipped = table[table.skipped_reason.fillna("") != ""]
     if len(skipped):
         lines.append(f"skipped {len(skipped)} probes: {skipped.skipped_reason.iloc[0]}")
@@ -507,19 +545,24 @@ def _cmd_probe(args):
 
 
 def _cmd_report(args):
-    from .report.build import build_report
-
-    labels = [v.strip() for v in args.labels.split(",") if v.strip()]
-    md, html = build_report(args.runs, args.out, attributes=labels, seed=args.seed, n_boot=args.bootstrap)
     from pathlib import Path
 
+    from .cli_types import fresh_output
+    from .report.build import build_report, run_kind
     from .runs.store import TraceStore
 
-    lines = verdict_lines(Path(args.out) / "verdicts.csv")
-    for run in args.runs:  # what each run actually holds, and whether it is complete
-        state = TraceStore(run).completeness()
-        lines += [f"warning   {w}" for w in state["warnings"]]
-    lines += ["", f"report    {html}", f"markdown  {md}"]
+    labels = [v.strip() for v in args.labels.split(",") if v.strip()]
+    kinds = [run_kind(run) for run in args.runs]  # a folder no command wrote is refused before anything is built
+    with fresh_output(args.out, args.overwrite, args.runs) as staging:
+        build_report(args.runs, staging, attributes=labels, seed=args.seed, n_boot=args.bootstrap)
+    out = Path(args.out)
+    lines = verdict_lines(out / "verdicts.csv")
+    lines.append("")
+    for run, kind in zip(args.runs, kinds):  # what each run actually holds, and whether it is complete
+        lines.append(f"{kind:<9} {run}")
+        if kind in ("trace", "intervene"):
+            lines += [f"warning   {w}" for w in TraceStore(run).completeness()["warnings"]]
+    lines += ["", f"report    {out / 'report.html'}", f"markdown  {out / 'report.md'}"]
     print_block("latentprobe report: verdict per subject and finding", lines)
 
 
@@ -551,7 +594,7 @@ def _cmd_demo(args):
     from .study.demo import DEMO_N_INSTANCES
 
     result = run_demo(args.out, n_instances=DEMO_N_INSTANCES if args.instances is None else args.instances,
-                      seed=args.seed, subjects=subjects, progress=sys.stderr.isatty())
+                      seed=args.seed, subjects=subjects, progress=True)
     lines = verdict_lines(result["verdicts"])
     lines += ["", f"report    {result['report_html']}", f"markdown  {result['report_md']}",
               f"took      {result['seconds']:.0f}s"]
@@ -581,6 +624,9 @@ def _cmd_organisms(args):
     if not args.overwrite_shipped and Path(out).resolve() == Path(weights_dir()).resolve():
         raise LatentProbeError(f"--out {out} is the package's shipped weights folder",
                                "pass --overwrite-shipped to replace the shipped organism on purpose")
+    if not args.overwrite_shipped and (Path(out) / f"{args.name}.safetensors").exists():
+        raise LatentProbeError(f"{out} already holds weights of organism-{args.name}",
+                               "choose another --out (or --seed), or delete the folder first")
     result = train_organism(args.name, out_dir=out, seed=args.seed)
     metrics = result.metrics
     lines = [f"{key:<22} {metrics[key]}" for key in ("test_accuracy", "chance", "steps", "call_seconds", "seed")
@@ -605,9 +651,12 @@ def _cmd_subjects(args):
 
     _register_builtin_families()
     if args.show:
+        from .model.subjects import did_you_mean
+
         if args.show not in SUBJECTS:
-            raise LatentProbeError(f"unknown subject {args.show!r}", f"choose one of {', '.join(sorted(SUBJECTS))}")
-        print(json.dumps(SUBJECTS[args.show].describe(), indent=2, default=str))
+            raise LatentProbeError(f"unknown subject {args.show!r}{did_you_mean(args.show)}",
+                                   f"choose one of {', '.join(sorted(SUBJECTS))}")
+        print_block(f"latentprobe subjects --show {args.show}", subject_facts(SUBJECTS[args.show]))
         return
     from .model.protocol import PROTOCOLS
 
@@ -631,6 +680,84 @@ def _cmd_subjects(args):
               f"({'K' if proto.stop_rule == 'fixed' else 'cap'}={proto.num_steps}); {'; '.join(facts)}")
         if proto.source:
             print(f"  {'':<8} source: {proto.source}")
+
+
+def _cmd_cache(args):
+    """Where latentprobe's data cache is, how big, what it holds; --clear empties it."""
+    import os
+    import shutil
+
+    from .data.instances import cache_dir, cache_entries
+
+    root = cache_dir()
+    where = "LATENTPROBE_CACHE" if os.environ.get("LATENTPROBE_CACHE") else "default; set LATENTPROBE_CACHE to move it"
+    lines = [f"folder    {root} ({where})"]
+    entries = cache_entries()
+    if not entries:
+        lines.append("empty     (generated data is written here the first time a command needs it)")
+    total = 0
+    for entry in entries:
+        size, count = _folder_size(entry)
+        total += size
+        lines.append(f"  {entry.name:<28} {_human_bytes(size):>9}  {count} files")
+    if entries:
+        lines.append(f"size      {_human_bytes(total)} in all")
+    if args.clear and entries:
+        for entry in entries:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        lines.append(f"cleared   {len(entries)} entries ({_human_bytes(total)}); they are regenerated on demand, "
+                     "identically (every generator is seeded)")
+    print_block("latentprobe cache: generated data", lines)
+
+
+def _folder_size(path) -> tuple[int, int]:
+    if path.is_file():
+        return path.stat().st_size, 1
+    files = [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files), len(files)
+
+
+def _human_bytes(size: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+
+
+def subject_facts(spec) -> list[str]:
+    """What `subjects --show` prints: the subject's own description, and for an organism its recipe and protocol
+    (read from the registry and the recipe; no model is loaded)."""
+    from .organisms.recipes import organism_recipe
+
+    facts = dict(spec.describe())
+    recipe = organism_recipe(spec.name)
+    if recipe is not None:
+        from .data.loading import DEFAULT_INSTANCES
+        from .organisms.training import DEFAULT_N, IMAGE_SIZE
+
+        facts.update({
+            "ground_truth": recipe.ground_truth, "mediator": recipe.mediator or "none",
+            "architecture": f"Qwen2.5-VL, {recipe.num_layers} layers, hidden {recipe.hidden_size}, "
+                            f"{recipe.num_heads} heads",
+            "latent_steps": recipe.latent_steps if recipe.protocol else 0,
+            "text_mediator_markers": ",".join(recipe.text_mediator_markers or ()) or None,
+            "max_new_tokens": recipe.max_new_tokens,
+            "data": f"the {recipe.task} task at {IMAGE_SIZE} x {IMAGE_SIZE} px; own held-out split of "
+                    f"{int(DEFAULT_N * 0.25 + 0.5)} instances, the first {DEFAULT_INSTANCES} by default "
+                    f"(latentprobe.organism_data('{spec.name.removeprefix('organism-')}', n))",
+            "protocol": recipe.protocol.describe() if recipe.protocol else None})
+    import textwrap
+
+    pairs = []
+    for key, value in facts.items():
+        if isinstance(value, dict):
+            pairs += [(f"{key}.{inner}", item) for inner, item in value.items() if item not in (None, "", (), [])]
+        elif value not in (None, "", (), []):
+            pairs.append((key, value))
+    lines = []
+    for key, value in pairs:  # 100 columns: long values wrap under themselves
+        lines += textwrap.wrap(f"{key:<28} {value}", width=100, subsequent_indent=" " * 29, break_on_hyphens=False)
+    return lines
 
 
 # -- where and when: ground, lens ------------------------------------------------------------------------------
@@ -661,11 +788,12 @@ def _add_where_parsers(sub):
 
 def _where_inputs(args):
     """Subject, instances (the subject's default data unless --data) and decoding settings for ground / lens."""
-    from .where.runs import DEFAULT_LIMIT, default_instances
+    from .data.loading import default_limit
+    from .where.runs import default_instances
 
     subject = load_subject_from_args(args)
     if args.data is None:
-        instances, source = default_instances(args.subject, limit=args.limit or DEFAULT_LIMIT)
+        instances, source = default_instances(args.subject, limit=default_limit(None, args.limit))
     else:
         from .data.loading import load_instances
 

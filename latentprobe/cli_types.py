@@ -241,12 +241,83 @@ def check_semantics(text: str) -> list[str]:
     return values
 
 
+# -- the parser: short usage on a bad value, close-match suggestions, real defaults ----------------------------
+def close_matches(word: str, choices, n: int = 3) -> list[str]:
+    """The choices closest to a mistyped ``word`` (difflib's ratio, cutoff 0.6), best first."""
+    import difflib
+
+    return difflib.get_close_matches(str(word), [str(c) for c in choices], n=n, cutoff=0.6)
+
+
+def did_you_mean(word: str, choices) -> str:
+    """" (did you mean X?)" for the closest choice, "" when none is close."""
+    matches = close_matches(word, choices, n=1)
+    return f" (did you mean {matches[0]}?)" if matches else ""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are two lines: a one-line usage pointing at --help, and the problem, with the
+    closest flag or command when one was mistyped (argparse on Python < 3.14 prints the whole usage, 20 lines
+    for `trace`, and suggests nothing)."""
+
+    def error(self, message: str):
+        import re
+
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            parser = self._parser_for()
+            hints = []
+            for word in unknown.group(1).split():
+                if word.startswith("-"):
+                    flag = word.split("=", 1)[0]
+                    hint = did_you_mean(flag, parser._option_string_actions)
+                    hints.append(f"{word}{hint}")
+                else:
+                    hints.append(word)
+            return parser._exit_with(f"unrecognized arguments: {' '.join(hints)}")
+        choice = re.match(r"argument (\S+): invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            options = [c.strip().strip("'") for c in choice.group(3).split(",")]
+            message += did_you_mean(choice.group(2), options)
+        return self._exit_with(message)
+
+    def _exit_with(self, message: str):
+        import sys
+
+        sys.stderr.write(f"usage: {self.prog} [options]   (see `{self.prog} --help`)\n")
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def _parser_for(self) -> "Parser":
+        """The (sub-)command parser the command line chose: the top-level parser reports unrecognized arguments
+        for all of them, so their suggestions must come from the sub-command's own flags."""
+        import sys
+
+        argv = sys.argv[1:] if self._argv is None else self._argv
+        parser = self
+        while True:
+            chosen = None
+            for action in parser._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    chosen = next((action.choices[t] for t in argv if t in action.choices), None)
+            if chosen is None:
+                return parser
+            parser = chosen
+
+    _argv = None
+
+    def parse_args(self, args=None, namespace=None):
+        self._argv = None if args is None else list(args)
+        return super().parse_args(args, namespace)
+
+
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" to an option's help unless the help already says what the default means."""
+    """Appends "(default: X)" to an option's help when it has a real default the help does not already state:
+    never on a required flag, a switch, or a default of None (whose meaning the help says in words)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text.lower() or (action.default is None and "None" in text):
+        if (action.required or action.default in (None, "", argparse.SUPPRESS) or action.nargs == 0
+                or "default" in text.lower()):
             return text
         return super()._get_help_string(action)
 
@@ -258,3 +329,64 @@ def show_defaults(parser: argparse.ArgumentParser) -> None:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
                 show_defaults(child)
+
+
+# -- output folders: never overwritten without being asked ---------------------------------------------------
+def refuse_existing(out, what: str = "--out", allow_overwrite: bool = False) -> None:
+    """Refuse an output folder that exists and holds anything (before any model runs or file is written)."""
+    from .errors import LatentProbeError
+
+    folder = Path(out)
+    if folder.is_dir() and any(folder.iterdir()):
+        fix = "choose a new folder" + (", or pass --overwrite to replace it (the old one is removed only once the "
+                                       "new one is complete)" if allow_overwrite else ", or delete it first")
+        raise LatentProbeError(f"{what} {out} exists and is not empty", fix)
+
+
+class fresh_output:
+    """``with fresh_output(out, overwrite, inputs) as staging:`` write into ``staging``; on success it becomes
+    ``out`` in one rename (an existing ``out`` is moved aside first and deleted after), so ``out`` never holds a
+    mix of an old and a new result and a failed run leaves the old one untouched. Refuses a non-empty ``out``
+    unless ``overwrite``, and an ``out`` that is or contains one of ``inputs`` (replacing it would delete them)."""
+
+    def __init__(self, out, overwrite: bool, inputs=()):
+        from .errors import LatentProbeError
+
+        self.out = Path(out)
+        target = self.out.resolve()
+        for given in inputs:
+            source = Path(given).resolve()
+            if source == target or target in source.parents:
+                raise LatentProbeError(f"--out {out} holds the input {given}",
+                                       "write the result to a folder outside the runs it reads")
+        if not overwrite:
+            refuse_existing(out, allow_overwrite=True)
+
+    def __enter__(self):
+        import tempfile
+
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.new-", dir=self.out.parent))
+        return self.staging
+
+    def __exit__(self, kind, value, traceback):
+        import shutil
+        import tempfile
+
+        from .fileio import _umask
+
+        if kind is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            return False
+        os.chmod(self.staging, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; results are as readable as any
+        if self.out.exists():
+            aside = tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent)
+            os.rmdir(aside)
+            os.rename(self.out, aside)
+            os.rename(self.staging, self.out)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(self.staging, self.out)
+        return False
+
+

@@ -279,6 +279,19 @@ def builtin_text_instances(n: int = 8, seed: int = 0, hops: int = 2) -> list[Ins
     return instances
 
 
+# What latentprobe itself writes into the cache (`cache_entries` lists only these, so clearing never touches
+# anything else a user keeps in a LATENTPROBE_CACHE folder).
+CACHE_PREFIXES = ("organism-data", "builtin-v")
+
+
+def cache_entries() -> list[Path]:
+    """The entries of `cache_dir` that latentprobe wrote: generated organism data and built-in images."""
+    root = cache_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith(CACHE_PREFIXES))
+
+
 def builtin_instances(n: int = 8, seed: int = 0, image_size: int = 56) -> list[Instance]:
     """A small synthetic image set so every command runs with no data: one coloured square per image.
 

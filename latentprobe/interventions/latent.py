@@ -19,6 +19,10 @@ from ..model.decoding import LatentEdit
 from ..errors import LatentProbeError
 from .base import MAX_NOISE_SCALE, Intervention, _fmt, _seed_for, checked_scale, register_intervention
 
+# ROME's "strong" corruption (3 x the per-dimension std of the clean latents): the README's tables and the demo use
+# it, and `--scale` without a value means it too.
+DEFAULT_NOISE_SCALE = 3.0
+
 @dataclass
 class LatentStats:
     """Dataset statistics of clean latents at one layer, the reference for relative scales."""
@@ -217,15 +221,16 @@ class LatentNoise(LatentIntervention):
     @classmethod
     def from_args(cls, *, steps=None, layer=None, semantics="recompute", seed=0, scales=None, relative_to="std",
                   value=None):
-        """One per scale (default 1.0)."""
+        """One per scale (default `DEFAULT_NOISE_SCALE`)."""
         return [cls(scale=s, relative_to=relative_to, steps=steps, layer=layer, semantics=semantics, seed=seed)
-                for s in (scales or [1.0])]
+                for s in (scales or [DEFAULT_NOISE_SCALE])]
 
-    def __init__(self, scale: float = 1.0, relative_to: str = "std", **kwargs):
+    def __init__(self, scale: float | None = None, relative_to: str = "std", **kwargs):
         super().__init__(**kwargs)
         if relative_to not in ("std", "norm"):
             raise LatentProbeError(f"noise relative_to must be 'std' or 'norm', got {relative_to!r}",
                                    "see latentprobe.interventions for what each means")
+        scale = DEFAULT_NOISE_SCALE if scale is None else scale
         self.scale = checked_scale("noise scale", scale, 0.0, MAX_NOISE_SCALE, "e.g. --scale 0.5,1,3")
         self.relative_to = relative_to
 

@@ -64,7 +64,14 @@ class LatentCache(Mapping):
             if site.layer not in self.layer_ids and not (site.group == "latent" and site.layer == 0):
                 raise LatentProbeError(f"site {site} is not in this cache (layers cached: {self.layer_ids})",
                                        "pass it in run_with_cache(..., sites=[...])")
-            self._memo[site] = self.stack(site)
+            states = self.stack(site)
+            if site.group in ("latent", "answer") and site.step is not None and states.numel() == 0:
+                ran = max((int(r["latent"].shape[0]) for r in self.records if "latent" in r), default=0)
+                what = f"these instances ran {ran} latent steps (0..{ran - 1})" if site.group == "latent" and ran \
+                    else "no instance has that position"
+                raise LatentProbeError(f"site {site} was not run: {what}",
+                                       "read a step that ran, or raise the protocol's steps (--latent-steps)")
+            self._memo[site] = states
         return self._memo[site]
 
     def stack(self, site: Site | str, image: str = "tokens") -> torch.Tensor:
@@ -132,6 +139,9 @@ def run_with_cache(subject, instances, sites: Sequence[Site | str | int] | None 
         raise LatentProbeError(f"run_with_cache keeps every state in memory; {len(instances)} instances is more "
                                f"than max_instances={max_instances}",
                                "use `trace` (a TraceStore on disk) for many instances, or raise max_instances")
+    from .conditions import warn_about_conditions
+
+    warn_about_conditions(subject, instances)  # e.g. an organism given 56-px images: its answers are at chance
     n_layers = subject.num_layers
     protocol = subject.resolved_protocol
     max_steps = None

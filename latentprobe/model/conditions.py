@@ -47,6 +47,22 @@ def condition_warnings(subject, instances: Sequence[Instance], source: str | Non
     return out
 
 
+class ConditionWarning(UserWarning):
+    """The data are not what the subject expects (another task, another image size): its answers will be at
+    chance. Raised by the library entry points (`run_with_cache`, `trace`, `intervene`) for notebook users; the
+    command line prints the same sentences itself."""
+
+
+def warn_about_conditions(subject, instances: Sequence[Instance], source: str | None = None) -> None:
+    """`warnings.warn` each way ``instances`` differ from what ``subject`` expects (random weights excepted: the
+    tiny test subject is random on purpose)."""
+    import warnings
+
+    for line in condition_warnings(subject, instances, source):
+        if "has random weights" not in line:
+            warnings.warn(line, ConditionWarning, stacklevel=3)
+
+
 def image_sizes(instances: Sequence[Instance]) -> list[tuple[int, int]]:
     """(width, height) of each readable image (headers only; unreadable ones fail later, in their instance)."""
     from PIL import Image

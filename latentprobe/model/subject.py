@@ -249,6 +249,17 @@ class Subject:
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
 
+    def __repr__(self) -> str:
+        """One line: name, protocol, size and device (`describe()` has every detail; the dataclass repr printed
+        the whole model, about 150 lines)."""
+        protocol = self.protocol.name if self.protocol is not None else "none"
+        try:
+            device = str(next(self.model.parameters()).device)
+        except (AttributeError, StopIteration, TypeError):
+            device = "?"
+        return (f"Subject({self.name!r}, protocol={protocol}, mediator={self.mediator}, "
+                f"layers={self.num_layers}, checkpoint={self.checkpoint!r}, device={device})")
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name, "checkpoint": self.checkpoint, "description": self.description,

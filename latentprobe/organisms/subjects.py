@@ -31,9 +31,11 @@ def _default_data(name: str):
     def default_data(limit: int | None = None, split: str = "test"):
         """The organism's own task data, split ``split`` (the held-out test split by default: never trained on)."""
         from ..data.instances import load_jsonl
-        from .training import organism_data
+        from .training import organism_data, organism_held_out_data
 
-        path = organism_data(ORGANISMS[name])
+        # the held-out split alone is written without the 1800 training images (the same instances and pixels)
+        path = organism_held_out_data(ORGANISMS[name], limit) if split == "test" and limit and limit <= 600 \
+            else organism_data(ORGANISMS[name])
         instances = load_jsonl(path, split=split)
         return (instances[:limit] if limit else instances), f"{path} (split {split})"
 

@@ -1,9 +1,10 @@
-"""From trace folders to the analyses' tables and figures. Reads stores only; never runs a model.
+"""From run folders to the analyses' tables and figures. Reads run folders only; never runs a model.
 
-    collapse_study(run_dirs, out)   similarity tables + heatmaps/curves per subject, and a cross-subject figure
+    run_kind(run_dir)                which command wrote a folder: trace, intervene, patch, ground or lens
+    collapse_study(run_dirs, out)    similarity tables + heatmaps/curves per subject, and a cross-subject figure
     probe_study(run_dir, attrs, out) probe tables (latent states vs image-token / prompt baselines) + figures
     effect_tables(run_dirs)          the effects summaries written by `intervene`, in the report's tidy schema
-    build_report(run_dirs, out)      all of the above into one Markdown + HTML report
+    build_report(run_dirs, out)      all of the above, and the where-and-when runs, into one Markdown + HTML report
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def _latent_records(store: TraceStore) -> pd.DataFrame:
 
 
 def collapse_study(run_dirs: Sequence[str | Path], out_dir: str | Path, *, seed: int = 0,
-                   n_boot: int = 1000, floor_runs: Sequence[str | Path] = ()) -> tuple[pd.DataFrame, dict[str, list[Path]]]:
+                   n_boot: int = 1000, floor_runs: Sequence[str | Path] = (),
+                   margin: float | None = None) -> tuple[pd.DataFrame, dict[str, list]]:
     """Collapse of latent vectors across instances, per step, against image-token and prompt baselines.
 
     Returns the concatenated :func:`latentprobe.stats.similarity.similarity_table` of every run (the relative spread,
@@ -54,9 +56,13 @@ def collapse_study(run_dirs: Sequence[str | Path], out_dir: str | Path, *, seed:
     image-token mean and last prompt token of the same instances. Where the trace recorded every image token
     (``--image-states all``), one token per instance (seeded) is the single-token yardstick and all of them the
     whitening pool; a latent placebo in ``floor_runs`` (intervention runs of the same subject) gives the noise
-    floor (issue 18)."""
+    floor (issue 18).
+
+    Figures: ``made["collapse"]`` is the figure the verdict reads (every subject's spread ratio per step, with
+    ``margin`` drawn), as (path, caption); ``made["appendix"]`` the per-subject views (raw cosine heatmaps, the
+    curves by step, the similarity between steps)."""
     out_dir = Path(out_dir)
-    tables, made = [], {"collapse": []}
+    tables, made = [], {"collapse": [], "appendix": []}
     for run_dir in run_dirs:
         store = TraceStore(run_dir)
         subject = store.manifest.get("subject_name", Path(run_dir).name)
@@ -74,14 +80,26 @@ def collapse_study(run_dirs: Sequence[str | Path], out_dir: str | Path, *, seed:
         tables.append(table)
         stem = out_dir / _safe(subject)
         # The paper's view: raw cosine between instances per step. The verdict reads the spread rows instead.
-        made["collapse"] += fig.plot_similarity_heatmaps(inter_instance_similarity(latents), f"{stem}-heatmaps-raw",
-                                                         title=f"{subject}: raw cosine similarity between instances")
-        made["collapse"] += fig.plot_similarity_by_step(table, f"{stem}-similarity-by-step", subject=subject)
-        made["collapse"] += fig.plot_intra_instance_heatmap(intra_instance_similarity(latents), f"{stem}-intra",
-                                                            title=f"{subject}: similarity between latent steps")
+        made["appendix"].append((fig.plot_similarity_by_step(table, f"{stem}-similarity-by-step", subject=subject)[0],
+                                 f"{subject}: raw cosine between instances and relative spread per latent step, "
+                                 "against the image-token and prompt baselines (95% bootstrap bands)."))
+        made["appendix"].append((fig.plot_similarity_heatmaps(inter_instance_similarity(latents),
+                                                              f"{stem}-heatmaps-raw",
+                                                              title=f"{subject}: raw cosine similarity between "
+                                                                    "instances")[0],
+                                 f"{subject}: raw cosine similarity between every pair of instances, one panel per "
+                                 "latent step."))
+        made["appendix"].append((fig.plot_intra_instance_heatmap(intra_instance_similarity(latents), f"{stem}-intra",
+                                                                 title=f"{subject}: similarity between latent "
+                                                                       "steps")[0],
+                                 f"{subject}: cosine similarity between the latent steps of one instance, averaged "
+                                 "over instances."))
     combined = pd.concat(tables, ignore_index=True)
-    if combined.subject.nunique() > 1:
-        made["collapse"] += fig.plot_subject_comparison(combined, out_dir / "subjects-similarity")
+    try:
+        paths = fig.plot_subject_comparison(combined, out_dir / "subjects-similarity", margin=margin)
+        made["collapse"].append((paths[0], COLLAPSE_CAPTION.format(margin=margin if margin is not None else 0.1)))
+    except LatentProbeError as exc:
+        log.warning("no collapse comparison figure: %s", exc)
     _write_table(combined, out_dir / "similarity")
     return combined, made
 
@@ -197,7 +215,7 @@ def _instances_by_id(store: TraceStore, required: bool):
 
 def probe_study(run_dir: str | Path, attributes: Sequence[str], out_dir: str | Path, *, seed: int = 0,
                 n_splits: int = 5, random_init_dir: str | Path | None = None,
-                max_steps: int | None = None, control_type: str = "auto",
+                max_steps: int | None = None, control_type: str = "auto", figures: bool = True,
                 **probe_kwargs) -> tuple[pd.DataFrame, dict[str, list[Path]]]:
     """Linear probes from latent states (every recorded layer x latent step) to instance attributes, with the
     same probes on the mean image-token state and the last prompt token (and, given a trace of a randomly
@@ -238,9 +256,10 @@ def probe_study(run_dir: str | Path, attributes: Sequence[str], out_dir: str | P
     table = pd.concat(tables, ignore_index=True)
     made = {"visual_info": []}
     stem = out_dir / _safe(subject)
-    try:
-        made["visual_info"] += fig.plot_probe_heatmap(table, f"{stem}-probe-heatmap")
-        made["visual_info"] += fig.plot_probe_bars(table, f"{stem}-probe-bars")
+    try:  # the report draws every subject's probes in one figure instead (`probe_figures`)
+        if figures:
+            made["visual_info"] += fig.plot_probe_heatmap(table, f"{stem}-probe-heatmap")
+            made["visual_info"] += fig.plot_probe_bars(table, f"{stem}-probe-bars")
     except LatentProbeError as exc:  # every probe skipped: the table says why
         log.warning("no probe figure: %s", exc)
     _write_table(table, out_dir / "probes")
@@ -289,78 +308,231 @@ def effect_tables(run_dirs: Sequence[str | Path]) -> pd.DataFrame | None:
     return pd.concat(frames, ignore_index=True)
 
 
+RUN_KINDS = ("trace", "intervene", "patch", "ground", "lens")
+
+
+def run_kind(run_dir: str | Path) -> str:
+    """Which command wrote ``run_dir``: trace, intervene, patch, ground or lens (a clear error for anything else)."""
+    from .where_report import where_run_kind
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise LatentProbeError(f"{run_dir} is not a folder", "pass the --out folder of a latentprobe run")
+    if (run_dir / "patching_summary.parquet").exists():
+        return "patch"
+    where = where_run_kind(run_dir)
+    if where is not None:
+        return where
+    if (run_dir / "manifest.json").exists():
+        store = TraceStore(run_dir)  # names a damaged or foreign manifest in one line
+        return "intervene" if store.manifest.get("kind") == "intervene" or (run_dir / "effects_summary.parquet").exists() \
+            else "trace"
+    raise LatentProbeError(f"{run_dir} holds no latentprobe run (no manifest.json, no patching_summary.parquet)",
+                           f"pass folders written by latentprobe {', '.join(RUN_KINDS)}")
+
+
+def _subject_of(run_dir: Path, kind: str) -> dict:
+    """The subject's name, checkpoint and protocol as a run folder's manifest records them."""
+    if kind == "patch":
+        manifest = _read_json(run_dir / "patching_manifest.json")
+        table = pd.read_parquet(run_dir / "patching_summary.parquet", columns=["subject"])
+        name = manifest.get("subject", {}).get("name") if isinstance(manifest.get("subject"), dict) else None
+        return {"name": name or (str(table.subject.iloc[0]) if len(table) else run_dir.name)}
+    manifest = _read_json(run_dir / "manifest.json")
+    described = manifest.get("subject", {}) if isinstance(manifest.get("subject"), dict) else {}
+    return {"name": manifest.get("subject_name") or described.get("name") or run_dir.name,
+            "checkpoint": readable_path(manifest.get("checkpoint") or described.get("checkpoint") or ""),
+            "protocol": _protocol_summary(manifest.get("protocol") or described.get("protocol")),
+            "description": described.get("description", "")}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def readable_path(value, relative_to: Path | None = None) -> str:
+    """A path as a reader wants it: relative to ``relative_to`` (or the working folder) when close by, inside
+    the latentprobe cache or package as such, else with ~ for the home folder; anything else unchanged."""
+    text = str(value or "")
+    if not text or "/" not in text or not Path(text).is_absolute():
+        return text
+    import os
+
+    from ..data.instances import cache_dir
+
+    path = Path(text)
+    package = Path(__file__).resolve().parents[1]
+    for root, label in ((cache_dir(), "<latentprobe cache>"), (package, "<latentprobe package>")):
+        try:
+            return f"{label}/{path.resolve().relative_to(root.resolve()).as_posix()}"
+        except ValueError:
+            pass
+    base = Path(relative_to) if relative_to is not None else Path.cwd()
+    relative = os.path.relpath(path, base)
+    if not relative.startswith("../../.."):
+        return relative
+    home = str(Path.home())
+    return "~" + text[len(home):] if text.startswith(home + "/") else text
+
+
+def run_provenance(run_dirs: Sequence[str | Path], kinds: Sequence[str], out_dir: Path) -> pd.DataFrame:
+    """One row per run folder: what wrote it, for which subject, on which data, and how many instances it holds
+    against how many its last session asked for (an interrupted or resumed run says so here)."""
+    rows = []
+    for run_dir, kind in zip(map(Path, run_dirs), kinds):
+        subject = _subject_of(run_dir, kind)["name"]
+        if kind in ("trace", "intervene"):
+            store = TraceStore(run_dir)
+            state = store.completeness()
+            source = store.manifest.get("data", {}).get("source")
+            held, asked = state["present"], state["expected"]
+            created = store.manifest.get("created")
+        elif kind == "patch":
+            manifest = _read_json(run_dir / "patching_manifest.json")
+            rows_table = pd.read_parquet(run_dir / "patching_rows.parquet", columns=["instance_id"]) \
+                if (run_dir / "patching_rows.parquet").exists() else pd.DataFrame({"instance_id": []})
+            held = int(rows_table.instance_id.nunique())
+            asked = int(manifest.get("n_instances") or held)
+            source, created = manifest.get("data_source") or manifest.get("source"), manifest.get("created")
+        else:
+            manifest = _read_json(run_dir / "manifest.json")
+            held = asked = int(manifest.get("data", {}).get("n_instances") or 0)
+            source, created = manifest.get("data", {}).get("source"), manifest.get("created")
+        rows.append({"run": readable_path(run_dir.resolve(), out_dir), "kind": kind, "subject": subject,
+                     "instances held / asked": f"{held} / {asked}" + ("" if held >= asked else " (incomplete)"),
+                     "data": readable_path(source) if source else "n/a",
+                     "written": _when(created)})
+    return pd.DataFrame(rows)
+
+
+def _when(created) -> str:
+    import datetime
+
+    if not isinstance(created, (int, float)):
+        return str(created or "n/a")
+    return datetime.datetime.fromtimestamp(created, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attributes: Sequence[str] = (),
                  seed: int = 0, n_boot: int = 1000, title: str | None = None,
                  probe_kwargs: dict | None = None, margins=None) -> tuple[Path, Path]:
-    """Everything measured in ``run_dirs`` (traces and intervention runs) into report.md and report.html, with
-    verdicts.csv (one decision per subject x finding, columns ``verdicts.VERDICT_COLUMNS``) and
-    verdict-rows.csv (every row each verdict combined, with its own decision)."""
-    from .render import report_verdicts, write_report
+    """Everything measured in ``run_dirs`` (trace, intervene, patch, ground and lens folders) into report.md and
+    report.html, with verdicts.csv (one decision per subject x finding, columns ``verdicts.VERDICT_COLUMNS``) and
+    verdict-rows.csv (every row each verdict combined, with its own decision).
+
+    Traces and intervention runs decide the verdicts; patching, knockout, grounding and lens runs make the
+    "Where and when" section. Writes into ``out_dir`` as it is (`latentprobe report` builds into a fresh folder
+    and swaps it in, so an existing report is never overwritten piecemeal)."""
     from ..verdicts import Margins, evidence_rows, verdict_table
+    from .patch_figures import patching_blocks
+    from .render import report_verdicts, write_report
+    from .where_report import where_blocks
 
     margins = Margins() if margins is None else margins
-
     out_dir = Path(out_dir)
     figure_dir = out_dir / "figures"
-    stores = [TraceStore(d) for d in run_dirs]
+    run_dirs = [Path(d) for d in run_dirs]
+    kinds = [run_kind(d) for d in run_dirs]  # every folder is checked before anything is computed
+    stored = [(d, TraceStore(d)) for d, k in zip(run_dirs, kinds) if k in ("trace", "intervene")]
     subjects, seen = [], set()
-    for store in stores:
-        name = store.manifest.get("subject_name")
-        if name not in seen:
-            seen.add(name)
-            described = store.manifest.get("subject", {})
-            subjects.append({"name": name, "checkpoint": store.manifest.get("checkpoint", ""),
-                             "protocol": _protocol_summary(store.manifest.get("protocol")),
-                             "description": described.get("description", "")})
-    figures: dict[str, list[Path]] = {}
+    for run_dir, kind in zip(run_dirs, kinds):
+        described = _subject_of(run_dir, kind)
+        if described["name"] not in seen:
+            seen.add(described["name"])
+            subjects.append(described)
+    figures: dict[str, list] = {}
     # Collapse and probes from one clean trace per subject: its first run in which latents were used.
     first_with_latents: dict[str, str] = {}
-    for run_dir, store in zip(run_dirs, stores):
+    for run_dir, store in stored:
         name = store.manifest.get("subject_name")
         if name not in first_with_latents and _has_latents(store):
             first_with_latents[name] = str(run_dir)
     usable = list(first_with_latents.values())
     similarity = probes = None
     if usable:
-        similarity, made = collapse_study(usable, figure_dir, seed=seed, n_boot=n_boot, floor_runs=run_dirs)
-        _merge(figures, made)
+        similarity, made = collapse_study(usable, figure_dir, seed=seed, n_boot=n_boot, margin=margins.collapse,
+                                         floor_runs=run_dirs)
+        figures["collapse"] = made["collapse"]
+        figures["appendix"] = made["appendix"]
         if attributes:
             tables = []
             for run_dir in usable:
-                table, made = probe_study(run_dir, attributes, figure_dir, seed=seed, **(probe_kwargs or {}))
+                table, made = probe_study(run_dir, attributes, figure_dir, seed=seed, figures=False,
+                                          **(probe_kwargs or {}))
                 tables.append(table)
-                _merge(figures, made)
             probes = pd.concat(tables, ignore_index=True)
             _write_table(probes, figure_dir / "probes")  # every subject's rows (each study wrote only its own)
-    effects = effect_tables(run_dirs)
+            made = probe_figures(probes, figure_dir / "probes", margin=margins.visual_info)
+            figures["visual_info"] = made["visual_info"]
+            figures["appendix"] += made["appendix"]
+    effects = effect_tables([d for d, _ in stored])
     if effects is not None and len(effects):
-        if effects.target.isin(["latent", "text"]).any() or (effects.metric == "NIE_correct").any():
-            figures.setdefault("latent_answer", []).extend(fig.plot_effects_forest(
-                effects, figure_dir / "effects-latent-answer", metrics=["flip_rate", "accuracy_change", "NIE_correct"],
-                reference_lines={"flip_rate": margins.answer_change}))
-        if "step" in effects.columns and effects.step.notna().any():
-            figures.setdefault("input_latent", []).extend(fig.plot_effects_forest(
-                effects, figure_dir / "effects-input-latent", metrics=["change_ratio"],
-                reference_lines={"change_ratio": margins.change_ratio}))
-    completeness = [s.completeness() for s in stores]  # reads each store's index once
-    data = {"runs": [str(d) for d in run_dirs],
-            "sources": sorted({str(s.manifest.get("data", {}).get("source")) for s in stores}),
-            # the instances actually on disk (an interrupted run holds fewer than its manifest asked for)
-            "instances": int(max(c["present"] for c in completeness))}
-    incomplete = [w for c in completeness for w in c["warnings"]]
+        causal = effects[effects.target != "attention"] if "target" in effects.columns else effects
+        if causal.target.isin(["latent", "text"]).any() or (causal.metric == "NIE_correct").any():
+            paths = fig.plot_effects_forest(
+                causal, figure_dir / "effects-latent-answer", metrics=["flip_rate", "accuracy_change", "NIE_correct"],
+                reference_lines={"flip_rate": margins.answer_change, "accuracy_change": margins.correctness,
+                                 "NIE_correct": margins.correctness})
+            figures["latent_answer"] = [(paths[0], LATENT_ANSWER_CAPTION)]
+        if "step" in causal.columns and causal.step.notna().any():
+            paths = fig.plot_effects_forest(causal, figure_dir / "effects-input-latent", metrics=["change_ratio"],
+                                            reference_lines={"change_ratio": margins.change_ratio})
+            figures["input_latent"] = [(paths[0], INPUT_LATENT_CAPTION.format(margin=margins.change_ratio))]
+    provenance = run_provenance(run_dirs, kinds, out_dir)
+    incomplete = [w for _, store in stored for w in store.completeness()["warnings"]]
     for warning in incomplete:
         log.warning(warning)
+    data = {"sources": "; ".join(sorted(set(provenance.data))) if len(provenance) else "n/a",
+            "instances": "each verdict's n (appendix) counts the instances its rows used; the table below gives "
+                         "what each run folder holds"}
     if incomplete:
         data["WARNING: incomplete runs"] = " ".join(incomplete)
+    sections, where_figures = patching_blocks(run_dirs, out_dir)
+    sections += where_blocks(run_dirs)
     kwargs = {"title": title} if title else {}
     judged = report_verdicts(subjects, effects, similarity, probes, margins)  # once, for the report and the tables
     md, html = write_report(out_dir, subjects=subjects, data=data, effects=effects, similarity=similarity,
-                            probes=probes, figures=figures, margins=margins, judged=judged, **kwargs)
+                            probes=probes, figures=figures, margins=margins, judged=judged, sections=sections,
+                            provenance=provenance, **kwargs)
     _write_table(verdict_table(judged), out_dir / "verdicts")
     rows = evidence_rows(judged)
     if len(rows):
         _write_table(rows, out_dir / "verdict-rows")
     return md, html
+
+
+INPUT_LATENT_CAPTION = ("How far each latent step moves under each input edit, as a share of the distance to another "
+                        "instance's latents (change_ratio, 95% CI; 0 = not at all, 1 = as far as another instance). "
+                        "Dashed: the margin {margin:g}; an interval wholly left of it is `disconnect`.")
+LATENT_ANSWER_CAPTION = ("Answer changes under latent and text edits (flip rate, exact 95% CI), the accuracy change, and "
+                         "the natural indirect effect of an image swap on correctness (NIE). Dashed: the margins; "
+                         "an interval wholly inside them is negligible. Points: subjects.")
+COLLAPSE_CAPTION = ("Left: raw cosine between instances per latent step (the paper's view, inflated by a direction all "
+                    "states share). Right: the spread ratio the verdict reads (latent spread / image-token spread, "
+                    "95% CI; 1 = as varied as the image tokens, 0 = every instance alike). Dashed: the margin "
+                    "{margin:g}; an interval wholly below it is `collapsed`.")
+PROBE_CAPTION = ("Probe score, control-task score and selectivity (score - control) of the best layer/step per "
+                 "representation (chosen inside the training folds); error bars: fold std (score, control) and "
+                 "the bootstrap 95% CI (selectivity). Dotted: chance; dashed: the selectivity margin {margin:g}.")
+
+
+def probe_figures(probes: pd.DataFrame, stem: Path, margin: float) -> dict[str, list]:
+    """The probe bars of every subject in one figure (for the finding) and the per-subject heatmaps (appendix)."""
+    made = {"visual_info": [], "appendix": []}
+    try:
+        paths = fig.plot_probe_bars(probes, stem.with_name("probe-bars"), margin=margin)
+        made["visual_info"].append((paths[0], PROBE_CAPTION.format(margin=margin)))
+        for subject in probes.subject.unique():
+            paths = fig.plot_probe_heatmap(probes[probes.subject == subject],
+                                           stem.with_name(f"{_safe(subject)}-probe-heatmap"))
+            made["appendix"].append((paths[0], f"{subject}: probe accuracy of the latent states at every layer "
+                                               "(rows) and latent step (columns), chance in each panel's title."))
+    except LatentProbeError as exc:  # every probe skipped: the table says why
+        log.warning("no probe figure: %s", exc)
+    return made
 
 
 def _has_latents(store: TraceStore) -> bool:
@@ -389,8 +561,6 @@ def _write_table(frame: pd.DataFrame, stem: Path):
     stem.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(stem.with_suffix(".csv"), lambda tmp: frame.to_csv(tmp, index=False))
     atomic_write(stem.with_suffix(".parquet"), lambda tmp: frame.to_parquet(tmp, index=False))
-
-
 def plan_runs(run_dirs: Sequence[str | Path], margins=None) -> pd.DataFrame:
     """`latentprobe.verdicts.planning.plan_table` of the effects written in ``run_dirs`` (folders of ``intervene``
     runs): the instances each finding needs, read from the run folders."""

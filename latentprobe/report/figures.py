@@ -234,10 +234,12 @@ def plot_similarity_by_step(table: pd.DataFrame, path, *, subject: str | None = 
         return save_figure(fig, path)
 
 
-def plot_subject_comparison(table: pd.DataFrame, path, *, representation: str = "latent") -> list[Path]:
+def plot_subject_comparison(table: pd.DataFrame, path, *, representation: str = "latent",
+                            margin: float | None = None) -> list[Path]:
     """One line per subject over latent steps: raw cosine between instances, and (where the table has it) the
     spread ratio against the image-token baseline (1 = as varied as the image tokens, 0 = collapsed), from a
-    concatenation of ``similarity_table`` outputs.
+    concatenation of ``similarity_table`` outputs. ``margin``: the collapse verdict's margin, drawn on the
+    spread-ratio panel (an interval wholly below it is `collapsed`, wholly above `not collapsed`).
 
     >>> import numpy as np, pandas as pd, tempfile, pathlib
     >>> from latentprobe.stats.similarity import similarity_table
@@ -272,8 +274,12 @@ def plot_subject_comparison(table: pd.DataFrame, path, *, representation: str = 
             ax.set_ylabel(ylabel)
         if reference is not None:
             axes[1].axhline(1.0, color="grey", linestyle=":", linewidth=1)
+            if margin is not None:
+                axes[1].axhline(margin, color="black", linestyle="--", linewidth=1.2,
+                                label=f"margin {margin:g} (collapsed below)")
             axes[1].set_ylim(bottom=0)
-        axes[-1].legend(title="subject", fontsize="small")
+        handles, labels = axes[-1].get_legend_handles_labels()  # below the panels: inside, it covered the bands
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize="small")
         fig.suptitle("Collapse across subjects: latent tokens between instances")
         return save_figure(fig, path)
 
@@ -350,11 +356,12 @@ def plot_probe_heatmap(
         return save_figure(fig, path)
 
 
-def plot_probe_bars(probes: pd.DataFrame, path) -> list[Path]:
+def plot_probe_bars(probes: pd.DataFrame, path, *, margin: float | None = None) -> list[Path]:
     """Score, control score and selectivity of the best layer/step of each representation (latent and
     baselines; the best cell chosen inside the training folds where the table has nested rows), one panel per
     (subject, attribute), with the chance level as a grey line. Error bars: fold-to-fold std of score and
-    control, the bootstrap interval of selectivity.
+    control, the bootstrap interval of selectivity. ``margin``: the visual-information verdict's selectivity
+    margin, drawn as a dashed line. One legend for all panels, outside them (it covered bars inside).
 
     >>> import numpy as np, pandas as pd, tempfile, pathlib
     >>> from latentprobe.stats.probes import probe_table
@@ -394,17 +401,26 @@ def plot_probe_bars(probes: pd.DataFrame, path) -> list[Path]:
                         ax.errorbar(bar.get_x() + bar.get_width() / 2, centre,
                                     yerr=[[max(centre - low, 0)], [max(high - centre, 0)]], color="black",
                                     capsize=3, linewidth=1)
-            ax.axhline(rows.chance.mean(), color="grey", linestyle="--", linewidth=1, label="chance")
+            ax.axhline(rows.chance.mean(), color="grey", linestyle=":", linewidth=1.2, label="chance")
+            if margin is not None:
+                ax.axhline(margin, color="black", linestyle="--", linewidth=1.2,
+                           label=f"selectivity margin {margin:g}")
             ax.set_ylabel(_metric_label(rows.metric.iloc[0]))
             ax.set_xlabel("representation (best cell, chosen in training folds)")
             name = " / ".join(part for part in (subject, attribute) if part)
             ax.set_title(f"{name}\n{_chance_text(rows)}" if name else _chance_text(rows), fontsize="medium")
-            ax.legend(fontsize="small")
+            handles, labels = ax.get_legend_handles_labels()
+            if ax.get_legend() is not None:
+                ax.get_legend().remove()
+        fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize="small")
         fig.suptitle("Probe score vs control task (selectivity = score - control)")
         return save_figure(fig, path)
 
 
 # -------------------------------------------------------------------------------------------- effects
+
+# Rates and distances cannot be negative: their margin is one line; a signed effect's margin is two.
+UNSIGNED_METRICS = ("flip_rate", "change_ratio", "kl_clean_to_intervened", "answer_changed")
 
 
 def plot_effects_forest(effects: pd.DataFrame, path, *, metrics=None, reference_lines=None) -> list[Path]:
@@ -454,8 +470,11 @@ def plot_effects_forest(effects: pd.DataFrame, path, *, metrics=None, reference_
                             fmt="o", markersize=4, color=subject_colour(row.subject), capsize=2, linewidth=1)
             ax.axvline(0.0, color="grey", linewidth=1)
             if reference_lines and name in reference_lines:
-                ax.axvline(reference_lines[name], color="black", linestyle="--", linewidth=1)
-                ax.set_title(f"{name} (dashed: threshold {reference_lines[name]:g})", fontsize="medium")
+                margin = reference_lines[name]
+                signed = name not in UNSIGNED_METRICS  # a signed effect is negligible inside (-margin, margin)
+                for value in ((-margin, margin) if signed else (margin,)):
+                    ax.axvline(value, color="black", linestyle="--", linewidth=1)
+                ax.set_title(f"{name} (dashed: margin {'±' if signed else ''}{margin:g})", fontsize="medium")
             else:
                 ax.set_title(name, fontsize="medium")
             for k in range(len(labels) - 1):  # thin separators between intervention rows

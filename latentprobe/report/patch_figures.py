@@ -3,9 +3,10 @@
 Pure presentation over tidy tables (`latentprobe.where.patching.summarize_patching`, the effects summary of
 `latentprobe.runs.intervene`); nothing here runs a model.
 
-Entry point for the report: `where_and_when_section(run_dirs, out_dir)` returns the Markdown of the section and
-the figures it made, from any patching run folders (``patching_summary.parquet``) and intervention run folders
-with knockout rows (``effects_summary.parquet``, target ``attention``) among ``run_dirs``.
+Entry points for the report: `patching_blocks(run_dirs, out_dir)` returns the report blocks (and the figures it
+drew) for any patching run folders (``patching_summary.parquet``) and intervention run folders with knockout
+rows (``effects_summary.parquet``, target ``attention``) among ``run_dirs``; `where_and_when_section` is the same
+as Markdown.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ import numpy as np
 import pandas as pd
 
 from ..where.patching import DECODE_GROUPS, LOGODDS_METRIC_OF, METRIC_OF, PROMPT_GROUPS
+from .blocks import Figure, Heading, Paragraph, Table
 
 GROUP_ORDER = PROMPT_GROUPS + DECODE_GROUPS
+RECOVERY_LABEL = "share of the clean-corrupt gap in p(gold)\n(1 = fully restored / destroyed)"
+LOGODDS_LABEL = "attribution estimate\n(gold log-odds, first-order)"
 
 
 def _matrix(rows: pd.DataFrame, kind: str) -> pd.DataFrame:
@@ -35,15 +39,14 @@ def _matrix(rows: pd.DataFrame, kind: str) -> pd.DataFrame:
     return wide.sort_index(ascending=False)
 
 
-def _panel(ax, wide: pd.DataFrame, title: str, annotate: bool):
-    import matplotlib.pyplot as plt
-
+def _panel(ax, wide: pd.DataFrame, title: str, annotate: bool, limit: float):
+    """One heatmap on a symmetric scale [-limit, limit]; returns its image (None when there is no site)."""
     if wide.empty:
         ax.set_axis_off()
         ax.set_title(f"{title}\n(no sites)", fontsize=9)
         return None
     values = wide.to_numpy(dtype=float)
-    image = ax.imshow(values, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
+    image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
     ax.set_xticks(range(wide.shape[1]), list(wide.columns), rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(wide.shape[0]), [str(l) for l in wide.index], fontsize=8)
     ax.set_ylabel("layer (hidden_states index)", fontsize=8)
@@ -52,62 +55,74 @@ def _panel(ax, wide: pd.DataFrame, title: str, annotate: bool):
         for (i, j), v in np.ndenumerate(values):
             if np.isfinite(v):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if abs(v) > 0.6 else "black")
-    plt.setp(ax.spines.values(), visible=False)
+                        color="white" if abs(v) > 0.6 * limit else "black")
+    for spine in ax.spines.values():
+        spine.set_visible(False)
     return image
+
+
+def _symmetric_limit(frames: Sequence[pd.DataFrame]) -> float:
+    values = np.concatenate([f.estimate.to_numpy(dtype=float) for f in frames if len(f)] or [np.zeros(1)])
+    finite = np.abs(values[np.isfinite(values)])
+    return float(max(finite.max(), 1e-6)) if finite.size else 1.0
 
 
 def patching_heatmaps(table: pd.DataFrame, out_dir: str | Path, annotate: bool = True) -> list[Path]:
     """One figure per subject (PNG + SVG): per direction, a (layer x latent step) and a (layer x position group)
-    heatmap of exact patching (recovery / damage of the gold probability), and below them attribution patching
-    beside exact patching on the gold log-odds when attribution ran. Returns the PNG paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    heatmap of exact patching (recovery / damage of the gold probability, on a fixed -1..1 scale), and below
+    them attribution patching on the gold log-odds with its own colour bar (a different unit). Returns the PNGs."""
+    from matplotlib.figure import Figure as MplFigure
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     made = []
     for (subject, corruption, semantics), rows in table.groupby(["subject", "corruption", "semantics"], sort=True):
         directions = [d for d in ("denoise", "noise") if d in set(rows.direction)]
-        panels = []  # (row index, title, frame)
-        for direction in directions:
-            exact = rows[(rows.method == "exact") & (rows.direction == direction) & (rows.metric == METRIC_OF[direction])]
-            panels.append((0, f"{direction}: {METRIC_OF[direction]} (exact, p_gold)", exact))
-        has_attr = "attribution" in set(rows.method)
-        if has_attr:
-            for direction in directions:
-                attr = rows[(rows.method == "attribution") & (rows.direction == direction)
-                            & (rows.metric == LOGODDS_METRIC_OF[direction])]
-                panels.append((1, f"{direction}: attribution (log-odds)", attr))
+        exact = {d: rows[(rows.method == "exact") & (rows.direction == d) & (rows.metric == METRIC_OF[d])]
+                 for d in directions}
+        attribution = {d: rows[(rows.method == "attribution") & (rows.direction == d)
+                               & (rows.metric == LOGODDS_METRIC_OF[d])] for d in directions}
+        has_attr = any(len(f) for f in attribution.values())
         n_rows = 2 if has_attr else 1
-        fig, axes = plt.subplots(n_rows, 2 * len(directions), figsize=(4.2 * len(directions) * 2, 3.8 * n_rows + 0.6),
-                                 squeeze=False, gridspec_kw={"width_ratios": [1.3, 1] * len(directions),
-                                                             "hspace": 0.75, "wspace": 0.35})
-        image = None
-        counters = {0: 0, 1: 0}
-        for row_index, title, frame in panels:
-            col = counters[row_index]
-            image = _panel(axes[row_index, col], _matrix(frame, "steps"), f"{title}\nlayer x latent step",
-                           annotate) or image
-            image = _panel(axes[row_index, col + 1], _matrix(frame, "groups"), f"{title}\nlayer x position group",
-                           annotate) or image
-            counters[row_index] += 2
-        if image is not None:
-            fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="fraction of the clean-corrupt gap")
+        fig = MplFigure(figsize=(4.2 * len(directions) * 2 + 1.2, 3.9 * n_rows + 0.6), layout="constrained")
+        axes = fig.subplots(n_rows, 2 * len(directions), squeeze=False,
+                            gridspec_kw={"width_ratios": [1.3, 1] * len(directions)})
+        limits = [1.0, _symmetric_limit(list(attribution.values()))]
+        for row_index, (frames, what) in enumerate([(exact, "exact, p_gold"), (attribution, "attribution, log-odds")]
+                                                   [:n_rows]):
+            image = None
+            for k, direction in enumerate(directions):
+                title = f"{direction}: {METRIC_OF[direction]} ({what})" if row_index == 0 else \
+                    f"{direction}: attribution (gold log-odds)"
+                for j, kind in enumerate(("steps", "groups")):
+                    label = "layer x latent step" if kind == "steps" else "layer x position group"
+                    image = _panel(axes[row_index, 2 * k + j], _matrix(frames[direction], kind), f"{title}\n{label}",
+                                   annotate, limits[row_index]) or image
+            if image is not None:  # one colour bar per row: the rows have different units
+                fig.colorbar(image, ax=axes[row_index, :].tolist(), shrink=0.85,
+                             label=RECOVERY_LABEL if row_index == 0 else LOGODDS_LABEL)
         fig.suptitle(f"{subject}: activation patching under {corruption} ({semantics} later latent steps)",
                      fontsize=10)
         stem = out_dir / f"{subject}-patching-{_slug(corruption)}-{semantics}"
-        fig.savefig(f"{stem}.png", dpi=130, bbox_inches="tight")
-        fig.savefig(f"{stem}.svg", bbox_inches="tight")
-        plt.close(fig)
+        fig.savefig(f"{stem}.png", dpi=130, facecolor="white")
+        fig.savefig(f"{stem}.svg")
         made.append(Path(f"{stem}.png"))
     return made
 
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-")
+
+
+def patching_caption(subject: str, corruption: str, semantics: str, has_attribution: bool) -> str:
+    text = (f"{subject}, {corruption}: each cell restores one clean state in the corrupted run (denoise: share of "
+            "the clean-corrupt gap in the gold probability recovered) or inserts one corrupted state in the clean "
+            f"run (noise: share destroyed); later latent steps {semantics}d. Left of each pair: latent steps by "
+            "layer; right: position groups by layer.")
+    if has_attribution:
+        text += (" Bottom row: attribution patching (a first-order estimate on the gold log-odds, in its own "
+                 "units and colour bar).")
+    return text
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -117,81 +132,110 @@ class ReportSection:
 
     markdown: str
     figures: list[Path] = field(default_factory=list)
+    blocks: list = field(default_factory=list)
 
 
-def patching_markdown(table: pd.DataFrame, agreement: pd.DataFrame | None, figures: Sequence[Path],
-                      relative_to: Path | None = None, top: int = 5) -> str:
-    """Markdown for one patching run: heatmaps, the sites that matter most, and attribution agreement."""
-    lines = []
+def _top_sites_table(exact: pd.DataFrame, top: int) -> pd.DataFrame:
+    records = []
+    for direction in ("denoise", "noise"):
+        metric = METRIC_OF[direction]
+        part = exact[(exact.direction == direction) & (exact.metric == metric)]
+        flips = exact[(exact.direction == direction) & (exact.metric == "flip_rate")].set_index("site")
+        for row in part.dropna(subset=["estimate"]).sort_values("estimate", ascending=False).head(top).itertuples():
+            flip = flips.loc[row.site] if row.site in flips.index else None
+            records.append({
+                "direction": direction, "site": row.site, "metric": metric,
+                "estimate [95% CI]": f"{row.estimate:+.3f} [{row.ci_low:+.3f}, {row.ci_high:+.3f}]",
+                "n": int(row.n), "excluded (gap < min_gap)": int(row.n_excluded),
+                "answer flips [95% CI]": "-" if flip is None else
+                f"{flip.estimate:.2f} [{flip.ci_low:.2f}, {flip.ci_high:.2f}] (n={int(flip.n)})"})
+    return pd.DataFrame(records)
+
+
+def patching_section_blocks(table: pd.DataFrame, agreement: pd.DataFrame | None, figures: Sequence[Path],
+                            top: int = 5) -> list:
+    """Blocks for patching runs: per subject its heatmaps, the sites that matter most, attribution agreement."""
+    blocks = []
     for subject, rows in table.groupby("subject", sort=True):
         exact = rows[rows.method == "exact"]
         corruption = ", ".join(sorted(set(rows.corruption)))
         semantics = ", ".join(sorted(set(rows.semantics)))
-        lines += [f"#### {subject}: activation patching ({corruption}; later latent steps {semantics})", ""]
+        blocks.append(Heading(3, f"Activation patching: {subject} ({corruption}; later latent steps {semantics})"))
+        has_attr = "attribution" in set(rows.method)
         for fig in figures:
             if Path(fig).name.startswith(f"{subject}-patching"):
-                shown = Path(fig).relative_to(relative_to) if relative_to and Path(fig).is_relative_to(relative_to) \
-                    else Path(fig)
-                lines += [f"![{subject} patching maps]({shown.as_posix()})", ""]
-        lines += ["| direction | site | metric | estimate [95% CI] | n | excluded (gap < min_gap) | flip rate [95% CI] |",
-                  "|---|---|---|---|---|---|---|"]
-        for direction in ("denoise", "noise"):
-            metric = METRIC_OF[direction]
-            part = exact[(exact.direction == direction) & (exact.metric == metric)]
-            flips = exact[(exact.direction == direction) & (exact.metric == "flip_rate")].set_index("site")
-            for row in part.sort_values("estimate", ascending=False).head(top).itertuples():
-                flip = flips.loc[row.site] if row.site in flips.index else None
-                flip_text = "-" if flip is None else \
-                    f"{flip.estimate:.2f} [{flip.ci_low:.2f}, {flip.ci_high:.2f}] (n={int(flip.n)})"
-                lines.append(f"| {direction} | `{row.site}` | {metric} | {row.estimate:+.3f} "
-                             f"[{row.ci_low:+.3f}, {row.ci_high:+.3f}] | {row.n} | {row.n_excluded} | {flip_text} |")
-        lines.append("")
+                blocks.append(Figure(Path(fig), patching_caption(subject, corruption, semantics, has_attr)))
+        sites = _top_sites_table(exact, top)
+        if len(sites):
+            blocks.append(Table(sites, f"the {top} sites with the largest effect per direction"))
         if agreement is not None and len(agreement):
-            part = agreement[agreement.subject == subject]
-            for row in part.itertuples():
-                lines.append(f"Attribution patching vs exact patching ({row.direction}, gold log-odds): Spearman "
-                             f"rho = {row.spearman_rho:+.2f} over {row.n_sites} sites (p = {row.p_value:.3g}).")
-            lines.append("")
-    lines.append("Recovery = (p_patched - p_corrupt) / (p_clean - p_corrupt) when one clean state is restored in the "
-                 "corrupted run; damage = (p_clean - p_patched) / (p_clean - p_corrupt) when one corrupted state is "
-                 "inserted in the clean run. Patching latent step k recomputes the later latent steps from it "
-                 "(unless pinned). Instances whose corruption barely moved the gold probability are excluded and "
-                 "counted.")
-    return "\n".join(lines) + "\n"
+            for row in agreement[agreement.subject == subject].dropna(subset=["spearman_rho"]).itertuples():
+                blocks.append(Paragraph(f"attribution patching vs exact patching ({row.direction}, gold log-odds): "
+                                        f"Spearman rho = {row.spearman_rho:+.2f} over {row.n_sites} sites "
+                                        f"(p = {row.p_value:.3g}).", "Agreement"))
+    blocks.append(Paragraph(
+        "Recovery = (p_patched - p_corrupt) / (p_clean - p_corrupt) when one clean state is restored in the "
+        "corrupted run; damage = (p_clean - p_patched) / (p_clean - p_corrupt) when one corrupted state is "
+        "inserted in the clean run. Patching latent step k recomputes the later latent steps from it (unless "
+        "pinned). Instances whose corruption barely moved the gold probability are excluded and counted.",
+        "How to read"))
+    return blocks
 
 
-def knockout_markdown(effects: pd.DataFrame) -> str:
-    """Markdown table of attention-knockout effects (rows with target ``attention`` of an effects summary)."""
+def patching_markdown(table: pd.DataFrame, agreement: pd.DataFrame | None, figures: Sequence[Path],
+                      relative_to: Path | None = None, top: int = 5) -> str:
+    """Markdown for patching runs (the blocks of `patching_section_blocks`, links relative to ``relative_to``)."""
+    from .html import render_markdown
+
+    return render_markdown(patching_section_blocks(table, agreement, figures, top), Path(relative_to or "."))
+
+
+def knockout_table(effects: pd.DataFrame) -> pd.DataFrame:
+    """Attention-knockout effects (rows with target ``attention`` of an effects summary), one row per knockout."""
     rows = effects[(effects.target == "attention")
                    & effects.metric.isin(["accuracy_clean", "accuracy_intervened", "accuracy_change", "flip_rate",
                                           "gold_prob_change"])]
-    if rows.empty:
-        return ""
-    lines = ["| subject | knockout | accuracy (clean -> knocked out) | accuracy change [95% CI] | flip rate [95% CI] |",
-             "|---|---|---|---|---|"]
+    records = []
     for (subject, name), part in rows.groupby(["subject", "intervention"], sort=True):
-        get = part.set_index("metric")
+        get = part.drop_duplicates("metric").set_index("metric")
+
         def fmt(metric, digits=3):
             if metric not in get.index:
                 return "-"
             r = get.loc[metric]
             return f"{r.estimate:+.{digits}f} [{r.ci_low:+.{digits}f}, {r.ci_high:+.{digits}f}]"
+
         clean = get.estimate.get("accuracy_clean", np.nan)
         after = get.estimate.get("accuracy_intervened", np.nan)
-        lines.append(f"| {subject} | `{name}` | {clean:.3f} -> {after:.3f} | {fmt('accuracy_change')} | "
-                     f"{fmt('flip_rate')} |")
-    lines += ["", "A knockout blocks attention edges (no vector is replaced), so a drop means the blocked positions "
-                  "are read, not that an off-distribution input disrupted the model."]
-    return "\n".join(lines) + "\n"
+        records.append({"subject": subject, "knockout": name, "accuracy (clean -> knocked out)":
+                        f"{clean:.3f} -> {after:.3f}", "accuracy change [95% CI]": fmt("accuracy_change"),
+                        "answer flips [95% CI]": fmt("flip_rate")})
+    return pd.DataFrame(records)
 
 
-def where_and_when_section(run_dirs: Sequence[str | Path], out_dir: str | Path) -> ReportSection:
-    """The report's "where and when" section from patching runs and knockout runs among ``run_dirs``.
+KNOCKOUT_NOTE = ("A knockout blocks attention edges (no vector is replaced), so a drop means the blocked positions "
+                 "are read, not that an off-distribution input disrupted the model.")
 
-    Heatmaps are redrawn into ``out_dir/figures`` from the runs' tidy tables; image links are relative to
-    ``out_dir`` (the report folder). Folders holding neither kind of result are ignored. Returns an empty
-    section when there is nothing to show.
-    """
+
+def knockout_blocks(effects: pd.DataFrame) -> list:
+    table = knockout_table(effects)
+    if table.empty:
+        return []
+    return [Heading(3, "Attention knockout"), Table(table, "accuracy and answer changes when attention edges are "
+                                                           "blocked"), Paragraph(KNOCKOUT_NOTE, "How to read")]
+
+
+def knockout_markdown(effects: pd.DataFrame) -> str:
+    """Markdown table of attention-knockout effects (rows with target ``attention`` of an effects summary)."""
+    from .html import render_markdown
+
+    blocks = knockout_blocks(effects)
+    return render_markdown(blocks[1:], Path(".")) if blocks else ""
+
+
+def patching_blocks(run_dirs: Sequence[str | Path], out_dir: str | Path) -> tuple[list, list[Path]]:
+    """Report blocks for the patching runs and knockout runs among ``run_dirs`` (heatmaps redrawn into
+    ``out_dir/figures`` from the runs' tidy tables), and the figures drawn. Other folders are ignored."""
     out_dir = Path(out_dir)
     patch_tables, agreements, knockouts = [], [], []
     for run in map(Path, run_dirs):
@@ -209,15 +253,22 @@ def where_and_when_section(run_dirs: Sequence[str | Path], out_dir: str | Path) 
         table = pd.concat(patch_tables, ignore_index=True)
         agreement = pd.concat(agreements, ignore_index=True) if agreements else None
         figures = patching_heatmaps(table, out_dir / "figures")
-        blocks.append(patching_markdown(table, agreement, figures, relative_to=out_dir))
+        blocks += patching_section_blocks(table, agreement, figures)
     if knockouts:
-        blocks.append("#### Attention knockout\n\n" + knockout_markdown(pd.concat(knockouts, ignore_index=True)))
+        blocks += knockout_blocks(pd.concat(knockouts, ignore_index=True))
+    return blocks, figures
+
+
+def where_and_when_section(run_dirs: Sequence[str | Path], out_dir: str | Path) -> ReportSection:
+    """The "where and when" section from patching runs and knockout runs among ``run_dirs`` as Markdown (image
+    links relative to ``out_dir``); empty when there is nothing to show."""
+    from .html import render_markdown
+
+    blocks, figures = patching_blocks(run_dirs, out_dir)
     if not blocks:
-        return ReportSection("", [])
-    return ReportSection("### Where and when\n\n" + "\n".join(blocks), figures)
+        return ReportSection("", [], [])
+    return ReportSection("### Where and when\n\n" + render_markdown(blocks, Path(out_dir)), figures, blocks)
 
-
-__all__ = ["patching_heatmaps", "patching_markdown", "knockout_markdown", "where_and_when_section", "ReportSection"]
 
 
 def draw_patching_run(run_dir: str | Path) -> list[Path]:
@@ -237,3 +288,7 @@ def draw_patching_run(run_dir: str | Path) -> list[Path]:
         manifest["figures"] = [str(path) for path in paths]
         atomic_write_json(manifest_path, manifest)
     return paths
+
+
+__all__ = ["patching_heatmaps", "patching_markdown", "patching_blocks", "knockout_markdown", "knockout_blocks",
+           "where_and_when_section", "ReportSection", "draw_patching_run"]

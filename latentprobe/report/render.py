@@ -1,22 +1,16 @@
-"""The study report: per-subject verdicts on the paper's four findings, as Markdown and self-contained HTML.
+"""The study report: the verdict matrix first, then one section per finding, then the appendix.
 
-Pure rendering: the decisions come from :mod:`latentprobe.verdicts` (rules, margins, multiplicity), this
-module only lays them out. The report is built once as a list of blocks (headings, paragraphs, tables,
-figures) and rendered twice, so the Markdown and the HTML always say the same thing. The HTML embeds every
-image as a base64 data URI and its CSS inline: it makes no request when opened.
-
-Every verdict is printed with its rule, margin, the deciding estimate and interval, n, the smallest effect
-the run could detect and the n that would have been needed; a plain-words section explains the rules.
+Pure layout: the decisions come from :mod:`latentprobe.verdicts` (rules, margins, multiplicity), the drawing from
+:mod:`latentprobe.report.figures`, the rendering from :mod:`latentprobe.report.html`. The first screen holds the
+question, the verdict matrix (subjects x findings, headed by plain questions), a colour legend and, in every
+cell, the verdict's deciding evidence in words. Each finding's section shows its verdicts with the figure that
+decided them right below; subjects, data, run provenance, the rules in full and every table go to the appendix.
 A finding whose inputs are missing is reported as "not measured", never guessed.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import math
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -26,26 +20,33 @@ import pandas as pd
 from ..errors import LatentProbeError
 from ..fileio import atomic_write_text
 from ..stats.probes import best_probe_rows, skipped_probes
-from ..verdicts import (EFFECT_COLUMNS, FINDINGS, INCONCLUSIVE, NOT_MEASURED, VOCABULARY, Margins, evidence_rows,
-                       judge, tidy_effects, verdict_table)
+from ..verdicts import (EFFECT_COLUMNS, FINDINGS, NOT_MEASURED, VOCABULARY, Margins, evidence_rows, judge,
+                        tidy_effects, verdict_table)
+from .blocks import (Bullets, Contents, Figure, Heading, Legend, Paragraph, Table, VerdictLine, VerdictMatrix)
+from .html import render_html, render_markdown
 
-__all__ = ["FINDINGS", "FINDING_TITLES", "EFFECT_COLUMNS", "Margins", "tidy_effects", "write_report"]
+__all__ = ["FINDINGS", "FINDING_TITLES", "EFFECT_COLUMNS", "Margins", "tidy_effects", "write_report",
+           "reading_guide", "report_verdicts", "QUESTION"]
 
 VERDICT_WORDS = tuple(dict.fromkeys(word for words in VOCABULARY.values() for word in words))
+QUESTION = ("Do the latent visual tokens carry the image's information to the answer, or are they decoration? "
+            "Each cell answers one of the four claims of the paper under test (CapImagine, arXiv 2602.22766) for "
+            "one subject; a null is affirmed only when its whole 95% interval lies inside a stated margin.")
+# The plain question each finding answers (the matrix's column headers and the sections' titles).
 FINDING_TITLES = {
-    "input_latent": "Input-latent disconnect",
-    "latent_answer": "Latent-answer disconnect",
-    "collapse": "Collapse of latent tokens",
-    "visual_info": "Limited visual information in latent tokens",
+    "input_latent": "Do the latents react to the input?",
+    "latent_answer": "Does the answer depend on the latents?",
+    "collapse": "Do the latents collapse across instances?",
+    "visual_info": "Can probes read the image from the latents?",
 }
 FINDING_CLAIMS = {
-    "input_latent": "Strong perturbations of the input (image swap, noise, blanking) barely move the latent tokens.",
+    "input_latent": "Strong perturbations of the input (image swap, noise, blanking) barely move the latent tokens "
+                    "(input-latent disconnect).",
     "latent_answer": "Strong perturbations of the latent tokens (noise, a constant, extreme values, patching) "
-                     "barely move the answer.",
+                     "barely move the answer (latent-answer disconnect).",
     "collapse": "Latent tokens of different instances are highly similar, and more so at later latent steps.",
     "visual_info": "Linear probes read little visual information from the latent tokens.",
 }
-# What the paper's null word and its opposite mean for each finding, in the report's words.
 FINDING_WORDS = {
     "input_latent": "disconnect = the paper's null claim holds; connected = the input measurably moves the latents",
     "latent_answer": "disconnect = the paper's null claim holds; connected = the latents carry information to the "
@@ -53,14 +54,19 @@ FINDING_WORDS = {
     "collapse": "collapsed = the paper's claim holds; not collapsed = the latents stay as different as baselines",
     "visual_info": "limited = the paper's claim holds; informative = probes read the image from the latents",
 }
-EFFECT_TARGETS = ("input", "latent", "text")
+LEGEND = [
+    ("verdict-disconnect", "disconnect · collapsed · limited", "the paper's claim holds (shown inside the margin)"),
+    ("verdict-connected", "connected · not collapsed · informative", "an effect is shown: the claim fails here"),
+    ("verdict-inconclusive", "inconclusive", "the data cannot tell (the appendix gives the n that would decide)"),
+    ("verdict-not-measured", "not measured", "no run given measured it"),
+]
 
 
 # ------------------------------------------------------------------------------------------ formatting
 
 
 def _number(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     if isinstance(value, (int, np.integer)):
         return str(int(value))
@@ -69,21 +75,17 @@ def _number(value) -> str:
         return "unreachable"
     if value != 0 and abs(value) < 0.001:
         return f"{value:.2g}"
-    return f"{value:.3f}"
+    return f"{value:.3g}" if abs(value) >= 10 else f"{value:.3f}"
 
 
 def _count(value) -> str:
-    if value is None or (isinstance(value, float) and (math.isnan(value))) or value is pd.NA:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return "unreachable" if isinstance(value, float) and math.isinf(value) else str(int(value))
 
 
 def _interval(estimate, low, high) -> str:
     return f"{_number(estimate)} [{_number(low)}, {_number(high)}]"
-
-
-def _step_text(step) -> str:
-    return "" if pd.isna(step) else f" step {int(step)}"
 
 
 def _subject_names(subjects, *tables) -> list[str]:
@@ -94,43 +96,7 @@ def _subject_names(subjects, *tables) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-# ---------------------------------------------------------------------------------------------- blocks
-
-
-@dataclass
-class _Heading:
-    level: int
-    text: str
-
-
-@dataclass
-class _Paragraph:
-    text: str
-    label: str = ""  # a bold lead-in such as "Rule"
-
-
-@dataclass
-class _Bullets:
-    items: list[str]
-
-
-@dataclass
-class _Table:
-    frame: pd.DataFrame
-    caption: str = ""
-
-
-@dataclass
-class _Figure:
-    path: Path
-    caption: str
-
-
-@dataclass
-class _VerdictLine:
-    subject: str
-    verdict: str
-    evidence: str
+# ------------------------------------------------------------------------------------------- tables
 
 
 def _effects_display(rows: pd.DataFrame) -> pd.DataFrame:
@@ -170,10 +136,11 @@ def _evidence_rows_display(rows: pd.DataFrame) -> pd.DataFrame:
     role = rows["role"].fillna("").astype(str) if "role" in rows.columns else pd.Series("", index=rows.index)
     return pd.DataFrame({
         "subject": rows.subject.astype(str),
+        "finding": rows.finding.astype(str) if "finding" in rows.columns else "",
         "role": role.to_numpy(),
         "row": rows.row.astype(str),
         "estimate [CI]": [_interval(e, lo, hi) for e, lo, hi in zip(rows.estimate, rows.ci_low, rows.ci_high)],
-        "k / n": [(f"{int(k)}/{int(n)}" if pd.notna(k) else str(int(n))) for k, n in zip(rows.k, rows.n)],
+        "k / n": [(f"{int(k)}/{int(n)}" if pd.notna(k) else _count(n)) for k, n in zip(rows.k, rows.n)],
         "margin": [_number(v) for v in rows.margin],
         "Holm p": [_number(v) for v in rows.p_holm],
         "row decision": rows.row_decision.astype(str),
@@ -182,20 +149,13 @@ def _evidence_rows_display(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def _similarity_display(rows: pd.DataFrame) -> pd.DataFrame:
-    """The collapse table: the spread ratio the verdict reads first, then the raw cosine view."""
-    layer = {"layer": rows.layer.astype(str)} if "layer" in rows.columns else {}
-    statistic = rows.statistic.astype(str) if "statistic" in rows.columns else pd.Series("cosine", index=rows.index)
-    reference = rows.reference.fillna("").astype(str) if "reference" in rows.columns else ""
+    """The spread ratios the collapse verdict reads (latent step vs a baseline's spread, per step)."""
     value = rows.estimate if "estimate" in rows.columns else rows.mean_similarity
     return pd.DataFrame({
         "subject": rows.subject.astype(str),
-        **layer,
-        "representation": rows.representation.astype(str),
-        "statistic": statistic,
-        "vs": reference,
-        "centring": rows.centring.astype(str) if "centring" in rows.columns else "",
+        "vs": rows.reference.fillna("").astype(str) if "reference" in rows.columns else "",
         "step": [("" if pd.isna(s) or s < 0 else str(int(s))) for s in rows.step],
-        "estimate [95% CI]": [_interval(m, lo, hi) for m, lo, hi in zip(value, rows.ci_low, rows.ci_high)],
+        "spread ratio [95% CI]": [_interval(m, lo, hi) for m, lo, hi in zip(value, rows.ci_low, rows.ci_high)],
         "n": [_number(n) for n in rows.n],
     })
 
@@ -216,55 +176,71 @@ def _probe_display(rows: pd.DataFrame) -> pd.DataFrame:
     })
 
 
-INPUT_LATENT_METRICS = ("change_ratio", "cosine", "mediator_text_similarity")
-LATENT_ANSWER_METRICS = ("accuracy_change", "flip_rate", "gold_prob_change", "kl_clean_to_intervened")
+INPUT_LATENT_METRICS = ("change_ratio",)
+LATENT_ANSWER_METRICS = ("flip_rate",)
 
 
 def _finding_measurements(finding: str, effects, similarity, probes) -> list:
-    """The tables of numbers behind one finding, or a "not measured" paragraph."""
+    """The deciding numbers behind one finding (every metric is in the appendix), or a "not measured" line."""
     if finding in ("input_latent", "latent_answer"):
         if effects is None or effects.empty:
-            return [_Paragraph("no effects summary was given.", "Not measured")]
+            return [Paragraph("no intervention run was given.", "Not measured")]
         tidy = tidy_effects(effects)
-        # Only the metrics a reader needs for this finding; every metric is in the appendix.
         if finding == "input_latent":
             rows = tidy[(tidy.target == "input") & tidy.metric_base.isin(INPUT_LATENT_METRICS)]
-            what = ("input interventions: how far each latent step moves (change_ratio drives the verdict; "
-                    "all metrics in the appendix)")
+            what = "how far each latent step moves under each input edit (change_ratio; 0 = not at all)"
         else:
             answer_rows = tidy.target.isin(["latent", "text"]) & tidy.metric_base.isin(LATENT_ANSWER_METRICS)
-            mediation_rows = tidy.mediation_effect.isin(["TE", "NDE", "NIE"])
+            mediation_rows = tidy.mediation_effect.isin(["NDE", "NIE"]) & tidy.metric_base.str.contains("correct")
             rows = tidy[answer_rows | mediation_rows]
-            what = ("latent / text-mediator interventions and mediation effects (TE, NDE, NIE) per outcome and "
-                    "mediator definition; all metrics in the appendix")
+            what = ("answer-change rates under latent / text edits, and NIE / NDE on correctness per mediator "
+                    "definition (every metric in the appendix)")
         if rows.empty:
-            return [_Paragraph(f"the effects summary has no rows for this finding ({what}).", "Not measured")]
+            return [Paragraph(f"the intervention runs have no rows for this finding ({what}).", "Not measured")]
         order = ["subject", "target", "intervention", "metric_base", "step"]
-        return [_Table(_effects_display(rows.sort_values(order, na_position="first")), what)]
+        return [Table(_effects_display(rows.sort_values(order, na_position="first")), what)]
     if finding == "collapse":
         if similarity is None or similarity.empty:
-            return [_Paragraph("no similarity table was given.", "Not measured")]
-        return [_Table(_similarity_display(similarity), "inter-instance cosine similarity (step blank = baseline)")]
+            return [Paragraph("no trace with latent steps was given.", "Not measured")]
+        rows = similarity
+        if "statistic" in rows.columns:
+            rows = rows[(rows.statistic == "spread_ratio") & (rows.representation == "latent")]
+        if rows.empty:
+            return []
+        return [Table(_similarity_display(rows), "the spread ratio per latent step (1 = as varied as the baseline's "
+                                                 "states, 0 = every instance has the same latent); the cosine views "
+                                                 "are in similarity.csv")]
     if probes is None or probes.empty:
-        return [_Paragraph("no probe table was given.", "Not measured")]
+        return [Paragraph("no probe was run (pass --labels).", "Not measured")]
     best = best_probe_rows(probes)
     if best.empty:
-        return [_Paragraph("every probe was skipped; see the appendix for the reasons.", "Not measured")]
-    note = ("best layer/step per representation by selectivity (selecting the best of many cells is optimistic, "
-            "which favours the latents)")
-    return [_Table(_probe_display(best), note)]
+        return [Paragraph("every probe was skipped; see the appendix for the reasons.", "Not measured")]
+    note = ("best layer/step per representation, chosen inside the training folds; selectivity = score - control")
+    return [Table(_probe_display(best), note)]
 
 
-def _figure_blocks(paths: Iterable) -> list:
-    blocks = []
-    for path in paths:
-        path = Path(path)
-        blocks.append(_Figure(path, path.stem.replace("_", " ")))
-    return blocks
+def _as_figures(items: Iterable) -> list[Figure]:
+    """Figure blocks from paths, (path, caption) pairs or Figure blocks; one per figure (PNG and SVG twins once)."""
+    made, seen = [], set()
+    for item in items or []:
+        if isinstance(item, Figure):
+            path, caption = Path(item.path), item.caption
+        elif isinstance(item, (tuple, list)):
+            path, caption = Path(item[0]), str(item[1])
+        else:
+            path, caption = Path(item), ""
+        stem = path.with_suffix("")
+        if stem in seen:
+            continue
+        seen.add(stem)
+        made.append(Figure(path, caption or _caption_from_name(path)))
+    return made
 
 
-def _key_value_table(mapping: Mapping) -> pd.DataFrame:
-    return pd.DataFrame({"field": [str(k) for k in mapping], "value": [str(v) for v in mapping.values()]})
+def _caption_from_name(path: Path) -> str:
+    """A readable caption for a figure given without one (the file name in words, never bare)."""
+    words = path.stem.replace("_", " ").replace("-", " ")
+    return f"Figure: {words}."
 
 
 def reading_guide(margins: Margins) -> list[tuple[str, list[str]]]:
@@ -282,7 +258,7 @@ def reading_guide(margins: Margins) -> list[tuple[str, list[str]]]:
             "negligible effects (Schuirmann's two one-sided tests, TOST). An interval that contains 0 but reaches "
             "beyond the margin is inconclusive, and the report says how many instances would decide it.",
         ]),
-        ("The words", [f"{FINDING_TITLES[f]}: {FINDING_WORDS[f]}; inconclusive = the data cannot tell; not measured "
+        ("The words", [f"{FINDING_TITLES[f]} {FINDING_WORDS[f]}; inconclusive = the data cannot tell; not measured "
                        "= the run has no input for this finding." for f in FINDINGS]),
         ("Decision rules", [
             f"Every interval is two-sided {level}. Rates of answer changes use exact Clopper-Pearson binomial "
@@ -290,8 +266,8 @@ def reading_guide(margins: Margins) -> list[tuple[str, list[str]]]:
             "signed or continuous outcomes use a paired bootstrap over instances.",
             f"disconnect (the null): EVERY row the verdict combines is equivalent, its interval inside (-margin, "
             f"margin). Requiring every row is an intersection-union test: each row's test at level {alpha:g} makes the "
-            "joint claim level {:g}, so no multiplicity correction is needed (and none is applied); one wide row is "
-            "enough to withhold the claim.".format(alpha),
+            f"joint claim level {alpha:g}, so no multiplicity correction is needed (and none is applied); one wide row "
+            "is enough to withhold the claim.",
             f"connected (the effect): SOME row differs from 0 in the direction of an effect, with p-values adjusted "
             f"by Holm's step-down method over the rows the verdict combines (family-wise error {alpha:g}). Without "
             "the adjustment, six rows with no effect would give a false 'connected' about a quarter of the time.",
@@ -358,221 +334,114 @@ def report_verdicts(subjects, effects, similarity, probes, margins: Margins = Ma
     return judge(_subject_names(subjects, effects, similarity, probes), effects, similarity, probes, margins)
 
 
-def _build_blocks(title, subjects, data, effects, similarity, probes, figures, margins, judged=None) -> list:
+def _cell_evidence(row) -> str:
+    """The sentence a matrix cell shows: the verdict's own evidence (its rule when it has none), with the
+    disruption verdict where one was judged apart."""
+    text = str(row.evidence or "").strip() or str(row.rule or "").strip()
+    disruption = str(row.disruption or "").strip() if isinstance(row.disruption, str) else ""
+    if disruption and disruption != NOT_MEASURED:
+        text += f" (disruption edits: {disruption})"
+    return text
+
+
+def first_sentence(text: str, limit: int = 180) -> str:
+    """The deciding part of an evidence string for a matrix cell: its first sentence, at most ``limit``
+    characters (cut at a word, marked with an ellipsis); the whole string is in the finding's section."""
+    text = " ".join(str(text).split())
+    cut = text.find(". ")
+    sentence = text if cut < 0 else text[:cut + 1]
+    if len(sentence) > limit:
+        sentence = sentence[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " …"
+    return sentence
+
+
+def _key_value_table(mapping: Mapping) -> pd.DataFrame:
+    return pd.DataFrame({"field": [str(k) for k in mapping], "value": [str(v) for v in mapping.values()]})
+
+
+def _build_blocks(title, subjects, data, effects, similarity, probes, figures, margins, judged=None,
+                  sections=None, provenance=None) -> list:
     if judged is None:
         judged = report_verdicts(subjects, effects, similarity, probes, margins)
     subject_names = list(dict.fromkeys(v.subject for v in judged))
     verdicts = verdict_table(judged)
     rows = evidence_rows(judged)
     figures = {key: list(paths) for key, paths in (figures or {}).items()}
+    appendix_figures = _as_figures(figures.pop("appendix", []))
+    sections = list(sections or [])
 
-    blocks: list = [_Heading(1, title)]
-    blocks.append(_Heading(2, "Subjects"))
-    if subjects:
-        blocks.append(_Table(pd.DataFrame([{k: str(v) for k, v in s.items()} for s in subjects])))
-    else:
-        blocks.append(_Paragraph("no subject descriptions were given.", "Not measured"))
-    blocks.append(_Heading(2, "Data"))
-    blocks.append(_Table(_key_value_table(data)) if data else _Paragraph("no data description was given.", "Not measured"))
-
-    blocks.append(_Heading(2, "Verdicts"))
+    contents = [(f, f"{n}. {FINDING_TITLES[f]}") for n, f in enumerate(FINDINGS, start=1)]
+    if sections:
+        contents.append(("where-and-when", "Where and when"))
+    contents.append(("appendix", "Appendix"))
+    blocks: list = [Heading(1, title), Paragraph(QUESTION, "Question"), Legend(LEGEND)]
     if subject_names:
-        summary = verdicts.pivot(index="subject", columns="finding", values="verdict").reindex(subject_names)
-        summary = summary[list(FINDINGS)].rename(columns=FINDING_TITLES).reset_index()
-        blocks.append(_Table(summary))
-        blocks.append(_Table(_verdict_display(verdicts), "each verdict with the numbers it was decided on "
-                             "(estimate [CI] of the deciding row; needed n when inconclusive)"))
+        matrix = VerdictMatrix(subject_names, list(FINDINGS), dict(FINDING_TITLES))
+        for row in verdicts.itertuples():
+            matrix.cells[(row.subject, row.finding)] = (row.verdict, first_sentence(_cell_evidence(row)))
+        blocks.append(matrix)
     else:
-        blocks.append(_Paragraph("no subject appears in any input.", "Not measured"))
-    blocks.append(_Heading(2, "How to read the verdicts"))
-    for heading, items in reading_guide(margins):
-        blocks.append(_Heading(3, heading))
-        blocks.append(_Bullets(items))
+        blocks.append(Paragraph("no subject appears in any input.", "Not measured"))
+    blocks.append(Contents(contents))
 
     for number, finding in enumerate(FINDINGS, start=1):
-        blocks.append(_Heading(2, f"Finding {number}: {FINDING_TITLES[finding]}"))
-        blocks.append(_Paragraph(FINDING_CLAIMS[finding], "Claim (paper)"))
+        blocks.append(Heading(2, f"Finding {number}: {FINDING_TITLES[finding]}", anchor=finding))
+        blocks.append(Paragraph(FINDING_CLAIMS[finding], "The paper's claim"))
         these = verdicts[verdicts.finding == finding]
+        for row in these.itertuples():
+            blocks.append(VerdictLine(row.subject, row.verdict, _cell_evidence(row)))
+        blocks.extend(_as_figures(figures.pop(finding, [])))
         rule = next((r for r in these.rule if r), "")
         if rule:
-            blocks.append(_Paragraph(rule, "Rule"))
-        for row in these.itertuples():
-            blocks.append(_VerdictLine(row.subject, row.verdict, row.evidence))
-        if len(rows) and finding in set(rows.finding):
-            blocks.append(_Heading(3, "Rows behind the verdict"))
-            blocks.append(_Table(_evidence_rows_display(rows[rows.finding == finding]),
-                                 "each row's decision: equivalent (inside the margin), effect (differs from 0 after "
-                                 "Holm) or undecided"))
-        blocks.append(_Heading(3, "Measurements"))
+            blocks.append(Paragraph(rule, "Rule"))
         blocks.extend(_finding_measurements(finding, effects, similarity, probes))
-        blocks.append(_Heading(3, "Figures"))
-        paths = figures.pop(finding, [])
-        blocks.extend(_figure_blocks(paths) or [_Paragraph("none was given for this finding.", "No figure")])
 
-    if figures:
-        blocks.append(_Heading(2, "Other figures"))
-        for key, paths in figures.items():
-            blocks.append(_Paragraph(str(key), "Group"))
-            blocks.extend(_figure_blocks(paths))
+    for extra in figures.values():  # figures of a key no section owns: shown in the appendix, not lost
+        appendix_figures += _as_figures(extra)
+    if sections:
+        blocks.append(Heading(2, "Where and when", anchor="where-and-when"))
+        blocks.extend(sections)
 
-    blocks.append(_Heading(2, "Appendix"))
+    blocks.append(Heading(2, "Appendix", anchor="appendix"))
+    if subject_names:
+        blocks.append(Heading(3, "Each verdict with its numbers"))
+        blocks.append(Table(_verdict_display(verdicts), "estimate [CI] of the deciding row, its margin, n, the "
+                            "smallest effect the run could detect and the n needed when inconclusive"))
+    if len(rows):
+        blocks.append(Heading(3, "Rows behind each verdict"))
+        blocks.append(Table(_evidence_rows_display(rows), "each row's decision: equivalent (inside the margin), "
+                            "effect (differs from 0 after Holm) or undecided"))
+    blocks.append(Heading(3, "How to read the verdicts"))
+    for heading, items in reading_guide(margins):
+        blocks.append(Paragraph(heading, ""))
+        blocks.append(Bullets(items))
+    blocks.append(Heading(3, "Subjects"))
+    if subjects:
+        blocks.append(Table(pd.DataFrame([{k: str(v) for k, v in s.items()} for s in subjects])))
+    else:
+        blocks.append(Paragraph("no subject descriptions were given.", "Not measured"))
+    blocks.append(Heading(3, "Data and runs"))
+    if data:
+        blocks.append(Table(_key_value_table(data)))
+    if provenance is not None and len(provenance):
+        blocks.append(Table(provenance, "every run folder given to the report: what it holds (paths relative to "
+                            "the report folder)"))
+    if not data and (provenance is None or not len(provenance)):
+        blocks.append(Paragraph("no data description was given.", "Not measured"))
     if effects is not None and not effects.empty:
-        blocks.append(_Heading(3, "All effects"))
-        blocks.append(_Table(_effects_display(tidy_effects(effects))))
+        blocks.append(Heading(3, "All effects"))
+        blocks.append(Table(_effects_display(tidy_effects(effects))))
     if probes is not None:
         skipped = skipped_probes(probes)
         if not skipped.empty:
-            blocks.append(_Heading(3, "Skipped probes"))
+            blocks.append(Heading(3, "Skipped probes"))
             columns = [c for c in ("subject", "attribute", "representation", "layer", "step", "skipped_reason")
                        if c in skipped.columns]
-            blocks.append(_Table(skipped[columns].astype(str).reset_index(drop=True)))
+            blocks.append(Table(skipped[columns].astype(str).reset_index(drop=True)))
+    if appendix_figures:
+        blocks.append(Heading(3, "More figures"))
+        blocks.extend(appendix_figures)
     return blocks
-
-
-# ------------------------------------------------------------------------------------------ rendering
-
-
-def _markdown_cell(value) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _render_markdown(blocks: list, out_dir: Path) -> str:
-    lines: list[str] = []
-    for block in blocks:
-        if isinstance(block, _Heading):
-            lines += ["#" * block.level + " " + block.text, ""]
-        elif isinstance(block, _Paragraph):
-            lines += [(f"**{block.label}:** " if block.label else "") + block.text, ""]
-        elif isinstance(block, _VerdictLine):
-            lines += [f"- **{block.subject}: {block.verdict}.** {block.evidence}"]
-            lines += [""]
-        elif isinstance(block, _Bullets):
-            lines += [f"- {item}" for item in block.items] + [""]
-        elif isinstance(block, _Table):
-            if block.caption:
-                lines += [f"*{block.caption}*", ""]
-            header = [_markdown_cell(c) for c in block.frame.columns]
-            lines.append("| " + " | ".join(header) + " |")
-            lines.append("|" + "---|" * len(header))
-            for row in block.frame.itertuples(index=False):
-                lines.append("| " + " | ".join(_markdown_cell(v) for v in row) + " |")
-            lines.append("")
-        elif isinstance(block, _Figure):
-            if block.path.exists():
-                relative = Path(os.path.relpath(block.path.resolve(), out_dir.resolve())).as_posix()
-                lines += [f"![{block.caption}]({relative})", ""]
-            else:
-                lines += [f"*figure missing: {block.path}*", ""]
-    return "\n".join(lines).rstrip() + "\n"
-
-
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px; margin: 2em auto;
-       padding: 0 1em; color: #1a1a1a; line-height: 1.45; }
-h1, h2, h3 { line-height: 1.2; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
-table { border-collapse: collapse; margin: .6em 0 1.2em; font-size: .9em; }
-th, td { border: 1px solid #bbb; padding: .25em .55em; text-align: left; vertical-align: top; }
-th { background: #f0f0f0; } caption { caption-side: top; text-align: left; font-style: italic; padding: .3em 0; }
-figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
-figcaption { font-size: .9em; color: #444; }
-.verdict { font-weight: 600; padding: .05em .45em; border-radius: .3em; }
-.verdict-disconnect, .verdict-collapsed, .verdict-limited { background: #cfe3f5; }
-.verdict-connected, .verdict-not-collapsed, .verdict-informative { background: #f8d9b5; }
-.verdict-inconclusive { background: #e6e6e6; } .verdict-not-measured { background: #fff; border: 1px dashed #999; }
-"""
-
-_MIME = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
-
-
-def _embeddable_image(path: Path) -> Path | None:
-    """The file to embed for a figure: its PNG twin when one exists (bounded size), else the file itself."""
-    twin = path.with_suffix(".png")
-    if twin.exists():
-        return twin
-    return path if path.exists() and path.suffix.lower() in _MIME else None
-
-
-def _data_uri(path: Path) -> str:
-    encoded = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f"data:{_MIME[path.suffix.lower()]};base64,{encoded}"
-
-
-def _verdict_class(verdict: str) -> str:
-    return "verdict verdict-" + verdict.replace(" ", "-")
-
-
-def _html_cell(value) -> str:
-    text = html.escape(str(value))
-    if str(value) in VERDICT_WORDS:  # the summary table: verdict words get the same badge as the verdict lines
-        return f'<span class="{_verdict_class(str(value))}">{text}</span>'
-    return text
-
-
-def _render_html(blocks: list, title: str) -> str:
-    escape = html.escape
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>",
-    ]
-    in_verdicts = False
-    for block in blocks:
-        if isinstance(block, _VerdictLine) and not in_verdicts:
-            parts.append('<ul class="verdicts">')
-            in_verdicts = True
-        elif not isinstance(block, _VerdictLine) and in_verdicts:
-            parts.append("</ul>")
-            in_verdicts = False
-        if isinstance(block, _Heading):
-            parts.append(f"<h{block.level}>{escape(block.text)}</h{block.level}>")
-        elif isinstance(block, _Paragraph):
-            label = f"<strong>{escape(block.label)}:</strong> " if block.label else ""
-            parts.append(f"<p>{label}{escape(block.text)}</p>")
-        elif isinstance(block, _VerdictLine):
-            parts.append(
-                f'<li><strong>{escape(block.subject)}</strong>: <span class="{_verdict_class(block.verdict)}">'
-                f"{escape(block.verdict)}</span> &mdash; {escape(block.evidence)}</li>"
-            )
-        elif isinstance(block, _Bullets):
-            parts.append("<ul>" + "".join(f"<li>{escape(item)}</li>" for item in block.items) + "</ul>")
-        elif isinstance(block, _Table):
-            caption = f"<caption>{escape(block.caption)}</caption>" if block.caption else ""
-            header = "".join(f"<th>{escape(str(c))}</th>" for c in block.frame.columns)
-            body = "".join(
-                "<tr>" + "".join(f"<td>{_html_cell(v)}</td>" for v in row) + "</tr>"
-                for row in block.frame.itertuples(index=False)
-            )
-            parts.append(f"<table>{caption}<thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>")
-        elif isinstance(block, _Figure):
-            image = _embeddable_image(block.path)
-            if image is None:
-                parts.append(f"<p><em>figure missing: {escape(str(block.path))}</em></p>")
-            else:
-                parts.append(
-                    f'<figure><img src="{_data_uri(image)}" alt="{escape(block.caption)}">'
-                    f"<figcaption>{escape(block.caption)}</figcaption></figure>"
-                )
-    if in_verdicts:
-        parts.append("</ul>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
-
-
-def _drop_duplicate_formats(figures: Mapping[str, Sequence] | None) -> dict[str, list[Path]]:
-    """``save_figure`` returns a PNG and an SVG of each figure; the report shows each figure once."""
-    unique = {}
-    for key, paths in (figures or {}).items():
-        if isinstance(paths, (str, Path)):
-            paths = [paths]
-        seen, kept = set(), []
-        for path in map(Path, paths):
-            stem = path.with_suffix("")
-            if stem not in seen:
-                seen.add(stem)
-                kept.append(path.with_suffix(".png") if path.with_suffix(".png").exists() else path)
-        unique[key] = kept
-    return unique
 
 
 def write_report(
@@ -588,19 +457,23 @@ def write_report(
     title: str = "latentprobe report: is latent reasoning causal?",
     name: str = "report",
     judged: Sequence | None = None,
+    sections: Sequence | None = None,
+    provenance: pd.DataFrame | None = None,
 ) -> tuple[Path, Path]:
     """Write ``<out_dir>/<name>.md`` and a self-contained ``<out_dir>/<name>.html``; return both paths.
 
     ``subjects``: dicts with at least ``name`` (e.g. ``checkpoint``, ``protocol``); ``data``: a dict shown as
     a table; ``effects``: the effects summary (columns ``EFFECT_COLUMNS``, optional ``step``);
     ``similarity``: ``similarity_table`` output (several subjects concatenated); ``probes``: ``probe_table``
-    outputs concatenated; ``figures``: ``{finding: [paths]}`` with finding in ``FINDINGS`` (other keys go to
-    "Other figures"). Any input may be None: its sections then say "not measured". ``judged``: the verdicts
-    of ``report_verdicts`` on the same inputs, when the caller has them already (they are judged here if not).
+    outputs concatenated; ``figures``: ``{finding: [path or (path, caption)]}`` with finding in ``FINDINGS``
+    (shown under its verdicts; the key ``appendix`` and any other key go to the appendix). ``sections``: blocks
+    of the "Where and when" section (`latentprobe.report.where_sections`); ``provenance``: one row per run folder.
+    Any input may be None: its sections then say "not measured". ``judged``: the verdicts of ``report_verdicts``
+    on the same inputs, when the caller has them already (they are judged here if not).
 
     >>> import tempfile
     >>> md, page = write_report(tempfile.mkdtemp(), subjects=[{"name": "tiny", "checkpoint": "random"}])
-    >>> "Finding 3: Collapse of latent tokens" in md.read_text(), page.suffix
+    >>> "Finding 3: Do the latents collapse across instances?" in md.read_text(), page.suffix
     (True, '.html')
     """
     out_dir = Path(out_dir)
@@ -608,8 +481,8 @@ def write_report(
     for table, what in ((effects, "effects"), (similarity, "similarity"), (probes, "probes")):
         if table is not None and not isinstance(table, pd.DataFrame):
             raise LatentProbeError(f"{what} is a {type(table).__name__}, not a DataFrame", "pass a pandas DataFrame")
-    blocks = _build_blocks(title, subjects, data, effects, similarity, probes, _drop_duplicate_formats(figures),
-                           margins, judged)
-    md_path = atomic_write_text(out_dir / f"{name}.md", _render_markdown(blocks, out_dir))
-    html_path = atomic_write_text(out_dir / f"{name}.html", _render_html(blocks, title))
+    blocks = _build_blocks(title, subjects, data, effects, similarity, probes, figures, margins, judged,
+                           sections, provenance)
+    md_path = atomic_write_text(out_dir / f"{name}.md", render_markdown(blocks, out_dir))
+    html_path = atomic_write_text(out_dir / f"{name}.html", render_html(blocks, title, VERDICT_WORDS))
     return md_path, html_path

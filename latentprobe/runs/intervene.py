@@ -34,6 +34,7 @@ import torch
 from ..data.instances import Instance, load_images
 from ..model.decoding import DecodeConfig, DecodeResult, LatentDecoder, RowOutput
 from ..stats.effects import answer_flipped, applied_mask, applied_only, latent_change_metrics, summarize
+from ..model.conditions import warn_about_conditions
 from ..errors import LatentProbeError
 from ..fileio import atomic_write
 from ..interventions.knockout import KnockoutHooks
@@ -74,10 +75,13 @@ class InterventionSummary:
         out += not_applied_warnings(self.not_applied)
         for name, (missing, total, reason) in self.not_applied.items():
             out.append(f"not applied     {name}: {missing} of {total} rows ({reason}), excluded from its effects")
-        shown = self.table[self.table.metric.isin(["accuracy_change", "flip_rate", "NIE_correct", "TE_correct"])
-                           & (self.table.n > 0)]
+        # the mediation summary on correctness: total, direct (NDE) and indirect (NIE) effects, per mediator
+        shown = self.table[self.table.metric.isin(["accuracy_change", "flip_rate", "TE_correct", "NDE_correct",
+                                                   "NIE_correct"]) & (self.table.n > 0)]
         for _, row in shown.iterrows():
-            out.append(f"  {row.intervention:<48} {row.metric:<16} {row.estimate:+.3f} "
+            mediator = row.get("mediator") if isinstance(row.get("mediator"), str) else ""
+            metric = f"{row.metric}[{mediator}]" if mediator and row.metric[:2] in ("NI", "ND") else row.metric
+            out.append(f"  {row.intervention[:44]:<44} {metric:<22} {row.estimate:+.3f} "
                        f"[{row.ci_low:+.3f}, {row.ci_high:+.3f}] n={int(row.n)}")
         out.append(f"results         {self.run_dir}/effects_summary.csv")
         return out
@@ -122,6 +126,7 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
     config = config or DecodeConfig(max_new_tokens=subject.max_new_tokens, seed=seed)
     instances = list(instances)
     check_interventions(subject, interventions, len(instances), config)
+    warn_about_conditions(subject, instances, data_source)
     mediators = tuple(dict.fromkeys(mediators))
     unknown = [m for m in mediators if m not in MEDIATORS]
     if unknown or not mediators:

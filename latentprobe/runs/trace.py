@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from ..data.instances import Instance
 from ..model.decoding import DecodeConfig, LatentDecoder
+from ..model.conditions import warn_about_conditions
 from ..errors import LatentProbeError
 from ..model.recording import Recorder, RecordSpec
 from .store import TraceWriter
@@ -37,6 +38,7 @@ class TraceSummary:
     failures: list[tuple[str, str]] = field(default_factory=list)
     chance: float | None = None  # expected accuracy of a uniform guess among the options
     warnings: list[str] = field(default_factory=list)
+    n_in_folder: int = 0  # distinct instances the run folder holds in all (a resumed run may hold more than asked)
 
     @property
     def mean_latent_steps(self) -> float:
@@ -47,8 +49,12 @@ class TraceSummary:
         return self.n_correct / self.n_ok if self.n_ok else float("nan")
 
     def lines(self) -> list[str]:
-        out = [f"instances       {self.n_instances} ({self.n_ok} ok, {self.n_failed} failed"
-               + (f", {self.n_skipped_resume} already done" if self.n_skipped_resume else "") + ")",
+        out = [f"instances       {self.n_instances} asked ({self.n_ok} ok, {self.n_failed} failed"
+               + (f", {self.n_skipped_resume} already done" if self.n_skipped_resume else "") + ")"]
+        if self.n_in_folder > self.n_instances:  # --resume --limit smaller than an earlier session's
+            out.append(f"in the folder   {self.n_in_folder} instances in all: the figures below are the "
+                       f"{self.n_instances} asked; similarity, probe and report read all {self.n_in_folder}")
+        out += [
                f"latent mode     {self.n_entered_latent}/{self.n_ok} entered, mean {self.mean_latent_steps:.2f} steps",
                f"accuracy        {self.accuracy_line()}",
                f"answer slot     {self.n_ok - self.n_slot_forced}/{self.n_ok} found in the output, "
@@ -114,6 +120,7 @@ def trace(subject, instances: Sequence[Instance], out_dir: str | Path, *, config
         raise LatentProbeError(f"batch size must be >= 1, got {batch_size}", "pass --batch-size 1 or more")
     config = config or DecodeConfig(max_new_tokens=subject.max_new_tokens)
     spec = spec or RecordSpec()
+    warn_about_conditions(subject, instances, data_source)  # another task or image size: at chance, say so now
     decoder = LatentDecoder(subject, config)
     recorder = Recorder(decoder, spec)
     manifest = manifest_for(subject, instances, config, spec, recorder.layers, "trace", data_source,
@@ -157,6 +164,7 @@ def _tally_from_store(summary: TraceSummary, out_dir, instance_ids: list[str]):
     frame = TraceStore(out_dir).index()
     if "intervention" in frame.columns:
         frame = frame[frame.intervention.fillna("clean") == "clean"]
+    summary.n_in_folder = int(frame.instance_id.nunique())
     frame = frame[frame.instance_id.isin(set(instance_ids))].drop_duplicates("instance_id", keep="last")
     ok = frame[frame.status == "ok"] if "status" in frame.columns else frame
     failed = frame[frame.status != "ok"] if "status" in frame.columns else frame.iloc[:0]

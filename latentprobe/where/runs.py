@@ -24,7 +24,7 @@ from typing import Sequence
 
 from ..errors import LatentProbeError
 
-DEFAULT_LIMIT = 200
+from ..data.loading import DEFAULT_INSTANCES as DEFAULT_LIMIT  # the one rule for default instance counts
 
 
 def default_instances(subject_name: str, limit: int | None = DEFAULT_LIMIT) -> tuple[list, str]:

@@ -66,6 +66,15 @@ SUBJECTS: dict[str, SubjectSpec] = {
 }
 
 
+def did_you_mean(name: str) -> str:
+    """" (did you mean organism-lvr?)" for the registered subject closest to a mistyped ``name``, else ""."""
+    import difflib
+
+    _register_builtin_families()
+    close = difflib.get_close_matches(str(name), list(SUBJECTS), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def register(spec: SubjectSpec) -> None:
     """Add a subject to the registry; a name can be taken once (an organism must not shadow a real family)."""
     if spec.name in SUBJECTS and SUBJECTS[spec.name] is not spec:
@@ -105,7 +114,7 @@ def load_subject(name_or_path: str, protocol: str | None = None, device: str | N
         else:
             subject = load_checkpoint(name_or_path, protocol=protocol, **kwargs)
     else:
-        raise LatentProbeError(f"unknown subject {name_or_path!r}",
+        raise LatentProbeError(f"unknown subject {name_or_path!r}{did_you_mean(name_or_path)}",
                                f"choose one of {', '.join(sorted(SUBJECTS))}, a checkpoint folder or a hub id")
     if markers is not None:
         if subject.mediator != "text":
