@@ -36,6 +36,8 @@ from .latent import (BoundEdit, LatentConstant, LatentDrop, LatentFunction, Late
                      _noise, _steps_and_layer_from_site, _take_steps)
 from .input import ImageBlank, ImageMask, ImageNoise, ImageSwap, InputIntervention, NoImage, QuestionSwap
 from .text import TextIntervention, TextShuffle, TextSwap, TextTruncate
+from .controls import (CONTROL_KINDS, DummyToken, MarkersOnly, NoLatent, NormNoise, OracleLatents, OracleOther,
+                       OracleSource, StepMean, step_means)
 from .hooks import LayerEditHooks, NNsightRunner, PinLatentStates
 from .factory import derangement, make_interventions
 
@@ -50,4 +52,6 @@ __all__ = ["Intervention", "register_intervention", "KINDS_BY_TARGET", "LATENT_K
            "LatentZero", "LatentPatch", "LatentDrop", "LatentShuffle", "PinLatents", "LatentFunction",
            "InputIntervention", "ImageSwap", "ImageNoise", "ImageBlank", "ImageMask", "QuestionSwap", "NoImage",
            "TextIntervention", "TextSwap", "TextTruncate", "TextShuffle",
+           "CONTROL_KINDS", "NoLatent", "MarkersOnly", "DummyToken", "OracleLatents", "OracleOther", "OracleSource",
+           "NormNoise", "StepMean", "step_means",
            "LayerEditHooks", "PinLatentStates", "NNsightRunner"]

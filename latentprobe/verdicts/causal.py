@@ -36,7 +36,10 @@ from .tidy import tidy_effects
 
 INFORMATION, DISRUPTION = "information", "disruption"
 # Interventions whose edited value is one the model computed for another real instance.
-INFORMATION_KINDS = frozenset({"patch", "image-swap", "question-swap", "text-swap"})
+INFORMATION_KINDS = frozenset({"patch", "image-swap", "question-swap", "text-swap", "oracle-other"})
+# The latents' own oracle target: a sufficiency reference (no change is expected whether or not the latents
+# matter), so it joins neither family. No-latent, markers-only, dummy, noise-norm and mean-step are disruption.
+REFERENCE, REFERENCE_KINDS = "reference", frozenset({"oracle"})
 PRIMARY_ANSWER_METRIC = "flip_rate"
 PRIMARY_NIE = f"NIE_{CHANGE_OUTCOME}"
 FALLBACK_NIE = "NIE_correct"  # for effects tables written before answer_changed existed
@@ -54,12 +57,16 @@ def intervention_kind(name: str) -> str:
 
 
 def edit_role(intervention: str) -> str:
-    """``information`` for resample/interchange edits (values from another real instance), else ``disruption``.
+    """``information`` for resample/interchange edits (values from another real instance, or another instance's
+    oracle latents), ``reference`` for an instance's own oracle latents, else ``disruption``.
 
     >>> edit_role("patch(steps=all,sem=recompute)"), edit_role("noise(scale=3,rel=std,steps=all,sem=recompute)")
     ('information', 'disruption')
     """
-    return INFORMATION if intervention_kind(intervention) in INFORMATION_KINDS else DISRUPTION
+    kind = intervention_kind(intervention)
+    if kind in REFERENCE_KINDS:
+        return REFERENCE
+    return INFORMATION if kind in INFORMATION_KINDS else DISRUPTION
 
 
 def _label(row) -> str:
