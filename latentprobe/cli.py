@@ -732,6 +732,11 @@ def _add_where_parsers(sub):
                            help="bootstrap resamples for the 95%% intervals (>= 100)")
         else:
             p.add_argument("--top-tokens", type=T.int_at_least(1), default=5, help="top tokens kept per cell")
+            p.add_argument("--neighbours", action="store_true",
+                           help="also the nearest-neighbour readout (LatentLens): the contextual token states "
+                                "nearest each latent state at the same layer, from the run's own prompts")
+            p.add_argument("--reference", default=None, metavar="TEXT_FILE",
+                           help="with --neighbours: reference text instead of the prompts (one snippet a line)")
 
 
 def _where_inputs(args):
@@ -782,6 +787,12 @@ def _cmd_lens(args):
     subject, instances, source, config, layers = _where_inputs(args)
     if args.top_tokens < 1:
         raise LatentProbeError(f"--top-tokens must be >= 1, got {args.top_tokens}", "pass a positive number")
+    if args.reference is not None:
+        from .where.latent_lens import read_reference_file
+
+        if not args.neighbours:
+            raise LatentProbeError("--reference is read by the nearest-neighbour readout", "add --neighbours")
+        read_reference_file(args.reference)  # refused in one line before any model runs
     result = lens_run(subject, instances, args.out, source=source, config=config, layers=layers,
                       top_k=args.top_tokens,
                       batch_size=args.batch_size, seed=args.seed)
@@ -794,8 +805,35 @@ def _cmd_lens(args):
         for layer, part in summary.groupby("layer"):
             lines.append(f"layer {layer:>2}  median gold rank by step {part['median_gold_rank'].tolist()}  "
                          f"MRR {part['mrr'].mean():.3f}  gold on top {part['gold_top1'].mean():.3f}")
+    if args.neighbours:
+        lines += _latent_lens_lines(args, subject, instances, config, layers)
     lines.append(f"tables and figures in {args.out}")
     print_block(f"latentprobe lens: {subject.name}", lines)
+
+
+def _latent_lens_lines(args, subject, instances, config, layers) -> list[str]:
+    """The nearest-neighbour readout beside the logit lens: latent_lens.csv, its summary and a figure."""
+    from pathlib import Path
+
+    from .fileio import atomic_write
+    from .report.contribution_figures import plot_latent_lens
+    from .where.latent_lens import latent_lens_summary, latent_lens_table
+
+    table = latent_lens_table(subject, instances, layers=layers, top_k=args.top_tokens,
+                              reference_file=args.reference, config=config, batch_size=args.batch_size,
+                              seed=args.seed)
+    summary = latent_lens_summary(table)
+    out = Path(args.out)
+    for name, frame in (("latent_lens", table), ("latent_lens_summary", summary)):
+        atomic_write(out / f"{name}.csv", lambda tmp, f=frame: f.to_csv(tmp, index=False))
+    if len(summary):
+        plot_latent_lens(summary, out / "latent-lens")
+    lines = [f"nearest neighbours ({'reference file' if args.reference else 'the prompts'}): gold token among the "
+             f"{args.top_tokens} nearest / among the lens's top {args.top_tokens}, per layer (mean over steps)"]
+    for layer, part in summary.groupby("layer"):
+        lines.append(f"layer {layer:>2}  neighbours {part.gold_in_neighbours.mean():.3f}  "
+                     f"lens {part.gold_in_lens.mean():.3f}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -359,3 +359,43 @@ def test_step_influence_refuses_bad_settings_before_running(bottleneck, held_out
         check_step_influence(bottleneck, held_out, "noise", float("nan"), config)
     with pytest.raises(LatentProbeError, match="at least 2 latent steps"):
         check_step_influence(bottleneck, held_out, "patch", 3.0, DecodeConfig(latent_steps=1))
+
+
+# ------------------------------------------------------------------------------------------ LatentLens
+def test_latent_lens_neighbours_are_the_nearest_reference_states(bottleneck, held_out, tmp_path):
+    """Against a brute-force cosine search over the reference file's token states, computed here with a plain
+    forward of each line."""
+    from latentprobe.where.latent_lens import latent_lens_table
+
+    reference = tmp_path / "reference.txt"
+    reference.write_text("the top-left cell is red\nthe bottom-right cell is blue\n\nA B C D\n", encoding="utf-8")
+    table = latent_lens_table(bottleneck, held_out[:2], layers=[1], top_k=3, reference_file=reference)
+    assert len(table) == 2 * 4 and set(table.layer) == {1}
+    tokenizer = bottleneck.tokenizer
+    states, tokens = [], []
+    for line in ("the top-left cell is red", "the bottom-right cell is blue", "A B C D"):
+        ids = tokenizer(line, add_special_tokens=False)["input_ids"]
+        positions = torch.arange(len(ids)).view(1, 1, -1).expand(3, 1, -1)
+        with torch.no_grad():
+            out = bottleneck.model.model(input_ids=torch.tensor([ids]), position_ids=positions, use_cache=False,
+                                         output_hidden_states=True)
+        states.append(out.hidden_states[1][0])
+        tokens += tokenizer.convert_ids_to_tokens(ids)
+    states = torch.nn.functional.normalize(torch.cat(states), dim=-1)
+    from latentprobe.model.decoding import LatentDecoder, replay
+
+    decoder = LatentDecoder(bottleneck)
+    batch = bottleneck.encode(held_out[:2])
+    result = decoder.run(batch)
+    hidden = replay(bottleneck, batch, result, output_hidden_states=True)[1]
+    row = table[(table.instance_id == held_out[0].id) & (table.latent_step == 2)].iloc[0]
+    position = result.prompt_length + result.rows[0].latent_segments[0][0] + 2
+    cosines = states @ torch.nn.functional.normalize(hidden[0, position], dim=0)
+    best = int(cosines.argmax())
+    assert row.neighbour_tokens[0] == tokens[best]
+    assert row.neighbour_cosines[0] == pytest.approx(float(cosines[best]), abs=1e-4)
+    with pytest.raises(LatentProbeError, match="no non-empty line"):
+        (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
+        latent_lens_table(bottleneck, held_out[:1], reference_file=tmp_path / "empty.txt")
+    with pytest.raises(LatentProbeError, match="out of range"):
+        latent_lens_table(bottleneck, held_out[:1], layers=[7])

@@ -119,3 +119,28 @@ def _hatch(x, y):
     from matplotlib.patches import Rectangle
 
     return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, hatch="///", edgecolor="grey", linewidth=0)
+
+
+def plot_latent_lens(summary: pd.DataFrame, path) -> list:
+    """Per subject: how often the gold answer's token is among a latent state's nearest contextual neighbours
+    (left) and among the logit lens's top tokens (right), by layer x latent step."""
+    if summary.empty:
+        raise LatentProbeError("the latent-lens summary is empty", "run latentprobe lens --neighbours first")
+    subjects = sorted(summary.subject.unique())
+    with _style():
+        fig, axes = _grid(2 * len(subjects), max_columns=2, panel_size=(3.6, 3.0))
+        for s, subject in enumerate(subjects):
+            part = summary[summary.subject == subject]
+            for a, (column, label) in enumerate((("gold_in_neighbours", "nearest neighbours"),
+                                                 ("gold_in_lens", "logit lens"))):
+                ax = axes[2 * s + a]
+                grid = part.pivot(index="layer", columns="latent_step", values=column).sort_index(ascending=False)
+                image = ax.imshow(grid.to_numpy(float), cmap="cividis", vmin=0, vmax=1, aspect="auto")
+                ax.grid(False)
+                ax.set_xticks(range(grid.shape[1]), [f"z{c}" for c in grid.columns])
+                ax.set_yticks(range(grid.shape[0]), [str(i) for i in grid.index])
+                ax.set_xlabel("latent step")
+                ax.set_ylabel("layer")
+                ax.set_title(f"{subject}\ngold token in {label}", fontsize="small")
+        fig.colorbar(image, ax=axes, shrink=0.8, label="share of instances")
+        return save_figure(fig, path)

@@ -151,8 +151,14 @@ def latent_lens_table(subject, instances, *, layers: Sequence[int] | None = None
         for layer in layers:
             state = states[layer]
             cosines = by_layer[layer] @ torch.nn.functional.normalize(state, dim=0)
-            top = cosines.topk(min(top_k, len(cosines)))
-            idx = top.indices.tolist()
+            order = cosines.argsort(descending=True).tolist()
+            idx, shown = [], set()
+            for i in order:  # one line per distinct (token, context): at layer 0 every copy of a token is alike
+                if (reference.tokens[i], reference.contexts[i]) not in shown:
+                    shown.add((reference.tokens[i], reference.contexts[i]))
+                    idx.append(i)
+                if len(idx) == top_k:
+                    break
             lens = lens_logits(subject, state.unsqueeze(0), layer)[0].topk(top_k).indices.tolist()
             lens_tokens = tokenizer.convert_ids_to_tokens(lens)
             neighbour_tokens = [reference.tokens[i] for i in idx]
@@ -160,7 +166,7 @@ def latent_lens_table(subject, instances, *, layers: Sequence[int] | None = None
                 subject=subject.name, intervention="none", seed=seed, instance_id=inst.id, latent_step=k,
                 layer=layer, site=f"latent[{k}].layer[{layer}]", neighbour_tokens=neighbour_tokens,
                 neighbour_contexts=[reference.contexts[i] for i in idx],
-                neighbour_cosines=[round(float(c), 4) for c in top.values],
+                neighbour_cosines=[round(float(cosines[i]), 4) for i in idx],
                 neighbour_same_instance=[reference.owner[i] == inst.id for i in idx], lens_tokens=lens_tokens,
                 gold_token=gold_token,
                 gold_in_neighbours=None if gold_token is None else gold_token in neighbour_tokens,
