@@ -102,7 +102,8 @@ def verdict_input_latent(effects: pd.DataFrame | None, subject: str, margins: Ma
 def verdict_latent_answer(effects: pd.DataFrame | None, subject: str, margins: Margins = Margins()) -> Verdict:
     """Latent -> answer, decided on information edits' answer-change rates (see the module docstring)."""
     margin = margins.answer_change
-    rule = (f"on information edits (patch, image-swap/question-swap NIE, text-swap), disconnect if every answer-change "
+    rule = (f"on information edits (patch, oracle-other, image-swap/question-swap NIE, text-swap), disconnect if "
+            f"every answer-change "
             f"rate has its {1 - margins.alpha:.0%} exact interval below {margin:g}; connected if some rate differs "
             f"from 0 after Holm (alpha {margins.alpha:g}); else inconclusive. Disruption edits (noise, constants, "
             "zero, drop, shuffle, synthetic inputs) are judged alike and reported beside, never deciding")
@@ -133,7 +134,8 @@ def verdict_latent_answer(effects: pd.DataFrame | None, subject: str, margins: M
     information = by_role[INFORMATION][1]
     if information is None:
         verdict = Verdict(subject, "latent_answer", INCONCLUSIVE_WORD, rule=rule, margin=margin, method=METHOD,
-                          evidence=("no information edit was run (patch, image-swap NIE, text-swap): off-distribution "
+                          evidence=("no information edit was run (patch, oracle-other, image-swap NIE, text-swap): "
+                                    "off-distribution "
                                     f"edits alone cannot show what the latents carry. Disruption: {disruption_text}"))
         verdict.details = {"disruption": disruption.verdict if disruption else "", "mediator": FED_BACK,
                            "rows": rows_frame(by_role[DISRUPTION][0], subject=subject, finding="latent_answer")}
