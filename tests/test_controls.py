@@ -399,3 +399,51 @@ def test_latent_lens_neighbours_are_the_nearest_reference_states(bottleneck, hel
         latent_lens_table(bottleneck, held_out[:1], reference_file=tmp_path / "empty.txt")
     with pytest.raises(LatentProbeError, match="out of range"):
         latent_lens_table(bottleneck, held_out[:1], layers=[7])
+
+
+# --------------------------------------------------------------------------- the organisms, as built (slow)
+@pytest.mark.slow
+def test_controls_recover_what_the_organisms_were_built_with(tmp_path, one_thread):
+    """80 held-out questions each (0 changes in 80 is the first count whose exact bound falls below 0.05)."""
+    from latentprobe.model.subjects import load_subject
+    from latentprobe.runs.common import default_instances
+    from latentprobe.runs.intervene import intervene
+    from latentprobe.where.oracle_sources import attach_oracle_sources
+
+    def table(name):
+        subject = load_subject(name)
+        instances, _ = default_instances(name, limit=80)
+        ivs = make_interventions("latent", ["no-latent", "markers-only", "dummy", "oracle", "oracle-other"])
+        attach_oracle_sources(ivs, subject)
+        out = intervene(subject, instances, ivs, tmp_path / name, batch_size=16, n_boot=500).contributions
+        return lambda condition, metric: out[(out.condition == condition) & (out.metric == metric)].iloc[0]
+
+    shortcut = table("organism-shortcut")
+    for condition in ("markers-only", "dummy", "oracle", "oracle-other"):  # slot content never reaches its answer
+        assert shortcut(condition, "answer_change").ci_high < 0.05
+    assert shortcut("markers-only", "markers_share").estimate == pytest.approx(1.0)
+    bottleneck = table("organism-bottleneck")
+    markers = bottleneck("markers-only", "accuracy")
+    assert markers.ci_low <= 0.25 <= markers.ci_high  # chance without the slots' content
+    assert bottleneck("no-latent", "accuracy").ci_high < 0.5
+    assert bottleneck("oracle-other", "moved_to_target").ci_low > 0.25  # another cell's targets move the answer
+    lvr = table("organism-lvr")
+    assert lvr("oracle", "answer_change").ci_high < 0.05  # its own targets keep its accuracy
+
+
+@pytest.mark.slow
+def test_decodability_gap_separates_bottleneck_and_shortcut(tmp_path, one_thread):
+    from latentprobe.model.recording import RecordSpec
+    from latentprobe.model.subjects import load_subject
+    from latentprobe.runs.common import default_instances
+    from latentprobe.runs.trace import trace
+    from latentprobe.where.decodability import decodability_study
+
+    gaps = {}
+    for name in ("organism-bottleneck", "organism-shortcut"):
+        instances, _ = default_instances(name, limit=120)
+        trace(load_subject(name), instances, tmp_path / name, spec=RecordSpec(layers="all", answer=True))
+        gaps[name] = decodability_study(tmp_path / name, n_boot=500)[1].iloc[0]
+    bottleneck, shortcut = gaps["organism-bottleneck"], gaps["organism-shortcut"]
+    assert bottleneck.at_accuracy > 0.8 and bottleneck.gap_ci_high < 0.25  # decodable at the latent steps
+    assert shortcut.at_accuracy < 0.6 and shortcut.gap_ci_low > 0.3  # mostly only after them
