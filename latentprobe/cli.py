@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "attention edges (knockout)")
     p.add_argument("--kind", required=True, action="append",
                    help="intervention kind(s), comma-separated or repeated. latent: noise, constant, zero, patch, "
-                        "drop, shuffle; input: image-swap, image-noise, image-blank, image-mask, question-swap, "
+                        "drop, shuffle, no-latent, markers-only, dummy, oracle, oracle-other, noise-norm, mean-step; input: image-swap, image-noise, image-blank, image-mask, question-swap, "
                         "no-image; text: text-swap, text-truncate, text-shuffle; attention: answer->latent, "
                         "answer->image, latent->image (join with + to block together), or knockout (each of the three)")
     p.add_argument("--attention-layers", default=None, type=T.block_list,
@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relative-to", default="std", choices=["std", "norm"], help="noise scale reference")
     p.add_argument("--value", default=None, choices=["zero", "mean", "random"],
                    help="constant: which tensor replaces the latents (None: the kind's default)")
+    p.add_argument("--dummy-token", default=None,
+                   help="dummy: the token whose input embedding fills every slot (default: the protocol's latent "
+                        "pad token); must be one token of the subject's vocabulary")
+    p.add_argument("--oracle-source", default="auto", choices=["auto", "answer-region", "helper-image"],
+                   help="oracle, oracle-other: the latents' targets: the answer region's image tokens (LVR-style), "
+                        "a helper image's pooled cells (Mirage-style), or auto (helper-image for Mirage's protocol)")
     p.add_argument("--layer", type=T.int_at_least(1), default=None,
                    help="edit this layer's output at latent positions (1..N) instead of the fed-back vector")
     p.add_argument("--semantics", default="recompute",
@@ -175,6 +181,32 @@ def build_parser() -> argparse.ArgumentParser:
                         "or attribute names joined by '+'")
     p.add_argument("--permutations", type=T.int_at_least(0), default=199,
                    help="label permutations for each probe's p-value against chance (default 199; 0 = none)")
+
+    p = sub.add_parser("decodability", help="decodability gap: is the gold option decodable at the latent steps "
+                                            "or only after them (arXiv 2606.05753)?")
+    p.add_argument("run", metavar="TRACE_DIR", help="a trace folder recorded with --answer-states")
+    p.add_argument("--out", required=True, type=T.output_folder, help="folder for the tables and the figure")
+    p.add_argument("--answer-positions", type=T.int_at_least(1), default=1,
+                   help="answer-region positions probed after the latent phase (default 1: the first)")
+    p.add_argument("--max-steps", type=T.int_at_least(1), default=None,
+                   help="probe at most this many latent steps (default: every step all instances reached)")
+    p.add_argument("--folds", type=T.int_at_least(2), default=5, help="outer folds, split by instance (default 5)")
+    p.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of the folds and the bootstrap")
+    p.add_argument("--bootstrap", type=T.int_at_least(100), default=2000,
+                   help="bootstrap resamples for the gap's 95%% interval (>= 100)")
+
+    p = sub.add_parser("step-influence", help="step x step influence map: edit latent step i, recompute the later "
+                                              "steps, measure every later step and the answer (arXiv 2602.08783)")
+    _add_subject_args(p)
+    _add_data_args(p)
+    _add_decode_args(p)
+    p.add_argument("--out", required=True, type=T.output_folder, help="folder for the tables and the heatmap")
+    p.add_argument("--kind", default="patch", choices=["patch", "noise", "mean"],
+                   help="the edit at step i: another instance's latent (default), noise of --scale x the clean "
+                        "std, or the step's dataset mean")
+    p.add_argument("--scale", type=float, default=3.0, help="noise: scale x per-dimension std (default 3)")
+    p.add_argument("--bootstrap", type=T.int_at_least(100), default=2000,
+                   help="bootstrap resamples for the 95%% intervals (>= 100)")
 
     _add_where_parsers(sub)  # ground, lens
 
@@ -443,10 +475,26 @@ def _cmd_intervene(args):
             relative_to=args.relative_to, value=args.value)
     instances, source, writer_id = select_instances(args)
     subject = load_subject_from_args(args)
+    from .where.oracle_sources import attach_oracle_sources
+
+    for iv in interventions:  # the controls' own settings (checked with the subject before any model runs)
+        if iv.kind == "dummy":
+            iv.token = args.dummy_token
+        if getattr(iv, "wants_row_targets", False):
+            iv.source_name = args.oracle_source
+    attach_oracle_sources(interventions, subject)
     warnings = _warn_about_conditions(subject, instances, source)
     summary = intervene(subject, instances, interventions, args.out, config=decode_config_from_args(args, subject),
                         batch_size=args.batch_size, seed=args.seed, n_boot=args.bootstrap, resume=args.resume,
                         progress=not args.quiet, data_source=source, writer_id=writer_id)
+    if summary.contributions is not None and len(summary.contributions):
+        from pathlib import Path
+
+        from .report.contribution_figures import plot_contributions
+
+        options = [len(inst.options) for inst in instances if inst.options]
+        chance = sum(1.0 / k for k in options) / len(options) if options else None
+        plot_contributions(summary.contributions, Path(args.out) / "contributions", chance=chance)
     print_block(f"latentprobe intervene: {subject.name}, target {args.target}", summary.lines() + warnings)
 
 
@@ -511,6 +559,50 @@ def _cmd_similarity(args):
         lines.append(f"{subject:<20} collapse: {verdict.verdict:<13} {verdict.evidence}")
     lines.append(f"figures and tables in {args.out}")
     print_block("latentprobe similarity: collapse of latent tokens across instances", lines)
+
+
+def _cmd_decodability(args):
+    from pathlib import Path
+
+    from .where.decodability import decodability_study
+    from .report.contribution_figures import plot_decodability
+
+    cells, gap = decodability_study(args.run, args.out, answer_positions=args.answer_positions,
+                                    max_steps=args.max_steps, n_splits=args.folds, seed=args.seed,
+                                    n_boot=args.bootstrap)
+    lines = []
+    for row in cells[cells.selection == "nested"].itertuples():
+        where = f"latent step {row.step}" if row.position == "latent" else f"after, position {row.step}"
+        lines.append(f"{where:<22} best layer {row.layer:>2}  accuracy {row.accuracy:.3f} "
+                     f"[{row.ci_low:.3f}, {row.ci_high:.3f}]  chance {row.chance:.3f}"
+                     f"{'  decodable' if row.decodable else ''}")
+    g = gap.iloc[0]
+    lines.append(f"gap after - at: {g.gap:+.3f} [{g.gap_ci_low:+.3f}, {g.gap_ci_high:+.3f}] (at {g.at_accuracy:.3f}, "
+                 f"after {g.after_accuracy:.3f}, n={int(g.n)}); first decodable: {g.first_decodable}")
+    made = plot_decodability(cells, Path(args.out) / "decodability")
+    lines.append(f"tables and figure in {args.out} ({made[0].name})")
+    print_block(f"latentprobe decodability: {g.subject}", lines)
+
+
+def _cmd_step_influence(args):
+    from pathlib import Path
+
+    from .where.step_influence import check_step_influence, step_influence
+    from .report.contribution_figures import plot_step_influence
+
+    instances, source, _ = select_instances(args)
+    subject = load_subject_from_args(args)
+    config = decode_config_from_args(args, subject)
+    check_step_influence(subject, instances, args.kind, args.scale, config)
+    rows, table = step_influence(subject, instances, args.out, kind=args.kind, scale=args.scale, config=config,
+                                 batch_size=args.batch_size, seed=args.seed, n_boot=args.bootstrap)
+    made = plot_step_influence(table, Path(args.out) / "step-influence")
+    lines = [f"edit z{row.source_step} -> {'z' + row.target if row.target != 'answer' else 'answer'}: "
+             f"{row.estimate:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}] n={int(row.n)}"
+             for row in table.itertuples() if row.target == "answer" or int(row.target) > row.source_step]
+    lines.append("latent cells: placebo-corrected squared change / clean spread (2 = two instances apart); "
+                 f"answer: answer-change rate. Tables and heatmap in {args.out} ({made[0].name})")
+    print_block(f"latentprobe step-influence: {subject.name} on {source} ({args.kind})", lines)
 
 
 def _cmd_probe(args):
@@ -784,6 +876,11 @@ def _add_where_parsers(sub):
                            help="bootstrap resamples for the 95%% intervals (>= 100)")
         else:
             p.add_argument("--top-tokens", type=T.int_at_least(1), default=5, help="top tokens kept per cell")
+            p.add_argument("--neighbours", action="store_true",
+                           help="also the nearest-neighbour readout (LatentLens): the contextual token states "
+                                "nearest each latent state at the same layer, from the run's own prompts")
+            p.add_argument("--reference", default=None, metavar="TEXT_FILE",
+                           help="with --neighbours: reference text instead of the prompts (one snippet a line)")
 
 
 def _where_inputs(args):
@@ -835,6 +932,12 @@ def _cmd_lens(args):
     subject, instances, source, config, layers = _where_inputs(args)
     if args.top_tokens < 1:
         raise LatentProbeError(f"--top-tokens must be >= 1, got {args.top_tokens}", "pass a positive number")
+    if args.reference is not None:
+        from .where.latent_lens import read_reference_file
+
+        if not args.neighbours:
+            raise LatentProbeError("--reference is read by the nearest-neighbour readout", "add --neighbours")
+        read_reference_file(args.reference)  # refused in one line before any model runs
     result = lens_run(subject, instances, args.out, source=source, config=config, layers=layers,
                       top_k=args.top_tokens,
                       batch_size=args.batch_size, seed=args.seed)
@@ -847,8 +950,35 @@ def _cmd_lens(args):
         for layer, part in summary.groupby("layer"):
             lines.append(f"layer {layer:>2}  median gold rank by step {part['median_gold_rank'].tolist()}  "
                          f"MRR {part['mrr'].mean():.3f}  gold on top {part['gold_top1'].mean():.3f}")
+    if args.neighbours:
+        lines += _latent_lens_lines(args, subject, instances, config, layers)
     lines.append(f"tables and figures in {args.out}")
     print_block(f"latentprobe lens: {subject.name}", lines)
+
+
+def _latent_lens_lines(args, subject, instances, config, layers) -> list[str]:
+    """The nearest-neighbour readout beside the logit lens: latent_lens.csv, its summary and a figure."""
+    from pathlib import Path
+
+    from .fileio import atomic_write
+    from .report.contribution_figures import plot_latent_lens
+    from .where.latent_lens import latent_lens_summary, latent_lens_table
+
+    table = latent_lens_table(subject, instances, layers=layers, top_k=args.top_tokens,
+                              reference_file=args.reference, config=config, batch_size=args.batch_size,
+                              seed=args.seed)
+    summary = latent_lens_summary(table)
+    out = Path(args.out)
+    for name, frame in (("latent_lens", table), ("latent_lens_summary", summary)):
+        atomic_write(out / f"{name}.csv", lambda tmp, f=frame: f.to_csv(tmp, index=False))
+    if len(summary):
+        plot_latent_lens(summary, out / "latent-lens")
+    lines = [f"nearest neighbours ({'reference file' if args.reference else 'the prompts'}): gold token among the "
+             f"{args.top_tokens} nearest / among the lens's top {args.top_tokens}, per layer (mean over steps)"]
+    for layer, part in summary.groupby("layer"):
+        lines.append(f"layer {layer:>2}  neighbours {part.gold_in_neighbours.mean():.3f}  "
+                     f"lens {part.gold_in_lens.mean():.3f}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -199,6 +199,7 @@ def device_name(text: str) -> str:
 _SCALE_RANGES = {
     # kind: (low, high, low inclusive, integer, meaning)
     "noise": (0.0, MAX_NOISE_SCALE, True, False, "noise scale (x data std or x mean norm)"),
+    "noise-norm": (0.0, MAX_NOISE_SCALE, True, False, "noise scale (x mean norm / sqrt(d) per dimension)"),
     "image-noise": (0.0, MAX_NOISE_SCALE, True, False, "image-noise level (x pixel std)"),
     "image-mask": (0.0, 1.0, True, False, "fraction of the image masked"),
     "text-truncate": (0.0, 1.0, True, False, "fraction of the text kept"),

@@ -10,6 +10,10 @@ Three targets, following the causal chain input X -> latent tokens Z -> answer Y
   output at the latent positions (``layer=L``, 1..N). For an edit at some steps, ``semantics`` says what
   happens after it: ``"recompute"`` lets later latent steps be computed from the edited one; ``"pin"`` sets
   every later step to its clean value. Both are meaningful and differ; they are distinct interventions.
+  Component controls and the text-model ablations (`controls`): `NoLatent` (no latent phase), `MarkersOnly`
+  (start and end markers, no slots), `DummyToken` (a token's input embedding in every slot), `OracleLatents` /
+  `OracleOther` (the latents' training targets, own or another instance's, from an `OracleSource`),
+  `NormNoise` (sigma = s x mean||h|| / sqrt(d)) and `StepMean` (each step's dataset mean).
 * ``input`` (the treatment): `ImageSwap`, `ImageNoise`, `ImageBlank`, `ImageMask`, `QuestionSwap`, `NoImage`.
 * ``text`` (a text mediator, CapImagine): `TextSwap`, `TextTruncate`, `TextShuffle`.
 
@@ -36,6 +40,8 @@ from .latent import (BoundEdit, LatentConstant, LatentDrop, LatentFunction, Late
                      _noise, _steps_and_layer_from_site, _take_steps)
 from .input import ImageBlank, ImageMask, ImageNoise, ImageSwap, InputIntervention, NoImage, QuestionSwap
 from .text import TextIntervention, TextShuffle, TextSwap, TextTruncate
+from .controls import (CONTROL_KINDS, DummyToken, MarkersOnly, NoLatent, NormNoise, OracleLatents, OracleOther,
+                       OracleSource, StepMean, step_means)
 from .hooks import LayerEditHooks, NNsightRunner, PinLatentStates
 from .factory import derangement, make_interventions
 
@@ -50,4 +56,6 @@ __all__ = ["Intervention", "register_intervention", "KINDS_BY_TARGET", "LATENT_K
            "LatentZero", "LatentPatch", "LatentDrop", "LatentShuffle", "PinLatents", "LatentFunction",
            "InputIntervention", "ImageSwap", "ImageNoise", "ImageBlank", "ImageMask", "QuestionSwap", "NoImage",
            "TextIntervention", "TextSwap", "TextTruncate", "TextShuffle",
+           "CONTROL_KINDS", "NoLatent", "MarkersOnly", "DummyToken", "OracleLatents", "OracleOther", "OracleSource",
+           "NormNoise", "StepMean", "step_means",
            "LayerEditHooks", "PinLatentStates", "NNsightRunner"]

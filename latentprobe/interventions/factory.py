@@ -6,7 +6,7 @@ import random
 from typing import Sequence
 
 from ..errors import LatentProbeError
-from . import input as _input, latent as _latent, text as _text  # noqa: F401  (importing registers the kinds)
+from . import controls as _controls, input as _input, latent as _latent, text as _text  # noqa: F401  (registers kinds)
 from .base import KINDS_BY_TARGET, Intervention
 
 

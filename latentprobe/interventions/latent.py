@@ -30,6 +30,7 @@ class LatentStats:
     mean_norm: float
     dim_std: torch.Tensor  # (D,)
     mean_vector: torch.Tensor  # (D,)
+    step_means: torch.Tensor | None = None  # (S, D) each step's mean over the dataset (mean-step), when computed
 
     @classmethod
     def from_vectors(cls, vectors: torch.Tensor) -> "LatentStats":
@@ -206,6 +207,18 @@ class BoundEdit(LatentEdit):
 
     def max_latent_steps(self, row: int) -> int | None:
         return self.intervention.max_latent_steps(self.binding)
+
+    def removes_latent_phase(self, row: int) -> bool:
+        """The no-latent control (see `latentprobe.interventions.controls`)."""
+        return bool(getattr(self.intervention, "removes_latent_phase", lambda: False)())
+
+    def forces_end_exit(self, row: int) -> bool:
+        """The markers-only control (see `latentprobe.interventions.controls`)."""
+        return bool(getattr(self.intervention, "forces_end_exit", lambda: False)())
+
+    def skipped_positions(self, row: int) -> int:
+        """Markers-only with positions kept: the clean run's slot count (see `latentprobe.interventions.controls`)."""
+        return int(getattr(self.intervention, "skipped_positions", lambda binding: 0)(self.binding))
 
 
 def _noise(shape: tuple[int, ...], seed: int, device, dtype) -> torch.Tensor:

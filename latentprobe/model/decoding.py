@@ -119,6 +119,22 @@ class LatentEdit:
         """A per-row override of the number of latent steps (dropping steps), or None."""
         return None
 
+    def removes_latent_phase(self, row: int) -> bool:
+        """True for a row run with no latent phase at all (the ``no-latent`` control): it never chooses the start
+        token, and its answer region begins at its first generated token (an organism's answer mask applies
+        there). Decode such rows from `prefill_without_start`."""
+        return False
+
+    def forces_end_exit(self, row: int) -> bool:
+        """True for a row that leaves its latent phase by writing the end token even under a model-choice exit
+        (the ``markers-only`` control: start and end markers, nothing between)."""
+        return False
+
+    def skipped_positions(self, row: int) -> int:
+        """Latent slots whose positions are left empty when the row's latent phase closes (``markers-only`` with
+        positions kept: the end marker and the answer sit at the positions they had in the clean run)."""
+        return 0
+
 
 @dataclass
 class RowOutput:
@@ -450,6 +466,10 @@ class LatentDecoder:
             if proto is not None and proto.never_in_text_ids and len(text_rows):  # ILVR's template, CODI's eot cut
                 scores = logits.clone()
                 scores[: len(text_rows), list(proto.never_in_text_ids)] = float("-inf")
+            if state.no_latent is not None:  # rows without a latent phase never choose to open one
+                if scores is logits:
+                    scores = logits.clone()
+                scores[state.no_latent[need_logits], proto.start_id] = float("-inf")
             choice[need_logits] = self._select(scores, need_logits, generators)
             if hidden.dtype == torch.float16:  # finite states can overflow to infinite logits only in float16
                 state.finite[need_logits] &= torch.isfinite(logits).all(dim=-1)
@@ -470,6 +490,8 @@ class LatentDecoder:
             if len(ending):
                 exit_ids = (choice[ending] if proto.exit_rule == "model_choice"
                             else torch.full_like(ending, proto.end_id))
+                if state.force_end is not None:  # markers-only: the end marker whatever the exit rule
+                    exit_ids = exit_ids.masked_fill(state.force_end[ending], proto.end_id)
                 state.close_latent(ending)
                 deciding, deciding_ids = torch.cat([deciding, ending]), torch.cat([deciding_ids, exit_ids])
             feeding = latent_rows[~ends]
@@ -651,8 +673,17 @@ class _RowState:
         self.start_pending = start_pending
         self.latent_mark = torch.zeros((bsz, self.prompt_length), dtype=torch.bool, device=device)
         self.limit = self._latent_limits(bsz, row_edits or [None] * bsz, proto, cfg)
+        self.no_latent, self.force_end, self.position_skip = _control_flags(row_edits or [None] * bsz, device)
+        if self.position_skip is not None and proto is not None and (cfg.latent_layout or proto.latent_layout)                 == "inference":  # there the start token's own position is slot 0: one slot fewer to skip
+            self.position_skip = (self.position_skip - 1).clamp(min=0)
+        if self.no_latent is not None:
+            self.after_latent |= self.no_latent  # no latent phase: the answer region starts at once
         if proto is not None:
             forced = batch.input_ids[:, -1] == proto.start_id
+            pending = start_pending if start_pending is not None else torch.zeros_like(forced)
+            if self.no_latent is not None and bool((self.no_latent & (forced | pending)).any()):
+                raise LatentProbeError("a row without a latent phase was decoded from a prefill that forces the "
+                                       "latent start", "decode it from prefill_without_start(decoder, prefill)")
             self.forced_start = forced
             self.mode = torch.where(forced, torch.full_like(self.mode, LATENT), self.mode)
         if start_pending is not None:
@@ -679,6 +710,8 @@ class _RowState:
     def close_latent(self, rows):
         self.mode[rows] = TEXT
         self.after_latent[rows] = True
+        if self.position_skip is not None:  # markers-only with positions kept: jump over the slots' positions
+            self.next_position[rows] += self.position_skip[rows]
 
     def feed_latent(self, rows):
         self.phase_count[rows] += 1
@@ -795,6 +828,54 @@ class _RowState:
         return DecodeResult(rows=rows, sequences=sequences, attention_mask=torch.cat(self.attention, 1).cpu(),
                             position_ids=torch.cat(self.positions, dim=2).cpu(), input_kinds=kinds,
                             prompt_length=self.prompt_length, latent_inputs=latent_inputs)
+
+
+def _control_flags(row_edits, device):
+    """Per-row (no latent phase, forced end exit, skipped positions) from the edits; None where no row has one."""
+    flags = []
+    for method, dtype in (("removes_latent_phase", torch.bool), ("forces_end_exit", torch.bool),
+                          ("skipped_positions", torch.long)):
+        values = [int(getattr(edit, method, lambda r: 0)(r)) if edit is not None else 0
+                  for r, edit in enumerate(row_edits)]
+        flags.append(torch.tensor(values, dtype=dtype, device=device) if any(values) else None)
+    return tuple(flags)
+
+
+@torch.no_grad()
+def prefill_without_start(decoder: "LatentDecoder", prefill: "Prefill") -> "Prefill":
+    """The prefill of the same prompts without their forced latent start token, derived from ``prefill`` (the
+    ``no-latent`` control reuses the clean prefill). In the ``inference`` layout the start token was never run:
+    only its pending write is dropped. In the ``training`` layout the cache is cropped before the start token and
+    the last prompt token is run again (one position, no recorder context) for the state that chooses the first
+    token. Prompts that do not end with the start token come back as they are."""
+    import copy
+    from dataclasses import replace as dc_replace
+
+    proto = decoder.protocol
+    if proto is None:
+        return prefill
+    if prefill.start_pending is not None:
+        return Prefill(batch=prefill.batch, cache=prefill.cache, hidden=prefill.hidden,
+                       position_ids=prefill.position_ids, start_pending=None)
+    batch = prefill.batch
+    last = batch.input_ids[:, -1] == proto.start_id
+    if not bool(last.any()):
+        return prefill
+    if not bool(last.all()) or batch.input_ids.shape[1] < 3:
+        raise LatentProbeError("a no-latent prefill needs every prompt of the batch to end with the start token "
+                               "after some text", "put prompts that force the latent start in a batch of their own")
+    trim = lambda t: t[:, :-1]
+    start = proto.start_token
+    prompts = [p[: -len(start)] if start and p.endswith(start) else p for p in batch.prompts]
+    batch = dc_replace(batch, input_ids=trim(batch.input_ids), attention_mask=trim(batch.attention_mask),
+                       mm_token_type_ids=trim(batch.mm_token_type_ids), prompts=prompts)
+    cache = copy.deepcopy(prefill.cache)
+    cache.crop(-2)  # drop the start token and the position before it, which is run again for its state
+    position_ids = prefill.position_ids[:, :, :-1]
+    hidden = decoder._forward(inputs_embeds=decoder.embed(batch.input_ids[:, -1:]), attention_mask=batch.attention_mask,
+                              position_ids=position_ids[:, :, -1:].contiguous(), past_key_values=cache,
+                              use_cache=True)[:, -1]
+    return Prefill(batch=batch, cache=cache, hidden=hidden, position_ids=position_ids, start_pending=None)
 
 
 def _per_row(edits, bsz) -> list:

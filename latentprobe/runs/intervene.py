@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from ..data.instances import Instance, load_images
-from ..model.decoding import DecodeConfig, DecodeResult, LatentDecoder, RowOutput
+from ..model.decoding import DecodeConfig, DecodeResult, LatentDecoder, RowOutput, prefill_without_start
 from ..stats.effects import answer_flipped, applied_mask, applied_only, latent_change_metrics, summarize
 from ..model.conditions import warn_about_conditions
 from ..errors import LatentProbeError
@@ -42,6 +42,9 @@ from ..interventions import (InputIntervention, Intervention, LatentIntervention
                             PinLatents, PinLatentStates, RowBinding, TextIntervention, derangement)
 from ..model.recording import Recorder, RecordSpec
 from .store import TraceStore, TraceWriter
+from ..model.answers import canonical_answer
+from ..stats.contributions import contribution_table
+from ..interventions.controls import CONTROL_KINDS, step_means
 from .common import decode_with_isolation, failed_record, manifest_for, progress_bar, row_record
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,7 @@ class InterventionSummary:
     table: pd.DataFrame
     failures: list[tuple[str, str]] = field(default_factory=list)
     not_applied: dict[str, tuple[int, int, str]] = field(default_factory=dict)  # name -> (missing, rows, reason)
+    contributions: pd.DataFrame | None = None  # the component controls' table (stats.contributions), when run
 
     def lines(self) -> list[str]:
         out = [f"instances       {self.n_instances} ({self.n_failed} failed)",
@@ -84,6 +88,12 @@ class InterventionSummary:
             out.append(f"  {row.intervention[:44]:<44} {metric:<22} {row.estimate:+.3f} "
                        f"[{row.ci_low:+.3f}, {row.ci_high:+.3f}] n={int(row.n)}")
         out.append(f"results         {self.run_dir}/effects_summary.csv")
+        if self.contributions is not None and len(self.contributions):
+            shown = self.contributions[self.contributions.metric.isin(["accuracy", "markers_share"])]
+            for _, row in shown.iterrows():
+                out.append(f"  {row.condition:<14} {row.metric:<14} {row.estimate:.3f} "
+                           f"[{row.ci_low:.3f}, {row.ci_high:.3f}] n={int(row.n)}")
+            out.append(f"contributions   {self.run_dir}/contributions.csv")
         return out
 
 
@@ -165,11 +175,18 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
         table.loc[table["mediator"] == "fed_back", "mediator"] = "text"
     latent_change = _latent_change(run, clean, instances, n_boot, seed, applied_rows(rows))
     _write_tables(Path(out_dir), rows, table, latent_change, run.latent_change_instances)
+    contributions = None
+    if any(iv.kind in CONTROL_KINDS for iv in interventions) and len(rows):
+        # the component controls' table: full / no-latent / markers-only / dummy / oracle (stats.contributions)
+        contributions = contribution_table(rows, n_boot=n_boot, seed=seed)
+        _write_tables(Path(out_dir), contributions=contributions)
     not_applied = not_applied_counts(rows)
     for line in not_applied_warnings(not_applied):
         log.warning(line)
-    return InterventionSummary(str(out_dir), len(instances), len(run.failures), [iv.name for iv in interventions],
-                               table, run.failures, not_applied)
+    summary = InterventionSummary(str(out_dir), len(instances), len(run.failures),
+                                  [iv.name for iv in interventions], table, run.failures, not_applied)
+    summary.contributions = contributions
+    return summary
 
 
 def applied_rows(rows: pd.DataFrame) -> pd.DataFrame:
@@ -210,6 +227,9 @@ class _Run:
         self.failures: list[tuple[str, str]] = []
         self.layer_positions = {layer: i for i, layer in enumerate(recorder.layers)}
         self.mediators: tuple[str, ...] = ("fed_back",)
+        self.max_steps = config.latent_steps if config.latent_steps is not None else (
+            subject.protocol.num_steps if subject.protocol else 0)
+        self.target_reasons: dict[tuple[str, str], str] = {}  # (instance, intervention) -> why no oracle target
 
     # -- clean ------------------------------------------------------------------------------------------
     def clean_pass(self, instances, batch_size) -> dict[str, CleanRun]:
@@ -264,6 +284,7 @@ class _Run:
             vectors = [c.latents[layer] for c in clean.values() if layer in c.latents and len(c.latents[layer])]
             if vectors:
                 self.stats[layer] = LatentStats.from_vectors(torch.cat(vectors))
+                self.stats[layer].step_means = step_means(vectors, self.max_steps)  # for mean-step
         if 0 not in self.stats and any((iv.layer or 0) == 0 for iv in self.latent_ivs):
             raise LatentProbeError("no instance entered latent mode in the clean run, so latent interventions "
                                    "have nothing to edit", "check the subject's protocol or force latent mode")
@@ -281,17 +302,13 @@ class _Run:
 
         if self.latent_ivs:
             todo = [iv for iv in self.latent_ivs if any((i.id, iv.name) not in done for i in chunk)]
-            if todo:
-                edits = [iv.bind(self._binding(inst, iv, clean, donor_of)) for inst in chunk for iv in todo]
-                with LayerEditHooks(decoder, edits), KnockoutHooks(decoder, edits):
-                    # every copy samples from the instance's own stream, as the clean run did (common random numbers)
-                    result = decoder.decode(clean_prefill(), edits, repeats=len(todo), streams=[0] * len(todo))
-                records = self.recorder.records()
-                for k, (row, tensors) in enumerate(zip(result.rows, records)):
-                    inst, iv = chunk[k // len(todo)], todo[k % len(todo)]
-                    reason = self._donor_reason(inst, iv, clean, donor_of) or edits[k].not_applied_reason(
-                        row.n_latent_steps)
-                    self._write(inst, iv, row, tensors, clean, not_applied=reason)
+            # Edits decoded from the clean prefill as it is, then the controls that remove the latent phase, from
+            # the same prefill without its forced start token (no new prompt prefill).
+            groups = {}
+            for iv in todo:
+                groups.setdefault(getattr(iv, "prefill_variant", "clean"), []).append(iv)
+            for variant, group in sorted(groups.items(), key=lambda item: item[0] != "clean"):
+                self._decode_latent_group(chunk, group, clean, donor_of, clean_prefill, variant)
         for iv in self.input_ivs:
             if all((i.id, iv.name) in done for i in chunk):
                 continue
@@ -302,11 +319,55 @@ class _Run:
             self._text_intervention(iv, chunk, clean, donor_of)
         self.writer.flush()
 
+    def _decode_latent_group(self, chunk, group, clean, donor_of, clean_prefill, variant: str):
+        """Decode one group of latent edits side by side from the clean prefill (``variant`` "clean") or from it
+        without the forced start token ("without_start": `prefill_without_start`; its states are not recorded:
+        the recorder holds the clean prefill's batch)."""
+        decoder = self.decoder
+        edits = [iv.bind(self._binding(inst, iv, clean, donor_of)) for inst in chunk for iv in group]
+        prefill = clean_prefill() if variant == "clean" else prefill_without_start(decoder, clean_prefill())
+        recording = variant == "clean"
+        with LayerEditHooks(decoder, edits), KnockoutHooks(decoder, edits), self._recording(recording):
+            # every copy samples from the instance's own stream, as the clean run did (common random numbers)
+            result = decoder.decode(prefill, edits, repeats=len(group), streams=[0] * len(group))
+        records = self.recorder.records() if recording else [{} for _ in result.rows]
+        for k, (row, tensors) in enumerate(zip(result.rows, records)):
+            inst, iv = chunk[k // len(group)], group[k % len(group)]
+            reason = (self._donor_reason(inst, iv, clean, donor_of) or self.target_reasons.get((inst.id, iv.name))
+                      or edits[k].not_applied_reason(row.n_latent_steps))
+            self._write(inst, iv, row, tensors, clean, not_applied=reason, extra=self._target_columns(inst, iv, clean,
+                                                                                                      donor_of))
+
+    def _recording(self, on: bool):
+        from contextlib import nullcontext
+
+        return nullcontext() if on else self.recorder.paused()
+
     def _binding(self, inst, iv: LatentIntervention, clean, donor_of) -> RowBinding:
         layer = iv.layer or 0
         donor = clean.get(donor_of[inst.id])
-        return RowBinding(instance_id=inst.id, clean=clean[inst.id].latents.get(layer),
-                          donor=donor.latents.get(layer) if donor is not None else None, stats=self.stats.get(layer))
+        binding = RowBinding(instance_id=inst.id, clean=clean[inst.id].latents.get(layer),
+                             donor=donor.latents.get(layer) if donor is not None else None, stats=self.stats.get(layer))
+        if getattr(iv, "wants_row_targets", False):  # oracle latents: this instance's targets, or the donor's
+            source = donor if iv.needs_donor else clean[inst.id]
+            if source is not None:
+                targets, reason = iv.row_targets(self.subject, source.instance, source.images, self.max_steps)
+                binding.forced = targets
+                if reason is not None:
+                    self.target_reasons[(inst.id, iv.name)] = reason
+        return binding
+
+    def _target_columns(self, inst, iv, clean, donor_of) -> dict[str, Any] | None:
+        """For oracle rows: the answer the fed targets encode (the source instance's gold answer, as this
+        instance's option) and the number of options (chance of moving there)."""
+        if not getattr(iv, "wants_row_targets", False):
+            return None
+        source = clean.get(donor_of[inst.id]) if iv.needs_donor else clean[inst.id]
+        target = None
+        if source is not None and source.instance.answer is not None:
+            target = canonical_answer(str(source.instance.answer), inst)
+        own = canonical_answer(str(inst.answer), inst) if inst.answer is not None else None
+        return {"oracle_target_answer": target, "oracle_own_answer": own, "n_options": len(inst.options or [])}
 
     def _donor_reason(self, inst, iv: Intervention, clean, donor_of) -> str | None:
         """Why a donor edit cannot be made: the donor instance failed in the clean run."""
@@ -657,12 +718,13 @@ def _pad(arrays, steps):
     return out
 
 
-def _write_tables(out: Path, rows: pd.DataFrame, table: pd.DataFrame, latent_change: pd.DataFrame,
-                  latent_change_instances: pd.DataFrame | None = None):
-    tables = [("effects_rows", rows), ("effects_summary", table), ("latent_change", latent_change)]
-    if latent_change_instances is not None and len(latent_change_instances):
-        tables.append(("latent_change_instances", latent_change_instances))  # the squared distances behind R2
-    for name, frame in tables:
+def _write_tables(out: Path, rows: pd.DataFrame | None = None, table: pd.DataFrame | None = None,
+                  latent_change: pd.DataFrame | None = None, latent_change_instances: pd.DataFrame | None = None,
+                  contributions: pd.DataFrame | None = None):
+    named = (("effects_rows", rows), ("effects_summary", table), ("latent_change", latent_change),
+             ("latent_change_instances", latent_change_instances),  # the squared distances behind R2
+             ("contributions", contributions))
+    for name, frame in ((n, f) for n, f in named if f is not None and (len(f) or n != "latent_change_instances")):
         frame = frame.copy()
         for column in frame.columns:  # parquet needs one type per column
             if frame[column].map(lambda v: isinstance(v, (list, dict))).any():

@@ -41,9 +41,12 @@ from .tidy import tidy_effects
 
 INFORMATION, DISRUPTION = "information", "disruption"
 # Interventions whose edited value is one the model computed for another real instance.
-INFORMATION_KINDS = frozenset({"patch", "image-swap", "question-swap", "text-swap"})
+INFORMATION_KINDS = frozenset({"patch", "image-swap", "question-swap", "text-swap", "oracle-other"})
 PLACEBO = "placebo"
 INPUT_LATENT_METRICS = ("latent_r2", "latent_relative_change", "mediator_r2", "mediator_relative_change")
+# The latents' own oracle target: a sufficiency reference (no change is expected whether or not the latents
+# matter), so it joins neither family. No-latent, markers-only, dummy, noise-norm and mean-step are disruption.
+REFERENCE, REFERENCE_KINDS = "reference", frozenset({"oracle"})
 PRIMARY_ANSWER_METRIC = "flip_rate"
 PRIMARY_NIE = f"NIE_{CHANGE_OUTCOME}"
 FALLBACK_NIE = "NIE_correct"  # for effects tables written before answer_changed existed
@@ -73,12 +76,16 @@ def is_placebo(intervention: str) -> bool:
 
 
 def edit_role(intervention: str) -> str:
-    """``information`` for resample/interchange edits (values from another real instance), else ``disruption``.
+    """``information`` for resample/interchange edits (values from another real instance, or another instance's
+    oracle latents), ``reference`` for an instance's own oracle latents, else ``disruption``.
 
     >>> edit_role("patch(steps=all,sem=recompute)"), edit_role("noise(scale=3,rel=std,steps=all,sem=recompute)")
     ('information', 'disruption')
     """
-    return INFORMATION if intervention_kind(intervention) in INFORMATION_KINDS else DISRUPTION
+    kind = intervention_kind(intervention)
+    if kind in REFERENCE_KINDS:
+        return REFERENCE
+    return INFORMATION if kind in INFORMATION_KINDS else DISRUPTION
 
 
 def _label(row) -> str:
@@ -176,7 +183,7 @@ def _cka_text(tidy: pd.DataFrame, subject: str) -> str:
 def verdict_latent_answer(effects: pd.DataFrame | None, subject: str, margins: Margins = Margins()) -> Verdict:
     """Latent -> answer, decided on information edits' answer-change rates (see the module docstring)."""
     margin = margins.answer_change
-    rule = (f"on information edits (patch, image-swap/question-swap NIE under both mediator definitions, text-swap), "
+    rule = (f"on information edits (patch, oracle-other, image-swap/question-swap NIE under both mediator definitions, text-swap), "
             f"answer-change rate minus its placebo: disconnect if every {1 - margins.alpha:.0%} exact interval is "
             f"below {margin:g}, connected if some one-sided lower bound (Bonferroni over rows) is above {margin:g}, "
             "else inconclusive. Disruption edits (noise, constants, zero, drop, shuffle, synthetic inputs) are "
@@ -212,7 +219,8 @@ def verdict_latent_answer(effects: pd.DataFrame | None, subject: str, margins: M
     information = by_role[INFORMATION][1]
     if information is None:
         verdict = Verdict(subject, "latent_answer", INCONCLUSIVE_WORD, rule=rule, margin=margin, method=METHOD,
-                          evidence=("no information edit was run (patch, image-swap NIE, text-swap): off-distribution "
+                          evidence=("no information edit was run (patch, oracle-other, image-swap NIE, text-swap): "
+                                    "off-distribution "
                                     f"edits alone cannot show what the latents carry. Disruption: {disruption_text}"))
         verdict.details = {"disruption": disruption.verdict if disruption else "", "mediator": FED_BACK,
                            "rows": rows_frame(by_role[DISRUPTION][0], subject=subject, finding="latent_answer")}
