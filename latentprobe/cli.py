@@ -41,7 +41,7 @@ def _add_decode_args(p: argparse.ArgumentParser):
                    help="instances decoded together (results do not depend on it beyond float rounding)")
     p.add_argument("--max-new-tokens", type=T.int_at_least(1), default=None,
                    help="generated tokens per instance, latent steps included (None: the subject's)")
-    p.add_argument("--seed", type=T.int_at_least(0), default=0,
+    p.add_argument("--seed", type=T.seed_value, default=0,
                    help="seed of every random choice (sampling, donors, noise, bootstrap)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=T.positive_float, default=1.0, help="sampling temperature (> 0)")
@@ -51,6 +51,10 @@ def _add_decode_args(p: argparse.ArgumentParser):
                    help="sample among the k most likely tokens (0: no top-k cut)")
     p.add_argument("--decoding", default="greedy", choices=["greedy", "authors"],
                    help="greedy (the analysis default) or the family's own sampling settings (subjects --show NAME)")
+
+
+RESUME_HELP = ("continue an interrupted run in --out (refused when a setting that changes a result differs; "
+               "finished batches are kept, the rest computed: the tables equal an uninterrupted run's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-gap", type=T.fraction_open, default=0.05,
                    help="exclude instances with |p_clean - p_corrupt| below this from normalised metrics")
     p.add_argument("--no-attribution", action="store_true", help="skip attribution patching")
+    p.add_argument("--resume", action="store_true", help=RESUME_HELP)
     p.add_argument("--max-rows", type=T.int_at_least(1), default=512, help="rows decoded side by side at most")
     p.add_argument("--bootstrap", type=T.int_at_least(100), default=1000,
                    help="bootstrap resamples for the 95%% intervals (>= 100)")
@@ -144,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("similarity", help="collapse analysis: cosine similarity of latents across instances/steps")
     p.add_argument("runs", nargs="+", metavar="TRACE_DIR", help="trace folders")
     p.add_argument("--out", required=True, type=T.output_folder, help="folder for figures and tables")
-    p.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of the bootstrap and the baselines")
+    p.add_argument("--seed", type=T.seed_value, default=0, help="seed of the bootstrap and the baselines")
     p.add_argument("--bootstrap", type=T.int_at_least(100), default=1000,
                    help="bootstrap resamples for the 95%% intervals (>= 100)")
 
@@ -154,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=T.output_folder, help="folder for figures and tables")
     p.add_argument("--folds", type=T.int_between(2, 100), default=5,
                    help="cross-validation folds, grouped by instance (2..100)")
-    p.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of the folds and the control task")
+    p.add_argument("--seed", type=T.seed_value, default=0, help="seed of the folds and the control task")
     p.add_argument("--random-init", default=None, metavar="TRACE_DIR",
                    help="a trace of the same data by a randomly initialised model, as a further baseline")
     p.add_argument("--control-type", default="auto",
@@ -170,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="trace and intervention folders")
     p.add_argument("--out", required=True, type=T.output_folder, help="folder for report.md, report.html, tables")
     p.add_argument("--labels", default="", help="attributes to probe (comma-separated; empty: no probes)")
-    p.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of the bootstrap and the probes")
+    p.add_argument("--seed", type=T.seed_value, default=0, help="seed of the bootstrap and the probes")
     p.add_argument("--bootstrap", type=T.int_at_least(100), default=1000,
                    help="bootstrap resamples for the 95%% intervals (>= 100)")
 
@@ -187,14 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out questions per subject (None: 80, enough for `disconnect` at margin 0.05; "
                         ">= 2: swaps need a donor)")
     p.add_argument("--subjects", default=None, help="comma-separated subjects (None: all shipped organisms)")
-    p.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of every random choice")
+    p.add_argument("--seed", type=T.seed_value, default=0, help="seed of every random choice")
 
     p = sub.add_parser("data", help="make procedural task data")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION")
     make = data_sub.add_parser("make", help="write images and a JSONL (train/test splits) for a task")
     make.add_argument("task", help="transform, path or digits")
     make.add_argument("--n", type=T.int_at_least(2), default=200, help="instances (train and test together)")
-    make.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of the generator")
+    make.add_argument("--seed", type=T.seed_value, default=0, help="seed of the generator")
     make.add_argument("--out", required=True, type=T.output_folder, help="folder for the images and data.jsonl")
     make.add_argument("--image-size", type=T.int_between(16, 4096), default=56,
                       help="image side in pixels (the shipped organisms were trained at 112)")
@@ -210,10 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "package's shipped weights unless --overwrite-shipped)")
     train.add_argument("--overwrite-shipped", action="store_true",
                        help="write into the package's weights folder, replacing the shipped organism")
-    train.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of data, initialisation and order")
+    train.add_argument("--seed", type=T.seed_value, default=0, help="seed of data, initialisation and order")
 
     p = sub.add_parser("check", help="conformance check of a checkpoint against its family (run before a long run)")
-    p.add_argument("--subject", required=True, help="the family: monet, lvr, mirage, capimagine or qwen2.5-vl")
+    p.add_argument("--subject", required=True,
+                   help="a registered subject: a family (monet, lvr, mirage, capimagine, qwen2.5-vl), tiny, or an "
+                        "organism (the report's last line states what is checked)")
     p.add_argument("--checkpoint", default=None, help="a local folder or hub id (default: the family's own)")
     p.add_argument("--device", type=T.device_name, default=None,
                    help="torch device: cpu, cuda, cuda:N, mps, or auto; None: the subject's")
@@ -234,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that write only into a new --out (trace and intervene continue their own runs with --resume).
+NEW_FOLDER_COMMANDS = ("patch", "ground", "lens", "similarity", "probe", "report")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -244,6 +255,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         handler = globals()[f"_cmd_{args.command.replace('-', '_')}"]
+        if args.command in NEW_FOLDER_COMMANDS and not getattr(args, "resume", False):  # before any model runs
+            from .runs.folders import require_new_folder
+
+            require_new_folder(args.out, args.command)
+        if args.command in ("similarity", "probe", "report"):  # patch, ground and lens lock their folder themselves
+            from .runs.folders import RunFolderLock
+
+            with RunFolderLock(args.out):
+                return handler(args) or 0
         if args.command in ("trace", "intervene"):
             init_if_launched()
         status = handler(args) or 0
@@ -411,6 +431,10 @@ def _cmd_intervene(args):
             relative_to=args.relative_to, value=args.value)
     instances, source, writer_id = select_instances(args)
     subject = load_subject_from_args(args)
+    if args.layer is not None and args.layer > subject.num_layers:  # edits a block's output: 1..N, not 0
+        raise LatentProbeError(f"--layer {args.layer} is out of range: {subject.name} has {subject.num_layers} blocks",
+                               f"use --layer 1..{subject.num_layers} (a block's output), or leave it out to edit "
+                               "the fed-back vector")
     warnings = _warn_about_conditions(subject, instances, source)
     summary = intervene(subject, instances, interventions, args.out, config=decode_config_from_args(args, subject),
                         batch_size=args.batch_size, seed=args.seed, n_boot=args.bootstrap, resume=args.resume,
@@ -443,7 +467,7 @@ def _cmd_patch(args):
                        directions=directions, corruption=args.corruption, noise_scale=args.noise_scale,
                        semantics=args.semantics, min_gap=args.min_gap, attribution=not args.no_attribution,
                        config=config, batch_size=args.batch_size, max_rows=args.max_rows, seed=args.seed,
-                       n_boot=args.bootstrap, progress=not args.quiet and sys.stderr.isatty())
+                       n_boot=args.bootstrap, progress=not args.quiet and sys.stderr.isatty(), resume=args.resume)
     from .report.patch_figures import draw_patching_run
 
     result.figures = [str(path) for path in draw_patching_run(args.out)]
@@ -497,19 +521,27 @@ def _cmd_probe(args):
     print_block("latentprobe probe: best layer/step per attribute and representation", lines)
 
 
+    from .runs.identity import distinct_runs
+
 def _cmd_report(args):
+    args.runs, duplicates = distinct_runs(args.runs)
+    for line in duplicates:
+        print(f"latentprobe report: {line}", file=sys.stderr)
     from .report.build import build_report
 
     labels = [v.strip() for v in args.labels.split(",") if v.strip()]
     md, html = build_report(args.runs, args.out, attributes=labels, seed=args.seed, n_boot=args.bootstrap)
     from pathlib import Path
+    from .runs.identity import data_mismatch_notes
+
 
     from .runs.store import TraceStore
 
     lines = verdict_lines(Path(args.out) / "verdicts.csv")
-    for run in args.runs:  # what each run actually holds, and whether it is complete
-        state = TraceStore(run).completeness()
-        lines += [f"warning   {w}" for w in state["warnings"]]
+    stores = [TraceStore(run) for run in args.runs]
+    for store in stores:  # what each run actually holds, and whether it is complete
+        lines += [f"warning   {w}" for w in store.completeness()["warnings"]]
+    lines += [f"warning   {w}" for w in data_mismatch_notes([(str(s.run_dir), s.manifest) for s in stores])]
     lines += ["", f"report    {html}", f"markdown  {md}"]
     print_block("latentprobe report: verdict per subject and finding", lines)
 
@@ -531,6 +563,11 @@ def _cmd_plan(args):
 
     margin = {} if args.margin is None else dict(answer_change=args.margin, correctness=args.margin,
                                                  gold_prob=args.margin)
+    from .runs.identity import distinct_runs
+
+    args.runs, duplicates = distinct_runs(args.runs)
+    for line in duplicates:
+        print(f"latentprobe plan: {line}", file=sys.stderr)
     margins = Margins(alpha=args.alpha, power=args.power, **margin)
     print_block("latentprobe plan: instances needed per finding", plan_lines(plan_runs(args.runs, margins)))
 
@@ -626,7 +663,8 @@ def _add_where_parsers(sub):
         _add_subject_args(p)
         _add_data_args(p)
         _add_decode_args(p)
-        p.add_argument("--out", required=True, type=T.output_folder, help="output folder (must be new)")
+        p.add_argument("--out", required=True, type=T.output_folder, help="output folder (must be new unless --resume)")
+        p.add_argument("--resume", action="store_true", help=RESUME_HELP)
         p.add_argument("--layers", default="all", type=T.layer_list,
                        help="hidden-state layers: 'all', 'final' or comma-separated (0 = embeddings, N = final norm)")
         if name == "ground":
@@ -667,7 +705,7 @@ def _cmd_ground(args):
     subject, instances, source, config, layers = _where_inputs(args)
     result = ground_run(subject, instances, args.out, source=source, config=config, layers=layers,
                         image_layer=args.image_layer, n_random=args.random_regions, batch_size=args.batch_size,
-                        n_boot=args.bootstrap, seed=args.seed)
+                        n_boot=args.bootstrap, seed=args.seed, resume=args.resume)
     from .report.where_figures import draw_grounding_run
 
     result["figures"] = draw_grounding_run(args.out, instances, subject.name, n_overlays=args.overlays)
@@ -692,7 +730,7 @@ def _cmd_lens(args):
         raise LatentProbeError(f"--top-tokens must be >= 1, got {args.top_tokens}", "pass a positive number")
     result = lens_run(subject, instances, args.out, source=source, config=config, layers=layers,
                       top_k=args.top_tokens,
-                      batch_size=args.batch_size, seed=args.seed)
+                      batch_size=args.batch_size, seed=args.seed, resume=args.resume)
     from .report.where_figures import draw_lens_run
 
     result["figures"] = draw_lens_run(args.out)

@@ -19,7 +19,7 @@ import pandas as pd
 
 from . import figures as fig
 from ..errors import LatentProbeError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, safe_name
 from ..stats.probes import probe_table
 from ..stats.similarity import inter_instance_similarity, intra_instance_similarity, similarity_table
 from ..runs.store import TraceStore
@@ -215,8 +215,10 @@ def _numeric_with_many_values(labels) -> bool:
 
 def effect_tables(run_dirs: Sequence[str | Path]) -> pd.DataFrame | None:
     """Effects summaries (and per-step input->latent change) of intervention runs, in the report's schema."""
+    from ..runs.identity import distinct_runs
+
     frames = []
-    for run_dir in run_dirs:
+    for run_dir in distinct_runs(run_dirs)[0]:  # the same run given twice is counted once
         run_dir = Path(run_dir)
         summary = run_dir / "effects_summary.parquet"
         if summary.exists():
@@ -245,9 +247,13 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
 
     margins = Margins() if margins is None else margins
 
+    from ..runs.identity import data_mismatch_notes, distinct_runs
+
     out_dir = Path(out_dir)
     figure_dir = out_dir / "figures"
+    run_dirs, duplicates = distinct_runs(run_dirs)  # the same run given twice would count its rows twice
     stores = [TraceStore(d) for d in run_dirs]
+    mismatched = data_mismatch_notes([(str(d), s.manifest) for d, s in zip(run_dirs, stores)])
     subjects, seen = [], set()
     for store in stores:
         name = store.manifest.get("subject_name")
@@ -297,6 +303,10 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
         log.warning(warning)
     if incomplete:
         data["WARNING: incomplete runs"] = " ".join(incomplete)
+    for warning in duplicates + mismatched:
+        log.warning(warning)
+    if duplicates or mismatched:  # counted once / merged as one subject: said in the report, not only the log
+        data["WARNING: runs"] = " ".join(duplicates + mismatched)
     kwargs = {"title": title} if title else {}
     judged = report_verdicts(subjects, effects, similarity, probes, margins)  # once, for the report and the tables
     md, html = write_report(out_dir, subjects=subjects, data=data, effects=effects, similarity=similarity,
@@ -327,7 +337,8 @@ def _merge(into: dict[str, list[Path]], made: dict[str, list[Path]]):
 
 
 def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
+    """A subject name as a file name (one sanitiser for every name derived from data: `fileio.safe_name`)."""
+    return safe_name(name)
 
 
 def _write_table(frame: pd.DataFrame, stem: Path):

@@ -17,6 +17,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from ..fileio import safe_name
+from ..stats.effects import interval_text
 from ..where.patching import DECODE_GROUPS, LOGODDS_METRIC_OF, METRIC_OF, PROMPT_GROUPS
 
 GROUP_ORDER = PROMPT_GROUPS + DECODE_GROUPS
@@ -98,7 +100,7 @@ def patching_heatmaps(table: pd.DataFrame, out_dir: str | Path, annotate: bool =
             fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="fraction of the clean-corrupt gap")
         fig.suptitle(f"{subject}: activation patching under {corruption} ({semantics} later latent steps)",
                      fontsize=10)
-        stem = out_dir / f"{subject}-patching-{_slug(corruption)}-{semantics}"
+        stem = out_dir / safe_name(f"{subject}-patching-{_slug(corruption)}-{semantics}")
         fig.savefig(f"{stem}.png", dpi=130, bbox_inches="tight")
         fig.savefig(f"{stem}.svg", bbox_inches="tight")
         plt.close(fig)
@@ -142,9 +144,10 @@ def patching_markdown(table: pd.DataFrame, agreement: pd.DataFrame | None, figur
             for row in part.sort_values("estimate", ascending=False).head(top).itertuples():
                 flip = flips.loc[row.site] if row.site in flips.index else None
                 flip_text = "-" if flip is None else \
-                    f"{flip.estimate:.2f} [{flip.ci_low:.2f}, {flip.ci_high:.2f}] (n={int(flip.n)})"
-                lines.append(f"| {direction} | `{row.site}` | {metric} | {row.estimate:+.3f} "
-                             f"[{row.ci_low:+.3f}, {row.ci_high:+.3f}] | {row.n} | {row.n_excluded} | {flip_text} |")
+                    f"{interval_text(flip.estimate, flip.ci_low, flip.ci_high, flip.n, 2, False)} (n={int(flip.n)})"
+                lines.append(f"| {direction} | `{row.site}` | {metric} | "
+                             f"{interval_text(row.estimate, row.ci_low, row.ci_high, row.n)} | {row.n} | "
+                             f"{row.n_excluded} | {flip_text} |")
         lines.append("")
         if agreement is not None and len(agreement):
             part = agreement[agreement.subject == subject]
@@ -175,7 +178,7 @@ def knockout_markdown(effects: pd.DataFrame) -> str:
             if metric not in get.index:
                 return "-"
             r = get.loc[metric]
-            return f"{r.estimate:+.{digits}f} [{r.ci_low:+.{digits}f}, {r.ci_high:+.{digits}f}]"
+            return interval_text(r.estimate, r.ci_low, r.ci_high, r.get("n"), digits)
         clean = get.estimate.get("accuracy_clean", np.nan)
         after = get.estimate.get("accuracy_intervened", np.nan)
         lines.append(f"| {subject} | `{name}` | {clean:.3f} -> {after:.3f} | {fmt('accuracy_change')} | "
