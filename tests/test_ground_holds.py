@@ -17,7 +17,7 @@ import torch
 
 from latentprobe.cli import main
 from latentprobe.data import Instance, builtin_instances, load_jsonl
-from latentprobe.decoding import DecodeConfig
+from latentprobe.model.decoding import DecodeConfig
 from latentprobe.errors import LatentProbeError
 from latentprobe.fileio import NameBook, path_inside, safe_name
 
@@ -51,12 +51,15 @@ def hostile_instances():
 
 
 def test_ground_overlays_of_hostile_ids_stay_in_the_output_folder(tmp_path, tiny_subject, hostile_instances):
-    from latentprobe.where_runs import ground_run
+    from latentprobe.where.runs import ground_run
 
     root = tmp_path / "deep" / "er" / "root"
     out = root / "g"
+    from latentprobe.report.where_figures import draw_grounding_run
+
     ground_run(tiny_subject, hostile_instances, out, config=DecodeConfig(max_new_tokens=6), layers=[1],
-               n_random=5, n_overlays=len(hostile_instances), n_boot=100)
+               n_random=5, n_boot=100)
+    draw_grounding_run(out, hostile_instances, tiny_subject.name, n_overlays=len(hostile_instances))
     assert files_under(tmp_path) == files_under(out)  # nothing outside --out
     overlays = list((out / "figures" / "overlays").glob("*.png"))
     assert len(overlays) == len(hostile_instances)  # one per id: none lost to a collision or a folder
@@ -64,9 +67,9 @@ def test_ground_overlays_of_hostile_ids_stay_in_the_output_folder(tmp_path, tiny
 
 
 def test_patch_probe_and_report_figures_of_hostile_subject_names_stay_inside(tmp_path, tiny_subject):
-    from latentprobe.analysis import collapse_study, probe_study
-    from latentprobe.patch_figures import patching_heatmaps
-    from latentprobe.patching import patch_map
+    from latentprobe.report.build import collapse_study, probe_study
+    from latentprobe.report.patch_figures import patching_heatmaps
+    from latentprobe.where.patching import patch_map
     from latentprobe.runs.trace import trace
 
     instances = builtin_instances(4)
@@ -102,8 +105,8 @@ def intervene_run(tmp_path_factory, tiny_subject):
 
 
 def test_the_same_run_twice_is_counted_once(intervene_run, tmp_path, capsys):
-    from latentprobe.analysis import effect_tables
-    from latentprobe.planning import plan_runs
+    from latentprobe.report.build import effect_tables
+    from latentprobe.report.build import plan_runs
     from latentprobe.runs.identity import distinct_runs
 
     copy = tmp_path / "copy"
@@ -142,7 +145,7 @@ def small_trace(tmp_path_factory, tiny_subject):
 
 
 def test_readers_verify_each_shard_and_name_the_damage(small_trace, tmp_path, capsys):
-    from latentprobe.store import TraceStore
+    from latentprobe.runs.store import TraceStore
 
     run = tmp_path / "run"
     shutil.copytree(small_trace, run)
@@ -161,7 +164,7 @@ def test_readers_verify_each_shard_and_name_the_damage(small_trace, tmp_path, ca
 
 
 def test_swapped_shards_are_damage_not_a_missing_recording(small_trace, tmp_path):
-    from latentprobe.store import TraceStore
+    from latentprobe.runs.store import TraceStore
 
     run = tmp_path / "run"
     shutil.copytree(small_trace, run)
@@ -176,7 +179,7 @@ def test_swapped_shards_are_damage_not_a_missing_recording(small_trace, tmp_path
 
 
 def test_a_verified_shard_is_hashed_once_per_process(small_trace, monkeypatch):
-    from latentprobe import store as store_module
+    from latentprobe.runs import store as store_module
 
     calls = []
     real = store_module.file_sha256
@@ -206,7 +209,7 @@ def test_patch_ground_lens_and_analyses_refuse_another_runs_folder(small_trace, 
 
 def test_a_second_writer_on_a_run_folder_gets_one_line(tmp_path):
     from latentprobe.runs.folders import RunFolderLock
-    from latentprobe.store import TraceWriter
+    from latentprobe.runs.store import TraceWriter
 
     first = TraceWriter(tmp_path / "r", {"kind": "trace"})
     with pytest.raises(LatentProbeError, match="another latentprobe process is writing"):
@@ -235,7 +238,7 @@ def test_gold_outside_the_options_or_repeated_options_are_refused_at_load(tmp_pa
 
 # ---------------------------------------------------------------------------------------- 6. latent_steps=0
 def test_latent_steps_zero_means_zero_in_run_with_cache(tiny_subject):
-    from latentprobe.cache import run_with_cache
+    from latentprobe.model.cache import run_with_cache
 
     instances = builtin_instances(2)
     with pytest.raises(LatentProbeError, match="no latent step runs"):
@@ -290,7 +293,7 @@ def test_wrong_hints_are_gone(tmp_path, capsys):
 
 
 def test_one_instance_prints_no_interval():
-    from latentprobe.effects import interval_text
+    from latentprobe.stats.effects import interval_text
 
     assert interval_text(1.0, 1.0, 1.0, 1) == "+1.000 (n = 1: no interval)"
     assert interval_text(0.5, 0.5, 0.5, 7) == "+0.500 (n = 7: no interval)"  # a zero-width bootstrap
@@ -300,7 +303,7 @@ def test_one_instance_prints_no_interval():
 def test_a_box_beyond_its_image_is_clamped_with_a_warning(tmp_path, caplog):
     from PIL import Image
 
-    from latentprobe.grounding import truth_boxes
+    from latentprobe.where.grounding import truth_boxes
 
     Image.new("RGB", (100, 50)).save(tmp_path / "i.png")
     inst = Instance(id="b", question="?", answer="x", images=[str(tmp_path / "i.png")],
@@ -332,7 +335,7 @@ def test_a_tokenizer_that_needs_remote_code_is_one_line(tiny_subject, tmp_path, 
 
 
 def test_check_of_the_bottleneck_organism_recomputes_with_its_attention_mask():
-    from latentprobe.conformance import run_check
+    from latentprobe.runs.conformance import run_check
 
     report = run_check("organism-bottleneck", max_new_tokens=16)
     rows = {line.name: line for line in report.lines}
@@ -355,7 +358,7 @@ def test_a_demo_like_run_emits_no_future_warning(tmp_path):
     from latentprobe.interventions import make_interventions
     from latentprobe.runs.intervene import intervene
     from latentprobe.runs.trace import trace
-    from latentprobe.subjects import load_subject
+    from latentprobe.model.subjects import load_subject
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -411,7 +414,7 @@ def test_each_family_declares_its_image_pipeline_and_runs_it(tiny_subject, tmp_p
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from latentprobe.model.image_pipeline import LVR_PIPELINE, MONET_PIPELINE
-    from latentprobe.subjects.families import SUBJECTS_BY_NAME
+    from latentprobe.model.subjects.families import SUBJECTS_BY_NAME
 
     assert SUBJECTS_BY_NAME["lvr"].image_pipeline == LVR_PIPELINE
     assert SUBJECTS_BY_NAME["monet"].image_pipeline == MONET_PIPELINE
@@ -452,7 +455,7 @@ def test_each_family_declares_its_image_pipeline_and_runs_it(tiny_subject, tmp_p
 def test_the_manifest_records_the_image_pipeline_and_reentered_rows(small_trace):
     manifest = json.loads((small_trace / "manifest.json").read_text())
     assert manifest["subject"]["image_pipeline"]["resize"] == "processor"
-    from latentprobe.store import TraceStore
+    from latentprobe.runs.store import TraceStore
 
     index = TraceStore(small_trace).index()
     assert {"n_latent_phases", "reentered_latent"} <= set(index.columns)

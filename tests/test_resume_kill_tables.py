@@ -18,21 +18,20 @@ pytestmark = pytest.mark.slow
 
 RUNNER = textwrap.dedent("""
     import sys
-    from latentprobe.decoding import DecodeConfig
+    from latentprobe.model.decoding import DecodeConfig
     from latentprobe.data import builtin_instances
-    from latentprobe.subjects import load_subject
+    from latentprobe.model.subjects import load_subject
     what, out, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     subject, instances = load_subject("organism-bottleneck"), builtin_instances(8)
     config = DecodeConfig(max_new_tokens=8)
     if what == "patch":
-        from latentprobe.patching import patch_map
+        from latentprobe.where.patching import patch_map
         patch_map(subject, instances, out, layers=[0, 1], batch_size=2, config=config, n_boot=100, resume=resume)
     elif what == "ground":
-        from latentprobe.where_runs import ground_run
-        ground_run(subject, instances, out, config=config, batch_size=2, n_random=10, n_boot=100, n_overlays=1,
-                   resume=resume)
+        from latentprobe.where.runs import ground_run
+        ground_run(subject, instances, out, config=config, batch_size=2, n_random=10, n_boot=100, resume=resume)
     else:
-        from latentprobe.where_runs import lens_run
+        from latentprobe.where.runs import lens_run
         lens_run(subject, instances, out, config=config, batch_size=2, resume=resume)
 """)
 TABLES = {"patch": ["patching_rows.parquet", "patching_summary.parquet"],
