@@ -524,18 +524,17 @@ def _cmd_probe(args):
     from .runs.identity import distinct_runs
 
 def _cmd_report(args):
+    from pathlib import Path
+
+    from .report.build import build_report
+    from .runs.identity import data_mismatch_notes, distinct_runs
+    from .runs.store import TraceStore
+
     args.runs, duplicates = distinct_runs(args.runs)
     for line in duplicates:
         print(f"latentprobe report: {line}", file=sys.stderr)
-    from .report.build import build_report
-
     labels = [v.strip() for v in args.labels.split(",") if v.strip()]
     md, html = build_report(args.runs, args.out, attributes=labels, seed=args.seed, n_boot=args.bootstrap)
-    from pathlib import Path
-    from .runs.identity import data_mismatch_notes
-
-
-    from .runs.store import TraceStore
 
     lines = verdict_lines(Path(args.out) / "verdicts.csv")
     stores = [TraceStore(run) for run in args.runs]
