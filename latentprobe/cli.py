@@ -50,7 +50,7 @@ def _add_decode_args(p: argparse.ArgumentParser):
                    help="instances decoded together (results do not depend on it beyond float rounding)")
     p.add_argument("--max-new-tokens", type=T.int_at_least(1), default=None,
                    help="generated tokens per instance, latent steps included (None: the subject's)")
-    p.add_argument("--seed", type=T.int_at_least(0), default=0,
+    p.add_argument("--seed", type=T.seed_value, default=0,
                    help="seed of every random choice (sampling, donors, noise, bootstrap)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=T.positive_float, default=1.0, help="sampling temperature (> 0)")
@@ -60,6 +60,10 @@ def _add_decode_args(p: argparse.ArgumentParser):
                    help="sample among the k most likely tokens (0: no top-k cut)")
     p.add_argument("--decoding", default="greedy", choices=["greedy", "authors"],
                    help="greedy (the analysis default) or the family's own sampling settings (subjects --show NAME)")
+
+
+RESUME_HELP = ("continue an interrupted run in --out (refused when a setting that changes a result differs; "
+               "finished batches are kept, the rest computed: the tables equal an uninterrupted run's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-gap", type=T.fraction_open, default=0.05,
                    help="exclude instances with |p_clean - p_corrupt| below this from normalised metrics")
     p.add_argument("--no-attribution", action="store_true", help="skip attribution patching")
+    p.add_argument("--resume", action="store_true", help=RESUME_HELP)
     p.add_argument("--max-rows", type=T.int_at_least(1), default=512, help="rows decoded side by side at most")
     p.add_argument("--bootstrap", type=T.int_at_least(100), default=1000,
                    help="bootstrap resamples for the 95%% intervals (>= 100)")
@@ -161,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="TRACE_DIR", help="trace folders")
     p.add_argument("--out", required=True, type=T.output_folder, help="a new folder for figures and tables")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    p.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of the bootstrap and the baselines")
+    p.add_argument("--seed", type=T.seed_value, default=0, help="seed of the bootstrap and the baselines")
     p.add_argument("--bootstrap", type=T.int_at_least(100), default=1000,
                    help="bootstrap resamples for the 95%% intervals (>= 100)")
 
@@ -172,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--folds", type=T.int_between(2, 100), default=5,
                    help="cross-validation folds, grouped by instance (2..100)")
-    p.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of the folds and the control task")
+    p.add_argument("--seed", type=T.seed_value, default=0, help="seed of the folds and the control task")
     p.add_argument("--random-init", default=None, metavar="TRACE_DIR",
                    help="a trace of the same data by a randomly initialised model, as a further baseline")
     p.add_argument("--control-type", default="auto",
@@ -217,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a new folder for report.md, report.html, verdicts.csv, figures/")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--labels", default="", help="attributes to probe (comma-separated; empty: no probes)")
-    p.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of the bootstrap and the probes")
+    p.add_argument("--seed", type=T.seed_value, default=0, help="seed of the bootstrap and the probes")
     p.add_argument("--bootstrap", type=T.int_at_least(100), default=1000,
                    help="bootstrap resamples for the 95%% intervals (>= 100)")
 
@@ -234,14 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out questions per subject (None: 80, enough for `disconnect` at margin 0.05; "
                         ">= 2: swaps need a donor)")
     p.add_argument("--subjects", default=None, help="comma-separated subjects (None: all shipped organisms)")
-    p.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of every random choice")
+    p.add_argument("--seed", type=T.seed_value, default=0, help="seed of every random choice")
 
     p = sub.add_parser("data", help="make procedural task data")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION")
     make = data_sub.add_parser("make", help="write images and a JSONL (train/test splits) for a task")
     make.add_argument("task", help="transform, path or digits")
     make.add_argument("--n", type=T.int_at_least(2), default=200, help="instances (train and test together)")
-    make.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of the generator")
+    make.add_argument("--seed", type=T.seed_value, default=0, help="seed of the generator")
     make.add_argument("--out", required=True, type=T.output_folder, help="folder for the images and data.jsonl")
     make.add_argument("--image-size", type=T.int_between(16, 4096), default=56,
                       help="image side in pixels (the shipped organisms were trained at 112)")
@@ -257,10 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "package's shipped weights unless --overwrite-shipped)")
     train.add_argument("--overwrite-shipped", action="store_true",
                        help="write into the package's weights folder, replacing the shipped organism")
-    train.add_argument("--seed", type=T.int_at_least(0), default=0, help="seed of data, initialisation and order")
+    train.add_argument("--seed", type=T.seed_value, default=0, help="seed of data, initialisation and order")
 
     p = sub.add_parser("check", help="conformance check of a checkpoint against its family (run before a long run)")
-    p.add_argument("--subject", required=True, help="the family: monet, lvr, mirage, capimagine or qwen2.5-vl")
+    p.add_argument("--subject", required=True,
+                   help="a registered subject: a family (monet, lvr, mirage, capimagine, qwen2.5-vl), tiny, or an "
+                        "organism (the report's last line states what is checked)")
     p.add_argument("--checkpoint", default=None, help="a local folder or hub id (default: the family's own)")
     p.add_argument("--device", type=T.device_name, default=None,
                    help="torch device: cpu, cuda, cuda:N, mps, or auto; None: the subject's")
@@ -285,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that write only into a new --out (trace and intervene continue their own runs with --resume).
+NEW_FOLDER_COMMANDS = ("patch", "ground", "lens", "similarity", "probe", "report")
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
@@ -299,6 +310,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         handler = globals()[f"_cmd_{args.command.replace('-', '_')}"]
+        if args.command in NEW_FOLDER_COMMANDS and not (getattr(args, "resume", False)
+                                                         or getattr(args, "overwrite", False)):  # before any model runs
+            from .runs.folders import require_new_folder
+
+            require_new_folder(args.out, args.command)
+        # patch, ground and lens lock their folder themselves; similarity, probe and report build into a fresh
+        # staging folder that replaces --out in one rename (cli_types.fresh_output), so they need no lock
         if args.command in ("trace", "intervene"):
             init_if_launched()
         with warnings.catch_warnings():
@@ -483,6 +501,10 @@ def _cmd_intervene(args):
         if getattr(iv, "wants_row_targets", False):
             iv.source_name = args.oracle_source
     attach_oracle_sources(interventions, subject)
+    if args.layer is not None and args.layer > subject.num_layers:  # edits a block's output: 1..N, not 0
+        raise LatentProbeError(f"--layer {args.layer} is out of range: {subject.name} has {subject.num_layers} blocks",
+                               f"use --layer 1..{subject.num_layers} (a block's output), or leave it out to edit "
+                               "the fed-back vector")
     warnings = _warn_about_conditions(subject, instances, source)
     summary = intervene(subject, instances, interventions, args.out, config=decode_config_from_args(args, subject),
                         batch_size=args.batch_size, seed=args.seed, n_boot=args.bootstrap, resume=args.resume,
@@ -529,7 +551,7 @@ def _cmd_patch(args):
                        directions=directions, corruption=args.corruption, noise_scale=args.noise_scale,
                        semantics=args.semantics, min_gap=args.min_gap, attribution=not args.no_attribution,
                        config=config, batch_size=args.batch_size, max_rows=args.max_rows, seed=args.seed,
-                       n_boot=args.bootstrap, progress=not args.quiet)
+                       n_boot=args.bootstrap, progress=not args.quiet, resume=args.resume)
     from .report.patch_figures import draw_patching_run
 
     result.figures = [str(path) for path in draw_patching_run(args.out)]
@@ -641,8 +663,12 @@ def _cmd_report(args):
 
     from .cli_types import fresh_output
     from .report.build import build_report, run_kind
+    from .runs.identity import data_mismatch_notes, distinct_runs
     from .runs.store import TraceStore
 
+    args.runs, duplicates = distinct_runs(args.runs)  # the same run given twice is counted once, and said so
+    for line in duplicates:
+        print(f"latentprobe report: {line}", file=sys.stderr)
     labels = [v.strip() for v in args.labels.split(",") if v.strip()]
     kinds = [run_kind(run) for run in args.runs]  # a folder no command wrote is refused before anything is built
     with fresh_output(args.out, args.overwrite, args.runs) as staging:
@@ -650,10 +676,14 @@ def _cmd_report(args):
     out = Path(args.out)
     lines = verdict_lines(out / "verdicts.csv")
     lines.append("")
+    manifests = []
     for run, kind in zip(args.runs, kinds):  # what each run actually holds, and whether it is complete
         lines.append(f"{kind:<9} {run}")
         if kind in ("trace", "intervene"):
-            lines += [f"warning   {w}" for w in TraceStore(run).completeness()["warnings"]]
+            store = TraceStore(run)
+            lines += [f"warning   {w}" for w in store.completeness()["warnings"]]
+            manifests.append((str(run), store.manifest))
+    lines += [f"warning   {w}" for w in data_mismatch_notes(manifests)]
     lines += ["", f"report    {out / 'report.html'}", f"markdown  {out / 'report.md'}"]
     print_block("latentprobe report: verdict per subject and finding", lines)
 
@@ -675,6 +705,11 @@ def _cmd_plan(args):
 
     margin = {} if args.margin is None else dict(answer_change=args.margin, correctness=args.margin,
                                                  gold_prob=args.margin)
+    from .runs.identity import distinct_runs
+
+    args.runs, duplicates = distinct_runs(args.runs)
+    for line in duplicates:
+        print(f"latentprobe plan: {line}", file=sys.stderr)
     margins = Margins(alpha=args.alpha, power=args.power, **margin)
     print_block("latentprobe plan: instances needed per finding", plan_lines(plan_runs(args.runs, margins)))
 
@@ -862,7 +897,8 @@ def _add_where_parsers(sub):
         _add_subject_args(p)
         _add_data_args(p)
         _add_decode_args(p)
-        p.add_argument("--out", required=True, type=T.output_folder, help="output folder (must be new)")
+        p.add_argument("--out", required=True, type=T.output_folder, help="output folder (must be new unless --resume)")
+        p.add_argument("--resume", action="store_true", help=RESUME_HELP)
         p.add_argument("--layers", default="all", type=T.layer_list,
                        help="hidden-state layers: 'all', 'final' or comma-separated (0 = embeddings, N = final norm)")
         if name == "ground":
@@ -909,7 +945,7 @@ def _cmd_ground(args):
     subject, instances, source, config, layers = _where_inputs(args)
     result = ground_run(subject, instances, args.out, source=source, config=config, layers=layers,
                         image_layer=args.image_layer, n_random=args.random_regions, batch_size=args.batch_size,
-                        n_boot=args.bootstrap, seed=args.seed)
+                        n_boot=args.bootstrap, seed=args.seed, resume=args.resume)
     from .report.where_figures import draw_grounding_run
 
     result["figures"] = draw_grounding_run(args.out, instances, subject.name, n_overlays=args.overlays)
@@ -940,7 +976,7 @@ def _cmd_lens(args):
         read_reference_file(args.reference)  # refused in one line before any model runs
     result = lens_run(subject, instances, args.out, source=source, config=config, layers=layers,
                       top_k=args.top_tokens,
-                      batch_size=args.batch_size, seed=args.seed)
+                      batch_size=args.batch_size, seed=args.seed, resume=args.resume)
     from .report.where_figures import draw_lens_run
 
     result["figures"] = draw_lens_run(args.out)

@@ -41,6 +41,19 @@ def int_at_least(low: int, what: str = "an integer"):
     return parse
 
 
+# numpy's legacy RandomState and scikit-learn's random_state take 0..2**32 - 1; a larger seed used to pass the
+# parser, decode everything, and fail at the end (writing the index or seeding a probe).
+MAX_SEED = 2**32 - 1
+
+
+def seed_value(text: str) -> int:
+    """A seed: a whole number 0..2**32 - 1 (checked before anything runs)."""
+    value = _number(text, int, "a whole number")
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: a seed must be between 0 and {MAX_SEED}")
+    return value
+
+
 def int_between(low: int, high: int):
     def parse(text: str) -> int:
         value = _number(text, int, "an integer")

@@ -63,3 +63,94 @@ def describe_os_error(exc: OSError) -> str:
     reason = exc.strerror or type(exc).__name__
     fix = fixes.get(exc.errno, "check the file and the disk, then run again")
     return f"{reason}{where} -- {fix}"
+
+
+# -- file names derived from data ------------------------------------------------------------------------------
+# Instance ids, subject names, attribute names and labels come from the user's data and checkpoints. Every file
+# name built from them goes through `safe_name`, so that no value can leave the output folder (``../x``, ``/etc``),
+# make folders (``a/b``), hide a file (``.x``), exceed a file system's name limit or clash with another value's name.
+MAX_NAME_LENGTH = 96  # well under the 255-byte limit of common file systems, leaving room for suffixes
+
+
+def safe_name(value: object, max_length: int = MAX_NAME_LENGTH) -> str:
+    """A file name for ``value``: readable (ASCII letters, digits, ``-``, ``_``, ``.``), never a path, never hidden.
+
+    A value that is already such a name is returned unchanged; any other value is transliterated (accents
+    dropped), its other characters replaced by ``_``, shortened, and suffixed with 8 hex digits of its SHA-256,
+    so two different values never share a name (``a/b`` and ``a_b`` differ).
+
+    >>> safe_name("q1"), safe_name("../../etc/passwd"), safe_name("café") != safe_name("cafe")
+    ('q1', 'etc_passwd-3754d6cb', True)
+    """
+    import hashlib
+    import re
+    import unicodedata
+
+    text = str(value)
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", ascii_text)
+    readable = re.sub(r"_+", "_", readable).strip("._-")  # no leading dot: no hidden files, no '.' or '..'
+    if readable == text and 0 < len(text) <= max_length:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{readable[:max_length - 9]}-{digest}" if readable else f"x-{digest}"
+
+
+class NameBook:
+    """Unique safe file names inside one folder: the same value always gets the same name, and two values never
+    share one, even on a case-insensitive file system (``Q1`` and ``q1``).
+
+    >>> book = NameBook()
+    >>> book.name("Q1"), book.name("q1"), book.name("Q1")
+    ('Q1', 'q1-2', 'Q1')
+    """
+
+    def __init__(self):
+        self._by_value: dict[str, str] = {}
+        self._taken: set[str] = set()
+
+    def name(self, value: object) -> str:
+        key = str(value)
+        if key not in self._by_value:
+            base = candidate = safe_name(key)
+            n = 2
+            while candidate.casefold() in self._taken:
+                candidate, n = f"{base}-{n}", n + 1
+            self._taken.add(candidate.casefold())
+            self._by_value[key] = candidate
+        return self._by_value[key]
+
+
+def path_inside(folder: str | Path, *names: object, suffix: str = "") -> Path:
+    """``folder / safe_name(n1) / ... + suffix``, checked to resolve inside ``folder`` (a last guard for names
+    that did not come through `safe_name`, e.g. a symbolic link planted in the output folder)."""
+    folder = Path(folder)
+    path = folder.joinpath(*(safe_name(n) for n in names))
+    path = path.with_name(path.name + suffix)
+    root = folder.resolve()
+    target = path.resolve()
+    if target != root and root not in target.parents:
+        import errno  # an OSError: the commands print it in one line (fileio sits below errors in the layers)
+
+        raise PermissionError(errno.EPERM, f"it would be written outside the output folder {folder} (it resolves "
+                                           f"to {target}; a symbolic link in the folder?)", str(path))
+    return path
+
+
+def why_missing(path: str | Path) -> str:
+    """Why ``Path.exists()`` said no, in words: a symbolic link loop and a broken link are not "does not exist".
+
+    >>> why_missing("/no/such/file")
+    'does not exist'
+    """
+    path = Path(path)
+    if path.is_symlink():
+        try:
+            os.stat(path)
+        except OSError as exc:
+            import errno
+
+            if exc.errno == errno.ELOOP:
+                return "is a symbolic link loop"
+            return f"is a broken symbolic link (to {os.readlink(path)})"
+    return "does not exist"

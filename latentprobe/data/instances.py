@@ -57,6 +57,31 @@ class Instance:
         return {k: v for k, v in asdict(self).items() if v not in (None, [], {})}
 
 
+def check_options(instance: Instance, where: str = "") -> Instance:
+    """Refuse a multiple-choice instance whose gold answer is none of its options (it would be scored wrong on
+    every run and counted into accuracy and the chance level), or whose options repeat (two letters, one answer).
+
+    >>> check_options(Instance(id="q", question="?", answer="red", options=["red", "blue"])).gold_letter
+    'A'
+    """
+    if not instance.options:
+        return instance
+    where = where or f"instance {instance.id!r}"
+    seen: dict[str, int] = {}
+    for i, option in enumerate(instance.options):
+        key = " ".join(option.split()).casefold()
+        if key in seen:
+            raise LatentProbeError(f"{where}: options {chr(65 + seen[key])} and {chr(65 + i)} are the same "
+                                   f"({option!r}), so an answer cannot be told apart",
+                                   "make the options distinct (or drop the row)")
+        seen[key] = i
+    if instance.gold_letter is None:
+        raise LatentProbeError(f"{where}: the answer {instance.answer!r} is not among the options "
+                               f"{instance.options!r} (nor one of their letters {', '.join(instance.option_letters)})",
+                               "write the answer as one option's exact text or its letter (or drop the row)")
+    return instance
+
+
 def instance_from_dict(row: dict[str, Any], base_dir: Path | None = None, where: str = "") -> Instance:
     """Validate one JSONL object and resolve its image paths against ``base_dir``."""
     if not isinstance(row, dict):
@@ -90,7 +115,7 @@ def instance_from_dict(row: dict[str, Any], base_dir: Path | None = None, where:
     options = row.get("options")
     if options is not None and (not isinstance(options, list) or not all(isinstance(o, str) for o in options)):
         raise LatentProbeError(f"{where}: 'options' must be a list of strings", "fix the row's options")
-    return Instance(
+    return check_options(Instance(
         id=str(row["id"]),
         question=str(row["question"]),
         answer=str(row["answer"]),
@@ -100,7 +125,7 @@ def instance_from_dict(row: dict[str, Any], base_dir: Path | None = None, where:
         aux_images=[resolve(p) for p in aux],
         split=row.get("split"),
         task=row.get("task"),
-    )
+    ), where)
 
 
 def _path_list(value, name: str, where: str) -> list[str]:
@@ -118,7 +143,10 @@ def load_jsonl(path: str | Path, limit: int | None = None, split: str | None = N
     """Read instances from a JSONL file; image paths are relative to the file's folder."""
     path = Path(path)
     if not path.exists():
-        raise LatentProbeError(f"data file {path} does not exist", "pass --data with a JSONL file or a benchmark folder")
+        from ..fileio import why_missing
+
+        raise LatentProbeError(f"data file {path} {why_missing(path)}",
+                               "pass --data with a JSONL file or a benchmark folder")
     instances: list[Instance] = []
     seen: set[str] = set()
     raw = path.read_bytes()

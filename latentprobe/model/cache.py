@@ -78,7 +78,20 @@ class LatentCache(Mapping):
         """``cache[site]`` with a choice for image sites: every token (``"tokens"``) or their mean (``"mean"``)."""
         from .recording import stack_site_states
 
+        site = as_site(site)
         states = [site_tensor(record, self.layer_ids, site, image=image) for record in self.records]
+        if site.step is not None and site.group in ("latent", "answer") and all(s is None for s in states):
+            # say so, rather than hand back an empty (B, 0) tensor that looks like a result
+            reached = [int(r["latent"].shape[0]) if "latent" in r and r["latent"] is not None else 0
+                       for r in self.records]
+            if site.group == "latent":
+                ran = f"at most {max(reached, default=0)} latent step(s)"
+            else:
+                answers = [int(r["answer_layers"].shape[-2]) for r in self.records if "answer_layers" in r]
+                ran = f"at most {max(answers, default=0)} answer token(s)"
+            raise LatentProbeError(f"no instance reached {site}: these rows ran {ran}",
+                                   f"read a step that was run (cache['{site.group}.layer[{site.layer}]'] holds every "
+                                   "step, NaN where a row stopped earlier), or decode with more latent steps")
         return torch.from_numpy(stack_site_states(states))
 
     def __contains__(self, site) -> bool:
@@ -146,7 +159,8 @@ def run_with_cache(subject, instances, sites: Sequence[Site | str | int] | None 
     protocol = subject.resolved_protocol
     max_steps = None
     if protocol is not None:
-        max_steps = (config.latent_steps if config is not None and config.latent_steps else protocol.num_steps)
+        # One rule with the CLI and the decoder: None means the protocol's K (or cap), 0 means no latent step.
+        max_steps = protocol.num_steps if config is None or config.latent_steps is None else config.latent_steps
     sites = default_sites(n_layers) if sites is None else sites
     sites = check_sites(sites, n_layers, max_latent_steps=max_steps, groups=CACHE_GROUPS)
     if protocol is None and any(s.group == "latent" for s in sites):

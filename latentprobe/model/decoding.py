@@ -44,6 +44,7 @@ import torch
 from .answer_slot import SlotPlan, gather_logged, plan_slot
 from .backbones import backbone_call
 from ..errors import LatentProbeError
+from .compat import cache_keywords
 from .protocol import check_layout
 
 TEXT, LATENT, DONE = 0, 1, 2  # what a row's input is at a step
@@ -265,7 +266,7 @@ class LatentDecoder:
     def _forward(self, **kwargs) -> torch.Tensor:
         """One forward of the multimodal backbone; returns the final-norm hidden state of every position."""
         fn = self.forward_fn or self.inner_model
-        out = fn(**kwargs)
+        out = fn(**cache_keywords(self.inner_model, kwargs))  # transformers >= 5.25 names the cache `cache`
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -932,16 +933,18 @@ def _get_submodule(model, path: str):
 
 @torch.no_grad()
 def replay(subject, batch, result: DecodeResult, position_ids: torch.Tensor | None = None,
-           output_hidden_states: bool = False):
+           output_hidden_states: bool = False, attention_mask: torch.Tensor | None = None):
     """Run a whole decoded sequence in one forward without a cache (the reference for cached decoding).
 
     Ids drive image scattering and positions; embeddings are the ids' embeddings except at the positions whose
     input was a latent vector (``result.input_kinds == LATENT``), where the fed vectors are used as given (a
     zeroed latent stays a latent). Positions default to ``get_rope_index`` over the full sequence. Returns the
     final-norm hidden states (B, T, D), or the full ``hidden_states`` tuple when ``output_hidden_states``.
+    ``attention_mask`` replaces the padding mask in the forward (e.g. a 4D mask with an organism's answer mask).
     """
     device = subject.device
     sequences = result.sequences.to(device)
+    forward_mask = None if attention_mask is None else attention_mask.to(device)
     attention_mask = result.attention_mask.to(device)
     batch = batch.to(device)
     mm_types = torch.zeros_like(sequences)
@@ -962,7 +965,8 @@ def replay(subject, batch, result: DecodeResult, position_ids: torch.Tensor | No
                 attention_mask=attention_mask)
         else:
             position_ids = ((attention_mask.cumsum(-1) - 1).clamp(min=0)).unsqueeze(0).expand(3, -1, -1)
-    out = backbone_call(subject.model)(input_ids=sequences, inputs_embeds=embeds, attention_mask=attention_mask,
+    out = backbone_call(subject.model)(input_ids=sequences, inputs_embeds=embeds,
+                                       attention_mask=attention_mask if forward_mask is None else forward_mask,
                               position_ids=position_ids.to(device), pixel_values=batch.pixel_values,
                               image_grid_thw=batch.image_grid_thw, mm_token_type_ids=mm_types, use_cache=False,
                               output_hidden_states=output_hidden_states)

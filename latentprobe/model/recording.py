@@ -89,7 +89,7 @@ class RecordSpec:
             resolved = num_layers + 1 + layer if layer < 0 else layer
             if not 0 <= resolved <= num_layers:
                 raise LatentProbeError(f"layer {layer} is out of range for a model with {num_layers} blocks",
-                                       f"use 0..{num_layers} (0 = embeddings, {num_layers} = final norm), or -1")
+                                       f"use 0..{num_layers} (0 = embeddings, {num_layers} = final norm) or 'final'")
             layers.append(resolved)
         return sorted(set(layers))
 

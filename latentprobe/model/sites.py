@@ -175,7 +175,9 @@ def check_sites(sites, n_layers: int, max_latent_steps: int | None = None,
                 and site.step >= max_latent_steps:
             raise LatentProbeError(f"site {site} names latent step {site.step}, but the protocol runs at most "
                                    f"{max_latent_steps} latent steps",
-                                   f"use latent steps 0..{max_latent_steps - 1}")
+                                   f"use latent steps 0..{max_latent_steps - 1}" if max_latent_steps else
+                                   "no latent step runs (latent_steps=0): drop the latent sites, or decode with "
+                                   "latent_steps >= 1")
         checked.append(site)
     return checked
 

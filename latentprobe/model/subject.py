@@ -178,6 +178,7 @@ class Subject:
     added_tokens: list[str] = field(default_factory=list)  # tokens added to the tokenizer at load (Mirage)
     answer_prefix: str | None = None  # text written just before the answer (latentprobe.model.answer_slot); None: default
     answer_lead: str = ""  # text written between the answer prefix and the answer (LVR: "<answer> B": a space)
+    image_pipeline: Any = None  # model.image_pipeline.ImagePipeline: the authors' resize before the processor
     _resolved: ResolvedProtocol | None = field(default=None, init=False, repr=False)
     _fingerprint: str | None = field(default=None, init=False, repr=False)
 
@@ -269,6 +270,8 @@ class Subject:
             "text_mediator_markers": list(self.text_mediator_markers) if self.text_mediator_markers else None,
             "authors_settings": self.authors_settings or None, "added_tokens": list(self.added_tokens),
             "answer_prefix": self.answer_slot_prefix,
+            "image_pipeline": self.image_pipeline.describe() if self.image_pipeline is not None else
+            {"resize": "processor", "source": "Qwen2.5-VL's processor defaults"},
             "layers": self.num_layers, "hidden_size": self.hidden_size,
             "backbone": self.model.config.model_type, "text_only": self.text_only,
         }
@@ -420,6 +423,8 @@ class Subject:
         if images is None:
             images = [load_images(inst) for inst in instances]
         merge = getattr(self.image_processor, "merge_size", 2)
+        if self.image_pipeline is not None:  # the family's own resize before the processor (LVR, Monet)
+            images = [[self.image_pipeline.prepare(img) for img in row] for row in images]
         all_images = [img for row in images for img in row]
         pixel_values = grid = None
         if all_images:

@@ -20,7 +20,7 @@ import pandas as pd
 
 from . import figures as fig
 from ..errors import LatentProbeError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, safe_name
 from ..stats.probes import probe_table
 from ..stats.similarity import inter_instance_similarity, intra_instance_similarity, similarity_table
 from ..runs.store import TraceStore
@@ -288,8 +288,10 @@ def _numeric_with_many_values(labels) -> bool:
 
 def effect_tables(run_dirs: Sequence[str | Path]) -> pd.DataFrame | None:
     """Effects summaries (and per-step input->latent change) of intervention runs, in the report's schema."""
+    from ..runs.identity import distinct_runs
+
     frames = []
-    for run_dir in run_dirs:
+    for run_dir in distinct_runs(run_dirs)[0]:  # the same run given twice is counted once
         run_dir = Path(run_dir)
         summary = run_dir / "effects_summary.parquet"
         if summary.exists():
@@ -432,11 +434,15 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
     from .where_report import where_blocks
 
     margins = Margins() if margins is None else margins
+    from ..runs.identity import data_mismatch_notes, distinct_runs
+
     out_dir = Path(out_dir)
     figure_dir = out_dir / "figures"
+    run_dirs, duplicates = distinct_runs(run_dirs)  # the same run given twice would count its rows twice
     run_dirs = [Path(d) for d in run_dirs]
     kinds = [run_kind(d) for d in run_dirs]  # every folder is checked before anything is computed
     stored = [(d, TraceStore(d)) for d, k in zip(run_dirs, kinds) if k in ("trace", "intervene")]
+    mismatched = data_mismatch_notes([(str(d), s.manifest) for d, s in stored])
     subjects, seen = [], set()
     for run_dir, kind in zip(run_dirs, kinds):
         described = _subject_of(run_dir, kind)
@@ -478,9 +484,12 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
                                  "NIE_correct": margins.correctness})
             figures["latent_answer"] = [(paths[0], LATENT_ANSWER_CAPTION)]
         if "step" in causal.columns and causal.step.notna().any():
-            paths = fig.plot_effects_forest(causal, figure_dir / "effects-input-latent", metrics=["change_ratio"],
-                                            reference_lines={"change_ratio": margins.change_ratio})
-            figures["input_latent"] = [(paths[0], INPUT_LATENT_CAPTION.format(margin=margins.change_ratio))]
+            # the verdict's own effect size: placebo-corrected R2 (issue 18); change_ratio for older tables
+            metric = "latent_r2" if (causal.metric == "latent_r2").any() else "change_ratio"
+            margin = margins.latent_r2 if metric == "latent_r2" else margins.change_ratio
+            paths = fig.plot_effects_forest(causal, figure_dir / "effects-input-latent", metrics=[metric],
+                                            reference_lines={metric: margin})
+            figures["input_latent"] = [(paths[0], INPUT_LATENT_CAPTION.format(margin=margin))]
     provenance = run_provenance(run_dirs, kinds, out_dir)
     incomplete = [w for _, store in stored for w in store.completeness()["warnings"]]
     for warning in incomplete:
@@ -492,6 +501,10 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
         data["WARNING: incomplete runs"] = " ".join(incomplete)
     sections, where_figures = patching_blocks(run_dirs, out_dir)
     sections += where_blocks(run_dirs)
+    for warning in duplicates + mismatched:
+        log.warning(warning)
+    if duplicates or mismatched:  # counted once / merged as one subject: said in the report, not only the log
+        data["WARNING: runs"] = " ".join(duplicates + mismatched)
     kwargs = {"title": title} if title else {}
     judged = report_verdicts(subjects, effects, similarity, probes, margins)  # once, for the report and the tables
     md, html = write_report(out_dir, subjects=subjects, data=data, effects=effects, similarity=similarity,
@@ -504,9 +517,11 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
     return md, html
 
 
-INPUT_LATENT_CAPTION = ("How far each latent step moves under each input edit, as a share of the distance to another "
-                        "instance's latents (change_ratio, 95% CI; 0 = not at all, 1 = as far as another instance). "
-                        "Dashed: the margin {margin:g}; an interval wholly left of it is `disconnect`.")
+INPUT_LATENT_CAPTION = ("How much of the latents' variance each input edit moves, per latent step and over all steps "
+                        "(latent_r2: placebo-corrected share of the spread among instances that share everything "
+                        "but the edited input, 95% BCa interval; 0 = ignores the input, 1 = follows it as far as "
+                        "another instance's input moves it). Dashed: the margin {margin:g}; an interval wholly "
+                        "left of it is `disconnect`, wholly right of it `connected`.")
 LATENT_ANSWER_CAPTION = ("Answer changes under latent and text edits (flip rate, exact 95% CI), the accuracy change, and "
                          "the natural indirect effect of an image swap on correctness (NIE). Dashed: the margins; "
                          "an interval wholly inside them is negligible. Points: subjects.")
@@ -554,7 +569,8 @@ def _merge(into: dict[str, list[Path]], made: dict[str, list[Path]]):
 
 
 def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
+    """A subject name as a file name (one sanitiser for every name derived from data: `fileio.safe_name`)."""
+    return safe_name(name)
 
 
 def _write_table(frame: pd.DataFrame, stem: Path):

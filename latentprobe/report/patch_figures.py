@@ -18,6 +18,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from ..fileio import safe_name
+from ..stats.effects import interval_text
 from ..where.patching import DECODE_GROUPS, LOGODDS_METRIC_OF, METRIC_OF, PROMPT_GROUPS
 from .blocks import Figure, Heading, Paragraph, Table
 
@@ -103,7 +105,7 @@ def patching_heatmaps(table: pd.DataFrame, out_dir: str | Path, annotate: bool =
                              label=RECOVERY_LABEL if row_index == 0 else LOGODDS_LABEL)
         fig.suptitle(f"{subject}: activation patching under {corruption} ({semantics} later latent steps)",
                      fontsize=10)
-        stem = out_dir / f"{subject}-patching-{_slug(corruption)}-{semantics}"
+        stem = out_dir / safe_name(f"{subject}-patching-{_slug(corruption)}-{semantics}")
         fig.savefig(f"{stem}.png", dpi=130, facecolor="white")
         fig.savefig(f"{stem}.svg")
         made.append(Path(f"{stem}.png"))
@@ -145,10 +147,10 @@ def _top_sites_table(exact: pd.DataFrame, top: int) -> pd.DataFrame:
             flip = flips.loc[row.site] if row.site in flips.index else None
             records.append({
                 "direction": direction, "site": row.site, "metric": metric,
-                "estimate [95% CI]": f"{row.estimate:+.3f} [{row.ci_low:+.3f}, {row.ci_high:+.3f}]",
+                "estimate [95% CI]": interval_text(row.estimate, row.ci_low, row.ci_high, row.n),
                 "n": int(row.n), "excluded (gap < min_gap)": int(row.n_excluded),
                 "answer flips [95% CI]": "-" if flip is None else
-                f"{flip.estimate:.2f} [{flip.ci_low:.2f}, {flip.ci_high:.2f}] (n={int(flip.n)})"})
+                f"{interval_text(flip.estimate, flip.ci_low, flip.ci_high, flip.n, 2, False)} (n={int(flip.n)})"})
     return pd.DataFrame(records)
 
 
@@ -203,7 +205,7 @@ def knockout_table(effects: pd.DataFrame) -> pd.DataFrame:
             if metric not in get.index:
                 return "-"
             r = get.loc[metric]
-            return f"{r.estimate:+.{digits}f} [{r.ci_low:+.{digits}f}, {r.ci_high:+.{digits}f}]"
+            return interval_text(r.estimate, r.ci_low, r.ci_high, r.get("n"), digits)
 
         clean = get.estimate.get("accuracy_clean", np.nan)
         after = get.estimate.get("accuracy_intervened", np.nan)

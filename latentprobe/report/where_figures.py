@@ -17,13 +17,16 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from ..errors import LatentProbeError
+from ..fileio import NameBook, path_inside
 
 DPI = 130
 
 
 def save_png(fig: Figure, path: str | Path) -> Path:
     """Write ``fig`` as a PNG (parents created) and return the path."""
-    path = Path(path).with_suffix(".png")
+    path = Path(path)
+    if path.suffix != ".png":  # append, never replace: an instance id "a.b" must not become "a.png"
+        path = path.with_name(path.name + ".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
     return path
@@ -167,12 +170,13 @@ def draw_grounding_run(run_dir: str | Path, instances, subject_name: str, n_over
             figures.append(save_png(grounding_hit_heatmap(summary, measure=measure),
                                     run_dir / "figures" / f"grounding-hit-rate-{measure}"))
     by_id = {inst.id: inst for inst in instances}
+    overlay_names = NameBook()  # instance ids are data: never a path out of the folder, never two on one file
     for instance_id in list(dict.fromkeys(table["instance_id"]))[:n_overlays]:
         image = np.asarray(load_images(by_id[instance_id])[0].convert("RGB"))
         rows = table[(table["instance_id"] == instance_id) & (table["measure"] == "centred")]
         figures.append(save_png(grounding_overlay(image, rows, title=f"{subject_name} · {instance_id} · centred "
                                                   "cosine; white: answer region, x: peak"),
-                                run_dir / "figures" / "overlays" / f"{instance_id}"))
+                                path_inside(run_dir / "figures" / "overlays", overlay_names.name(instance_id))))
     return figures
 
 

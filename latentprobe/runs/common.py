@@ -58,6 +58,9 @@ def row_record(subject, instance: Instance, row: RowOutput, **extra: Any) -> dic
         "mediator_text": subject.mediator_span(row.raw_text) if subject.text_mediator_markers else None,
         "entered_latent": row.entered_latent, "latent_start": -1 if row.latent_start is None else row.latent_start,
         "n_latent_steps": row.n_latent_steps, "latent_segments": [list(s) for s in row.latent_segments],
+        # A row that enters latent mode again: latentprobe caps every phase at the protocol's K, where Mirage's own
+        # loop never ends a second phase (its step count and end flag are not reset); flagged so users can compare.
+        "n_latent_phases": len(row.latent_segments), "reentered_latent": len(row.latent_segments) > 1,
         "forced_start": row.forced_start, "stop_reason": row.stop_reason, "n_generated": len(row.generated_ids),
         "answer_slot": row.answer_slot, "answer_slot_offset": row.answer_slot_offset,
         "latent_exit": [subject.tokenizer.convert_ids_to_tokens(i) for i in row.latent_exit_ids],
@@ -70,7 +73,8 @@ def row_record(subject, instance: Instance, row: RowOutput, **extra: Any) -> dic
 def failed_record(subject, instance: Instance, reason: str, **extra: Any) -> dict[str, Any]:
     """The index row for an instance that failed, with its reason (the rest of the run goes on)."""
     return {"instance_id": instance.id, "subject": subject.name, "status": "failed", "error": reason,
-            "correct": False, "entered_latent": False, "n_latent_steps": 0, "split": instance.split or "",
+            "correct": False, "entered_latent": False, "n_latent_steps": 0, "n_latent_phases": 0,
+            "reentered_latent": False, "split": instance.split or "",
             "task": instance.task or "", "attributes": dict(instance.attributes), **extra}
 
 

@@ -38,6 +38,16 @@ from ..fileio import atomic_write, atomic_write_json
 from ..model.recording import stack_site_states  # noqa: F401  (shared with run_with_cache; re-exported)
 
 FORMAT_NAME = "latentprobe-trace"
+
+
+def damaged_shard_fix(run_dir) -> str:
+    """The one fix for a damaged or missing shard, for readers (similarity, report, probe) as for writers."""
+    return (f"run the trace or intervene command that wrote {run_dir} again with --resume and the same --out: "
+            "it sets damaged shards aside in damaged/ and re-runs exactly their instances")
+
+
+# Shards already checked in this process, by (path, size, mtime, expected digest): each is hashed once.
+_VERIFIED_SHARDS: set[tuple[str, int, int, str]] = set()
 FORMAT_VERSION = 1
 log = logging.getLogger(__name__)
 
@@ -71,13 +81,34 @@ class TraceWriter:
         self._pending: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []
         # shared: several writers (distributed ranks) start one run together; each writes its own shards.
         resume = resume or shared
+        from .folders import LOCK_NAME, RunFolderLock, is_empty_folder
+
+        self._check_folder(resume, shared, is_empty_folder)  # before the lock: a refused folder gets no lock file
+        # One writer per folder (per rank name in a distributed run): a second one stops with one line.
+        self._lock = RunFolderLock(self.run_dir, LOCK_NAME if not shared else f"{LOCK_NAME}-{writer_id}")
+        try:
+            self._open(manifest, resume, shared, writer_id)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _check_folder(self, resume: bool, shared: bool, is_empty_folder) -> None:
         existing = (self.run_dir / "manifest.json").exists()
         if existing and not resume:
             raise LatentProbeError(f"output folder {self.run_dir} already holds a run",
                                    "pass --resume to continue it, or choose a new --out folder")
-        if not existing and self.run_dir.exists() and any(self.run_dir.iterdir()) and not resume:
-            raise LatentProbeError(f"output folder {self.run_dir} exists and is not empty",
-                                   "choose a new --out folder")
+        if not existing and not is_empty_folder(self.run_dir) and not shared:  # other ranks may be starting it
+            raise LatentProbeError(f"output folder {self.run_dir} exists and is not empty, and holds no run that "
+                                   "--resume could continue (no manifest.json)", "choose a new --out folder")
+        if existing:
+            kind = read_manifest(self.run_dir).get("format")
+            if kind != FORMAT_NAME:
+                raise LatentProbeError(f"output folder {self.run_dir} holds a {kind or 'non-trace'} run, not a "
+                                       "trace or intervene run that --resume could continue",
+                                       "choose a new --out folder")
+
+    def _open(self, manifest, resume: bool, shared: bool, writer_id: str) -> None:
+        existing = (self.run_dir / "manifest.json").exists()
         (self.run_dir / "shards").mkdir(parents=True, exist_ok=True)
         (self.run_dir / "index").mkdir(parents=True, exist_ok=True)
         if existing:
@@ -120,7 +151,6 @@ class TraceWriter:
     def flush(self):
         if not self._pending:
             return
-        from safetensors.torch import save_file
 
         name = f"{self.writer_id}-{self._seq:05d}"
         tensors: dict[str, torch.Tensor] = {}
@@ -132,7 +162,8 @@ class TraceWriter:
             rows.append({"record_id": record_id, "shard": name, "tensors": sorted(row_tensors), **row})
         size, digest = 0, ""
         if tensors:
-            shard = atomic_write(self.run_dir / "shards" / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp))
+            shard = atomic_write(self.run_dir / "shards" / f"{name}.safetensors",
+                                 lambda tmp: _save_shard(tensors, tmp))
             size, digest = shard.stat().st_size, file_sha256(shard)
         for row in rows:
             row["shard_bytes"], row["shard_sha256"] = size, digest
@@ -146,7 +177,10 @@ class TraceWriter:
         atomic_write_json(self.run_dir / "manifest.json", self.manifest)
 
     def close(self):
-        self.flush()
+        try:
+            self.flush()
+        finally:
+            self._lock.release()
 
     def __enter__(self):
         return self
@@ -205,6 +239,7 @@ class TraceStore:
                 raise LatentProbeError(f"{self.run_dir}: shard {path} is missing (a half-written or copied run?)",
                                        "run the same command again with --resume: it re-runs exactly the "
                                        "instances of a missing or damaged shard")
+            self._verify_shard(name, path)
             try:
                 self._handles[name] = safe_open(str(path), framework="pt")
             except Exception as exc:  # safetensors raises its own error type for a truncated header
@@ -213,11 +248,39 @@ class TraceStore:
                                        "instances of a damaged shard") from None
         return self._handles[name]
 
+    def _verify_shard(self, name: str, path: Path) -> None:
+        """Check a shard's size and SHA-256 against its index rows before its first read in this process (a
+        flipped byte must fail here, not turn a latent of 0.04 into 1e37 downstream)."""
+        frame = self.index()
+        if "shard_sha256" not in frame.columns or "shard" not in frame.columns:
+            return  # written before checksums were recorded
+        rows = frame[frame["shard"] == name]
+        if not len(rows):
+            return
+        expected_size, expected = int(rows["shard_bytes"].iloc[0]), str(rows["shard_sha256"].iloc[0])
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, expected)
+        if key in _VERIFIED_SHARDS:
+            return
+        if stat.st_size != expected_size:
+            reason = f"it is {stat.st_size} bytes, its index says {expected_size}"
+        elif file_sha256(path) != expected:
+            reason = "its SHA-256 differs from the one its index recorded"
+        else:
+            _VERIFIED_SHARDS.add(key)
+            return
+        raise LatentProbeError(f"shard {path} is damaged ({reason})", damaged_shard_fix(self.run_dir))
+
     def tensor(self, record_id: str, name: str) -> torch.Tensor:
         shard = record_id.rsplit("-", 1)[0]
         key = f"{record_id}/{name}"
         handle = self._shard(shard)
         if key not in handle.keys():
+            listed = self.index().set_index("record_id")["tensors"].get(record_id) \
+                if "tensors" in self.index().columns else None
+            if listed is not None and name in list(listed):  # the index says it was written: damage, not a choice
+                raise LatentProbeError(f"shard {shard} does not hold {key} although its index lists it (a shard "
+                                       "swapped or replaced by another file)", damaged_shard_fix(self.run_dir))
             raise LatentProbeError(f"record {record_id} has no tensor {name!r}",
                                    "record it when tracing (trace --layers, --image-states all|mean, --answer-states) or pick "
                                    "another representation")
@@ -428,6 +491,26 @@ def _read_index_part(path: Path, columns):
         raise LatentProbeError(f"index part {path} is damaged ({type(exc).__name__}: {str(exc)[:120]})",
                                "run the same command again with --resume: it re-runs exactly that part's "
                                "instances") from None
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """safetensors' ``save_file``, with its I/O errors (its own ``SafetensorError``, e.g. "No space left on device
+    (os error 28)") raised as the OSError they are, so the command's one-line message (disk full: free space,
+    then --resume) fires instead of a traceback."""
+    import re
+
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, path)
+    except OSError:
+        raise
+    except Exception as exc:
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None or type(exc).__name__ != "SafetensorError":
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), path) from None
 
 
 def file_sha256(path: Path) -> str:

@@ -177,6 +177,10 @@ def _tally_from_store(summary: TraceSummary, out_dir, instance_ids: list[str]):
         summary.n_unparsable = int((ok.answer_status == "unparsable").sum())
         if "answer_slot" in ok.columns:
             summary.n_slot_forced = int((ok.answer_slot == "forced").sum())
+        if "reentered_latent" in ok.columns and ok.reentered_latent.fillna(False).astype(bool).any():
+            again = int(ok.reentered_latent.fillna(False).astype(bool).sum())
+            summary.warnings.append(f"{again} row(s) entered latent mode more than once (index: reentered_latent); "
+                                    "latentprobe caps every phase, where Mirage's own loop never ends a second one")
     missing = len(instance_ids) - len(frame)
     if missing > 0:
         summary.warnings.append(f"{missing} instance(s) have no record (interrupted?); run again with --resume")

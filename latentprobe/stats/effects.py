@@ -699,3 +699,21 @@ def summarize(rows: pd.DataFrame, group_cols: Sequence[str] = ("subject", "targe
         return pd.DataFrame(columns=[*group_cols, *RESULT_COLUMNS, "mediator", "confidence"])
     table = pd.concat(frames, ignore_index=True)[[*group_cols, *RESULT_COLUMNS, "mediator"]]
     return table.assign(confidence=1 - alpha)  # the level of every interval, which the verdicts must know
+
+
+def interval_text(estimate: float, low: float, high: float, n, digits: int = 3, signed: bool = True) -> str:
+    """``+0.412 [+0.210, +0.600]`` -- or ``+1.000 (n = 1: no interval)`` where one instance (or a bootstrap of
+    identical values) gives a zero-width or missing interval, as the verdicts treat it: no evidence of spread.
+
+    >>> interval_text(1.0, 1.0, 1.0, 1)
+    '+1.000 (n = 1: no interval)'
+    >>> interval_text(0.25, 0.1, 0.4, 12, digits=2, signed=False)
+    '0.25 [0.10, 0.40]'
+    """
+    sign = "+" if signed else ""
+    value = f"{estimate:{sign}.{digits}f}"
+    count = None if n is None or (isinstance(n, float) and math.isnan(n)) else int(n)
+    no_width = not (math.isfinite(low) and math.isfinite(high)) or low == high
+    if (count is not None and count < 2) or no_width:
+        return f"{value} (n = {count if count is not None else '?'}: no interval)"
+    return f"{value} [{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"

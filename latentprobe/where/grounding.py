@@ -42,6 +42,7 @@ Table schema (`GROUNDING_COLUMNS`; one row per instance x query position x layer
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import numpy as np
@@ -95,7 +96,16 @@ def truth_boxes(instance) -> list[tuple[float, float, float, float]] | None:
             if not all(np.isfinite([x, y, w, h])) or w <= 0 or h <= 0:
                 raise LatentProbeError(f"instance {instance.id}: bbox {box} has no area or is not finite",
                                        "fix the annotation (w and h must be > 0)")
-            out.append((x / width, y / height, (x + w) / width, (y + h) / height))
+            x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
+            if x1 <= x0 or y1 <= y0:
+                raise LatentProbeError(f"instance {instance.id}: bbox {box} lies outside its {width} x {height} image",
+                                       "fix the annotation ([x, y, w, h] in the image's own pixels)")
+            if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+                # a box beyond the image would count every token as inside (chance 1.0) without a word
+                logging.getLogger(__name__).warning(
+                    "instance %s: bbox %s reaches beyond its %d x %d image; clamped to [%g, %g, %g, %g]",
+                    instance.id, list(box), width, height, x0, y0, x1 - x0, y1 - y0)
+            out.append((x0 / width, y0 / height, x1 / width, y1 / height))
         return out
     return None
 
@@ -310,8 +320,11 @@ def check_grounding_input(subject, instances, layers: Sequence[int] | None, imag
 
 def run_grounding(subject, instances, *, config=None, layers: Sequence[int] | None = None,
                   image_layer: int | None = None, n_random: int = 100, batch_size: int = 16,
-                  measures: Sequence[str] = MEASURES, seed: int = 0) -> pd.DataFrame:
-    """Decode ``instances`` in batches (`run_with_cache`) and return the grounding table (module docstring)."""
+                  measures: Sequence[str] = MEASURES, seed: int = 0, journal=None) -> pd.DataFrame:
+    """Decode ``instances`` in batches (`run_with_cache`) and return the grounding table (module docstring).
+
+    ``journal`` (a `latentprobe.runs.journal.ChunkJournal`) keeps each finished batch on disk and skips the
+    batches it already holds (``ground --resume``)."""
     from ..model.cache import run_with_cache
 
     layers = check_grounding_input(subject, instances, layers, image_layer)
@@ -326,8 +339,14 @@ def run_grounding(subject, instances, *, config=None, layers: Sequence[int] | No
     sites = [Site(g, layer) for g in groups for layer in layers] + [Site("image", layer) for layer in image_layers]
     parts = []
     for start in range(0, len(instances), batch_size):
+        done = journal.load(start, ("grounding",)) if journal is not None else None
+        if done is not None:
+            parts.append(done["grounding"])
+            continue
         chunk = instances[start:start + batch_size]
         _, cache = run_with_cache(subject, chunk, sites=sites, config=config)
         parts.append(grounding_table(subject.name, cache, chunk, layers=layers, image_layer=image_layer,
                                      n_random=n_random, seed=seed, measures=measures))
+        if journal is not None:
+            journal.save(start, {"grounding": parts[-1]})
     return pd.concat(parts, ignore_index=True)

@@ -185,10 +185,11 @@ def gold_rank_summary(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def run_lens(subject, instances, *, config=None, layers: Sequence[int] | None = None, top_k: int = 5,
-             batch_size: int = 16, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+             batch_size: int = 16, seed: int = 0, journal=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Decode ``instances`` in batches (`run_with_cache`) and return (lens table, nearest-embedding table).
 
-    Everything is checked (LM head, latent phase, layers) before the model runs.
+    Everything is checked (LM head, latent phase, layers) before the model runs. ``journal`` (a
+    `latentprobe.runs.journal.ChunkJournal`) keeps each finished batch on disk and skips those it holds.
     """
     from ..model.cache import run_with_cache
     from ..model.sites import check_sites
@@ -201,8 +202,15 @@ def run_lens(subject, instances, *, config=None, layers: Sequence[int] | None = 
     sites = check_sites([Site("latent", layer) for layer in sorted(set(layers) | {0})], subject.num_layers)
     lens_parts_, nearest_parts = [], []
     for start in range(0, len(instances), batch_size):
+        done = journal.load(start, ("lens", "nearest")) if journal is not None else None
+        if done is not None:
+            lens_parts_.append(done["lens"])
+            nearest_parts.append(done["nearest"])
+            continue
         chunk = instances[start:start + batch_size]
         _, cache = run_with_cache(subject, chunk, sites=sites, config=config)
         lens_parts_.append(logit_lens_table(subject, cache, chunk, layers=layers, top_k=top_k, seed=seed))
         nearest_parts.append(nearest_embedding_table(subject, cache, chunk, top_k=top_k, seed=seed))
+        if journal is not None:
+            journal.save(start, {"lens": lens_parts_[-1], "nearest": nearest_parts[-1]})
     return pd.concat(lens_parts_, ignore_index=True), pd.concat(nearest_parts, ignore_index=True)

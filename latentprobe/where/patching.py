@@ -145,7 +145,9 @@ def resolve_grid(subject, layers: Sequence[int] | str | None = None, steps: Sequ
             raise LatentProbeError(f"patching layer {layer} is out of range: {subject.name} has {n_layers} blocks",
                                    f"use layers 0..{n_layers} (0 = embeddings / fed-back vector, {n_layers} = final norm)")
     latent = subject.protocol is not None
-    max_steps = ((config.latent_steps if config is not None else None) or subject.protocol.num_steps) if latent else 0
+    # None: the protocol's K (or cap); 0: no latent step (one rule with DecodeConfig and the CLI)
+    configured = config.latent_steps if config is not None else None
+    max_steps = (subject.protocol.num_steps if configured is None else configured) if latent else 0
     if steps is None:
         steps = list(range(max_steps))
     steps = _as_int_list(steps, "step")
@@ -521,8 +523,11 @@ class PatchResult:
                 out.append(f"{direction:<8} no instance left: the corruption moved p_gold by less than min_gap in "
                            f"all {excluded} (use another corruption, or a subject that reads the image)")
             for row in shown.head(5).itertuples():
-                out.append(f"{direction:<8} {row.site:<24} {row.metric:<9} {row.estimate:+.3f} "
-                           f"[{row.ci_low:+.3f}, {row.ci_high:+.3f}] n={row.n} (excluded {row.n_excluded})")
+                from ..stats.effects import interval_text
+
+                out.append(f"{direction:<8} {row.site:<24} {row.metric:<9} "
+                           f"{interval_text(row.estimate, row.ci_low, row.ci_high, row.n)} n={row.n} "
+                           f"(excluded {row.n_excluded})")
         for row in self.agreement.dropna(subset=["spearman_rho"]).itertuples():
             out.append(f"attribution vs exact ({row.direction}): Spearman rho {row.spearman_rho:+.3f} "
                        f"over {row.n_sites} sites")
@@ -539,7 +544,7 @@ def patch_map(subject, instances: Sequence[Instance], out_dir: str | Path | None
               directions: Sequence[str] = DIRECTIONS, corruption: str = "image-swap", noise_scale: float = 3.0, semantics: str = "recompute",
               min_gap: float = 0.05, attribution: bool = True, config: DecodeConfig | None = None,
               batch_size: int = 8, max_rows: int = 512, seed: int = 0, n_boot: int = 1000,
-              progress: bool = False) -> PatchResult:
+              progress: bool = False, resume: bool = False) -> PatchResult:
     """Exact activation patching over the (layer x latent step) and (layer x position group) grid, both
     directions, plus attribution patching (one forward/backward pair per run) where ``attribution``.
 
@@ -562,14 +567,14 @@ def patch_map(subject, instances: Sequence[Instance], out_dir: str | Path | None
         the run being patched).
     min_gap : instances with ``|p_clean - p_corrupt| < min_gap`` are excluded from recovery / damage.
     max_rows : at most this many rows decoded side by side (bounds memory on large models).
+    resume : continue an interrupted run in ``out_dir`` (the same settings; finished batches are read back, the
+        others computed: the tables equal an uninterrupted run's).
 
     Returns
     -------
     PatchResult
     """
     import time
-
-    from ..interventions import derangement
 
     started = time.time()
     config = config or DecodeConfig(max_new_tokens=subject.max_new_tokens, seed=seed)
@@ -583,6 +588,34 @@ def patch_map(subject, instances: Sequence[Instance], out_dir: str | Path | None
                                "pass positive numbers")
     if not (n_boot >= 1 and float(n_boot).is_integer()):  # used only at the end, after every model pass
         raise LatentProbeError(f"n_boot must be an integer >= 1, got {n_boot}", "pass a positive bootstrap count")
+    lock = journal = None
+    if out_dir is not None:  # a new folder (or, resuming, its own run), held against a second writer
+        from ..runs.folders import RunFolderLock
+        from ..runs.journal import ChunkJournal, prepare_resumable_folder
+
+        lock = RunFolderLock(prepare_resumable_folder(out_dir, "patch", resume))
+    try:
+        if out_dir is not None:
+            journal = ChunkJournal(out_dir, "patch", {
+                "subject_fingerprint": subject.fingerprint(), "instance_ids": [i.id for i in instances],
+                "grid": grid.describe(), "directions": list(directions), "corruption": corruption,
+                "noise_scale": noise_scale, "semantics": semantics, "min_gap": min_gap, "attribution": attribution,
+                "decode": asdict(config), "batch_size": batch_size, "max_rows": max_rows, "seed": seed}, resume)
+        return _patch_into(subject, instances, out_dir, grid, directions, corruption, noise_scale, semantics,
+                           min_gap, attribution, config, batch_size, max_rows, seed, n_boot, progress, started,
+                           journal)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _patch_into(subject, instances, out_dir, grid, directions, corruption, noise_scale, semantics, min_gap,
+                attribution, config, batch_size, max_rows, seed, n_boot, progress, started,
+                journal=None) -> PatchResult:
+    import time
+
+    from ..interventions import derangement
+
     decoder = LatentDecoder(subject, config)
     noise = None
     if corruption == "image-noise":
@@ -609,12 +642,20 @@ def patch_map(subject, instances: Sequence[Instance], out_dir: str | Path | None
                                "check the data's image paths" if corruption in IMAGE_CORRUPTIONS else
                                "check the data's image paths (question-swap keeps each instance's images)")
     donor_of = {inst.id: instances[d].id for inst, d in zip(instances, donors)}
-    rows: list[dict] = []
-    attribution_rows: list[dict] = []
+    exact_parts: list[pd.DataFrame] = []
+    attribution_parts: list[pd.DataFrame] = []
     timing = {"reference": 0.0, "exact": 0.0, "attribution": 0.0}
     bar = progress_bar(len(usable), progress, "patch")
     for start in range(0, len(usable), batch_size):
         chunk = usable[start:start + batch_size]
+        done = journal.load(start, ("exact", "attribution")) if journal is not None else None
+        if done is not None:  # finished before an interruption (patch --resume)
+            exact_parts.append(done["exact"])
+            attribution_parts.append(done["attribution"])
+            bar.update(len(chunk))
+            continue
+        rows: list[dict] = []
+        attribution_rows: list[dict] = []
         tick = time.time()
         clean_images = [loaded[i.id] for i in chunk]
         if corruption == "question-swap":  # this instance's images and options, the donor's question
@@ -649,9 +690,16 @@ def patch_map(subject, instances: Sequence[Instance], out_dir: str | Path | None
                         attribution_rows.append(_attribution_row(subject, inst, b, direction, corruption_name,
                                                                  semantics, site, value, outcomes, min_gap, seed))
                 timing["attribution"] += time.time() - tick
+        frames = {"exact": pd.DataFrame(rows), "attribution": pd.DataFrame(attribution_rows)}
+        if journal is not None:  # kept on disk, and read back so a resumed run is built from the same frames
+            journal.save(start, frames)
+            frames = journal.load(start, ("exact", "attribution"))
+        exact_parts.append(frames["exact"])
+        attribution_parts.append(frames["attribution"])
         bar.update(len(chunk))
     bar.close()
-    frame = pd.DataFrame(rows + attribution_rows)
+    parts = [f for f in exact_parts + attribution_parts if len(f)]
+    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     table = summarize_patching(frame, n_boot=n_boot, seed=seed)
     agreement = attribution_agreement(table)
     result = PatchResult(rows=frame, table=table, agreement=agreement, grid=grid,

@@ -122,7 +122,12 @@ def load_benchmark(name: str, folder: str | Path, limit: int | None = None, spli
     if unknown:
         raise LatentProbeError(f"the {canonical_name(name)} loader takes no option(s) {', '.join(unknown)}",
                                f"its options are {', '.join(sorted(accepted - {'folder', 'limit', 'split', 'cache_dir'})) or 'none'}")
-    return loader(folder, limit=limit, split=split, cache_dir=cache_dir, **options)
+    from ..instances import check_options
+
+    instances = loader(folder, limit=limit, split=split, cache_dir=cache_dir, **options)
+    for instance in instances:  # a gold answer outside the options would be scored wrong on every run
+        check_options(instance, f"{canonical_name(name)} instance {instance.id!r}")
+    return instances
 
 
 __all__ = ["BENCHMARKS", "canonical_name", "detect", "load_benchmark", "looks_like"]

@@ -33,7 +33,9 @@ def require_path(folder: str | Path, benchmark: str, download_hint: str) -> Path
     """The benchmark's folder (or file) as a Path; a missing one is a LatentProbeError saying what to do."""
     path = Path(folder).expanduser()
     if not path.exists():
-        raise LatentProbeError(f"{benchmark}: data folder {path} does not exist", download_hint)
+        from ...fileio import why_missing
+
+        raise LatentProbeError(f"{benchmark}: data folder {path} {why_missing(path)}", download_hint)
     return path
 
 

@@ -48,7 +48,9 @@ def make_task(name: str, n: int, seed: int, out_dir: str | Path, test_fraction: 
     data_path = out_dir / DATA_FILE
     if data_path.exists():
         if not overwrite:
-            raise LatentProbeError(f"{data_path} already exists", "pick another out_dir or pass overwrite=True")
+            raise LatentProbeError(f"{data_path} already exists",
+                                   "choose another --out folder (from Python: make_task(..., overwrite=True) "
+                                   "replaces it)")
         _remove_previous_images(out_dir)
 
     generate = TASKS[name]

@@ -145,7 +145,9 @@ def load_checkpoint(folder: str, protocol: str | None = None, name: str | None =
 
     path = Path(folder)
     if not path.exists():
-        raise LatentProbeError(f"checkpoint folder {folder} does not exist",
+        from ...fileio import why_missing
+
+        raise LatentProbeError(f"checkpoint folder {folder} {why_missing(path)}",
                                "pass an existing folder, or a subject name from `latentprobe subjects`")
     if not (path / "config.json").exists():
         raise LatentProbeError(f"{folder} has no config.json", "point at the folder holding config.json and weights")
@@ -169,7 +171,7 @@ def load_checkpoint(folder: str, protocol: str | None = None, name: str | None =
     if not any(path.glob("*.safetensors")):
         raise LatentProbeError(f"{folder} has no .safetensors weights",
                                "convert the weights to safetensors; latentprobe never unpickles .bin files")
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", trust_remote_code=False)
+    tokenizer = _load_tokenizer(path)
     added = [token for token in add_tokens if token not in tokenizer.get_vocab()]
     for token in added:  # one call per token, in the authors' order, so the ids are the ones they got
         tokenizer.add_tokens(token, special_tokens=True)
@@ -286,3 +288,30 @@ def _register_builtin_families():
         except ImportError as exc:
             raise LatentProbeError(f"LATENTPROBE_FAMILIES names {module!r}, which cannot be imported ({exc})",
                                    "put the module on PYTHONPATH, or fix the name") from None
+
+
+def _load_tokenizer(path: Path):
+    """The checkpoint's tokenizer, never running its own code; a tokenizer transformers cannot build without that
+    code (or without a tokenizer.json) is one line naming the file and the fix, not a traceback."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, padding_side="left", trust_remote_code=False)
+    except Exception as exc:  # ValueError, OSError, ImportError... transformers' error types vary by version
+        config = path / "tokenizer_config.json"
+        named = ""
+        try:
+            import json as _json
+
+            settings = _json.loads(config.read_text(encoding="utf-8")) if config.exists() else {}
+            if isinstance(settings, dict) and (settings.get("auto_map") or settings.get("tokenizer_class")):
+                named = (f" (it names {'remote code in auto_map' if settings.get('auto_map') else 'the class'} "
+                         f"{settings.get('tokenizer_class') or settings.get('auto_map')})")
+        except (OSError, ValueError):
+            pass
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise LatentProbeError(f"{config}{named}: transformers cannot build this tokenizer without running the "
+                               f"checkpoint's own code or converting a slow tokenizer ({type(exc).__name__}: {first})",
+                               "add the model's tokenizer.json (the fast tokenizer file) to the folder, or set "
+                               "tokenizer_class to Qwen2Tokenizer in tokenizer_config.json; latentprobe never runs "
+                               "a checkpoint's code") from None

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ...errors import LatentProbeError
+from ..image_pipeline import LVR_PIPELINE, MIRAGE_PIPELINE, MONET_PIPELINE, PROCESSOR_DEFAULT, ImagePipeline
 from ..protocol import get_protocol
 from ..subject import PromptStyle, Subject
 from . import SubjectSpec, download_checkpoint, load_checkpoint, register, unregister, _looks_like_hub_id
@@ -77,6 +78,7 @@ class FamilySpec(SubjectSpec):
     head: str = "none"
     answer_prefix: str | None = None  # text just before the answer (latentprobe.model.answer_slot); None: the default rule
     answer_lead: str = ""  # text between the answer prefix and the answer (LVR writes "<answer> B"): candidate ids
+    image_pipeline: ImagePipeline = PROCESSOR_DEFAULT  # how the authors' code resizes images before the processor
     notes: str = ""
     # Beyond the three Qwen2.5-VL families (issue 23):
     backbone: str = "qwen2_5_vl"  # "qwen2_5_vl", or "text" for a decoder-only causal LM (Coconut, CODI)
@@ -95,7 +97,7 @@ class FamilySpec(SubjectSpec):
                 "decoding": "greedy by default; --decoding authors runs authors_settings",
                 "authors_settings": self.authors_settings, "config_token_ids": self.config_token_ids,
                 "adds_tokens_at_load": list(self.adds_tokens), "benchmark_options": self.benchmark_options,
-                "feedback_head": self.head, "notes": self.notes,
+                "feedback_head": self.head, "notes": self.notes, "image_pipeline": self.image_pipeline.describe(),
                 "answer_slot": _answer_slot_rule(self),
                 "latent_layout": protocol["latent_layout"] if protocol else None,
                 "backbone": self.backbone, "latent_steps_from_config": self.config_latent_steps,
@@ -160,6 +162,7 @@ def _builder(spec_name: str):
                                   image_pixels=pixels if all(pixels) else None,
                                   answer_prefix=spec.answer_prefix)
         subject.answer_lead = spec.answer_lead
+        subject.image_pipeline = spec.image_pipeline
         if subject.protocol is not None and subject.protocol.head_module:
             attach_feedback_head(subject, Path(folder))
         _steps_from_config(subject, spec)
@@ -265,6 +268,7 @@ FAMILIES = [
                prompt_style=PromptStyle(system_prompt=MONET_SYSTEM, question_prefix="Question: ",
                                         options_footer=VLMEVALKIT_MCQ_FOOTER),
                answer_parser="boxed", answer_prefix="\\boxed{", max_new_tokens=4096, authors_settings=MONET_AUTHORS,
+               image_pipeline=MONET_PIPELINE,
                config_token_ids={"<abs_vis_token_pad>": "latent_token_id", "<abs_vis_token>": "latent_start_id",
                                  "</abs_vis_token>": "latent_end_id"},
                notes="Evaluated with VLMEvalKit's prompts and this system prompt (README). Monet keeps its sampled "
@@ -276,7 +280,7 @@ FAMILIES = [
                prompt_style=PromptStyle(system_prompt=QWEN_DEFAULT_SYSTEM, suffix=LETTER_SUFFIX,
                                         raw_text_attribute="raw_text", options_footer="\n"),
                answer_parser="answer_tag_letter", answer_prefix="<answer>", answer_lead=" ", max_new_tokens=512,
-               authors_settings=LVR_AUTHORS,
+               authors_settings=LVR_AUTHORS, image_pipeline=LVR_PIPELINE,
                config_token_ids={"<|lvr_start|>": "lvr_start_id", "<|lvr|>": "lvr_id",
                                  "<|lvr_latent_end|>": "lvr_latent_end_id", "<|lvr_end|>": "lvr_end_id"},
                head="optional",
@@ -292,6 +296,7 @@ FAMILIES = [
                                         task_templates={"spatial_planning": MIRAGE_VSP_PLANNING},
                                         generation_prompt="<|im_start|>assistant"),
                answer_parser="boxed", answer_prefix="\\boxed{", max_new_tokens=1024, authors_settings=MIRAGE_AUTHORS,
+               image_pipeline=MIRAGE_PIPELINE,
                config_token_ids={"<|latent_pad|>": "latent_token_id", "<|latent_start|>": "latent_start_id",
                                  "<|latent_end|>": "latent_end_id"},
                adds_tokens=("<|latent_pad|>", "<|latent_start|>", "<|latent_end|>"),
