@@ -32,10 +32,11 @@ and decorating it with ``@register_intervention("my-kind")``.
 
 from .base import KINDS_BY_TARGET, Intervention, _fmt, _seed_for, register_intervention
 from .latent import (BoundEdit, LatentConstant, LatentDrop, LatentFunction, LatentIntervention, LatentNoise,
-                     LatentPatch, LatentShuffle, LatentStats, LatentZero, PinLatents, RowBinding, _all_reduce_sum,
+                     LatentPatch, LatentPlacebo, LatentShuffle, LatentStats, LatentZero, PinLatents, RowBinding, _all_reduce_sum,
                      _noise, _steps_and_layer_from_site, _take_steps)
-from .input import ImageBlank, ImageMask, ImageNoise, ImageSwap, InputIntervention, NoImage, QuestionSwap
-from .text import TextIntervention, TextShuffle, TextSwap, TextTruncate
+from .input import (ImageBlank, ImageMask, ImageNoise, ImageSwap, InputIntervention, InputPlacebo, NoImage,
+                    QuestionSwap)
+from .text import TextIntervention, TextPlacebo, TextShuffle, TextSwap, TextTruncate
 from .hooks import LayerEditHooks, NNsightRunner, PinLatentStates
 from .factory import derangement, make_interventions
 
@@ -47,7 +48,7 @@ TEXT_KINDS = KINDS_BY_TARGET["text"]
 __all__ = ["Intervention", "register_intervention", "KINDS_BY_TARGET", "LATENT_KINDS", "INPUT_KINDS", "TEXT_KINDS",
            "make_interventions", "derangement",
            "LatentIntervention", "LatentStats", "RowBinding", "BoundEdit", "LatentNoise", "LatentConstant",
-           "LatentZero", "LatentPatch", "LatentDrop", "LatentShuffle", "PinLatents", "LatentFunction",
-           "InputIntervention", "ImageSwap", "ImageNoise", "ImageBlank", "ImageMask", "QuestionSwap", "NoImage",
-           "TextIntervention", "TextSwap", "TextTruncate", "TextShuffle",
+           "LatentZero", "LatentPatch", "LatentPlacebo", "LatentDrop", "LatentShuffle", "PinLatents", "LatentFunction",
+           "InputIntervention", "InputPlacebo", "ImageSwap", "ImageNoise", "ImageBlank", "ImageMask", "QuestionSwap", "NoImage",
+           "TextIntervention", "TextPlacebo", "TextSwap", "TextTruncate", "TextShuffle",
            "LayerEditHooks", "PinLatentStates", "NNsightRunner"]

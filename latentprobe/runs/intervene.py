@@ -108,8 +108,13 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
               config: DecodeConfig | None = None, batch_size: int = 8, seed: int = 0, n_boot: int = 2000,
               resume: bool = False, progress: bool = False, data_source: str | None = None,
               writer_id: str = "w0", shard_size: int = 64,
-              mediators: Sequence[str] = ("fed_back",)) -> InterventionSummary:
+              mediators: Sequence[str] = ("fed_back",), placebo: bool = True) -> InterventionSummary:
     """Run ``interventions`` on ``instances`` and write rows, summaries and traces into ``out_dir``.
+
+    With ``placebo`` (default) every family edited (latent, input, text) also runs its placebo (`with_placebos`):
+    the clean input or latents through exactly the edited runs' code path. Its rows (role ``placebo``) are the
+    noise floor every effect is read against: each effects_summary row carries the same metric under its family's
+    placebo in the ``placebo`` column.
 
     >>> from latentprobe.interventions import make_interventions
     >>> ivs = make_interventions("latent", ["noise", "zero"], scales=[1.0, 3.0])          # doctest: +SKIP
@@ -117,6 +122,8 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
     """
     config = config or DecodeConfig(max_new_tokens=subject.max_new_tokens, seed=seed)
     instances = list(instances)
+    if placebo:
+        interventions = with_placebos(interventions, seed=seed)
     check_interventions(subject, interventions, len(instances), config)
     mediators = tuple(dict.fromkeys(mediators))
     unknown = [m for m in mediators if m not in MEDIATORS]
@@ -154,6 +161,7 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
     table = _summaries(rows, n_boot, seed)
     if subject.mediator == "text" and "mediator" in table.columns:  # the pinned mediator is the imagination text
         table.loc[table["mediator"] == "fed_back", "mediator"] = "text"
+    table = with_placebo_column(table, rows)
     latent_change = _latent_change(run, clean, instances, n_boot, seed, applied_rows(rows))
     _write_tables(Path(out_dir), rows, table, latent_change)
     not_applied = not_applied_counts(rows)
@@ -161,6 +169,47 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
         log.warning(line)
     return InterventionSummary(str(out_dir), len(instances), len(run.failures), [iv.name for iv in interventions],
                                table, run.failures, not_applied)
+
+
+# The family whose placebo is each target's noise floor (an attention knockout runs the latent edits' path).
+PLACEBO_FAMILY = {"latent": "latent", "attention": "latent", "input": "input", "text": "text"}
+
+
+def with_placebos(interventions: Sequence[Intervention], seed: int = 0) -> list[Intervention]:
+    """``interventions`` plus one placebo for each family they edit that has none yet (latent: `LatentPlacebo` at
+    the fed-back vector, all steps; input: `InputPlacebo`; text: `TextPlacebo`), after that family's edits."""
+    from ..interventions import InputPlacebo, LatentPlacebo, TextPlacebo
+
+    out = list(interventions)
+    has = {PLACEBO_FAMILY.get(iv.target) for iv in out if iv.role == "placebo"}
+    make = {"latent": lambda: LatentPlacebo(seed=seed), "input": lambda: InputPlacebo(seed=seed),
+            "text": lambda: TextPlacebo(seed=seed)}
+    for family in ("latent", "input", "text"):
+        if family not in has and any(PLACEBO_FAMILY.get(iv.target) == family for iv in out):
+            out.append(make[family]())
+    return out
+
+
+def with_placebo_column(table: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with a ``placebo`` column: for each row, the same metric (same subject, mediator) under the
+    placebo of the row's family; NaN where that family ran no placebo or the placebo has no such metric."""
+    table = table.copy()
+    table["placebo"] = float("nan")
+    if table.empty or rows.empty or "role" not in rows.columns:
+        return table
+    placebos = rows[rows["role"] == "placebo"].drop_duplicates("intervention")
+    family_placebo = {PLACEBO_FAMILY.get(t): name for t, name in zip(placebos.target, placebos.intervention)}
+    keys = ["subject", "metric"] + (["mediator"] if "mediator" in table.columns else [])
+    by_intervention = {name: group for name, group in table.groupby("intervention", sort=False)}
+    for family, name in family_placebo.items():
+        reference = by_intervention.get(name)
+        if reference is None:
+            continue
+        lookup = {tuple(r[k] for k in keys): r["estimate"] for _, r in reference.iterrows()}
+        hit = table["target"].map(PLACEBO_FAMILY) == family
+        table.loc[hit, "placebo"] = [lookup.get(tuple(r[k] for k in keys), float("nan"))
+                                     for _, r in table[hit].iterrows()]
+    return table
 
 
 def applied_rows(rows: pd.DataFrame) -> pd.DataFrame:
@@ -232,6 +281,8 @@ class _Run:
                     continue
                 record = row_record(self.subject, inst, row, intervention="clean", target="none",
                                     seed=self.config.seed)
+                if self.subject.mediator == "text":  # the imagined span's own representation (input -> mediator)
+                    tensors = {**tensors, "mediator_pooled": span_states(self.decoder, [record.get("mediator_text")])}
                 self.writer.add(record, {"latent": row.latent_vectors, **tensors})
                 latents = {0: row.latent_vectors}
                 for layer, pos in self.layer_positions.items():
@@ -329,8 +380,10 @@ class _Run:
         for inst, row, tensors in zip(chunk, x1.rows, x1_records):
             extra = None
             if subject.mediator == "text":  # input -> mediator for a text mediator: how much the imagination changed
-                extra = {"mediator_text_similarity": _text_similarity(
-                    clean[inst.id].record.get("mediator_text"), subject.mediator_span(row.raw_text))}
+                clean_span, span = clean[inst.id].record.get("mediator_text"), subject.mediator_span(row.raw_text)
+                extra = {"mediator_text_similarity": _text_similarity(clean_span, span),
+                         **span_token_change(subject.tokenizer, clean_span, span)}
+                tensors = {**(tensors or {}), "mediator_pooled": span_states(decoder, [span])}
             self._write(inst, iv, row, tensors, clean, mediation=mediation.get(inst.id), extra=extra,
                         not_applied=reasons.get(inst.id))
 
@@ -427,7 +480,8 @@ class _Run:
         base = clean[inst.id].record
         # An edit that could not be made is recorded as such and left out of every effect (never a null effect).
         record = row_record(self.subject, inst, row, intervention=iv.name, target=iv.target, kind=iv.kind,
-                            seed=self.config.seed, intervention_seed=iv.seed, applied=not_applied is None,
+                            role=iv.role, seed=self.config.seed, intervention_seed=iv.seed,
+                            applied=not_applied is None,
                             not_applied_reason=not_applied or "", **(extra or {}))
         record.update(_comparison(base, record, clean[inst.id].latents[0], row.latent_vectors))
         if mediation:
@@ -462,6 +516,63 @@ class _Run:
     def result_rows(self, store: TraceStore) -> pd.DataFrame:
         frame = store.index()
         return frame[(frame.intervention != "clean") & (frame.status == "ok")].reset_index(drop=True)
+
+
+@torch.no_grad()
+def span_states(decoder: LatentDecoder, spans: Sequence[str | None]) -> torch.Tensor:
+    """(len(spans), D): each imagined span's mean-pooled final hidden state, the span run alone through the
+    language model (no prompt, no image; positions from 0). Context-free on purpose: the representation is a
+    function of the written text only, so an unchanged imagination has an unchanged representation whatever the
+    image (in context, the span's states would read the image themselves). A missing or empty span gives NaN."""
+    tokenizer = decoder.subject.tokenizer
+    out = torch.full((len(spans), decoder.subject.hidden_size), float("nan"))
+    for k, span in enumerate(spans):
+        ids = tokenizer(span, add_special_tokens=False)["input_ids"] if span else []
+        if not ids:
+            continue
+        ids = torch.tensor([ids], device=decoder.subject.device)
+        positions = torch.arange(ids.shape[1], device=ids.device).view(1, 1, -1).expand(3, 1, -1)
+        hidden = decoder._forward(inputs_embeds=decoder.embed(ids), attention_mask=torch.ones_like(ids),
+                                  position_ids=positions, use_cache=False)
+        out[k] = hidden[0].float().mean(dim=0).cpu()
+    return out
+
+
+def span_token_change(tokenizer, clean: str | None, edited: str | None) -> dict[str, float]:
+    """Token-level change of an imagined span: Levenshtein distance between the two token-id sequences (insertions,
+    deletions, substitutions of whole tokens) and the clean span's length; NaN when either span is missing."""
+    from rapidfuzz.distance import Levenshtein
+
+    if clean is None or edited is None:
+        return {"mediator_token_edit_distance": float("nan"), "mediator_tokens_clean": float("nan")}
+    a = tokenizer(clean, add_special_tokens=False)["input_ids"]
+    b = tokenizer(edited, add_special_tokens=False)["input_ids"]
+    return {"mediator_token_edit_distance": float(Levenshtein.distance(a, b)), "mediator_tokens_clean": float(len(a))}
+
+
+def mediator_states(run_dir: str | Path, rows: pd.DataFrame | None = None) -> dict[str, tuple[list[str], np.ndarray,
+                                                                                               np.ndarray]]:
+    """Input -> text mediator data of a text-mediator run: per input intervention, (instance ids, clean (n, 1, D),
+    edited (n, 1, D)) mean-pooled span states (`span_states`), applied rows only when ``rows`` is given. The
+    shape is latent_change's (instances, steps, D) with the span as its one step."""
+    store = TraceStore(run_dir)
+    frame = store.index()
+    if "tensors" not in frame.columns:
+        return {}
+    has = frame["tensors"].map(lambda t: t is not None and "mediator_pooled" in list(t))
+    frame = frame[has & (frame.status == "ok")]
+    clean = {r.instance_id: r.record_id for r in frame[frame.intervention == "clean"].itertuples()}
+    edited = frame[frame.target == "input"]
+    if rows is not None and "record_id" in rows.columns:
+        edited = edited[edited.record_id.isin(set(rows.record_id))]
+    out = {}
+    for name, group in edited.groupby("intervention", sort=True):
+        ids = [i for i in group.instance_id if i in clean]
+        by_id = dict(zip(group.instance_id, group.record_id))
+        a = np.stack([store.tensor(clean[i], "mediator_pooled").numpy() for i in ids]) if ids else np.empty((0, 1, 0))
+        b = np.stack([store.tensor(by_id[i], "mediator_pooled").numpy() for i in ids]) if ids else np.empty((0, 1, 0))
+        out[str(name)] = (ids, a, b)
+    return out
 
 
 def _text_similarity(a: str | None, b: str | None) -> float:
