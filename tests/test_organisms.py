@@ -38,7 +38,7 @@ def _subject(organisms, name):
     return organisms[name]
 
 
-def test_all_six_are_shipped_registered_and_small():
+def test_all_are_shipped_registered_and_small():
     import latentprobe.organisms.subjects  # noqa: F401  (registers on import, as load_subject does)
 
     assert shipped_organisms() == ALL
