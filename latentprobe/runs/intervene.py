@@ -550,29 +550,26 @@ def span_token_change(tokenizer, clean: str | None, edited: str | None) -> dict[
     return {"mediator_token_edit_distance": float(Levenshtein.distance(a, b)), "mediator_tokens_clean": float(len(a))}
 
 
-def mediator_states(run_dir: str | Path, rows: pd.DataFrame | None = None) -> dict[str, tuple[list[str], np.ndarray,
-                                                                                               np.ndarray]]:
-    """Input -> text mediator data of a text-mediator run: per input intervention, (instance ids, clean (n, 1, D),
-    edited (n, 1, D)) mean-pooled span states (`span_states`), applied rows only when ``rows`` is given. The
-    shape is latent_change's (instances, steps, D) with the span as its one step."""
+def mediator_states(run_dir: str | Path, rows: pd.DataFrame | None = None
+                    ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+    """Input -> text mediator data of a text-mediator run: the clean runs' span states by instance id, and per
+    input intervention its edited runs' span states by instance id (mean-pooled, context-free: `span_states`;
+    NaN where a run wrote no span). With ``rows``, edited runs are kept only if their record is among them (the
+    applied rows)."""
     store = TraceStore(run_dir)
     frame = store.index()
-    if "tensors" not in frame.columns:
-        return {}
+    if frame.empty or "tensors" not in frame.columns:
+        return {}, {}
     has = frame["tensors"].map(lambda t: t is not None and "mediator_pooled" in list(t))
     frame = frame[has & (frame.status == "ok")]
-    clean = {r.instance_id: r.record_id for r in frame[frame.intervention == "clean"].itertuples()}
-    edited = frame[frame.target == "input"]
+    state = lambda record_id: store.tensor(record_id, "mediator_pooled")[0].numpy()  # noqa: E731
+    clean = {r.instance_id: state(r.record_id) for r in frame[frame.intervention == "clean"].itertuples()}
+    edited_rows = frame[frame.target == "input"]
     if rows is not None and "record_id" in rows.columns:
-        edited = edited[edited.record_id.isin(set(rows.record_id))]
-    out = {}
-    for name, group in edited.groupby("intervention", sort=True):
-        ids = [i for i in group.instance_id if i in clean]
-        by_id = dict(zip(group.instance_id, group.record_id))
-        a = np.stack([store.tensor(clean[i], "mediator_pooled").numpy() for i in ids]) if ids else np.empty((0, 1, 0))
-        b = np.stack([store.tensor(by_id[i], "mediator_pooled").numpy() for i in ids]) if ids else np.empty((0, 1, 0))
-        out[str(name)] = (ids, a, b)
-    return out
+        edited_rows = edited_rows[edited_rows.record_id.isin(set(rows.record_id))]
+    edited = {str(name): {r.instance_id: state(r.record_id) for r in group.itertuples()}
+              for name, group in edited_rows.groupby("intervention", sort=True)}
+    return clean, edited
 
 
 def _text_similarity(a: str | None, b: str | None) -> float:
