@@ -63,7 +63,9 @@ def test_end_to_end_answers_changing_both_ways_are_not_a_disconnect():
     assert true_nie_correct(0.3, 0.25) == pytest.approx(0.0)
     rates = verdict_rates(lambda rng: latent_answer_effects(rng, n=20, flip_rate=0.3, clean_accuracy=0.25, n_boot=100),
                           n_sims=12, seed=5)
-    assert rates["disconnect"] == 0 and rates["connected"] >= 0.9
+    # issue 18: `connected` now needs the rate's lower bound above the margin (0.05), which 3 of 20 changed
+    # answers do not give: about 11% of runs stay inconclusive at n = 20 (binomial), never disconnect
+    assert rates["disconnect"] == 0 and rates["connected"] >= 0.75
 
 
 # ------------------------------------------------------------------------------------------------------- slow
@@ -98,3 +100,39 @@ def test_slow_end_to_end_fallback_six_nie_rows_with_no_mean_effect():
                                                             n_information=6, with_answer_changed=False, n_boot=200),
                           n_sims=n_sims, seed=6)
     assert rates["connected"] <= _limit(n_sims)
+
+
+# ------------------------------------------------------------------------------ issue 18: the hard cases (fast)
+
+from latentprobe.verdicts.simulation import KNOWN_SHORTFALL, monte_carlo_limit, scenarios, word_rates  # noqa: E402
+
+FAST_SIMS = {"latent_answer": 200, "mediation mean": 60, "input_latent": 25, "collapse": 15, "visual_info": 4}
+_SCENARIOS = scenarios(fast=True)
+
+
+@pytest.mark.parametrize("index", range(len(_SCENARIOS)), ids=[f"{r}: {s}" for r, s, *_ in _SCENARIOS])
+def test_every_rule_holds_its_error_rate_on_the_hard_cases(index):
+    """Small runs of every scenario of analyses/calibration.py: the error word comes in at most its target plus
+    two Monte Carlo standard errors (the large runs are under -m slow and in the README's table)."""
+    rule, scenario, error, target, decide = _SCENARIOS[index]
+    n_sims = FAST_SIMS[rule]
+    rates = word_rates(decide, n_sims=n_sims, seed=100 + index)
+    # a known shortfall (README, calibration table) is held to its measured level, not waved through
+    assert rates.get(error, 0.0) <= monte_carlo_limit(KNOWN_SHORTFALL.get(scenario, target), n_sims), (scenario, rates)
+
+
+def test_the_old_rules_failed_these_cases():
+    """The scenarios are hard: a test of "the rate is 0" calls a negligible true rate 0.01 at n = 200
+    `connected` in most runs, which the minimum-effect rule does not."""
+    from scipy.stats import binom
+
+    assert 1 - binom.pmf(0, 200, 0.01) > 0.8  # P(at least one changed answer): the old p = 0 rule's false rate
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(_SCENARIOS)), ids=[f"{r}: {s}" for r, s, *_ in _SCENARIOS])
+def test_slow_every_rule_holds_its_error_rate_on_the_hard_cases(index):
+    rule, scenario, error, target, decide = _SCENARIOS[index]
+    n_sims = 50 if rule == "visual_info" else 400
+    rates = word_rates(decide, n_sims=n_sims, seed=500 + index)
+    assert rates.get(error, 0.0) <= monte_carlo_limit(KNOWN_SHORTFALL.get(scenario, target), n_sims), (scenario, rates)

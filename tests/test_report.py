@@ -27,11 +27,15 @@ def effects():
     return pd.DataFrame([
         effect("monet", "input", "blank_image", "change_ratio@step0", 0.05, 0.03, 0.08),
         effect("monet", "input", "blank_image", "change_ratio@step1", 0.04, 0.02, 0.06),
+        # issue 18: input_latent decides on the pooled placebo-corrected R2 of information edits
+        effect("monet", "input", "image-swap", "latent_r2", 0.05, -0.02, 0.12, step=float("nan")),
+        effect("monet", "input", "image-swap", "NIE_correct", 0.0, -0.03, 0.03, mediator="all_layers"),
         effect("monet", "latent", "noise(scale=3)", "flip_rate", 0.03, 0.01, 0.06),
         effect("monet", "latent", "noise(scale=3)", "accuracy_change", -0.01, -0.03, 0.01),
         effect("monet", "latent", "patch(steps=all)", "flip_rate", 0.0, 0.0, 0.045, n=80, k=0),
         effect("monet", "input", "image-swap", "NIE_correct", 0.01, -0.02, 0.04, mediator="fed_back"),
         effect("capimagine", "input", "blank_image", "change_ratio", 0.6, 0.5, 0.7),
+        effect("capimagine", "input", "image-swap", "latent_r2", 0.6, 0.5, 0.7, step=float("nan")),
         effect("capimagine", "text", "text-swap", "flip_rate", 0.35, 0.25, 0.46, n=80, k=28),
         effect("capimagine", "text", "text-shuffle", "flip_rate", 0.2, 0.12, 0.3, n=80, k=16),
     ])
@@ -132,8 +136,8 @@ def test_markdown_has_every_finding_its_verdicts_rules_and_explanations(report):
     text = md_path.read_text()
     for number, finding in enumerate(FINDINGS, start=1):
         assert f"## Finding {number}: {FINDING_TITLES[finding]}" in text
-    assert "change_ratio has its 95% interval below 0.2" in text
-    assert "answer-change rate has its 95% exact interval below 0.05" in text
+    assert "placebo-corrected R2" in text  # issue 18: the input_latent rule
+    assert "answer-change rate minus its placebo" in text
     assert "- **monet: disconnect.**" in text and "- **capimagine: connected.**" in text
     assert "0.050 [0.030, 0.080]" in text  # a measured number with its interval
     # the verdict table carries the evidence columns
@@ -208,7 +212,10 @@ def test_unmeasured_effect_rows_are_no_evidence():
         "subject": "s", "target": ["latent", "latent", "input"], "intervention": ["patch", "patch", "image-swap"],
         "metric": ["flip_rate", "NIE_correct", "NIE_answer_changed"], "estimate": [0.0, np.nan, 0.0],
         "ci_low": [0.0, np.nan, 0.0], "ci_high": [0.045, np.nan, 0.045], "n": [80, 0, 80], "k": [0, np.nan, 0]})
-    assert verdict_latent_answer(effects, "s").verdict == "disconnect"
+    # issue 18: a disconnect needs the all_layers mediator too
+    assert verdict_latent_answer(effects, "s").verdict == "inconclusive"
+    both = pd.concat([effects, effects.iloc[[2]].assign(mediator="all_layers")], ignore_index=True)
+    assert verdict_latent_answer(both, "s").verdict == "disconnect"
 
 
 def test_reading_guide_states_the_margins_given():

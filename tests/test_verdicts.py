@@ -10,6 +10,7 @@ import pytest
 from latentprobe.errors import LatentProbeError
 from latentprobe.verdicts import (VERDICT_COLUMNS, VOCABULARY, Margins, all_verdicts, clopper_pearson, edit_role,
                                   needed_n_rate_equivalence, verdict_input_latent, verdict_latent_answer)
+from latentprobe.verdicts import verdict_table
 from latentprobe.verdicts.decision import holm, mean_row, rate_row, decide_family
 
 
@@ -98,22 +99,42 @@ def test_equivalence_needs_the_whole_interval_inside_the_margin():
     assert decide_family([inside, straddles], margins).verdict == "inconclusive"
 
 
-def test_connected_needs_holm_adjusted_evidence():
+def test_connected_needs_a_lower_bound_above_the_margin_after_bonferroni():
+    """Issue 18: `connected` is a minimum-effect test (the effect is larger than negligible), not "nonzero"."""
     margins = Margins()
-    alone = mean_row("a", "NIE_gold_prob", 0.1, 0.01, 0.2, 80, 0.02, margins)
-    assert decide_family([alone], margins).verdict == "connected"
-    # the same p = 0.02 among five null rows is no longer enough after Holm (0.02 x 6 > 0.05)
+    nonzero = mean_row("a", "NIE_gold_prob", 0.1, 0.01, 0.2, 80, 0.02, margins)  # differs from 0, not from 0.05
+    decision = decide_family([nonzero], margins)
+    assert decision.verdict == "inconclusive" and "nonzero but below the margin" in decision.reason
+    large = mean_row("a", "NIE_gold_prob", 0.2, 0.12, 0.28, 80, 0.001, margins)
+    assert decide_family([large], margins).verdict == "connected"
+    # among five null rows the bound is taken at alpha / 6 (Bonferroni): 0.2 - 0.08 x z(1 - 0.05/6)/z(0.975)
     nulls = [mean_row(f"n{j}", "NIE_gold_prob", 0.0, -0.2, 0.2, 80, 0.9, margins) for j in range(5)]
-    decision = decide_family([alone, *nulls], margins)
-    assert decision.verdict == "inconclusive"
-    assert decision.rows[0].p_holm == pytest.approx(0.12)
+    decision = decide_family([large, *nulls], margins)
+    from scipy.stats import norm
+
+    assert decision.rows[0].connect_bound == pytest.approx(0.2 - 0.08 * norm.ppf(1 - 0.05 / 6) / norm.ppf(0.975))
+    assert decision.verdict == "connected"
+    barely = mean_row("b", "NIE_gold_prob", 0.12, 0.06, 0.18, 80, 0.001, margins)
+    assert decide_family([barely], margins).verdict == "connected"
+    assert decide_family([barely, *nulls], margins).verdict == "inconclusive"
 
 
 def test_a_tiny_effect_inside_the_margin_is_a_disconnect():
     margins = Margins()
     tiny = rate_row("a", "flip_rate", 3, 3000, margins)  # nonzero, but the interval is far below 0.05
     decision = decide_family([tiny], margins)
-    assert decision.verdict == "disconnect" and "differ from 0" in decision.reason
+    assert decision.verdict == "disconnect" and "nonzero but below the margin" in decision.reason
+
+
+def test_a_negligible_true_rate_is_never_connected_and_the_placebo_is_subtracted():
+    """Issue 18: 1 of 80 changed answers (or a true rate of 0.01) was `connected` under "the rate is 0"."""
+    margins = Margins()
+    assert decide_family([rate_row("a", "flip_rate", 1, 80, margins)], margins).verdict == "inconclusive"
+    assert decide_family([rate_row("a", "flip_rate", 2, 200, margins)], margins).verdict != "connected"
+    # 20 of 80 changed under the edit, 18 of 80 under the placebo (GPU noise): not an effect beyond noise
+    noisy = rate_row("a", "flip_rate", 20, 80, margins, placebo_k=18, placebo_n=80)
+    assert noisy.estimate == pytest.approx(0.025) and decide_family([noisy], margins).verdict == "inconclusive"
+    assert decide_family([rate_row("a", "flip_rate", 20, 80, margins)], margins).verdict == "connected"
 
 
 # ----------------------------------------------------------------------------------- issue 9 failure cases
@@ -156,22 +177,45 @@ def test_mirage_like_subject_is_disrupted_but_not_connected():
         rate("mirage", "latent", "noise(scale=3,rel=std,steps=all,sem=recompute)", "flip_rate", 37, 80),
         rate("mirage", "latent", "constant(value=mean,steps=all,sem=recompute)", "flip_rate", 65, 80),
     ])
+    # issue 18: a disconnect needs the all_layers mediator inside the margin too
+    undecided = verdict_latent_answer(table, "mirage")
+    assert undecided.verdict == "inconclusive" and "all_layers mediator" in undecided.evidence
+    table = pd.concat([table, pd.DataFrame([rate("mirage", "input", "image-swap", "NIE_answer_changed", 0, 80,
+                                                 mediator="all_layers")])], ignore_index=True)
     verdict = verdict_latent_answer(table, "mirage")
-    assert verdict.verdict == "disconnect"
+    assert verdict.verdict == "disconnect" and verdict.details["mediator"] == "fed_back+all_layers"
     assert verdict.details["disruption"] == "connected" and "Disruption" in verdict.evidence
+    assert verdict.evidence.startswith("0 of 80 answers changed under")
     # with only the disruption edits, the information claim is undecided, never connected
-    only_disruption = verdict_latent_answer(table.iloc[2:], "mirage")
+    only_disruption = verdict_latent_answer(table[table.intervention.str.startswith(("noise", "constant"))], "mirage")
     assert only_disruption.verdict == "inconclusive" and "information edit" in only_disruption.evidence
 
 
-def test_the_all_layers_mediator_is_reported_but_the_fed_back_one_decides():
+def test_disconnect_needs_both_mediator_definitions_and_says_which_decided():
+    """Issue 18: the paper's latent reasoning includes what the latent positions read in upper layers: a
+    fed_back NIE of 0 with an all_layers NIE of 30/80 is `connected` through the all_layers definition."""
     table = pd.DataFrame([
         rate("s", "input", "image-swap", "NIE_answer_changed", 0, 80, mediator="fed_back"),
         rate("s", "input", "image-swap", "NIE_answer_changed", 30, 80, mediator="all_layers"),
     ])
     verdict = verdict_latent_answer(table, "s")
-    assert verdict.verdict == "disconnect" and "all_layers" in verdict.evidence
-    assert verdict.details["mediator"] == "fed_back"
+    assert verdict.verdict == "connected" and verdict.details["mediator"] == "all_layers"
+    assert "all_layers" in verdict.evidence
+
+
+def test_no_interaction_row_for_answer_change_and_placebo_rows_are_floors():
+    from latentprobe.effects import mediation_effects
+
+    n = 40
+    df = pd.DataFrame({"instance_id": [f"i{k}" for k in range(n)], "answer_changed_x0_z0": 0.0,
+                       "answer_changed_x1_z1": 1.0, "answer_changed_x0_z1": (np.arange(n) < 4).astype(float),
+                       "answer_changed_x1_z0": 0.0})
+    assert "interaction" not in set(mediation_effects(df, "answer_changed", seed=0, n_boot=50).metric)
+    table = pd.DataFrame([rate("s", "latent", "patch", "flip_rate", 30, 80),
+                          rate("s", "latent", "placebo(steps=all)", "flip_rate", 28, 80)])
+    verdict = verdict_latent_answer(table, "s")
+    assert verdict.verdict == "inconclusive" and "placebo 0.350 subtracted" in verdict.evidence
+    assert verdict_table([verdict]).placebo.iloc[0] == pytest.approx(0.35)
 
 
 def test_unapplied_rows_are_not_evidence():
@@ -184,14 +228,17 @@ def test_unapplied_rows_are_not_evidence():
     assert verdict_latent_answer(table.assign(applied=table.applied.map(str)), "s").verdict == "disconnect"
 
 
-def test_input_latent_uses_every_step_and_the_change_ratio_margin():
-    rows = [effect("s", "input", "image-swap", "change_ratio@step0", 0.05, 0.03, 0.08, p_value=0.0),
-            effect("s", "input", "image-swap", "change_ratio@step1", 0.04, 0.02, 0.06, p_value=0.0)]
-    assert verdict_input_latent(pd.DataFrame(rows), "s").verdict == "disconnect"
-    rows.append(effect("s", "input", "image-blank", "change_ratio@step1", 0.5, 0.4, 0.6, p_value=0.0))
+def test_input_latent_decides_on_the_pooled_r2_of_information_edits_only():
+    """Issue 18: the old change_ratio rows decide nothing; pooled R2 rows (step NaN) of image/question swaps do,
+    and a blank image (a disruption edit, 6-88x the spread in the review) is reported, never deciding."""
+    old = [effect("s", "input", "image-swap", "change_ratio@step0", 0.05, 0.03, 0.08, p_value=0.0)]
+    assert verdict_input_latent(pd.DataFrame(old), "s").verdict == "not measured"
+    rows = [effect("s", "input", "image-swap", "latent_r2", 0.05, -0.02, 0.12, step=float("nan"), n=40),
+            effect("s", "input", "image-swap", "latent_r2", 0.9, 0.8, 1.0, step=0, n=40),
+            effect("s", "input", "image-blank", "latent_r2", 5.0, 4.0, 6.0, step=float("nan"), n=40)]
     verdict = verdict_input_latent(pd.DataFrame(rows), "s")
-    assert verdict.verdict == "connected" and "image-blank" in verdict.evidence
-    assert verdict_input_latent(pd.DataFrame(rows), "s", Margins(change_ratio=0.7)).verdict == "disconnect"
+    assert verdict.verdict == "disconnect" and verdict.details["disruption"] == "connected"
+    assert verdict_input_latent(pd.DataFrame(rows), "s", Margins(latent_r2=0.1)).verdict == "inconclusive"
 
 
 def test_all_verdicts_table_has_the_vocabulary_and_evidence_columns():

@@ -45,13 +45,16 @@ def _latent_records(store: TraceStore) -> pd.DataFrame:
 
 
 def collapse_study(run_dirs: Sequence[str | Path], out_dir: str | Path, *, seed: int = 0,
-                   n_boot: int = 1000) -> tuple[pd.DataFrame, dict[str, list[Path]]]:
+                   n_boot: int = 1000, floor_runs: Sequence[str | Path] = ()) -> tuple[pd.DataFrame, dict[str, list[Path]]]:
     """Collapse of latent vectors across instances, per step, against image-token and prompt baselines.
 
     Returns the concatenated :func:`latentprobe.stats.similarity.similarity_table` of every run (the relative spread,
     the spread ratio that :func:`latentprobe.verdicts.collapse.verdict_collapse` reads, and the cosine views)
     and the figures made. Latents are the fed-back vectors; the baselines are the last recorded layer's
-    image-token mean and last prompt token of the same instances."""
+    image-token mean and last prompt token of the same instances. Where the trace recorded every image token
+    (``--image-states all``), one token per instance (seeded) is the single-token yardstick and all of them the
+    whitening pool; a latent placebo in ``floor_runs`` (intervention runs of the same subject) gives the noise
+    floor (issue 18)."""
     out_dir = Path(out_dir)
     tables, made = [], {"collapse": []}
     for run_dir in run_dirs:
@@ -63,7 +66,11 @@ def collapse_study(run_dirs: Sequence[str | Path], out_dir: str | Path, *, seed:
         for name in ("image_mean", "prompt_last"):
             if all(name in tensors for tensors in frame.tensors):
                 baselines[name] = store.state_array(frame.record_id, name)
-        table = similarity_table(latents, baselines, subject, seed=seed, n_boot=n_boot)
+        single, pool = _single_image_tokens(store, frame, seed)
+        floor = _latent_placebo_floor(floor_runs, subject, list(frame.instance_id), latents.shape[1])
+        table = similarity_table(latents, baselines, subject, seed=seed, n_boot=n_boot,
+                                 single_tokens={"image_token": single} if single is not None else None,
+                                 token_pool=pool, floor=floor)
         tables.append(table)
         stem = out_dir / _safe(subject)
         # The paper's view: raw cosine between instances per step. The verdict reads the spread rows instead.
@@ -77,6 +84,53 @@ def collapse_study(run_dirs: Sequence[str | Path], out_dir: str | Path, *, seed:
         made["collapse"] += fig.plot_subject_comparison(combined, out_dir / "subjects-similarity")
     _write_table(combined, out_dir / "similarity")
     return combined, made
+
+
+def _single_image_tokens(store: TraceStore, frame: pd.DataFrame, seed: int, max_pool: int = 20000):
+    """One image token per instance (a seeded random position) at the last recorded layer, and a pool of the
+    layer's image tokens for whitening; (None, None) when the trace kept only the image-token mean."""
+    if not all("image_tokens" in tensors for tensors in frame.tensors):
+        return None, None
+    rng = np.random.default_rng([seed, 18])
+    position = store.layer_position(None)
+    single, pool = [], []
+    for record_id in frame.record_id:
+        tokens = store.tensor(record_id, "image_tokens")[position].float().numpy()
+        single.append(tokens[rng.integers(len(tokens))])
+        pool.append(tokens)
+    pool = np.concatenate(pool)
+    if len(pool) > max_pool:
+        pool = pool[rng.choice(len(pool), max_pool, replace=False)]
+    return np.stack(single).astype(np.float64), pool.astype(np.float64)
+
+
+def _latent_placebo_floor(run_dirs, subject: str, instance_ids: list, steps: int):
+    """Per instance and step, the squared distance between the clean fed-back latents and those of a latent
+    placebo (an intervention named ``...placebo...`` on target latent) in an intervention run of ``subject``;
+    None when no such run covers every instance."""
+    for run_dir in run_dirs:
+        store = TraceStore(run_dir)
+        if store.manifest.get("subject_name") != subject:
+            continue
+        records = store.records()
+        if "intervention" not in records.columns:
+            continue
+        if "target" not in records.columns:
+            continue
+        placebo = records[(records.target == "latent") & records.intervention.astype(str).str.contains("placebo")]
+        clean = records[records.intervention == "clean"]
+        placebo = placebo.drop_duplicates("instance_id").set_index("instance_id")
+        clean = clean.drop_duplicates("instance_id").set_index("instance_id")
+        if not all(i in placebo.index and i in clean.index for i in instance_ids):
+            continue
+        floor = np.full((len(instance_ids), steps), np.nan)
+        for row, instance in enumerate(instance_ids):
+            a = store.tensor(clean.loc[instance, "record_id"], "latent").float().numpy()
+            b = store.tensor(placebo.loc[instance, "record_id"], "latent").float().numpy()
+            k = min(len(a), len(b), steps)
+            floor[row, :k] = ((a[:k] - b[:k]) ** 2).sum(axis=1)
+        return floor
+    return None
 
 
 def _labels(frame: pd.DataFrame, attribute: str) -> np.ndarray:
@@ -227,7 +281,8 @@ def effect_tables(run_dirs: Sequence[str | Path]) -> pd.DataFrame | None:
             if len(table):
                 table = table.assign(target="input")
                 keep = ["subject", "target", "intervention", "metric", "estimate", "ci_low", "ci_high", "n", "step"]
-                keep += [c for c in ("p_value", "interval", "confidence") if c in table.columns]
+                keep += [c for c in ("p_value", "interval", "confidence", "floor", "spread", "spread_source",
+                                     "one_minus_cosine", "collapsed", "move") if c in table.columns]
                 frames.append(table[keep])
     if not frames:
         return None
@@ -267,7 +322,7 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
     usable = list(first_with_latents.values())
     similarity = probes = None
     if usable:
-        similarity, made = collapse_study(usable, figure_dir, seed=seed, n_boot=n_boot)
+        similarity, made = collapse_study(usable, figure_dir, seed=seed, n_boot=n_boot, floor_runs=run_dirs)
         _merge(figures, made)
         if attributes:
             tables = []

@@ -163,7 +163,7 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
         table.loc[table["mediator"] == "fed_back", "mediator"] = "text"
     table = with_placebo_column(table, rows)
     latent_change = _latent_change(run, clean, instances, n_boot, seed, applied_rows(rows))
-    _write_tables(Path(out_dir), rows, table, latent_change)
+    _write_tables(Path(out_dir), rows, table, latent_change, run.latent_change_instances)
     not_applied = not_applied_counts(rows)
     for line in not_applied_warnings(not_applied):
         log.warning(line)
@@ -657,8 +657,16 @@ def _effect_summaries(rows: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFram
 
 
 def _latent_change(run: _Run, clean: dict[str, CleanRun], instances, n_boot, seed, rows=None) -> pd.DataFrame:
-    """Input -> latent: per input intervention and latent step, distances set against inter-instance spread
-    (applied rows only)."""
+    """Input -> latent, per input intervention and latent step (applied rows only): the former distance metrics
+    (cosine, relative L2, change_ratio; kept for the figures) and the rows the verdict reads, ``latent_r2`` /
+    ``latent_relative_change`` (``stats.latent_effect.input_latent_rows``: placebo-corrected R2, the spread among
+    instances sharing everything but the edited input, paired BCa intervals; step NaN = all steps together).
+    The input placebo's rows (an intervention named ``...placebo...``) give every edit its noise floor; a ``cka_image``
+    row compares the clean latents with the image-token states. The per-instance squared distances go to
+    ``run.latent_change_instances``."""
+    from ..stats.latent_effect import input_latent_rows
+
+    run.latent_change_instances = pd.DataFrame()
     if not run.input_ivs or run.subject.mediator != "latent":
         return pd.DataFrame()
     store = TraceStore(run.writer.run_dir)
@@ -666,10 +674,12 @@ def _latent_change(run: _Run, clean: dict[str, CleanRun], instances, n_boot, see
     if rows is not None and "record_id" in rows.columns:
         frame = frame[frame.record_id.isin(set(rows.record_id))]
     ids = [inst.id for inst in instances if inst.id in clean]
+    by_instance = {inst.id: inst for inst in instances}
     clean_by_id = {c: clean[c].latents[0].numpy() for c in ids}
-    frames = []
-    for name, group in frame.groupby("intervention"):
-        by_id = dict(zip(group.instance_id, group.record_id))
+    edited = {name: dict(zip(group.instance_id, group.record_id)) for name, group in frame.groupby("intervention")}
+    placebo_names = [name for name in edited if "placebo" in str(name)]
+    frames, per_instance = [], []
+    for name, by_id in edited.items():
         usable = [i for i in ids if i in by_id]
         if len(usable) < 2:
             continue
@@ -677,10 +687,63 @@ def _latent_change(run: _Run, clean: dict[str, CleanRun], instances, n_boot, see
         a = _pad([clean_by_id[i] for i in usable], steps)
         b = _pad([store.tensor(by_id[i], "latent").numpy() for i in usable], steps)
         table = latent_change_metrics(a, b, seed=seed, n_boot=n_boot)
+        placebo = _placebo_latents(store, edited, placebo_names, name, usable, steps)
+        groups = _shared_rest(name, [by_instance[i] for i in usable])
+        r2, distances = input_latent_rows(a, b, placebo=placebo, groups=groups, seed=seed, n_boot=n_boot)
+        table = pd.concat([table, r2], ignore_index=True)
         table.insert(0, "intervention", name)
         table.insert(0, "subject", run.subject.name)
         frames.append(table)
+        distances.insert(0, "instance_id", [usable[i] for i in distances.pop("instance")])
+        per_instance.append(distances.assign(subject=run.subject.name, intervention=name))
+    frames.append(_clean_cka(run, store, ids, clean_by_id, seed))
+    run.latent_change_instances = pd.concat(per_instance, ignore_index=True) if per_instance else pd.DataFrame()
+    frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _placebo_latents(store: TraceStore, edited: dict, placebo_names: list, name: str, usable: list, steps: int):
+    """The input placebo's latents of ``usable`` (the placebo itself gets none: its floor would be itself), or
+    None when no placebo ran for every one of them."""
+    if "placebo" in str(name):
+        return None
+    for placebo in placebo_names:
+        if all(i in edited[placebo] for i in usable):
+            return _pad([store.tensor(edited[placebo][i], "latent").numpy() for i in usable], steps)
+    return None
+
+
+def _shared_rest(intervention: str, instances: list) -> list | None:
+    """What the instances must share for their spread to be the yardstick of an edit: the question for an image
+    edit, the image for a question edit (None when no two instances share it)."""
+    kind = str(intervention).split("(")[0]
+    if kind.startswith("question"):
+        keys = ["|".join(map(str, inst.images or [])) for inst in instances]
+    else:
+        keys = [str(inst.question) for inst in instances]
+    return keys if len(set(keys)) < len(keys) else None
+
+
+def _clean_cka(run: _Run, store: TraceStore, ids: list, clean_by_id: dict, seed: int) -> pd.DataFrame:
+    """Linear CKA of the clean latents (the steps every instance has) with the mean image-token states at the last
+    recorded layer, with a permutation p-value: a representational check reported beside input_latent."""
+    from ..stats.latent_effect import cka_test
+
+    try:
+        records = store.records()
+        records = records[records.intervention == "clean"].drop_duplicates("instance_id").set_index("instance_id")
+        have = [i for i in ids if i in records.index and len(clean_by_id[i])]
+        if len(have) < 4:
+            return pd.DataFrame()
+        steps = min(len(clean_by_id[i]) for i in have)
+        latents = np.stack([clean_by_id[i][:steps].reshape(-1) for i in have]).astype(np.float64)
+        image = store.state_array(records.loc[have, "record_id"], "image_mean").astype(np.float64)
+    except (LatentProbeError, KeyError, ValueError):  # no image states recorded: no representational check
+        return pd.DataFrame()
+    cka, p = cka_test(latents, image, n_permutations=999, seed=seed)
+    return pd.DataFrame([{"subject": run.subject.name, "intervention": "clean", "step": np.nan, "metric": "cka_image",
+                          "estimate": cka, "ci_low": np.nan, "ci_high": np.nan, "n": len(have), "p_value": p,
+                          "interval": "permutation (999)"}])
 
 
 def _pad(arrays, steps):
@@ -693,8 +756,12 @@ def _pad(arrays, steps):
     return out
 
 
-def _write_tables(out: Path, rows: pd.DataFrame, table: pd.DataFrame, latent_change: pd.DataFrame):
-    for name, frame in (("effects_rows", rows), ("effects_summary", table), ("latent_change", latent_change)):
+def _write_tables(out: Path, rows: pd.DataFrame, table: pd.DataFrame, latent_change: pd.DataFrame,
+                  latent_change_instances: pd.DataFrame | None = None):
+    tables = [("effects_rows", rows), ("effects_summary", table), ("latent_change", latent_change)]
+    if latent_change_instances is not None and len(latent_change_instances):
+        tables.append(("latent_change_instances", latent_change_instances))  # the squared distances behind R2
+    for name, frame in tables:
         frame = frame.copy()
         for column in frame.columns:  # parquet needs one type per column
             if frame[column].map(lambda v: isinstance(v, (list, dict))).any():

@@ -19,18 +19,23 @@ ci_low         float   lower end of the (1 - alpha) interval (95% by default; se
 ci_high        float   upper end
 n              int     number of instances the estimate rests on (instances with a value for it)
 k              float   for a rate of events (answer changes): how many of the n instances changed; else NaN
-p_value        float   two-sided p-value for "the effect is 0": exact binomial for rates, a one-sample t-test over
-                       instances for means (see ``mean_p_value``), bootstrap for the latent change_ratio
-interval       str     "clopper-pearson" (exact binomial, for rates of 0/1 events) or "percentile bootstrap"
+p_value        float   two-sided p-value for "the effect is 0": exact binomial for rates, a sign-flip permutation
+                       test over instances for means (see ``stats.intervals.sign_flip_p_values``), bootstrap for the
+                       latent change_ratio
+interval       str     "clopper-pearson" (exact binomial, for rates of 0/1 events), "clopper-pearson (instances as
+                       units)" (several seeds or donors per instance, see ``stats.intervals.cluster_rate``) or
+                       "BCa bootstrap" (means)
 mediator       str     for mediation metrics: "fed_back" (the fed-back latent vectors) or "all_layers" (the
                        latent positions' states at every layer); empty for the other metrics
 ============== ======= ================================================================================
 
 Rates of events (``flip_rate`` and the mediation effects on ``answer_changed``, whose clean value is 0 by
-definition) get exact Clopper-Pearson intervals from ``scipy.stats.binomtest``: zero changes in n instances
-still give an honest upper bound (about 3.7/n at 95%), where a bootstrap of zeros would give [0, 0].
-Means of continuous or signed outcomes (accuracy change, gold probability, NIE on correctness) keep the
-paired bootstrap.
+definition) get exact Clopper-Pearson intervals: zero changes in n instances still give an honest upper bound
+(about 3.7/n at 95%), where a bootstrap of zeros would give [0, 0]. With several seeds or donors per instance the
+instance stays the unit (``stats.intervals.cluster_rate``), never a percentile bootstrap of a few nonzero
+fractions. Means of continuous or signed outcomes (accuracy change, gold probability, NIE on correctness) get BCa
+bootstrap intervals over instances (the same resamples for every column of a group) and sign-flip permutation
+p-values, which hold their level on skewed, rare-event outcomes where the t-test does not (issue 18).
 
 Metric names:
 
@@ -38,7 +43,8 @@ Metric names:
   ``flip_rate``, ``gold_prob_change``, ``kl_clean_to_intervened``, ``unparsable_rate_clean``,
   ``unparsable_rate_intervened``;
 - mediation (``mediation_effects``), per outcome Y: ``TE_<outcome>``, ``NDE_<outcome>``, ``NIE_<outcome>``,
-  ``interaction_<outcome>`` (e.g. ``NIE_correct``; ``NIE_y`` for the unprefixed ``y_*`` columns).
+  ``interaction_<outcome>`` (e.g. ``NIE_correct``; ``NIE_y`` for the unprefixed ``y_*`` columns); no interaction
+  row for ``answer_changed``, where TE, NDE and NIE are rates of changed answers and do not add up.
 
 ``mediation_effects``, ``answer_change_metrics`` and ``latent_change_metrics`` return the same
 ``metric, estimate, ci_low, ci_high, n`` columns (plus ``outcome`` or ``step``), so their outputs concatenate.
@@ -57,7 +63,7 @@ import pandas as pd
 from ..errors import LatentProbeError
 
 RESULT_COLUMNS = ("metric", "estimate", "ci_low", "ci_high", "n", "k", "p_value", "interval")
-BOOTSTRAP, EXACT = "percentile bootstrap", "clopper-pearson"
+BOOTSTRAP, EXACT = "BCa bootstrap", "clopper-pearson"
 # Metrics that are rates of 0/1 events per instance: exact binomial intervals when every instance is 0 or 1.
 RATE_METRICS = ("flip_rate",)
 # The mediation outcome "answer changed from the clean answer": 0 in the clean run by definition, so its
@@ -262,12 +268,22 @@ def paired_bootstrap(values_by_instance, statistic: Callable = np.mean, n_boot: 
 
 def _summarise_matrix(per_instance: pd.DataFrame, n_boot: int, seed: int, alpha: float) -> pd.DataFrame:
     """One result row per column of an (instances, metrics) frame, all from one joint bootstrap."""
+    from .intervals import bca_mean_intervals, sign_flip_p_values
+
     check_bootstrap(n_boot, alpha)
     values = per_instance.to_numpy(dtype=float)
-    estimate, replicates = _bootstrap_column_means(values, n_boot, seed)
-    low, high = _percentile_interval(replicates, alpha)
-    return _result_frame(per_instance.columns, estimate, low, high, (~np.isnan(values)).sum(axis=0),
-                         p_value=mean_p_value(values))
+    present = ~np.isnan(values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        estimate = np.where(present, values, 0.0).sum(axis=0) / present.sum(axis=0)
+    low, high = bca_mean_intervals(values, alpha, n_boot, seed)
+    counts = present.sum(axis=0)
+    # two instances: BCa is undefined (fewer than 3 values); keep the percentile interval there
+    few = (counts == 2)
+    if few.any():
+        _, replicates = _bootstrap_column_means(values[:, few], n_boot, seed)
+        low[few], high[few] = _percentile_interval(replicates, alpha)
+    return _result_frame(per_instance.columns, estimate, low, high, counts,
+                         p_value=sign_flip_p_values(values, max(n_boot, 200), seed))
 
 
 def _result_frame(metrics, estimate, low, high, n, p_value=None) -> pd.DataFrame:
@@ -280,17 +296,20 @@ def _result_frame(metrics, estimate, low, high, n, p_value=None) -> pd.DataFrame
 
 
 def _use_exact_rates(frame: pd.DataFrame, per_instance: pd.DataFrame, metrics, alpha: float) -> pd.DataFrame:
-    """Replace the bootstrap rows of rate metrics by exact binomial ones where every instance is 0 or 1 (several
-    seeds of one instance averaged to a fraction keep the bootstrap)."""
+    """Replace the bootstrap rows of rate metrics by exact ones: Clopper-Pearson where every instance is 0 or 1,
+    the cluster-aware exact interval (instances as units, ``stats.intervals.cluster_rate``) where several seeds of
+    an instance were averaged to a fraction."""
+    from .intervals import cluster_rate
+
     frame = frame.copy()
     for metric in metrics:
         if metric not in per_instance.columns:
             continue
         values = per_instance[metric].to_numpy(dtype=float)
         values = values[~np.isnan(values)]
-        if len(values) == 0 or not np.isin(values, (0.0, 1.0)).all():
+        if len(values) == 0 or ((values < 0) | (values > 1)).any():
             continue
-        row = exact_rate(values, alpha)
+        row = exact_rate(values, alpha) if np.isin(values, (0.0, 1.0)).all() else cluster_rate(values, alpha)
         where = frame.index[frame.metric == metric]
         for column, value in row.items():
             frame.loc[where, column] = value
@@ -365,11 +384,13 @@ def mediation_effects(df: pd.DataFrame, outcome: str, seed: int, n_boot: int = 2
         "NDE": y["x1_z0"] - clean,
         "NIE": y["x0_z1"] - clean,
     })
-    effects["interaction"] = effects["TE"] - effects["NDE"] - effects["NIE"]
+    change = outcome.removesuffix(ALL_LAYERS_SUFFIX) == CHANGE_OUTCOME and bool((clean == 0).all())
+    if not change:  # answer change is a rate of events on each path: TE - (NDE + NIE) means nothing there
+        effects["interaction"] = effects["TE"] - effects["NDE"] - effects["NIE"]
     instance_ids = df["instance_id"][complete] if "instance_id" in df.columns else None
     per_instance = _mean_per_instance(effects, instance_ids)
     result = _summarise_matrix(per_instance, n_boot, seed, alpha)
-    if outcome.removesuffix(ALL_LAYERS_SUFFIX) == CHANGE_OUTCOME and (clean == 0).all():
+    if change:
         # Y(x0, Z(x0)) is the clean answer itself: each effect is a rate of changed answers.
         result = _use_exact_rates(result, per_instance, ("TE", "NDE", "NIE"), alpha)
     result.insert(0, "outcome", outcome)

@@ -9,7 +9,13 @@ Shapes used throughout:
 - ``states``: ``(N, D)`` -- one non-latent reference state per instance (e.g. the mean image-token
   state, or the last prompt-token state) used as a baseline.
 
-**The collapse statistic (what verdicts use).** "Collapse" means the latent tokens of different instances
+**What the verdict reads (issue 18).** ``collapse_ratio`` rows from :mod:`latentprobe.stats.collapse_spread`:
+centred, whitened spread per direction in the latents' cross-fitted subspace against a *single* image token,
+judged against a placebo noise floor, with the participation ratio and the first-to-last spread trend beside.
+The relative spread and spread ratio below are kept as views: the review of issue 18 showed that a shared offset
+drives them to 0 with no change of information and that a mean-of-tokens baseline shrinks with the token count.
+
+**The former collapse statistic.** "Collapse" means the latent tokens of different instances
 are nearly the same vector: they vary little across instances *compared with their size*. For one latent step
 (or one baseline) with per-instance vectors x_1..x_n we measure the **relative spread**
 
@@ -48,6 +54,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import LatentProbeError
+from .collapse_spread import collapse_rows
 from .instance_bootstrap import bootstrap_interval_from_counts
 
 CENTRINGS = ("raw", "centred")
@@ -69,7 +76,8 @@ STATISTICS = ("cosine", "relative_spread", "spread_ratio")
 #   mean_similarity alias of `estimate` on cosine rows (NaN elsewhere), for readers of the earlier schema
 SIMILARITY_COLUMNS = [
     "subject", "statistic", "representation", "reference", "centring", "step", "estimate", "ci_low", "ci_high",
-    "n", "confidence", "n_boot", "seed", "mean_similarity",
+    "n", "confidence", "n_boot", "seed", "mean_similarity", "yardstick", "whitened", "dimensions",
+    "yardstick_relative_spread",
 ]
 
 
@@ -440,8 +448,19 @@ def similarity_table(
     mean=None,
     n_boot: int = DEFAULT_BOOTSTRAPS,
     confidence: float = DEFAULT_CONFIDENCE,
+    *,
+    single_tokens: Mapping[str, np.ndarray] | None = None,
+    token_pool=None,
+    floor=None,
 ) -> pd.DataFrame:
     """The tidy similarity table of one subject: the collapse statistic and the cosine views.
+
+    Issue 18: ``single_tokens`` maps a name ("image_token") to (N, D) single image-token states of the same
+    instances and layer (the fair yardstick), ``token_pool`` (M, D) the layer's token states for whitening, and
+    ``floor`` (N, S) or (N,) the placebo's squared distances; they give the ``collapse_ratio``,
+    ``participation_ratio``, ``noise_excess`` and ``spread_trend`` rows the verdict reads
+    (:func:`latentprobe.stats.collapse_spread.collapse_rows`). A given ``image_mean`` baseline is also used as a
+    (pooled, conservative) yardstick.
 
     Columns: :data:`SIMILARITY_COLUMNS` (see the comment above it). Rows: ``relative_spread`` per latent step
     and per baseline, ``spread_ratio`` per latent step and baseline (what the collapse verdict reads), and the
@@ -462,6 +481,13 @@ def similarity_table(
     baselines = _checked_baselines(baselines, latents)
 
     frames = [spread_rows(latents, baselines, n_boot, confidence, seed).assign(centring="")]
+    yardsticks = {name: _as_float_array(states, 2, f"single token {name!r}")
+                  for name, states in dict(single_tokens or {}).items()}
+    pooled = [name for name in baselines if name == "image_mean"]
+    yardsticks.update({name: baselines[name] for name in pooled})
+    if yardsticks or floor is not None:
+        frames.append(pd.DataFrame(collapse_rows(latents, yardsticks, pooled=pooled, pool=token_pool, floor=floor,
+                                                 n_boot=n_boot, confidence=confidence, seed=seed)).assign(centring=""))
     for offset, centring in enumerate(CENTRINGS):
         centre = centring == "centred"
         # A distinct seed per block keeps each block's bootstrap reproducible on its own.
@@ -470,10 +496,14 @@ def similarity_table(
         for index, (name, states) in enumerate(baselines.items(), start=1):
             row = baseline_similarity(states, centre, origin, n_boot, confidence, seed + offset + 10 * index)
             frames.append(row.assign(representation=name, centring=centring, step=BASELINE_STEP))
-    cosine = pd.concat(frames[1:], ignore_index=True).rename(columns={"n_instances": "n",
-                                                                    "mean_similarity": "estimate"})
+    collapse = frames[1] if len(frames) > 1 and "yardstick" in frames[1].columns else None
+    views = frames[2:] if collapse is not None else frames[1:]
+    cosine = pd.concat(views, ignore_index=True).rename(columns={"n_instances": "n", "mean_similarity": "estimate"})
     cosine = cosine.assign(statistic="cosine", reference="")
-    table = pd.concat([frames[0], cosine], ignore_index=True)
+    table = pd.concat([frames[0]] + ([collapse] if collapse is not None else []) + [cosine], ignore_index=True)
+    for column in ("yardstick", "whitened", "dimensions", "yardstick_relative_spread"):
+        if column not in table.columns:
+            table[column] = np.nan
     table["subject"] = subject
     table["step"] = table["step"].astype(int)
     table["n"] = table["n"].astype(int)

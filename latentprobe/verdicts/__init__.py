@@ -14,7 +14,7 @@ from typing import Sequence
 import pandas as pd
 
 from .base import FINDINGS, INCONCLUSIVE, NOT_MEASURED, VOCABULARY, Verdict
-from .causal import edit_role, verdict_input_latent, verdict_latent_answer
+from .causal import edit_role, is_placebo, verdict_input_latent, verdict_latent_answer
 from .decision import clopper_pearson, decide_family, needed_n_rate_equivalence
 from .margins import Margins
 from .tidy import EFFECT_COLUMNS, tidy_effects
@@ -23,14 +23,17 @@ from .collapse import verdict_collapse
 from .visual_info import verdict_visual_info
 
 __all__ = ["FINDINGS", "INCONCLUSIVE", "NOT_MEASURED", "VOCABULARY", "VERDICT_COLUMNS", "Margins", "Verdict",
-           "all_verdicts", "clopper_pearson", "decide_family", "edit_role", "evidence_rows",
+           "all_verdicts", "clopper_pearson", "decide_family", "edit_role", "evidence_rows", "is_placebo",
            "judge", "needed_n_rate_equivalence", "tidy_effects", "verdict_collapse", "verdict_input_latent",
            "verdict_latent_answer", "verdict_visual_info", "EFFECT_COLUMNS"]
 
 # verdicts.csv: the decision, then its evidence.
 VERDICT_COLUMNS = ["subject", "finding", "verdict", "rule", "margin", "estimate", "ci_low", "ci_high", "n",
                    "detectable_effect", "needed_n", "ruled_out_beyond", "mediator", "disruption", "method",
-                   "evidence"]
+                   "evidence", "placebo", "effect_size", "yardstick"]
+# The evidence columns added in issue 18: the noise floor subtracted (NaN: no placebo run), what the estimate
+# measures, and what it is measured against.
+EVIDENCE_COLUMNS = ("placebo", "effect_size", "yardstick")
 
 
 def judge(subjects: Sequence[str], effects: pd.DataFrame | None = None, similarity: pd.DataFrame | None = None,
@@ -58,6 +61,10 @@ def verdict_table(verdicts: Sequence[Verdict]) -> pd.DataFrame:
         row["ruled_out_beyond"] = details.get("ruled_out_beyond")
         row["mediator"] = details.get("mediator", "")
         row["disruption"] = details.get("disruption", "")
+        placebo = details.get("placebo")
+        row["placebo"] = float(placebo) if isinstance(placebo, (int, float)) and placebo == placebo else None
+        row["effect_size"] = details.get("effect_size", "")
+        row["yardstick"] = details.get("yardstick", "")
         records.append(row)
     return pd.DataFrame(records, columns=VERDICT_COLUMNS)
 

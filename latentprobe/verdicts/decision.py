@@ -1,30 +1,31 @@
 """The statistical decision behind `disconnect` / `connected` / `inconclusive`, for one family of effect rows.
 
 One row is one effect (an intervention, a metric, maybe a latent step) with its estimate, its (1 - alpha)
-interval, n, and for rates the count of events k. A family is the rows one verdict combines.
+interval, n, for rates the count of events k, and where a placebo run exists the placebo's value (the noise
+floor: what the same code path gives when nothing is edited). A family is the rows one verdict combines.
 
-* **Equivalence (TOST-style).** A row is *equivalent* when its whole interval lies inside ``(-margin,
-  margin)`` (for a rate, ``[0, margin)``): both one-sided tests "effect <= -margin" and "effect >= margin"
-  are rejected, each at alpha/2 since the interval is two-sided (1 - alpha), which is more conservative
-  than Schuirmann's 90% interval and lets the reader check every verdict on the interval shown.
-  An interval that merely contains 0 shows nothing: a small, noisy run contains 0 too.
-* **Intersection-union for `disconnect`.** "No row has an effect" is an intersection of nulls' negations:
-  it holds only if EVERY row is equivalent. Each row's test at level alpha gives the joint claim level
-  alpha (Berger 1982), so no multiplicity correction is needed, and none is applied; the price is that one
-  wide row keeps the family from `disconnect`.
-* **Holm for `connected`.** "Some row has an effect" is a union: testing many rows inflates false
-  positives, so the rows' p-values for "effect = 0" are Holm-adjusted and the family is `connected` if any
-  adjusted p < alpha. (`holm` is checked against ``statsmodels.stats.multitest.multipletests``, which it
-  replaces because that function runs a full garbage collection per call: 0.7 s here, measured, which made
-  calibration by simulation impractical.)
-* If every row is equivalent, the family is `disconnect` even if some row is also nonzero (an effect shown
-  to be smaller than the margin is negligible by definition); otherwise `connected` if Holm rejects,
-  otherwise `inconclusive`.
+* **Equivalence (`disconnect`).** A row is *equivalent* when its whole (1 - alpha) interval lies inside
+  ``(-margin, margin)`` (for a rate, ``[0, margin)``): both one-sided tests "effect <= -margin" and "effect >=
+  margin" are rejected, each at alpha/2. "No row has an effect" is an intersection: the family is `disconnect`
+  only if EVERY row is equivalent (intersection-union, Berger 1982: no multiplicity correction is needed, and one
+  wide row keeps the family from `disconnect`). An interval that merely contains 0 shows nothing.
+* **Minimum effect (`connected`).** "The effect is larger than negligible": a row is an *effect* when its
+  one-sided lower bound at level alpha / m (Bonferroni over the family's m rows) lies above the margin, i.e. the
+  test of "effect <= margin" rejects. A test of "effect = 0" would call a true change rate of 0.01 (which the
+  margin calls negligible) `connected` at large n, and a GPU's nondeterminism alone `connected` at any n.
+  The family is `connected` if any row is an effect.
+* **Placebo.** Where a row has a placebo (``placebo_k``/``placebo_n`` for rates, ``placebo`` for means), the
+  tested effect is the row minus the placebo: for rates the bounds combine the row's exact bound and the
+  placebo's opposite exact bound, each at half the level (so the combined bound keeps the level), for means the
+  placebo value is subtracted. Without a placebo the floor is 0, which holds for a deterministic run (CPU,
+  float32) and is stated in the evidence.
+* Between the two: `inconclusive`, with the planning numbers (the n that would decide). A row whose interval
+  excludes 0 but that is not an effect is reported as "nonzero but below the margin".
 
-Rows of rates (with k and n) get their exact Clopper-Pearson interval recomputed at the requested alpha;
-other rows use the interval stored with them (paired bootstrap), rescaled on the normal scale when it was
-made at another level than (1 - alpha) (its ``confidence`` column; 95% when the table has none). Planning numbers come with
-every row: the n that would decide it (at ``power``) and the smallest effect the run could detect.
+Rates (k of n, k possibly a sum of per-instance fractions when an instance has several seeds; see
+``latentprobe.stats.intervals.cluster_rate``) get exact Clopper-Pearson bounds recomputed at each level needed,
+so both bounds grow with every changed answer (the evidence is monotone). Other rows use the interval stored with
+them (BCa bootstrap), rescaled on the normal scale to another level where the decision needs one.
 """
 
 from __future__ import annotations
@@ -66,6 +67,35 @@ class RowStats:
     needed_n_equivalence: float = float("nan")
     needed_n_effect: float = float("nan")
     extra: dict = field(default_factory=dict)
+    placebo: float = 0.0  # the noise floor's estimate (0 when no placebo was run)
+    placebo_k: float | None = None  # for rates: the placebo's events and instances
+    placebo_n: int | None = None
+    has_placebo: bool = False
+    alpha: float = 0.05  # level of ci_low/ci_high (two-sided 1 - alpha)
+    connect_bound: float = float("nan")  # the one-sided lower bound `connected` was tested on
+
+    def lower_bound(self, one_sided_alpha: float) -> float:
+        """The one-sided lower bound of the placebo-corrected effect at level 1 - one_sided_alpha."""
+        if self.is_rate:
+            if self.placebo_n:  # each bound at half the level: P(either misses) <= one_sided_alpha
+                return (_rate_bound(self.k, self.n, one_sided_alpha / 2, "low")
+                        - _rate_bound(self.placebo_k, self.placebo_n, one_sided_alpha / 2, "high"))
+            return _rate_bound(self.k, self.n, one_sided_alpha, "low")
+        # a mean row's estimate and interval are already placebo-corrected (mean_row)
+        return _rescaled_low(self.estimate, self.ci_low, self.alpha, one_sided_alpha)
+
+    def effect_bound(self, one_sided_alpha: float) -> float:
+        """How far from 0 the effect is shown to be at level 1 - one_sided_alpha: the lower bound for a rate; for
+        a signed mean the larger of the lower bound and minus the upper bound (an effect either way counts)."""
+        if self.is_rate:
+            return self.lower_bound(one_sided_alpha)
+        high = _rescaled_low(-self.estimate, -self.ci_high, self.alpha, one_sided_alpha)
+        return max(self.lower_bound(one_sided_alpha), high)
+
+    @property
+    def nonzero(self) -> bool:
+        """The (1 - alpha) interval excludes 0."""
+        return bool(self.ci_low > 0 or self.ci_high < 0)
 
     @property
     def equivalent(self) -> bool:
@@ -80,9 +110,13 @@ class RowStats:
         return float(max(abs(self.ci_low), abs(self.ci_high)))
 
     def text(self) -> str:
-        count = f"{self.k}/{self.n}" if self.k is not None else f"n={self.n}"
-        p = "" if math.isnan(self.p_holm) else f", Holm p={_fmt(self.p_holm)}"
-        return f"{self.label} {_fmt(self.estimate)} [{_fmt(self.ci_low)}, {_fmt(self.ci_high)}] ({count}{p})"
+        count = f"{_fmt_count(self.k)}/{self.n}" if self.k is not None else f"n={self.n}"
+        floor = (f", placebo {_fmt(self.placebo)} subtracted" if self.has_placebo else ", no placebo: floor 0")
+        return f"{self.label} {_fmt(self.estimate)} [{_fmt(self.ci_low)}, {_fmt(self.ci_high)}] ({count}{floor})"
+
+
+def _fmt_count(k) -> str:
+    return str(int(k)) if float(k) == int(k) else f"{float(k):.2f}"
 
 
 def _fmt(value) -> str:
@@ -95,6 +129,23 @@ def _fmt(value) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ one row
+
+def _rate_bound(k, n, one_sided_alpha: float, side: str) -> float:
+    from ..stats.intervals import rate_bound
+
+    return rate_bound(k, n, one_sided_alpha, side)
+
+
+def _rescaled_low(estimate: float, ci_low: float, alpha: float, one_sided_alpha: float) -> float:
+    """The lower end of a stored two-sided (1 - alpha) interval moved to a one-sided (1 - one_sided_alpha) bound
+    on the normal scale (the stored interval's own asymmetry kept)."""
+    from scipy.stats import norm
+
+    if not (math.isfinite(estimate) and math.isfinite(ci_low)):
+        return math.nan
+    scale = norm.ppf(1 - one_sided_alpha) / norm.ppf(1 - alpha / 2)
+    return estimate - (estimate - ci_low) * scale
+
 
 def clopper_pearson(k: int, n: int, alpha: float) -> tuple[float, float]:
     """Exact two-sided (1 - alpha) interval of a binomial rate, from the beta quantiles that define it
@@ -124,34 +175,59 @@ def _p_from_interval(estimate: float, low: float, high: float, alpha: float) -> 
     return float(2 * norm.sf(abs(estimate) / se))
 
 
-def rate_row(label: str, metric: str, k: int, n: int, margins: Margins) -> RowStats:
-    """A row of k events in n instances: exact Clopper-Pearson interval at ``margins.alpha``; p-value for "the
-    rate is 0" (1 when k = 0, else 0: one event is impossible under that null)."""
-    low, high = clopper_pearson(k, n, margins.alpha) if n > 0 else (math.nan, math.nan)
-    return RowStats(label=label, metric=metric, estimate=k / n if n else math.nan, ci_low=low, ci_high=high, n=n,
-                    margin=margins.for_metric(metric), k=int(k), p_value=1.0 if k == 0 else 0.0, is_rate=True,
-                    interval="clopper-pearson")
+def rate_row(label: str, metric: str, k: float, n: int, margins: Margins, placebo_k: float | None = None,
+             placebo_n: int | None = None) -> RowStats:
+    """A row of k events in n instances (k may be a sum of per-instance fractions): exact Clopper-Pearson interval
+    at ``margins.alpha`` of the rate minus the placebo's rate (each end combining the row's and the placebo's
+    opposite exact bounds at half the level); p-value for "the rate is 0" (1 when k = 0, else 0)."""
+    from ..stats.intervals import fractional_clopper_pearson
+
+    alpha = margins.alpha
+    placebo_rate = placebo_k / placebo_n if placebo_n else 0.0
+    if n <= 0:
+        low = high = math.nan
+    elif placebo_n:
+        row_low, row_high = fractional_clopper_pearson(k, n, alpha / 2)
+        floor_low, floor_high = fractional_clopper_pearson(placebo_k, placebo_n, alpha / 2)
+        low, high = row_low - floor_high, row_high - floor_low
+    else:
+        low, high = fractional_clopper_pearson(k, n, alpha)
+    whole = float(k) == int(k)
+    return RowStats(label=label, metric=metric, estimate=(k / n - placebo_rate) if n else math.nan, ci_low=low,
+                    ci_high=high, n=n, margin=margins.for_metric(metric), k=int(k) if whole else float(k),
+                    p_value=1.0 if k == 0 else 0.0, is_rate=True,
+                    interval="clopper-pearson" + ("" if whole else " (instances as units)")
+                    + (" minus placebo" if placebo_n else ""),
+                    placebo=placebo_rate, placebo_k=placebo_k, placebo_n=placebo_n, has_placebo=bool(placebo_n),
+                    alpha=alpha)
 
 
 def mean_row(label: str, metric: str, estimate: float, ci_low: float, ci_high: float, n: int, p_value: float,
-             margins: Margins, interval: str = "percentile bootstrap") -> RowStats:
+             margins: Margins, interval: str = "BCa bootstrap", placebo: float | None = None) -> RowStats:
     """A row of a mean with its stored interval and p-value (a normal approximation from the interval when the
-    table has no p-value)."""
+    table has no p-value), minus the placebo's mean where one is given."""
     if n < 2:  # one value tests nothing, whatever its stored p-value or interval
         p_value = math.nan
     elif p_value is None or math.isnan(p_value):
         p_value = _p_from_interval(estimate, ci_low, ci_high, margins.alpha)
-    return RowStats(label=label, metric=metric, estimate=float(estimate), ci_low=float(ci_low), ci_high=float(ci_high),
-                    n=int(n), margin=margins.for_metric(metric), p_value=float(p_value), interval=interval)
+    floor = 0.0 if placebo is None or not math.isfinite(placebo) else float(placebo)
+    return RowStats(label=label, metric=metric, estimate=float(estimate) - floor, ci_low=float(ci_low) - floor,
+                    ci_high=float(ci_high) - floor, n=int(n), margin=margins.for_metric(metric), p_value=float(p_value),
+                    interval=interval + (" minus placebo" if placebo is not None else ""), placebo=floor,
+                    has_placebo=placebo is not None, alpha=margins.alpha)
 
 
-def row_stats(row: pd.Series, margins: Margins, label: str) -> RowStats:
-    """A RowStats from one tidy effects row (see ``latentprobe.verdicts.tidy_effects``)."""
+def row_stats(row: pd.Series, margins: Margins, label: str, placebo: pd.Series | None = None) -> RowStats:
+    """A RowStats from one tidy effects row (see ``latentprobe.verdicts.tidy_effects``), minus its placebo row
+    (the same metric of the placebo edit) when one is given."""
     metric = str(row.metric_base if "metric_base" in row else row.metric)
     n = int(row.n) if pd.notna(row.n) else 0
     k = row.get("k")
     if k is not None and pd.notna(k) and n > 0:  # a rate of events: exact interval at this alpha
-        return rate_row(label, metric, int(round(float(k))), n, margins)
+        placebo_k = placebo_n = None
+        if placebo is not None and pd.notna(placebo.get("k")) and pd.notna(placebo.n) and int(placebo.n) > 0:
+            placebo_k, placebo_n = float(placebo.k), int(placebo.n)
+        return rate_row(label, metric, float(k), n, margins, placebo_k, placebo_n)
     p = row.get("p_value")
     interval = str(row.get("interval") or "") or "as stored (no method recorded)"
     low, high = float(row.ci_low), float(row.ci_high)
@@ -165,8 +241,9 @@ def row_stats(row: pd.Series, margins: Margins, label: str) -> RowStats:
         estimate = float(row.estimate)
         low, high = estimate - (estimate - low) * scale, estimate + (high - estimate) * scale
         interval += f", {stored:.0%} interval rescaled to {wanted:.0%} (normal)"
+    floor = float(placebo.estimate) if placebo is not None and pd.notna(placebo.estimate) else None
     return mean_row(label, metric, row.estimate, low, high, n,
-                    float(p) if p is not None and pd.notna(p) else math.nan, margins, interval)
+                    float(p) if p is not None and pd.notna(p) else math.nan, margins, interval, placebo=floor)
 
 
 def _plan(stats: RowStats, margins: Margins, family_size: int = 1) -> None:
@@ -180,7 +257,13 @@ def _plan(stats: RowStats, margins: Margins, family_size: int = 1) -> None:
         stats.detectable_effect = 1 - (1 - power) ** (1 / n)
         rate = stats.k / n
         stats.needed_n_equivalence = needed_n_rate_equivalence(rate, margin, alpha, power)
-        stats.needed_n_effect = (math.ceil(math.log(1 - power) / math.log(1 - rate)) if 0 < rate < 1
+        # the n at which the one-sided exact lower bound clears the margin with probability ~power (normal
+        # approximation of the binomial)
+        from scipy.stats import norm as _norm
+
+        gap = rate - margin
+        stats.needed_n_effect = (math.ceil(((_norm.ppf(1 - alpha / max(family_size, 1)) + _norm.ppf(power)) ** 2)
+                                           * rate * (1 - rate) / gap ** 2) if gap > 0 and rate < 1
                                  else (1 if rate >= 1 else math.inf))
         return
     from scipy.stats import norm
@@ -197,9 +280,10 @@ def _plan(stats: RowStats, margins: Margins, family_size: int = 1) -> None:
     gap = margin - abs(stats.estimate)
     stats.needed_n_equivalence = (_ceil(analysis.solve_power(effect_size=gap / sd, alpha=alpha / 2, power=power,
                                                              alternative="larger")) if gap > 0 else math.inf)
-    stats.needed_n_effect = (_ceil(analysis.solve_power(effect_size=abs(stats.estimate) / sd, alpha=per_row_alpha,
-                                                        power=power, alternative="two-sided"))
-                             if stats.estimate != 0 else math.inf)
+    beyond = abs(stats.estimate) - margin  # the minimum-effect test needs the estimate past the margin
+    stats.needed_n_effect = (_ceil(analysis.solve_power(effect_size=beyond / sd, alpha=per_row_alpha,
+                                                        power=power, alternative="larger"))
+                             if beyond > 0 else math.inf)
 
 
 def _ceil(value) -> float:
@@ -276,32 +360,38 @@ def holm(p_values, alpha: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def decide_family(rows: list[RowStats], margins: Margins, *, plan: bool = True) -> FamilyDecision:
-    """`disconnect` if every row is equivalent (intersection-union); `connected` if some row's Holm-adjusted
-    p < alpha; else `inconclusive`. Also the planning numbers of the family (skipped with ``plan=False``,
-    e.g. in simulations, since power root-finding costs more than the decision)."""
+    """`disconnect` if every row is equivalent (intersection-union); `connected` if some row's one-sided lower
+    bound at alpha / m (Bonferroni over the m rows) is above the margin (minimum effect); else `inconclusive`.
+    Also the planning numbers of the family (skipped with ``plan=False``, e.g. in simulations, since power
+    root-finding costs more than the decision). Holm-adjusted p-values for "the effect is 0" are kept as a
+    column (they tell "nonzero but below the margin" apart), never deciding."""
     rows = [r for r in rows if r.n > 0 and not math.isnan(r.estimate)]
     if not rows:
         return FamilyDecision(INCONCLUSIVE_WORD, [], None, math.nan, math.nan, math.nan, "no row with data")
+    m = len(rows)
     p = np.array([1.0 if math.isnan(r.p_value) else r.p_value for r in rows])
-    reject, adjusted = holm(p, margins.alpha)
-    for r, rej, adj in zip(rows, reject, adjusted):
+    _, adjusted = holm(p, margins.alpha)
+    for r, adj in zip(rows, adjusted):
         if plan:
-            _plan(r, margins, family_size=len(rows))
+            _plan(r, margins, family_size=m)
         r.p_holm = float(adj)
-        r.decision = ROW_EQUIVALENT if r.equivalent else (ROW_EFFECT if rej else ROW_UNDECIDED)
+        r.connect_bound = r.effect_bound(margins.alpha / m) if r.n >= (1 if r.is_rate else 2) else math.nan
+        is_effect = bool(r.connect_bound > r.margin)
+        r.decision = ROW_EQUIVALENT if r.equivalent else (ROW_EFFECT if is_effect else ROW_UNDECIDED)
     worst = max(rows, key=lambda r: r.ruled_out_beyond)
     ruled_out = worst.ruled_out_beyond
     detectable = max(r.detectable_effect for r in rows)
+    below = [r for r in rows if r.decision != ROW_EFFECT and r.nonzero]
+    note = f"; {len(below)} row(s) nonzero but below the margin" if below else ""
     if all(r.equivalent for r in rows):
-        nonzero = [r for r in rows if r.p_holm < margins.alpha]
-        note = (f"; {len(nonzero)} row(s) also differ from 0, by less than the margin" if nonzero else "")
         return FamilyDecision(DISCONNECT, rows, worst, detectable, math.nan, ruled_out,
-                              f"all {len(rows)} row(s) inside the margin{note}")
+                              f"all {m} row(s) inside the margin{note}")
     effects = [r for r in rows if r.decision == ROW_EFFECT]
     if effects:
-        strongest = min(effects, key=lambda r: (r.p_holm, -abs(r.estimate)))
+        strongest = max(effects, key=lambda r: r.connect_bound)
         return FamilyDecision(CONNECTED, rows, strongest, detectable, math.nan, ruled_out,
-                              f"{len(effects)} of {len(rows)} row(s) differ from 0 after Holm")
+                              f"{len(effects)} of {m} row(s) larger than the margin (one-sided bound at "
+                              f"{margins.alpha:g}/{m}){note}")
     # Inconclusive: plan toward the decision the estimates point to.
     if all(abs(r.estimate) < r.margin for r in rows):
         needed = max(r.needed_n_equivalence for r in rows)  # every row must become equivalent
@@ -310,8 +400,8 @@ def decide_family(rows: list[RowStats], margins: Margins, *, plan: bool = True) 
         needed = min(r.needed_n_effect for r in rows if abs(r.estimate) >= r.margin)  # one row suffices
         aim = "connected"
     return FamilyDecision(INCONCLUSIVE_WORD, rows, worst, detectable, needed, ruled_out,
-                          f"neither every row inside the margin nor any row different from 0 after Holm; "
-                          f"the estimates point to {aim}")
+                          f"neither every row inside the margin nor any row beyond it{note}; the estimates point "
+                          f"to {aim}")
 
 
 def rows_frame(rows: list[RowStats], **columns) -> pd.DataFrame:
@@ -321,6 +411,7 @@ def rows_frame(rows: list[RowStats], **columns) -> pd.DataFrame:
         records.append({**columns, "row": r.label, "metric": r.metric, "estimate": r.estimate, "ci_low": r.ci_low,
                         "ci_high": r.ci_high, "n": r.n, "k": r.k, "interval": r.interval, "margin": r.margin,
                         "p_value": r.p_value, "p_holm": r.p_holm, "row_decision": r.decision,
+                        "placebo": r.placebo if r.has_placebo else math.nan, "connect_bound": r.connect_bound,
                         "detectable_effect": r.detectable_effect, "needed_n_equivalence": r.needed_n_equivalence,
                         "needed_n_effect": r.needed_n_effect, **r.extra})
     return pd.DataFrame(records)

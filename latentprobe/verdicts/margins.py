@@ -33,9 +33,15 @@ class Margins:
         Change in the probability of the gold answer that counts as negligible.
     kl : float
         KL(clean || intervened) in nats that counts as negligible.
+    latent_r2 : float
+        Input -> latent (and -> text mediator): the placebo-corrected share of the latents' spread between
+        instances that an edit moves (``stats.latent_effect.latent_r2``) that counts as negligible.
+    relative_change : float
+        Input -> latent where the latents have no spread beyond noise: the placebo-corrected squared change over
+        the latents' squared size (for unit vectors 2 (1 - cos)) that counts as negligible.
     change_ratio : float
-        Input -> latent: how far the latents move, as a share of the distance to another instance's
-        latents (``effects.latent_change_metrics``), that counts as negligible.
+        The former input -> latent statistic (mean distance over inter-instance distance), kept so that tables
+        written before issue 18 still map to a margin; no verdict decides on it.
     collapse : float
         Margin handed to the collapse verdict.
     visual_info : float
@@ -54,6 +60,8 @@ class Margins:
     correctness: float = 0.05
     gold_prob: float = 0.05
     kl: float = 0.05
+    latent_r2: float = 0.2
+    relative_change: float = 0.1
     change_ratio: float = 0.2
     collapse: float = 0.1
     visual_info: float = 0.1
@@ -104,6 +112,10 @@ class Margins:
             return self.kl
         if base == "change_ratio":
             return self.change_ratio
+        if base in ("latent_r2", "mediator_r2"):
+            return self.latent_r2
+        if base in ("latent_relative_change", "mediator_relative_change"):
+            return self.relative_change
         raise LatentProbeError(f"no margin is defined for metric {metric!r}",
                                "use a metric of latentprobe.stats.effects, or extend Margins.for_metric")
 

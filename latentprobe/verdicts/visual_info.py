@@ -1,25 +1,28 @@
 """The visual-information verdict: can linear probes read the image's attributes from the latent tokens?
 
-It reads the ``nested`` rows of the probe table (:func:`latentprobe.stats.probes.probe_table`, columns
-``subject, representation, attribute`` + :data:`latentprobe.stats.probes.PROBE_COLUMNS`): per attribute and
+It reads the ``nested`` rows of the probe table (:func:`latentprobe.stats.probes.probe_table`): per attribute and
 representation, the best layer x step chosen inside the training folds and scored on held-out instances, with
-``selectivity`` (score - Hewitt & Liang control score), its interval ``selectivity_ci_low/high`` and the
-permutation ``p_value`` of the score against chance. The rule, with ``margin`` on the selectivity scale
-(accuracy points, or R^2):
+``score_excess`` (score - chance: accuracy over the training folds' majority share, or R^2), its **unconditional**
+interval ``score_excess_ci_low/high`` (the whole procedure refitted over repeated grouped CV, corrected resampled t),
+the permutation ``p_value`` of the score against chance and the probe's ``capacity``. The rule, with ``margin`` on
+the score-over-chance scale (accuracy points, or R^2):
 
-- an attribute is **informative** when the latent selectivity interval lies above ``margin`` *and* its
-  permutation p-value, Holm-adjusted over the subject's attributes (``decision.holm``, equal to statsmodels'
-  ``multipletests``), is below ``alpha``;
-- an attribute is **limited** when the latent selectivity interval lies below ``margin`` (the latents hold at
-  most ``margin`` beyond what memorising the control's types gives: positive evidence of little information,
-  not merely a low estimate) *and* the image-token baseline's interval lies above ``margin`` (the attribute is
-  readable from the image states of the same instances with the same probe, so the probe could have found it);
+- an attribute is **informative** when the latents' score-over-chance interval lies above ``margin`` *and* its
+  permutation p-value, Holm-adjusted over the subject's attributes, is below ``alpha``;
+- an attribute is **limited** when the latents' interval lies below ``margin`` (a probe of the stated capacity
+  reads at most ``margin`` above chance: positive evidence of little information, not merely a low estimate)
+  *and* the image-token baseline's interval lies above ``margin`` (the same probe reads the attribute from the
+  image states of the same instances, so it could have found it);
 - otherwise the attribute is **inconclusive**.
 
-The subject is ``informative`` if any attribute is, ``limited`` if every attribute is (each is a one-sided
-claim at level ``alpha``, so requiring all of them keeps the level: an intersection-union test), otherwise
-``inconclusive``; ``not measured`` without nested latent rows. Both representations are nested selections, so
-the latents' many cells (layers x steps) and the image tokens' few (layers) compete on equal terms.
+Selectivity (score - the Hewitt & Liang control score, the control's labels now a permutation of the real
+labels over types so both tasks share one chance level) is reported as a diagnostic column: it compares probe
+expressivity and is no evidence of absence (latents that *are* the image identity get selectivity ~0 against an
+image-identity control although they determine every image attribute). Tables made before issue 18 (no
+``score_excess`` columns) are judged by the former selectivity rule, and the verdict says so.
+
+The subject is ``informative`` if any attribute is, ``limited`` if every attribute is (intersection-union),
+otherwise ``inconclusive``; ``not measured`` without nested latent rows.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import pandas as pd
 
 from ..errors import LatentProbeError
 from .base import INCONCLUSIVE, NOT_MEASURED, Verdict
-from .decision import holm as holm_adjust
+from .decision import _fmt, holm as holm_adjust
 
 LIMITED, INFORMATIVE = "limited", "informative"
 NEEDED_COLUMNS = {"subject", "representation", "attribute", "selection", "selectivity", "selectivity_ci_low",
@@ -49,11 +52,22 @@ def _nested_rows(probes: pd.DataFrame, subject: str, representation: str) -> pd.
     rows = probes[(probes.subject == subject) & (probes.representation == representation)
                   & (probes.selection == "nested")]
     ran = rows.skipped_reason.fillna("").astype(str) == "" if "skipped_reason" in rows.columns else True
-    return rows[ran & rows.selectivity.notna()].drop_duplicates("attribute").set_index("attribute")
+    return rows[ran & rows.score.notna()].drop_duplicates("attribute").set_index("attribute") \
+        if "score" in rows.columns else \
+        rows[ran & rows.selectivity.notna()].drop_duplicates("attribute").set_index("attribute")
 
 
 def _interval(row) -> str:
     return f"{row.selectivity:.3f} [{row.selectivity_ci_low:.3f}, {row.selectivity_ci_high:.3f}]"
+
+
+def _score_columns(rows: pd.DataFrame) -> tuple[str, str, str, bool]:
+    """The columns the rule reads: score over chance with its unconditional interval, or (tables made before
+    issue 18) the selectivity with its conditional one."""
+    if {"score_excess", "score_excess_ci_low", "score_excess_ci_high"} <= set(rows.columns) \
+            and rows.score_excess_ci_low.notna().any():
+        return "score_excess", "score_excess_ci_low", "score_excess_ci_high", True
+    return "selectivity", "selectivity_ci_low", "selectivity_ci_high", False
 
 
 def verdict_visual_info(probes: pd.DataFrame | None, subject: str, *, margin: float = 0.1, alpha: float = 0.05,
@@ -63,7 +77,7 @@ def verdict_visual_info(probes: pd.DataFrame | None, subject: str, *, margin: fl
     Parameters
     ----------
     probes : DataFrame or None
-        Concatenated :func:`latentprobe.stats.probes.probe_table` outputs (several subjects and attributes).
+        Concatenated :func:`latentprobe.probes.probe_table` outputs (several subjects and attributes).
     subject : str
     margin : float
         Selectivity margin, default 0.1.
@@ -83,7 +97,7 @@ def verdict_visual_info(probes: pd.DataFrame | None, subject: str, *, margin: fl
     Examples
     --------
     >>> import numpy as np, pandas as pd
-    >>> from latentprobe.stats.probes import probe_table
+    >>> from latentprobe.probes import probe_table
     >>> rng = np.random.default_rng(0)
     >>> labels = np.arange(60) % 2
     >>> states = rng.normal(size=(60, 6)); states[:, 0] += 3 * (2 * labels - 1)
@@ -108,6 +122,7 @@ def verdict_visual_info(probes: pd.DataFrame | None, subject: str, *, margin: fl
         raise LatentProbeError(f"the probe intervals are {confidence:.0%} intervals, too narrow for alpha={alpha}",
                                f"rebuild the probe table with confidence >= {1 - 2 * alpha:.2f}")
     reference = _nested_rows(probes, subject, baseline)
+    value, low_col, high_col, unconditional = _score_columns(latent)
     p_values = latent.p_value.to_numpy(dtype=float)
     testable = np.isfinite(p_values)
     holm = np.full(len(p_values), np.nan)
@@ -117,19 +132,23 @@ def verdict_visual_info(probes: pd.DataFrame | None, subject: str, *, margin: fl
     per_attribute = {}
     for (attribute, row), adjusted in zip(latent.iterrows(), holm):
         base = reference.loc[attribute] if attribute in reference.index else None
-        readable = base is not None and base.selectivity_ci_low > margin
-        if row.selectivity_ci_low > margin and adjusted < alpha:
+        base_low = None if base is None or low_col not in base.index or pd.isna(base[low_col]) else float(base[low_col])
+        readable = base_low is not None and base_low > margin
+        low, high = float(row[low_col]), float(row[high_col])
+        if low > margin and adjusted < alpha:
             word = INFORMATIVE
-        elif row.selectivity_ci_high < margin and readable:
+        elif high < margin and readable:
             word = LIMITED
         else:
             word = INCONCLUSIVE
         per_attribute[attribute] = {
-            "verdict": word, "selectivity": float(row.selectivity), "ci_low": float(row.selectivity_ci_low),
-            "ci_high": float(row.selectivity_ci_high), "p_value": float(row.p_value), "p_holm": float(adjusted),
+            "verdict": word, "estimate": float(row[value]), "ci_low": low, "ci_high": high,
+            "selectivity": float(row.selectivity) if pd.notna(row.get("selectivity")) else np.nan,
+            "p_value": float(row.p_value), "p_holm": float(adjusted),
             "n": int(row.n), "cell": f"{int(row.layer)}/{int(row.step)}" if "layer" in row else "",
-            "baseline_selectivity": None if base is None else float(base.selectivity),
-            "baseline_ci_low": None if base is None else float(base.selectivity_ci_low),
+            "capacity": str(row.get("capacity") or "a ridge probe"),
+            "baseline_estimate": None if base is None else float(base[value]),
+            "baseline_ci_low": base_low,
         }
     words = [a["verdict"] for a in per_attribute.values()]
     if INFORMATIVE in words:
@@ -146,24 +165,31 @@ def verdict_visual_info(probes: pd.DataFrame | None, subject: str, *, margin: fl
     half_width = (chosen["ci_high"] - chosen["ci_low"]) / 2 if np.isfinite(chosen["ci_high"] - chosen["ci_low"]) \
         else None
     needed_n = None
-    if verdict == INCONCLUSIVE and half_width and np.isfinite(chosen["selectivity"]):
-        distance = abs(chosen["selectivity"] - margin)
+    if verdict == INCONCLUSIVE and half_width and np.isfinite(chosen["estimate"]):
+        distance = abs(chosen["estimate"] - margin)
         needed_n = int(np.ceil(chosen["n"] * (half_width / distance) ** 2)) if distance > 0 else None
-    rule = (f"per attribute, informative if the latent selectivity (best layer x step chosen inside the training "
+    what = "score over chance" if unconditional else "selectivity (table made before issue 18)"
+    rule = (f"per attribute, informative if the latents' {what} (best layer x step chosen inside the training "
             f"folds) has its {confidence:.0%} interval above {margin:g} and its permutation p-value, Holm-adjusted "
             f"over {len(per_attribute)} attribute(s), below {alpha:g}; limited if the interval is below {margin:g} "
             f"while the {baseline} interval is above {margin:g} (the attribute is readable from the image); "
             "subject informative if any attribute is, limited if all are, else inconclusive")
     evidence = "; ".join(
-        f"{a}: latent {v['selectivity']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}] p={v['p_value']:.3g} "
-        f"(Holm {v['p_holm']:.3g}), {baseline} "
-        + ("not measured" if v["baseline_selectivity"] is None else f"{v['baseline_selectivity']:.3f}")
-        + f" -> {v['verdict']}" for a, v in per_attribute.items())
-    return Verdict(subject, "visual_info", verdict, rule=rule, margin=margin, estimate=chosen["selectivity"],
+        f"{a}: latent {what.split(' (')[0]} {_fmt(v['estimate'])} [{_fmt(v['ci_low'])}, {_fmt(v['ci_high'])}] "
+        f"(p={_fmt(v['p_value'])}, Holm {_fmt(v['p_holm'])}), {baseline} "
+        + ("not measured" if v["baseline_estimate"] is None else
+           f"{_fmt(v['baseline_estimate'])} (lower bound {_fmt(v['baseline_ci_low'])})")
+        + f", selectivity {_fmt(v['selectivity'])} (diagnostic) -> {v['verdict']}" for a, v in per_attribute.items())
+    evidence = f"{chosen['capacity']}; margin {margin:g} over chance. " + evidence
+    interval_method = ("repeated grouped CV, corrected resampled t (Nadeau & Bengio), unconditional" if unconditional
+                       else f"BCa bootstrap over instances ({confidence:.0%}), conditional on the fitted probes")
+    return Verdict(subject, "visual_info", verdict, rule=rule, margin=margin, estimate=chosen["estimate"],
                    ci_low=chosen["ci_low"], ci_high=chosen["ci_high"], n=chosen["n"], detectable_effect=half_width,
                    needed_n=needed_n,
-                   method=f"nested CV; BCa bootstrap over instances ({confidence:.0%}); permutation test "
+                   method=f"nested CV; {interval_method}; permutation test "
                           f"({int(latent.n_permutations.iloc[0]) if 'n_permutations' in latent else '?'} "
                           "permutations) with Holm over attributes",
                    evidence=evidence, details={"attributes": per_attribute, "deciding_attribute": deciding,
-                                               "baseline": baseline})
+                                               "baseline": baseline,
+                                               "effect_size": what, "yardstick": f"{baseline} probe, chance level",
+                                               "placebo": None})

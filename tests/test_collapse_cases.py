@@ -1,0 +1,94 @@
+"""Issue 18: the review's collapse cases, each built, with the verdict a careful reader gives."""
+
+import numpy as np
+import pytest
+
+from latentprobe.stats.collapse_spread import collapse_ratio, participation_ratio, spread_trend, whitening_matrix
+from latentprobe.stats.similarity import similarity_table
+from latentprobe.verdicts.collapse import verdict_collapse
+
+N, D = 40, 32
+
+
+def judge(latents, token, pool=None, floor=None, baselines=None, **kwargs):
+    latents = latents if latents.ndim == 3 else latents[:, None, :]
+    table = similarity_table(latents, baselines or {}, "toy", n_boot=300,
+                             single_tokens={"image_token": token} if token is not None else None, token_pool=pool,
+                             floor=floor)
+    return verdict_collapse(table, "toy", **kwargs)
+
+
+def tokens(rng, n=N, per_image=32):
+    states = rng.normal(size=(n, per_image, D))
+    return states[:, 0], states.reshape(-1, D), states
+
+
+def test_a_common_offset_does_not_make_diverse_latents_collapsed():
+    """A shared vector (bias, massive activation) drove the old relative spread to 0: 'collapsed'."""
+    rng = np.random.default_rng(0)
+    token, pool, _ = tokens(rng)
+    latents = 200 * rng.normal(size=D) + rng.normal(size=(N, D))
+    unit = latents / np.linalg.norm(latents, axis=1, keepdims=True)
+    assert (unit @ unit.T).mean() > 0.99  # raw cosine: the paper's view reads "collapsed"
+    assert judge(latents, token, pool).verdict == "not collapsed"
+
+
+def test_latents_varying_fully_in_a_16d_subspace_are_not_collapsed_whatever_the_tokens_geometry():
+    """Raw cosine 0.95; was 'collapsed' against isotropic tokens and 'not collapsed' against anisotropic ones."""
+    rng = np.random.default_rng(1)
+    basis = np.linalg.qr(rng.normal(size=(D, 16)))[0]
+    latents = 6 * rng.normal(size=D) + rng.normal(size=(N, 16)) @ basis.T
+    isotropic_token, isotropic_pool, _ = tokens(rng)
+    stretch = np.geomspace(10, 0.1, D)
+    verdicts = [judge(latents, isotropic_token, isotropic_pool),
+                judge(latents, isotropic_token * stretch, isotropic_pool * stretch)]
+    assert [v.verdict for v in verdicts] == ["not collapsed", "not collapsed"]
+    assert participation_ratio(latents) == pytest.approx(16, rel=0.35)
+
+
+def test_single_token_yardstick_calls_collapse_and_the_pooled_mean_cannot_call_it_off():
+    """The same latents read 0.04 against one token and 1.24 against the mean of 64 tokens."""
+    rng = np.random.default_rng(2)
+    token, pool, states = tokens(rng, per_image=64)
+    latents = 3 * rng.normal(size=D) + 0.2 * rng.normal(size=(N, D))
+    assert judge(latents, token, pool).verdict == "collapsed"
+    pooled = judge(latents, None, baselines={"image_mean": states.mean(axis=1)})
+    assert pooled.verdict == "inconclusive" and "pooled yardstick cannot show" in pooled.evidence
+
+
+def test_progressive_collapse_is_collapsed_at_the_last_step_with_a_contracting_trend():
+    rng = np.random.default_rng(3)
+    token, pool, _ = tokens(rng)
+    scales = np.array([1.0, 0.5, 0.2, 0.05])
+    latents = 4 * rng.normal(size=D) + rng.normal(size=(N, 4, D)) * scales[None, :, None]
+    verdict = judge(latents, token, pool)
+    assert verdict.verdict == "collapsed" and verdict.details["step"] == 3
+    assert "progressive: contracts" in verdict.evidence
+    trend = spread_trend(latents[:, 0], latents[:, 3], pool, n_boot=300)
+    assert trend["ci_high"] < 0.01
+
+
+def test_a_collapsed_yardstick_decides_nothing_but_latents_at_the_noise_floor_are_collapsed():
+    rng = np.random.default_rng(4)
+    flat_token = 5 * np.ones(D) + 1e-4 * rng.normal(size=(N, D))  # every image token the same
+    latents = rng.normal(size=(N, D))
+    verdict = judge(latents, flat_token)
+    assert verdict.verdict == "inconclusive" and "does not vary" in verdict.evidence
+    # latents whose differences between instances are no larger than re-running one instance: collapsed
+    noisy = 3 * np.ones(D) + 0.1 * rng.normal(size=(N, D))
+    floor = np.full((N, 1), 2 * D * 0.1 ** 2)
+    token, pool, _ = tokens(rng)
+    at_floor = judge(noisy, token, pool, floor=floor, margin=1e-6)
+    assert at_floor.verdict == "collapsed" and at_floor.evidence.startswith("no spread beyond noise")
+
+
+def test_whitening_removes_a_shared_direction_and_cross_fitting_keeps_noise_from_reading_as_spread():
+    rng = np.random.default_rng(5)
+    pool = rng.normal(size=(2000, 8)) * np.array([100.0] + [1.0] * 7)
+    white = (pool - pool.mean(0)) @ whitening_matrix(pool)
+    assert white.std(0).max() / white.std(0).min() < 2  # from 100: Ledoit-Wolf shrinkage keeps a little
+    token = rng.normal(size=(N, 8)) * np.array([100.0] + [1.0] * 7)
+    latents = rng.normal(size=(N, 8)) * np.array([100.0] + [0.01] * 7)  # vary only along the shared direction
+    assert collapse_ratio(latents, token, pool, n_boot=200)["estimate"] == pytest.approx(1.0, abs=0.5)
+    noise = 0.01 * rng.normal(size=(N, 8))
+    assert collapse_ratio(noise, token, pool, n_boot=200)["estimate"] < 0.01
