@@ -105,6 +105,14 @@ def test_text_placebo_and_the_input_to_mediator_data(instances, tmp_path):
     assert any(changed.values())  # the imagination follows the image: another image, another span
     for i in clean:  # and the representation moves exactly when the text does
         assert bool((edited["image-swap"][i] != clean[i]).any()) == changed[i]
+    # input -> mediator rows for the verdict (latent_change's columns): floored by the input placebo (0 here)
+    import pandas as pd
+
+    change = pd.read_csv(tmp_path / "run" / "latent_change.csv").set_index("intervention")
+    assert change.loc["image-swap", "metric"] in ("mediator_r2", "mediator_relative_change")
+    assert change.loc["image-swap", "floor"] == 0 and change.loc["image-swap", "placebo"]
+    assert change.loc["image-swap", "token_edit_distance"] > 0 == change.loc["input-placebo", "token_edit_distance"]
+    assert change.loc["input-placebo", "move"] == 0
     text = summary.table[summary.table.intervention == "text-swap"].set_index("metric")
     assert text.loc["flip_rate", "placebo"] == 0
 

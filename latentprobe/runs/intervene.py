@@ -163,6 +163,10 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
         table.loc[table["mediator"] == "fed_back", "mediator"] = "text"
     table = with_placebo_column(table, rows)
     latent_change = _latent_change(run, clean, instances, n_boot, seed, applied_rows(rows))
+    mediator_change = _mediator_change(run, donor_of, instances, n_boot, seed, applied_rows(rows))
+    if len(mediator_change):  # a text mediator's input -> mediator rows sit beside the latents' (same columns)
+        latent_change = pd.concat([latent_change, mediator_change], ignore_index=True) if len(latent_change) \
+            else mediator_change
     _write_tables(Path(out_dir), rows, table, latent_change, run.latent_change_instances)
     not_applied = not_applied_counts(rows)
     for line in not_applied_warnings(not_applied):
@@ -541,13 +545,13 @@ def span_states(decoder: LatentDecoder, spans: Sequence[str | None]) -> torch.Te
 def span_token_change(tokenizer, clean: str | None, edited: str | None) -> dict[str, float]:
     """Token-level change of an imagined span: Levenshtein distance between the two token-id sequences (insertions,
     deletions, substitutions of whole tokens) and the clean span's length; NaN when either span is missing."""
-    from rapidfuzz.distance import Levenshtein
+    from ..stats.latent_effect import token_edit_distance
 
     if clean is None or edited is None:
         return {"mediator_token_edit_distance": float("nan"), "mediator_tokens_clean": float("nan")}
     a = tokenizer(clean, add_special_tokens=False)["input_ids"]
     b = tokenizer(edited, add_special_tokens=False)["input_ids"]
-    return {"mediator_token_edit_distance": float(Levenshtein.distance(a, b)), "mediator_tokens_clean": float(len(a))}
+    return {"mediator_token_edit_distance": float(token_edit_distance(a, b)), "mediator_tokens_clean": float(len(a))}
 
 
 def mediator_states(run_dir: str | Path, rows: pd.DataFrame | None = None
@@ -700,6 +704,49 @@ def _latent_change(run: _Run, clean: dict[str, CleanRun], instances, n_boot, see
     run.latent_change_instances = pd.concat(per_instance, ignore_index=True) if per_instance else pd.DataFrame()
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _mediator_change(run: _Run, donor_of: dict[str, str], instances, n_boot: int, seed: int,
+                     rows: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Input -> text mediator, per input intervention (applied rows only): ``mediator_r2`` (or
+    ``mediator_relative_change`` where the spans have no spread beyond noise), `latent_r2` on the imagined span's
+    context-free mean-pooled states (`span_states`) with the input placebo's spans as the floor, the donor's own
+    span as the yardstick of a swap (instances sharing the question for any other edit), and the mean token edit
+    distance between the clean and edited spans beside it. Rows have latent_change's columns (step NaN)."""
+    from ..stats.latent_effect import R2_COLUMNS, latent_r2
+
+    if not run.input_ivs or run.subject.mediator != "text":
+        return pd.DataFrame()
+    clean, edited = mediator_states(run.writer.run_dir, rows)
+    by_instance = {inst.id: inst for inst in instances}
+    placebo = next((states for name, states in edited.items() if "placebo" in name), None)
+    distances = {}
+    if rows is not None and "mediator_token_edit_distance" in rows.columns:
+        distances = {name: group.mediator_token_edit_distance.mean() for name, group in rows.groupby("intervention")}
+    out = []
+    for iv in run.input_ivs:
+        states = edited.get(iv.name, {})
+        use_donor = iv.needs_donor
+        ids = [i for i in states if i in clean and not np.isnan(clean[i]).any() and not np.isnan(states[i]).any()
+               and (not use_donor or (donor_of.get(i) in clean and not np.isnan(clean[donor_of[i]]).any()))
+               and (iv.role == "placebo" or placebo is None or i in placebo)]
+        if len(ids) < 2:
+            continue
+        c, t = np.stack([clean[i] for i in ids]), np.stack([states[i] for i in ids])
+        p = None if placebo is None or iv.role == "placebo" else np.stack([placebo[i] for i in ids])
+        donor = np.stack([clean[donor_of[i]] for i in ids]) if use_donor else None
+        groups = None if use_donor else _shared_rest(iv.name, [by_instance[i] for i in ids])
+        result = latent_r2(c, t, placebo=p, donor=donor, groups=groups, n_boot=n_boot, seed=seed)
+        metric = "mediator_r2" if result["statistic"] == "r2" else "mediator_relative_change"
+        row = {"step": np.nan, "metric": metric, "estimate": result["estimate"], "ci_low": result["ci_low"],
+               "ci_high": result["ci_high"], "n": result["n"], "k": np.nan, "p_value": np.nan,
+               "interval": "paired BCa bootstrap", "confidence": 0.95, "move": result["move"],
+               "floor": result["floor"], "spread": result["spread"], "spread_source": result["spread_source"],
+               "excess_spread_low": result["excess_spread_low"], "one_minus_cosine": result["one_minus_cosine"],
+               "collapsed": result["collapsed"], "placebo": result["placebo"]}
+        out.append({"subject": run.subject.name, "intervention": iv.name, **{k: row[k] for k in R2_COLUMNS},
+                    "token_edit_distance": distances.get(iv.name, np.nan)})
+    return pd.DataFrame(out)
 
 
 def _placebo_latents(store: TraceStore, edited: dict, placebo_names: list, name: str, usable: list, steps: int):
