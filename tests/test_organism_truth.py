@@ -95,6 +95,7 @@ def test_lvr_latents_ground_on_the_answer_cell():
     for i, inst in enumerate(instances):
         for k in range(latents.shape[1]):
             candidates = torch.stack([tokens[i, cell[k]] for cell in cells])  # (4, D)
-            nearest = int(torch.nn.functional.cosine_similarity(candidates, latents[i, k].expand_as(candidates)).argmax())
+            similarity = torch.nn.functional.cosine_similarity(candidates, latents[i, k].expand_as(candidates))
+            nearest = int(similarity.argmax())
             hits.append(nearest == source_cell(inst.attributes))
     assert sum(hits) / len(hits) >= 0.8
