@@ -235,8 +235,8 @@ def encode_rows(subject: Subject, recipe: OrganismRecipe, instances: list[Instan
 
 
 def standardise_tokens(image_embeds: torch.Tensor) -> torch.Tensor:
-    """(N, T, D) image tokens with each dimension centred and scaled to unit variance over all N x T tokens of
-    the encoded set (one tokens' statistics; the vision tower is frozen, so they are fixed for a dataset)."""
+    """(N, T, D) image tokens with each dimension centred and scaled to unit variance over all N x T tokens given
+    (the training set's, when training: the vision tower is frozen, so they are fixed for a dataset)."""
     flat = image_embeds.reshape(-1, image_embeds.shape[-1])
     return (image_embeds - flat.mean(0)) / flat.std(0).clamp(min=1e-6)
 
