@@ -17,14 +17,18 @@ from latentprobe.verdicts.visual_info import verdict_visual_info
 @pytest.fixture(scope="module")
 def tiny_trace(tiny_subject, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-trace") / "run"
-    trace(tiny_subject, builtin_instances(), out, spec=RecordSpec(layers="all"), batch_size=8)
+    trace(tiny_subject, builtin_instances(), out, spec=RecordSpec(layers="all", image="all"), batch_size=8)
     return out
 
 
 def test_collapse_study_writes_the_spread_table_and_decides(tiny_trace, tmp_path):
     table, made = collapse_study([tiny_trace], tmp_path, n_boot=200)
     assert table.columns.tolist() == SIMILARITY_COLUMNS
-    assert {"relative_spread", "spread_ratio", "cosine"} <= set(table.statistic)
+    assert {"relative_spread", "spread_ratio", "cosine", "collapse_ratio", "participation_ratio"} <= set(table.statistic)
+    # issue 18: every image token was recorded, so one of them per instance is the yardstick
+    ratio = table[table.statistic == "collapse_ratio"]
+    assert set(ratio.reference) == {"image_token", "image_mean"}
+    assert set(ratio[ratio.reference == "image_token"].yardstick) == {"single token"}
     assert (tmp_path / "similarity.csv").exists() and made["collapse"]
     verdict = verdict_collapse(table, table.subject.iloc[0])
     assert verdict.verdict in ("collapsed", "not collapsed", "inconclusive") and verdict.n == 8

@@ -135,6 +135,17 @@ def test_intervene_writes_tidy_rows_and_summaries(tiny_subject, tmp_path):
     assert {"TE_correct", "NDE_correct", "NIE_correct", "flip_rate", "kl_clean_to_intervened"} <= set(table.metric)
     change = pd.read_csv(tmp_path / "iv" / "latent_change.csv")
     assert set(change.metric) >= {"change_ratio", "cosine", "relative_l2"}
+    # issue 18: the rows input_latent decides on, pooled over steps (step NaN), and the distances behind them
+    r2 = change[change.metric.isin(["latent_r2", "latent_relative_change"])]
+    assert set(r2.intervention) == {"image-swap", "image-blank(colour=gray)"} and r2.step.isna().sum() == 2
+    distances = pd.read_parquet(tmp_path / "iv" / "latent_change_instances.parquet")
+    assert {"instance_id", "step", "move", "floor", "spread", "intervention"} <= set(distances.columns)
+    assert (distances.floor == 0).all()  # no placebo in this run: the floor is taken as 0
+    from latentprobe.report.build import effect_tables
+    from latentprobe.verdicts import verdict_input_latent
+
+    verdict = verdict_input_latent(effect_tables([tmp_path / "iv"]), tiny_subject.name)
+    assert verdict.verdict in ("disconnect", "connected", "inconclusive") and "no placebo run" in verdict.evidence
     # resuming a finished run redoes nothing and keeps the same rows
     intervene(tiny_subject, instances, ivs, tmp_path / "iv", batch_size=3, n_boot=100, resume=True)
     assert len(pd.read_parquet(tmp_path / "iv" / "effects_rows.parquet")) == len(rows)

@@ -363,7 +363,9 @@ def input_latent_rows(clean, edited, *, placebo=None, groups=None, prefix: str =
         rows.append({"step": step, "metric": metric, "estimate": result["estimate"], "ci_low": result["ci_low"],
                      "ci_high": result["ci_high"], "n": result["n"], "k": math.nan, "p_value": math.nan,
                      "interval": "paired BCa bootstrap", "confidence": 1 - alpha, "move": result["move"],
-                     "floor": result["floor"], "spread": result["spread"], "spread_source": result["spread_source"],
+                     # NaN, not 0, when no placebo ran: the verdict then says the floor was taken as 0
+                     "floor": result["floor"] if result["placebo"] else math.nan, "spread": result["spread"],
+                     "spread_source": result["spread_source"],
                      "excess_spread_low": result["excess_spread_low"],
                      "one_minus_cosine": result["one_minus_cosine"], "collapsed": result["collapsed"],
                      "placebo": result["placebo"]})

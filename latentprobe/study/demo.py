@@ -67,7 +67,8 @@ def run_demo(out_dir: str | Path, *, n_instances: int = DEMO_N_INSTANCES, seed: 
         subject = load_subject(name)
         config = DecodeConfig(max_new_tokens=subject.max_new_tokens, seed=seed)
         trace_dir = out_dir / "runs" / f"{name}-trace"
-        summary = trace(subject, instances, trace_dir, config=config, spec=RecordSpec(layers="all"),
+        # every image token (not only their mean): the collapse verdict's yardstick is a single image token
+        summary = trace(subject, instances, trace_dir, config=config, spec=RecordSpec(layers="all", image="all"),
                         batch_size=16, data_source=str(data_file), progress=progress)
         runs.append(trace_dir)
         interventions = make_interventions("input", ["image-swap", "image-blank"], seed=seed)
