@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bootstrap resamples for the 95%% intervals (>= 100)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out (refused when a setting differs)")
+    p.add_argument("--no-placebo", dest="placebo", action="store_false",
+                   help="skip the placebo of each family edited (default: run it; it is every effect's noise floor)")
     p.add_argument("--shard", default=None, help="i/n: run only the i-th of n interleaved shards of the data")
     p.add_argument("--quiet", action="store_true", help="no progress (a bar on a terminal, else a line every 30 s on stderr)")
 
@@ -508,7 +510,8 @@ def _cmd_intervene(args):
     warnings = _warn_about_conditions(subject, instances, source)
     summary = intervene(subject, instances, interventions, args.out, config=decode_config_from_args(args, subject),
                         batch_size=args.batch_size, seed=args.seed, n_boot=args.bootstrap, resume=args.resume,
-                        progress=not args.quiet, data_source=source, writer_id=writer_id)
+                        progress=not args.quiet, data_source=source, writer_id=writer_id,
+                        placebo=args.placebo)
     if summary.contributions is not None and len(summary.contributions):
         from pathlib import Path
 

@@ -38,7 +38,7 @@ def _subject(organisms, name):
     return organisms[name]
 
 
-def test_all_six_are_shipped_registered_and_small():
+def test_all_are_shipped_registered_and_small():
     import latentprobe.organisms.subjects  # noqa: F401  (registers on import, as load_subject does)
 
     assert shipped_organisms() == ALL
@@ -130,6 +130,20 @@ def test_bottleneck_answer_sees_the_image_only_through_its_latents(organisms, he
     unpinned = decoder.run(treated)  # ... while letting the latents follow the new image does change answers
     changed = sum(a.text != b.text for a, b in zip(clean.rows, unpinned.rows))
     assert changed >= len(instances) // 3
+
+
+def test_blind_latents_cannot_see_the_image(organisms, held_out):
+    """Built so: in latent mode no query attends the image or the prompt after it. Swapping every image leaves
+    the latent vectors bit-identical, while the answer (which reads the image) follows the new image."""
+    subject = _subject(organisms, "blind")
+    instances = held_out[:12]
+    decoder = LatentDecoder(subject, DecodeConfig(max_new_tokens=subject.max_new_tokens))
+    clean = decoder.run(subject.encode(instances))
+    swapped = decoder.run(subject.encode(instances, images=[load_images(i) for i in instances[1:] + instances[:1]]))
+    assert all(row.n_latent_steps == 4 for row in clean.rows)
+    for a, b in zip(clean.rows, swapped.rows):
+        assert torch.equal(a.latent_vectors, b.latent_vectors)
+    assert sum(a.text != b.text for a, b in zip(clean.rows, swapped.rows)) >= len(instances) // 3
 
 
 def test_training_is_deterministic_for_a_seed():

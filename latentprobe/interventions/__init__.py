@@ -16,6 +16,10 @@ Three targets, following the causal chain input X -> latent tokens Z -> answer Y
   `NormNoise` (sigma = s x mean||h|| / sqrt(d)) and `StepMean` (each step's dataset mean).
 * ``input`` (the treatment): `ImageSwap`, `ImageNoise`, `ImageBlank`, `ImageMask`, `QuestionSwap`, `NoImage`.
 * ``text`` (a text mediator, CapImagine): `TextSwap`, `TextTruncate`, `TextShuffle`.
+* a placebo per family (role ``placebo``, the noise floor of every effect): `LatentPlacebo` (``placebo``: the
+  row's own latents re-fed through the edit machinery), `InputPlacebo` (``input-placebo``: the clean input
+  re-decoded as an edited one) and `TextPlacebo` (``text-placebo``: the row's own span forced back). `intervene`
+  adds the placebo of every family it edits unless told not to.
 
 Scales are relative to the data, never absolute: noise of ``scale`` s with ``relative_to="std"`` adds
 s x (per-dimension std of the clean latents over the dataset) x N(0, 1) per dimension (ROME's "3x std" is
@@ -36,10 +40,11 @@ and decorating it with ``@register_intervention("my-kind")``.
 
 from .base import KINDS_BY_TARGET, Intervention, _fmt, _seed_for, register_intervention
 from .latent import (BoundEdit, LatentConstant, LatentDrop, LatentFunction, LatentIntervention, LatentNoise,
-                     LatentPatch, LatentShuffle, LatentStats, LatentZero, PinLatents, RowBinding, _all_reduce_sum,
-                     _noise, _steps_and_layer_from_site, _take_steps)
-from .input import ImageBlank, ImageMask, ImageNoise, ImageSwap, InputIntervention, NoImage, QuestionSwap
-from .text import TextIntervention, TextShuffle, TextSwap, TextTruncate
+                     LatentPatch, LatentPlacebo, LatentShuffle, LatentStats, LatentZero, PinLatents, RowBinding,
+                     _all_reduce_sum, _noise, _steps_and_layer_from_site, _take_steps)
+from .input import (ImageBlank, ImageMask, ImageNoise, ImageSwap, InputIntervention, InputPlacebo, NoImage,
+                    QuestionSwap)
+from .text import TextIntervention, TextPlacebo, TextShuffle, TextSwap, TextTruncate
 from .controls import (CONTROL_KINDS, DummyToken, MarkersOnly, NoLatent, NormNoise, OracleLatents, OracleOther,
                        OracleSource, StepMean, step_means)
 from .hooks import LayerEditHooks, NNsightRunner, PinLatentStates
@@ -53,9 +58,10 @@ TEXT_KINDS = KINDS_BY_TARGET["text"]
 __all__ = ["Intervention", "register_intervention", "KINDS_BY_TARGET", "LATENT_KINDS", "INPUT_KINDS", "TEXT_KINDS",
            "make_interventions", "derangement",
            "LatentIntervention", "LatentStats", "RowBinding", "BoundEdit", "LatentNoise", "LatentConstant",
-           "LatentZero", "LatentPatch", "LatentDrop", "LatentShuffle", "PinLatents", "LatentFunction",
-           "InputIntervention", "ImageSwap", "ImageNoise", "ImageBlank", "ImageMask", "QuestionSwap", "NoImage",
-           "TextIntervention", "TextSwap", "TextTruncate", "TextShuffle",
+           "LatentZero", "LatentPatch", "LatentPlacebo", "LatentDrop", "LatentShuffle", "PinLatents",
+           "LatentFunction", "InputIntervention", "InputPlacebo", "ImageSwap", "ImageNoise", "ImageBlank", "ImageMask",
+           "QuestionSwap", "NoImage",
+           "TextIntervention", "TextPlacebo", "TextSwap", "TextTruncate", "TextShuffle",
            "CONTROL_KINDS", "NoLatent", "MarkersOnly", "DummyToken", "OracleLatents", "OracleOther", "OracleSource",
            "NormNoise", "StepMean", "step_means",
            "LayerEditHooks", "PinLatentStates", "NNsightRunner"]

@@ -39,6 +39,9 @@ class Intervention(ABC):
     seed: int = 0
     needs_donor = False  # takes something from another instance (patch, swaps)
     needs_images = False  # edits or reads image tokens: refused on a text-only subject
+    # "edit" for a real edit; "placebo" for the noise floor of its family (the clean input or latents run again
+    # through exactly the edited runs' code path): every effect is read against its family's placebo.
+    role = "edit"
 
     def check(self, max_steps: int, n_instances: int):
         """Refuse, before any model runs, what cannot work (here: a donor with a single instance)."""
@@ -55,7 +58,8 @@ class Intervention(ABC):
         return f"{self.kind}({shown})" if shown else self.kind
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "target": self.target, "kind": self.kind, "seed": self.seed, **self.params()}
+        return {"name": self.name, "target": self.target, "kind": self.kind, "role": self.role, "seed": self.seed,
+                **self.params()}
 
     def __repr__(self) -> str:
         return self.name

@@ -30,6 +30,24 @@ class InputIntervention(Intervention):
         return None
 
 
+@register_intervention("input-placebo")
+class InputPlacebo(InputIntervention):
+    """The noise floor of input edits: the clean input itself, re-encoded and re-decoded exactly as an edited input
+    is (a fresh prefill in the edited runs' batch layout, with both mediation runs, the clean prefill reused)."""
+
+    kind = "input-placebo"
+    role = "placebo"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def not_applied_reason(self, instance, images, donor=None, donor_images=None):
+        return None  # the clean input can always be run again, with or without images
+
+    def apply(self, instance, images, donor=None, donor_images=None):
+        return list(images), None
+
+
 @register_intervention("image-swap")
 class ImageSwap(InputIntervention):
     kind = "image-swap"

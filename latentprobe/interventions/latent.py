@@ -412,6 +412,26 @@ class LatentShuffle(LatentIntervention):
         return binding.clean.shape[0]
 
 
+@register_intervention("placebo")
+class LatentPlacebo(LatentIntervention):
+    """The noise floor of latent edits: each edited step is fed the row's own clean latent (at the edited layer),
+    through the same machinery, batch layout and shared prefill as every other latent edit. Exact arithmetic gives
+    the clean run back; what it does differ by is what the edit machinery alone does (on a GPU in bf16: the
+    batch-shape-dependent kernels)."""
+
+    kind = "placebo"
+    role = "placebo"
+
+    def params(self):
+        return self.base_params()
+
+    def covers(self, step, binding):
+        return binding.clean is not None and step < binding.clean.shape[0]
+
+    def transform(self, vectors, steps, binding):
+        return vectors if binding.clean is None else _take_steps(vectors, steps, binding.clean)
+
+
 class PinLatents(LatentIntervention):
     """Feed exactly the given vectors (binding.forced), as many steps as there are: Z set to another run's Z."""
 

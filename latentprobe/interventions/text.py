@@ -32,6 +32,18 @@ class TextIntervention(Intervention):
         return None
 
 
+@register_intervention("text-placebo")
+class TextPlacebo(TextIntervention):
+    """The noise floor of text edits: the row's own imagination forced back after the prompt, through the same
+    forced-span decode as every rewritten span (the clean run generated it token by token)."""
+
+    kind = "text-placebo"
+    role = "placebo"
+
+    def rewrite(self, span, instance_id, donor_span=None):
+        return span
+
+
 @register_intervention("text-swap")
 class TextSwap(TextIntervention):
     kind = "text-swap"

@@ -637,6 +637,11 @@ def _strip_forced_start(batch, start_id: int):
                       mm_token_type_ids=trim(batch.mm_token_type_ids)), last
 
 
+def from_first_image(image_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: each row's prompt positions from its first image token on (none in a row without an image)."""
+    return image_mask.long().cumsum(dim=1) > 0
+
+
 class _RowState:
     """Per-row decoding state, kept as tensors on the model's device.
 
@@ -778,9 +783,15 @@ class _RowState:
             blocked[:, : image_mask.shape[1]] = image_mask
         elif answer_mask == "answer_blind_to_latents":
             blocked = self.latent_mark[:, :length]
+        elif answer_mask == "latents_blind_to_image":
+            # While a row is in latent mode (its start token and latent positions as queries), it cannot attend
+            # the image or any prompt position after it (whose upper-layer states read the image); the answer can.
+            blocked = torch.zeros_like(attention, dtype=torch.bool)
+            blocked[:, : image_mask.shape[1]] = from_first_image(image_mask)
+            return attention.masked_fill(blocked & (self.mode == LATENT).unsqueeze(1), 0)
         else:
             raise LatentProbeError(f"unknown answer mask {answer_mask!r}",
-                                   "use answer_blind_to_image or answer_blind_to_latents")
+                                   "use answer_blind_to_image, answer_blind_to_latents or latents_blind_to_image")
         blocked = blocked & self.after_latent.unsqueeze(1)
         return attention.masked_fill(blocked, 0)
 

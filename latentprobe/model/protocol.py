@@ -62,7 +62,9 @@ def check_layout(layout: str) -> str:
 # Key masks for the organisms whose causal structure is built in (see latentprobe.organisms):
 #   "answer_blind_to_image":  after latent mode ends, queries cannot attend to image tokens (bottleneck)
 #   "answer_blind_to_latents": after latent mode ends, queries cannot attend to latent positions (shortcut)
-AnswerMask = Literal["answer_blind_to_image", "answer_blind_to_latents"]
+#   "latents_blind_to_image":  while in latent mode (the start token and the latent positions), queries cannot attend
+#                              the image or the prompt after it; the answer can (blind)
+AnswerMask = Literal["answer_blind_to_image", "answer_blind_to_latents", "latents_blind_to_image"]
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Model organisms: tiny Qwen2.5-VL models trained on CPU whose causal structure is known.
 
-Six organisms answer the procedural `transform` task (a 2x2 colour grid, "after flipping / rotating / swapping,
+Eight organisms answer the procedural `transform` task (a 2x2 colour grid, "after flipping / rotating / swapping,
 what colour is cell X?", four options, chance 0.25) with an option letter. They differ in how the answer may use
 the image (details and the reasons behind each choice in `latentprobe.organisms.recipes`):
 
@@ -11,6 +11,11 @@ the image (details and the reasons behind each choice in `latentprobe.organisms.
 - ``direct``: answers at once, no latent mode (the baseline).
 - ``mirage`` / ``lvr``: Mirage's and LVR's training recipes in miniature; what their latents do is learned.
 - ``capimagine``: imagines in text (``<imagine>`` the transformed grid ``</imagine>``), then answers.
+- ``blind``: its latent positions cannot attend the image (exact); the answer reads the image directly.
+- ``collapsed``: its training loss pulls every latent to one point; the answer reads the image directly.
+
+What each construction fixes about the four findings is its ``truth`` (`latentprobe.organisms.truth`: the matrix
+the demo's verdicts are checked against; together the organisms exhibit every finding both ways).
 
 The weights ship with the package (``weights/<name>.safetensors`` + ``<name>.json``) and load offline as
 subjects named ``organism-<name>``::

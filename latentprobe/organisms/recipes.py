@@ -1,4 +1,4 @@
-"""The six organisms as data: architecture, protocol, prompt, and what each one's training loss is.
+"""The organisms as data: architecture, protocol, prompt, and what each one's training loss is.
 
 Every organism is a tiny Qwen2.5-VL trained from scratch on the procedural `transform` task (a 2x2 colour grid,
 "after flipping / rotating / swapping, what colour is cell X?", four colour options, chance 0.25). The vision
@@ -18,7 +18,15 @@ mirage        latent      Mirage's recipe: stage 1 (first half) aligns latent k 
                           pooled cell of the auxiliary (transformed) image plus answer CE; stage 2 answer CE
                           only; the model emits <|latent_end|> itself after 4 latents (cap 8)
 lvr           latent      LVR's recipe: latent k regresses (MSE) onto the k-th image token of the region of
-                          interest (the source cell of the answer); fixed 4 steps; answer CE
+                          interest (the source cell of the answer); fixed 4 steps; answer CE. Its raw-token MSE
+                          pulls the latents onto the mean image token (the random vision tower's shared offset);
+                          ``align="mse_roi_tokens_standardised"`` standardises each target dimension first (a
+                          retrain with it is pending: see the README)
+blind         latent      the model opens latent mode itself; in latent mode (its start token and the latent
+                          positions) no query can attend the image or the prompt after it, so the latents are a
+                          function of the question alone (exact); the answer reads the image directly
+collapsed     latent      every latent of every instance regresses (MSE, weight 10) onto one seeded vector: the
+                          latents collapse by the loss; the answer reads the image directly
 capimagine    text        writes ``<imagine>`` + the transformed grid in words + ``</imagine>``, then the
                           letter (the letter's cross-entropy weighted x5 among the written tokens)
 ============  ==========  ===============================================================================
@@ -50,10 +58,19 @@ SHORTCUT = LatentProtocol(
     name="shortcut", start_token=LVR.start_token, end_token=LVR.end_token, pad_token=LVR.pad_token,
     stop_rule="fixed", num_steps=4, write_pad_ids=True, answer_mask="answer_blind_to_latents",
     source="latentprobe organism: after latent mode the answer cannot attend latent positions")
+BLIND = LatentProtocol(
+    name="blind", start_token=LVR.start_token, end_token=LVR.end_token, pad_token=LVR.pad_token,
+    stop_rule="fixed", num_steps=4, write_pad_ids=True, answer_mask="latents_blind_to_image",
+    source="latentprobe organism: the model opens latent mode itself; in latent mode (its start token and latent "
+           "positions) it cannot attend the image or the prompt after it; the answer can")
+COLLAPSED = LatentProtocol(
+    name="collapsed", start_token=LVR.start_token, end_token=LVR.end_token, pad_token=LVR.pad_token,
+    stop_rule="fixed", num_steps=4, write_pad_ids=True,
+    source="latentprobe organism: LVR's tokens and fixed K; its training loss pulls every latent to one point")
 # The LVR organism was trained with the end token forced after its K steps (real LVR feeds its own argmax there).
 LVR_FORCED_EXIT = replace(LVR, exit_rule="force_end",
                           source="latentprobe organism: LVR's tokens and fixed K, trained with a forced end token")
-ORGANISM_PROTOCOLS = {p.name: p for p in (BOTTLENECK, SHORTCUT, LVR_FORCED_EXIT, MIRAGE)}
+ORGANISM_PROTOCOLS = {p.name: p for p in (BOTTLENECK, SHORTCUT, BLIND, COLLAPSED, LVR_FORCED_EXIT, MIRAGE)}
 
 IMAGINE_OPEN, IMAGINE_CLOSE = "<imagine>", "</imagine>"
 
@@ -75,7 +92,10 @@ class OrganismRecipe:
     rope_theta: float = 4.0  # see latentprobe.organisms.architecture: rotary frequencies a 4x4 token grid can resolve
     latent_steps: int = 4  # fed latent vectors during training (the protocol's K, or where the model stops)
     stop_loss: bool = False  # train the LM head to emit the end token after `latent_steps` (end_token rule)
-    align: str | None = None  # "cosine_aux_cells" (Mirage stage 1) or "mse_roi_tokens" (LVR)
+    # "cosine_aux_cells" (Mirage stage 1), "mse_roi_tokens" (LVR as published: raw image tokens),
+    # "mse_roi_tokens_standardised" (the same tokens, each dimension centred and scaled over the image tokens) or
+    # "mse_fixed_point" (one seeded vector for every latent of every instance: collapse by the loss)
+    align: str | None = None
     align_weight: float = 0.0
     align_fraction: float = 1.0  # share of the steps that carry the alignment loss (Mirage: stage 1 only)
     align_steps: tuple[int, ...] | None = None  # latent steps whose vectors are aligned (None: all)
@@ -87,6 +107,11 @@ class OrganismRecipe:
     text_mediator_markers: tuple[str, str] | None = None
     task: str = "transform"
     task_options: dict[str, Any] = field(default_factory=dict)
+    opens_latent: bool = False  # the model chooses its start token (trained: open_ce), not the prompt
+    # What the construction (or the loss) fixes, per finding: the verdict the demo must decide for this organism.
+    # Findings left out are learned and not asserted; ``truth_why`` says why each entry holds.
+    truth: dict[str, str] = field(default_factory=dict)
+    truth_why: str = ""
 
     @property
     def subject_name(self) -> str:
@@ -96,7 +121,8 @@ class OrganismRecipe:
     def prompt_style(self) -> PromptStyle:
         # No system turn: shorter prompts, and nothing in them the organisms never needed. Images after the
         # question: see latentprobe.organisms.architecture for why a two-layer model needs that layout.
-        return PromptStyle(system_prompt="", force_latent_start=self.protocol is not None, image_position="after")
+        return PromptStyle(system_prompt="", force_latent_start=self.protocol is not None and not self.opens_latent,
+                           image_position="after")
 
     @property
     def is_latent(self) -> bool:
@@ -108,12 +134,36 @@ ORGANISMS: dict[str, OrganismRecipe] = {r.name: r for r in (
         name="bottleneck", protocol=BOTTLENECK, mediator="latent", num_layers=1, hidden_size=96,
         align="mse_roi_tokens", align_weight=1.0, align_steps=(1, 2, 3), steps=3600,
         summary="answer blind to image tokens after latent mode; one layer, so only the latents carry the image",
-        ground_truth="everything the answer knows of the image passes through the fed-back latent vectors"),
+        ground_truth="everything the answer knows of the image passes through the fed-back latent vectors",
+        truth={"input_latent": "connected", "latent_answer": "connected", "collapse": "not collapsed",
+               "visual_info": "informative"},
+        truth_why="the answer cannot read the image and answers correctly (test accuracy 1.0), so the fed-back "
+                  "latents must carry the answer colour: they follow the image, differ across instances, hold "
+                  "it readably, and the answer depends on them"),
     OrganismRecipe(
         name="shortcut", protocol=SHORTCUT, mediator="latent", align="mse_roi_tokens", align_weight=1.0, steps=3000,
         summary="answer blind to latent positions; it reads the image directly, while its latents are trained "
                 "(LVR-style MSE) to hold the answer cell's image tokens",
-        ground_truth="the latents carry nothing to the answer (yet they do hold the answer cell's features)"),
+        ground_truth="the latents carry nothing to the answer (yet they do hold the answer cell's features)",
+        truth={"latent_answer": "disconnect"},
+        truth_why="the answer cannot attend latent positions: no latent edit can reach it"),
+    OrganismRecipe(
+        name="blind", protocol=BLIND, mediator="latent", opens_latent=True, steps=2400,
+        summary="latent positions blind to the image (and the prompt after it); the answer reads the image "
+                "directly; the model opens latent mode itself",
+        ground_truth="the latents are a function of the question alone: no image edit can move them and they hold "
+                     "no image attribute",
+        truth={"input_latent": "disconnect", "visual_info": "limited"},
+        truth_why="in latent mode every query is masked from the image and from the prompt positions after it, and "
+                  "the question comes before the image, so every latent state is computed without the image"),
+    OrganismRecipe(
+        name="collapsed", protocol=COLLAPSED, mediator="latent", align="mse_fixed_point", align_weight=10.0,
+        steps=2400,
+        summary="every latent of every instance is pulled (MSE, weight 10) to one seeded vector; the answer reads "
+                "the image directly",
+        ground_truth="the latents sit at one point whatever the input (collapse by the training loss)",
+        truth={"collapse": "collapsed"},
+        truth_why="the training loss is minimised only when every latent equals one fixed vector"),
     OrganismRecipe(
         name="direct", protocol=None, mediator=None,
         summary="answers at once with no latent mode (baseline)",

@@ -212,11 +212,19 @@ def encode_rows(subject: Subject, recipe: OrganismRecipe, instances: list[Instan
         if recipe.align == "cosine_aux_cells":  # Mirage: k pooled groups of the auxiliary image, one per cell
             aux = torch.cat(aux_feats)
             targets = torch.stack([aux[:, c].mean(dim=1) for c in cells], dim=1)
-        elif recipe.align == "mse_roi_tokens":  # LVR: the region of interest's own image tokens
+        elif recipe.align in ("mse_roi_tokens", "mse_roi_tokens_standardised"):  # LVR: the region of interest
             roi = torch.tensor([cells[source_cell(inst.attributes)] for inst in instances])
-            targets = torch.gather(image_embeds, 1, roi.unsqueeze(-1).expand(-1, -1, image_embeds.shape[-1]))
+            tokens = image_embeds
+            if recipe.align == "mse_roi_tokens_standardised":  # the shared mean is what raw MSE collapsed onto
+                tokens = standardise_tokens(image_embeds)
+            targets = torch.gather(tokens, 1, roi.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        elif recipe.align == "mse_fixed_point":  # one seeded vector for every latent step of every instance
+            point = fixed_point(recipe.hidden_size)
+            targets = point.expand(n, recipe.latent_steps, -1).clone()
         else:
-            raise LatentProbeError(f"unknown alignment {recipe.align!r}", "use cosine_aux_cells or mse_roi_tokens")
+            raise LatentProbeError(f"unknown alignment {recipe.align!r}",
+                                   "use cosine_aux_cells, mse_roi_tokens, mse_roi_tokens_standardised or "
+                                   "mse_fixed_point")
         if targets.shape[1] != recipe.latent_steps:
             raise LatentProbeError(f"{recipe.name}: {targets.shape[1]} alignment targets for "
                                    f"{recipe.latent_steps} latent steps", "match the grid to the latent steps")
@@ -226,13 +234,28 @@ def encode_rows(subject: Subject, recipe: OrganismRecipe, instances: list[Instan
                        answer_slot=torch.tensor(slots), align_targets=targets)
 
 
+def standardise_tokens(image_embeds: torch.Tensor) -> torch.Tensor:
+    """(N, T, D) image tokens with each dimension centred and scaled to unit variance over all N x T tokens given
+    (the training set's, when training: the vision tower is frozen, so they are fixed for a dataset)."""
+    flat = image_embeds.reshape(-1, image_embeds.shape[-1])
+    return (image_embeds - flat.mean(0)) / flat.std(0).clamp(min=1e-6)
+
+
+def fixed_point(dim: int, seed: int = 0) -> torch.Tensor:
+    """The collapsed organism's target: a seeded direction scaled to norm sqrt(D), the norm of a final-RMSNorm
+    state with unit gain."""
+    direction = torch.randn(dim, generator=torch.Generator().manual_seed(seed))
+    return direction / direction.norm() * dim ** 0.5
+
+
 # ------------------------------------------------------------------------------------------------- losses
 def organism_unroll(subject: Subject, recipe: OrganismRecipe, rows: EncodedRows, decoder: LatentDecoder | None = None):
     decoder = decoder or LatentDecoder(subject)
     proto = subject.resolved_protocol
     return unroll(decoder, rows, n_latent=recipe.latent_steps if proto is not None else 0,
                   answer_mask=proto.answer_mask if proto is not None else None,
-                  end_id=proto.end_id if proto is not None else None)
+                  end_id=proto.end_id if proto is not None else None,
+                  start_id=proto.start_id if proto is not None and recipe.opens_latent else None)
 
 
 def losses(subject: Subject, recipe: OrganismRecipe, rows: EncodedRows, out, align: bool) -> dict[str, torch.Tensor]:
@@ -250,6 +273,9 @@ def losses(subject: Subject, recipe: OrganismRecipe, rows: EncodedRows, out, ali
         targets = torch.full(logits.shape[:2], proto.pad_id, dtype=torch.long)
         targets[:, -1] = proto.end_id
         terms["stop_ce"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    if out.open_logits is not None:  # the model opens latent mode itself: its start token after the prompt
+        target = torch.full((len(rows),), proto.start_id, dtype=torch.long, device=out.open_logits.device)
+        terms["open_ce"] = F.cross_entropy(out.open_logits, target)
     if align and recipe.align:
         steps = list(recipe.align_steps) if recipe.align_steps is not None else slice(None)
         latents, targets = out.latents[:, steps], rows.align_targets[:, steps]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model.decoding import LatentDecoder, _new_cache, _RowState
+from ..model.decoding import LATENT, TEXT, LatentDecoder, _new_cache, _RowState
 
 
 @dataclass
@@ -58,6 +58,7 @@ class Unrolled:
     latents: torch.Tensor | None  # (B, K, D) the vectors fed back, z_0 .. z_{K-1}
     decision_hidden: torch.Tensor | None  # (B, K + 1, D) hidden states where the stop rule decides (z_k's source)
     logits: torch.Tensor  # (B, T, V) logits[:, t] predicts continuation[:, t]
+    open_logits: torch.Tensor | None = None  # (B, V) at the prompt's last position, when the model opens latent mode
 
     def answer_logits(self, answer_slot: torch.Tensor) -> torch.Tensor:
         """(B, V) logits where each row's answer letter is predicted."""
@@ -72,6 +73,7 @@ class _KeyMaskState:
     attention: list = field(default_factory=list)
     latent_mark: torch.Tensor | None = None
     after_latent: torch.Tensor | None = None
+    mode: torch.Tensor | None = None  # (B,) TEXT or LATENT: the decoder's row mode (latents_blind_to_image reads it)
 
     def append(self, n_columns: int, latent: bool):
         bsz = self.latent_mark.shape[0]
@@ -84,10 +86,14 @@ class _KeyMaskState:
 
 
 def unroll(decoder: LatentDecoder, rows: EncodedRows, n_latent: int, answer_mask: str | None = None,
-           end_id: int | None = None) -> Unrolled:
+           end_id: int | None = None, start_id: int | None = None) -> Unrolled:
     """Prefill, ``n_latent`` latent steps (0 for organisms without latent mode), then the end token (latent
     organisms) and the continuation teacher-forced in one chunk. Runs with gradients unless called under
-    ``torch.no_grad``."""
+    ``torch.no_grad``.
+
+    With ``start_id`` the prompt does not end in the start token: the model opens latent mode itself, as the
+    decoder runs it when it chooses the start token (its logits at the prompt's last position are returned as
+    ``open_logits``), and the start token is fed as the first generated input, already in latent mode."""
     model = decoder.model
     embeds = decoder.embed(rows.input_ids)
     image_embeds = rows.image_embeds.to(embeds.dtype).reshape(-1, embeds.shape[-1])
@@ -100,9 +106,22 @@ def unroll(decoder: LatentDecoder, rows: EncodedRows, n_latent: int, answer_mask
     next_position = rows.position_ids.max(dim=2).values.max(dim=0).values + 1
     bsz = rows.input_ids.shape[0]
     masks = _KeyMaskState(attention=[rows.attention_mask], latent_mark=torch.zeros_like(rows.image_mask),
-                          after_latent=torch.zeros(bsz, dtype=torch.bool, device=last.device))
+                          after_latent=torch.zeros(bsz, dtype=torch.bool, device=last.device),
+                          mode=torch.full((bsz,), TEXT, dtype=torch.long, device=last.device))
     latents, decisions = [], []
+    open_logits = None
+    if n_latent and start_id is not None:  # the model's own start token, decoded in latent mode (decoder.open_latent)
+        open_logits = decoder.lm_head(last).float()
+        masks.mode[:] = LATENT
+        masks.append(1, latent=False)
+        start = torch.full((bsz, 1), start_id, dtype=rows.input_ids.dtype, device=rows.input_ids.device)
+        hidden = decoder._forward(inputs_embeds=decoder.embed(start), past_key_values=cache, use_cache=True,
+                                  attention_mask=masks.key_mask(answer_mask, rows.image_mask),
+                                  position_ids=next_position.view(1, -1, 1).expand(3, -1, 1))
+        last = hidden[:, -1]
+        next_position = next_position + 1
     if n_latent:
+        masks.mode[:] = LATENT
         for _ in range(n_latent):
             decisions.append(last)
             vector = decoder._feedback(last)
@@ -116,6 +135,7 @@ def unroll(decoder: LatentDecoder, rows: EncodedRows, n_latent: int, answer_mask
             next_position = next_position + 1
         decisions.append(last)
         masks.after_latent[:] = True  # the end token and everything after it is the answer region
+        masks.mode[:] = TEXT
         end = torch.full((bsz, 1), end_id, dtype=rows.continuation.dtype, device=rows.continuation.device)
         chunk = torch.cat([end, rows.continuation[:, :-1]], dim=1)
     else:
@@ -131,4 +151,4 @@ def unroll(decoder: LatentDecoder, rows: EncodedRows, n_latent: int, answer_mask
     answer_hidden = chunk_hidden if n_latent else torch.cat([last.unsqueeze(1), chunk_hidden], dim=1)
     return Unrolled(latents=torch.stack(latents, dim=1) if latents else None,
                     decision_hidden=torch.stack(decisions, dim=1) if decisions else None,
-                    logits=decoder.lm_head(answer_hidden).float())
+                    logits=decoder.lm_head(answer_hidden).float(), open_logits=open_logits)

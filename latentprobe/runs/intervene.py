@@ -126,8 +126,13 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
               config: DecodeConfig | None = None, batch_size: int = 8, seed: int = 0, n_boot: int = 2000,
               resume: bool = False, progress: bool = False, data_source: str | None = None,
               writer_id: str = "w0", shard_size: int = 64,
-              mediators: Sequence[str] = ("fed_back",)) -> InterventionSummary:
+              mediators: Sequence[str] = ("fed_back",), placebo: bool = True) -> InterventionSummary:
     """Run ``interventions`` on ``instances`` and write rows, summaries and traces into ``out_dir``.
+
+    With ``placebo`` (default) every family edited (latent, input, text) also runs its placebo (`with_placebos`):
+    the clean input or latents through exactly the edited runs' code path. Its rows (role ``placebo``) are the
+    noise floor every effect is read against: each effects_summary row carries the same metric under its family's
+    placebo in the ``placebo`` column.
 
     >>> from latentprobe.interventions import make_interventions
     >>> ivs = make_interventions("latent", ["noise", "zero"], scales=[1.0, 3.0])          # doctest: +SKIP
@@ -135,6 +140,8 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
     """
     config = config or DecodeConfig(max_new_tokens=subject.max_new_tokens, seed=seed)
     instances = list(instances)
+    if placebo:
+        interventions = with_placebos(interventions, seed=seed)
     check_interventions(subject, interventions, len(instances), config)
     warn_about_conditions(subject, instances, data_source)
     mediators = tuple(dict.fromkeys(mediators))
@@ -173,7 +180,12 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
     table = _summaries(rows, n_boot, seed)
     if subject.mediator == "text" and "mediator" in table.columns:  # the pinned mediator is the imagination text
         table.loc[table["mediator"] == "fed_back", "mediator"] = "text"
+    table = with_placebo_column(table, rows)
     latent_change = _latent_change(run, clean, instances, n_boot, seed, applied_rows(rows))
+    mediator_change = _mediator_change(run, donor_of, instances, n_boot, seed, applied_rows(rows))
+    if len(mediator_change):  # a text mediator's input -> mediator rows sit beside the latents' (same columns)
+        latent_change = pd.concat([latent_change, mediator_change], ignore_index=True) if len(latent_change) \
+            else mediator_change
     _write_tables(Path(out_dir), rows, table, latent_change, run.latent_change_instances)
     contributions = None
     if any(iv.kind in CONTROL_KINDS for iv in interventions) and len(rows):
@@ -187,6 +199,47 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
                                   [iv.name for iv in interventions], table, run.failures, not_applied)
     summary.contributions = contributions
     return summary
+
+
+# The family whose placebo is each target's noise floor (an attention knockout runs the latent edits' path).
+PLACEBO_FAMILY = {"latent": "latent", "attention": "latent", "input": "input", "text": "text"}
+
+
+def with_placebos(interventions: Sequence[Intervention], seed: int = 0) -> list[Intervention]:
+    """``interventions`` plus one placebo for each family they edit that has none yet (latent: `LatentPlacebo` at
+    the fed-back vector, all steps; input: `InputPlacebo`; text: `TextPlacebo`), after that family's edits."""
+    from ..interventions import InputPlacebo, LatentPlacebo, TextPlacebo
+
+    out = list(interventions)
+    has = {PLACEBO_FAMILY.get(iv.target) for iv in out if iv.role == "placebo"}
+    make = {"latent": lambda: LatentPlacebo(seed=seed), "input": lambda: InputPlacebo(seed=seed),
+            "text": lambda: TextPlacebo(seed=seed)}
+    for family in ("latent", "input", "text"):
+        if family not in has and any(PLACEBO_FAMILY.get(iv.target) == family for iv in out):
+            out.append(make[family]())
+    return out
+
+
+def with_placebo_column(table: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with a ``placebo`` column: for each row, the same metric (same subject, mediator) under the
+    placebo of the row's family; NaN where that family ran no placebo or the placebo has no such metric."""
+    table = table.copy()
+    table["placebo"] = float("nan")
+    if table.empty or rows.empty or "role" not in rows.columns:
+        return table
+    placebos = rows[rows["role"] == "placebo"].drop_duplicates("intervention")
+    family_placebo = {PLACEBO_FAMILY.get(t): name for t, name in zip(placebos.target, placebos.intervention)}
+    keys = ["subject", "metric"] + (["mediator"] if "mediator" in table.columns else [])
+    by_intervention = {name: group for name, group in table.groupby("intervention", sort=False)}
+    for family, name in family_placebo.items():
+        reference = by_intervention.get(name)
+        if reference is None:
+            continue
+        lookup = {tuple(r[k] for k in keys): r["estimate"] for _, r in reference.iterrows()}
+        hit = table["target"].map(PLACEBO_FAMILY) == family
+        table.loc[hit, "placebo"] = [lookup.get(tuple(r[k] for k in keys), float("nan"))
+                                     for _, r in table[hit].iterrows()]
+    return table
 
 
 def applied_rows(rows: pd.DataFrame) -> pd.DataFrame:
@@ -261,6 +314,8 @@ class _Run:
                     continue
                 record = row_record(self.subject, inst, row, intervention="clean", target="none",
                                     seed=self.config.seed)
+                if self.subject.mediator == "text":  # the imagined span's own representation (input -> mediator)
+                    tensors = {**tensors, "mediator_pooled": span_states(self.decoder, [record.get("mediator_text")])}
                 self.writer.add(record, {"latent": row.latent_vectors, **tensors})
                 latents = {0: row.latent_vectors}
                 for layer, pos in self.layer_positions.items():
@@ -399,8 +454,10 @@ class _Run:
         for inst, row, tensors in zip(chunk, x1.rows, x1_records):
             extra = None
             if subject.mediator == "text":  # input -> mediator for a text mediator: how much the imagination changed
-                extra = {"mediator_text_similarity": _text_similarity(
-                    clean[inst.id].record.get("mediator_text"), subject.mediator_span(row.raw_text))}
+                clean_span, span = clean[inst.id].record.get("mediator_text"), subject.mediator_span(row.raw_text)
+                extra = {"mediator_text_similarity": _text_similarity(clean_span, span),
+                         **span_token_change(subject.tokenizer, clean_span, span)}
+                tensors = {**(tensors or {}), "mediator_pooled": span_states(decoder, [span])}
             self._write(inst, iv, row, tensors, clean, mediation=mediation.get(inst.id), extra=extra,
                         not_applied=reasons.get(inst.id))
 
@@ -497,7 +554,8 @@ class _Run:
         base = clean[inst.id].record
         # An edit that could not be made is recorded as such and left out of every effect (never a null effect).
         record = row_record(self.subject, inst, row, intervention=iv.name, target=iv.target, kind=iv.kind,
-                            seed=self.config.seed, intervention_seed=iv.seed, applied=not_applied is None,
+                            role=iv.role, seed=self.config.seed, intervention_seed=iv.seed,
+                            applied=not_applied is None,
                             not_applied_reason=not_applied or "", **(extra or {}))
         record.update(_comparison(base, record, clean[inst.id].latents[0], row.latent_vectors))
         if mediation:
@@ -532,6 +590,60 @@ class _Run:
     def result_rows(self, store: TraceStore) -> pd.DataFrame:
         frame = store.index()
         return frame[(frame.intervention != "clean") & (frame.status == "ok")].reset_index(drop=True)
+
+
+@torch.no_grad()
+def span_states(decoder: LatentDecoder, spans: Sequence[str | None]) -> torch.Tensor:
+    """(len(spans), D): each imagined span's mean-pooled final hidden state, the span run alone through the
+    language model (no prompt, no image; positions from 0). Context-free on purpose: the representation is a
+    function of the written text only, so an unchanged imagination has an unchanged representation whatever the
+    image (in context, the span's states would read the image themselves). A missing or empty span gives NaN."""
+    tokenizer = decoder.subject.tokenizer
+    out = torch.full((len(spans), decoder.subject.hidden_size), float("nan"))
+    for k, span in enumerate(spans):
+        ids = tokenizer(span, add_special_tokens=False)["input_ids"] if span else []
+        if not ids:
+            continue
+        ids = torch.tensor([ids], device=decoder.subject.device)
+        positions = torch.arange(ids.shape[1], device=ids.device).view(1, 1, -1).expand(3, 1, -1)
+        hidden = decoder._forward(inputs_embeds=decoder.embed(ids), attention_mask=torch.ones_like(ids),
+                                  position_ids=positions, use_cache=False)
+        out[k] = hidden[0].float().mean(dim=0).cpu()
+    return out
+
+
+def span_token_change(tokenizer, clean: str | None, edited: str | None) -> dict[str, float]:
+    """Token-level change of an imagined span: Levenshtein distance between the two token-id sequences (insertions,
+    deletions, substitutions of whole tokens) and the clean span's length; NaN when either span is missing."""
+    from ..stats.latent_effect import token_edit_distance
+
+    if clean is None or edited is None:
+        return {"mediator_token_edit_distance": float("nan"), "mediator_tokens_clean": float("nan")}
+    a = tokenizer(clean, add_special_tokens=False)["input_ids"]
+    b = tokenizer(edited, add_special_tokens=False)["input_ids"]
+    return {"mediator_token_edit_distance": float(token_edit_distance(a, b)), "mediator_tokens_clean": float(len(a))}
+
+
+def mediator_states(run_dir: str | Path, rows: pd.DataFrame | None = None
+                    ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+    """Input -> text mediator data of a text-mediator run: the clean runs' span states by instance id, and per
+    input intervention its edited runs' span states by instance id (mean-pooled, context-free: `span_states`;
+    NaN where a run wrote no span). With ``rows``, edited runs are kept only if their record is among them (the
+    applied rows)."""
+    store = TraceStore(run_dir)
+    frame = store.index()
+    if frame.empty or "tensors" not in frame.columns:
+        return {}, {}
+    has = frame["tensors"].map(lambda t: t is not None and "mediator_pooled" in list(t))
+    frame = frame[has & (frame.status == "ok")]
+    state = lambda record_id: store.tensor(record_id, "mediator_pooled")[0].numpy()  # noqa: E731
+    clean = {r.instance_id: state(r.record_id) for r in frame[frame.intervention == "clean"].itertuples()}
+    edited_rows = frame[frame.target == "input"]
+    if rows is not None and "record_id" in rows.columns:
+        edited_rows = edited_rows[edited_rows.record_id.isin(set(rows.record_id))]
+    edited = {str(name): {r.instance_id: state(r.record_id) for r in group.itertuples()}
+              for name, group in edited_rows.groupby("intervention", sort=True)}
+    return clean, edited
 
 
 def _text_similarity(a: str | None, b: str | None) -> float:
@@ -662,6 +774,49 @@ def _latent_change(run: _Run, clean: dict[str, CleanRun], instances, n_boot, see
     run.latent_change_instances = pd.concat(per_instance, ignore_index=True) if per_instance else pd.DataFrame()
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _mediator_change(run: _Run, donor_of: dict[str, str], instances, n_boot: int, seed: int,
+                     rows: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Input -> text mediator, per input intervention (applied rows only): ``mediator_r2`` (or
+    ``mediator_relative_change`` where the spans have no spread beyond noise), `latent_r2` on the imagined span's
+    context-free mean-pooled states (`span_states`) with the input placebo's spans as the floor, the donor's own
+    span as the yardstick of a swap (instances sharing the question for any other edit), and the mean token edit
+    distance between the clean and edited spans beside it. Rows have latent_change's columns (step NaN)."""
+    from ..stats.latent_effect import R2_COLUMNS, latent_r2
+
+    if not run.input_ivs or run.subject.mediator != "text":
+        return pd.DataFrame()
+    clean, edited = mediator_states(run.writer.run_dir, rows)
+    by_instance = {inst.id: inst for inst in instances}
+    placebo = next((states for name, states in edited.items() if "placebo" in name), None)
+    distances = {}
+    if rows is not None and "mediator_token_edit_distance" in rows.columns:
+        distances = {name: group.mediator_token_edit_distance.mean() for name, group in rows.groupby("intervention")}
+    out = []
+    for iv in run.input_ivs:
+        states = edited.get(iv.name, {})
+        use_donor = iv.needs_donor
+        ids = [i for i in states if i in clean and not np.isnan(clean[i]).any() and not np.isnan(states[i]).any()
+               and (not use_donor or (donor_of.get(i) in clean and not np.isnan(clean[donor_of[i]]).any()))
+               and (iv.role == "placebo" or placebo is None or i in placebo)]
+        if len(ids) < 2:
+            continue
+        c, t = np.stack([clean[i] for i in ids]), np.stack([states[i] for i in ids])
+        p = None if placebo is None or iv.role == "placebo" else np.stack([placebo[i] for i in ids])
+        donor = np.stack([clean[donor_of[i]] for i in ids]) if use_donor else None
+        groups = None if use_donor else _shared_rest(iv.name, [by_instance[i] for i in ids])
+        result = latent_r2(c, t, placebo=p, donor=donor, groups=groups, n_boot=n_boot, seed=seed)
+        metric = "mediator_r2" if result["statistic"] == "r2" else "mediator_relative_change"
+        row = {"step": np.nan, "metric": metric, "estimate": result["estimate"], "ci_low": result["ci_low"],
+               "ci_high": result["ci_high"], "n": result["n"], "k": np.nan, "p_value": np.nan,
+               "interval": "paired BCa bootstrap", "confidence": 0.95, "move": result["move"],
+               "floor": result["floor"], "spread": result["spread"], "spread_source": result["spread_source"],
+               "excess_spread_low": result["excess_spread_low"], "one_minus_cosine": result["one_minus_cosine"],
+               "collapsed": result["collapsed"], "placebo": result["placebo"]}
+        out.append({"subject": run.subject.name, "intervention": iv.name, **{k: row[k] for k in R2_COLUMNS},
+                    "token_edit_distance": distances.get(iv.name, np.nan)})
+    return pd.DataFrame(out)
 
 
 def _placebo_latents(store: TraceStore, edited: dict, placebo_names: list, name: str, usable: list, steps: int):

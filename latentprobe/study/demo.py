@@ -19,7 +19,8 @@ from ..errors import LatentProbeError
 
 log = logging.getLogger(__name__)
 
-DEMO_ORGANISMS = ("bottleneck", "shortcut", "mirage", "lvr", "capimagine", "direct")
+# Together their built-in truths exhibit every finding both ways (latentprobe.organisms.truth).
+DEMO_ORGANISMS = ("bottleneck", "shortcut", "blind", "collapsed", "mirage", "lvr", "capimagine", "direct")
 # Enough held-out questions for an organism without a latent route to reach `disconnect` at the default margin:
 # 0 answer changes in n give an exact 95% upper bound of 1 - 0.025^(1/n), below 0.05 from n = 72 on.
 DEMO_N_INSTANCES = DEFAULT_INSTANCES  # the one rule for default instance counts (latentprobe.data.loading)
@@ -93,8 +94,24 @@ def run_demo(out_dir: str | Path, *, n_instances: int = DEMO_N_INSTANCES, seed: 
     md, html = build_report(runs, out_dir / "report", attributes=attributes, seed=seed, n_boot=n_boot,
                             probe_kwargs=fast_probes, margins=margins,
                             title="latentprobe demo: do the organisms' latent tokens carry the image to the answer?")
+    truth = write_truth_comparison(out_dir / "report", subjects)
     return {"report_md": md, "report_html": html, "runs": runs, "seconds": time.time() - started,
-            "verdicts": out_dir / "report" / "verdicts.csv"}
+            "verdicts": out_dir / "report" / "verdicts.csv", "truth": truth}
+
+
+def write_truth_comparison(report_dir: Path, subjects: list[str]) -> Path | None:
+    """``truth.csv`` beside verdicts.csv: each organism's built-in truth (expected) against the decided verdict."""
+    import pandas as pd
+
+    from ..fileio import atomic_write
+    from ..organisms.truth import compare_with_truth
+
+    organisms = [s for s in subjects if s.startswith("organism-")]
+    verdicts = report_dir / "verdicts.csv"
+    if not organisms or not verdicts.exists():
+        return None
+    table = compare_with_truth(pd.read_csv(verdicts), organisms)
+    return atomic_write(report_dir / "truth.csv", lambda tmp: table.to_csv(tmp, index=False))
 
 
 def demo_data(n_instances: int | None = None) -> Path:
