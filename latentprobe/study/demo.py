@@ -1,20 +1,19 @@
-"""`latentprobe demo`: the whole analysis on the built-in default, in a few minutes on a laptop CPU.
+"""`latentprobe demo`: the study on the shipped model organisms, in a few minutes on a laptop CPU.
 
-Data: a held-out set of the mental-transformation task. Subjects: the shipped model organisms (whose causal
-structure is known: `bottleneck` routes everything through its latents, `shortcut` ignores them), or the
-random-weight `tiny` subject when no organism is installed. For each subject: trace, latent and input
-interventions with mediation, then similarity, probes and one report with a verdict per finding.
+The demo IS a study (`latentprobe.study.run_study`, the same stages, files and report as a user's study): its
+study file (`demo_config`) names the organisms, 80 of their held-out questions and a light probe grid, and keeps
+every other default. Subjects: the shipped model organisms (whose causal structure is known: `bottleneck` routes
+everything through its latents, `shortcut` ignores them), or the random-weight `tiny` subject when no organism is
+installed.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
-from ..data.instances import load_jsonl
-from ..model.decoding import DecodeConfig
 from ..errors import LatentProbeError
+from .config import StudyConfig
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +21,7 @@ DEMO_ORGANISMS = ("bottleneck", "shortcut", "mirage", "lvr", "capimagine", "dire
 # Enough held-out questions for an organism without a latent route to reach `disconnect` at the default margin:
 # 0 answer changes in n give an exact 95% upper bound of 1 - 0.025^(1/n), below 0.05 from n = 72 on.
 DEMO_N_INSTANCES = 80
+DEMO_TITLE = "latentprobe demo: do the organisms' latent tokens carry the image to the answer?"
 
 
 def available_subjects() -> list[str]:
@@ -32,19 +32,26 @@ def available_subjects() -> list[str]:
     return found or ["tiny"]
 
 
+def demo_config(n_instances: int = DEMO_N_INSTANCES, seed: int = 0, subjects: list[str] | None = None,
+                n_boot: int = 500) -> StudyConfig:
+    """The demo's study file: the organisms, ``n_instances`` of their held-out split, batches of 16, and a probe
+    grid light enough for minutes on a CPU (3 folds, 2 inner folds, ridge strengths 10 and 1); `latentprobe study`
+    defaults to the thorough grid."""
+    return StudyConfig(subjects=list(subjects or available_subjects()), n_instances=n_instances, seed=seed,
+                       batch_size=16, bootstrap=n_boot, probe_folds=3, probe_inner_folds=2,
+                       probe_alphas=[10.0, 1.0])
+
+
 def run_demo(out_dir: str | Path, *, n_instances: int = DEMO_N_INSTANCES, seed: int = 0,
              subjects: list[str] | None = None, n_boot: int = 500, progress: bool = False, say=print,
              margins=None) -> dict:
-    """Trace, intervene (with both mediator definitions) and report on each subject; returns the paths made.
+    """The demo study into ``out_dir``; returns the paths made.
 
     ``n_instances`` held-out questions per subject (at least 2, at most the test split); ``margins`` are the
     verdicts' `latentprobe.verdicts.Margins` (default margins when None)."""
-    from ..report.build import build_report
-    from ..runs.intervene import intervene
-    from ..interventions import make_interventions
-    from ..model.recording import RecordSpec
-    from ..model.subjects import load_subject
-    from ..runs.trace import trace
+    import dataclasses
+
+    from .run import run_study
 
     if isinstance(n_instances, bool) or not isinstance(n_instances, int) or n_instances < 2:
         raise LatentProbeError(f"demo n_instances={n_instances!r} is not a whole number >= 2",
@@ -52,43 +59,12 @@ def run_demo(out_dir: str | Path, *, n_instances: int = DEMO_N_INSTANCES, seed: 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise LatentProbeError(f"demo output folder {out_dir} exists and is not empty", "choose a new --out folder")
-    started = time.time()
-    subjects = subjects or available_subjects()
-    data_file = demo_data(n_instances)
-    available = load_jsonl(data_file, split="test")
-    if n_instances > len(available):
-        raise LatentProbeError(f"demo n_instances={n_instances!r} is more than the {len(available)} held-out questions",
-                               f"pass --n-instances between 2 and {len(available)} (default {DEMO_N_INSTANCES})")
-    instances = available[:n_instances]
-    say(f"data      {len(instances)} held-out mental-transformation questions ({data_file})")
-    runs = []
-    for name in subjects:
-        subject = load_subject(name)
-        config = DecodeConfig(max_new_tokens=subject.max_new_tokens, seed=seed)
-        trace_dir = out_dir / "runs" / f"{name}-trace"
-        summary = trace(subject, instances, trace_dir, config=config, spec=RecordSpec(layers="all"),
-                        batch_size=16, data_source=str(data_file), progress=progress)
-        runs.append(trace_dir)
-        interventions = make_interventions("input", ["image-swap", "image-blank"], seed=seed)
-        if subject.protocol is not None:
-            interventions = make_interventions("latent", ["noise"], scales=[3.0], seed=seed) + \
-                make_interventions("latent", ["constant", "patch"], seed=seed) + interventions
-        if subject.mediator == "text":
-            interventions += make_interventions("text", ["text-swap", "text-shuffle"], seed=seed)
-        iv_dir = out_dir / "runs" / f"{name}-intervene"
-        intervene(subject, instances, interventions, iv_dir, config=config, batch_size=16, seed=seed,
-                  n_boot=n_boot, progress=progress, data_source=str(data_file), mediators=("fed_back", "all_layers"))
-        runs.append(iv_dir)
-        say(f"subject   {name:<11} accuracy {summary.accuracy:.2f}, latent steps {summary.mean_latent_steps:.1f}, "
-            f"{len(interventions)} interventions ({time.time() - started:.0f}s)")
-    attributes = _probe_attributes(instances)
-    # A lighter probe grid than the CLI default keeps the demo within minutes; `latentprobe probe` is thorough.
-    fast_probes = dict(n_splits=3, inner_splits=2, Cs=(0.1, 1.0))
-    md, html = build_report(runs, out_dir / "report", attributes=attributes, seed=seed, n_boot=n_boot,
-                            probe_kwargs=fast_probes, margins=margins,
-                            title="latentprobe demo: do the organisms' latent tokens carry the image to the answer?")
-    return {"report_md": md, "report_html": html, "runs": runs, "seconds": time.time() - started,
-            "verdicts": out_dir / "report" / "verdicts.csv"}
+    config = demo_config(n_instances, seed, subjects, n_boot)
+    if margins is not None:
+        config.margins = {f.name: getattr(margins, f.name) for f in dataclasses.fields(margins)}
+    result = run_study(config, out_dir, progress=progress, say=say, title=DEMO_TITLE)
+    return {"report_md": result.report_md, "report_html": result.report_html, "runs": result.runs,
+            "seconds": result.seconds, "verdicts": result.verdicts, "study": result}
 
 
 def demo_data(n_instances: int | None = None) -> Path:
@@ -98,9 +74,3 @@ def demo_data(n_instances: int | None = None) -> Path:
     from ..organisms.training import organism_held_out_data
 
     return organism_held_out_data(ORGANISMS["bottleneck"], n_instances)
-
-
-def _probe_attributes(instances) -> list[str]:
-    keys = set(instances[0].attributes)
-    wanted = [k for k in ("answer", "cell_0_colour") if k in keys]
-    return wanted or (["answer"] if instances[0].answer else [])
