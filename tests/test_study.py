@@ -108,10 +108,19 @@ def test_study_edits_follow_the_registry_and_the_subject(monkeypatch):
             del KINDS_BY_TARGET["latent"]["placebo"]
 
 
-def test_a_study_decodes_each_clean_instance_once_and_resumes_to_the_same_report(tmp_path):
+def test_a_study_decodes_each_clean_instance_once_as_estimated_and_resumes_to_the_same_report(tmp_path):
+    from latentprobe.study.estimate import estimate_study
+
     config = StudyConfig(**SMALL)
+    [estimate] = estimate_study(config, pilot=2)  # a pilot of 2 instances, in a folder it removes
+    assert estimate.n_instances == 4 and estimate.pilot_instances == 2
+    assert set(estimate.plan.finding) == {"input_latent", "latent_answer"}
+    assert list(tmp_path.iterdir()) == []
     with DecodeCounter() as counts:
         result = run_study(config, tmp_path / "study", say=lambda *_: None)
+    # every instance gets the same runs, so the pilot's decodes per instance predict the study's exactly
+    assert counts.decode_rows == estimate.expected_decode_rows
+    assert counts.prefill_rows == estimate.expected_prefill_rows
     out = tmp_path / "study"
     assert parse_study_toml((out / "study.toml").read_text()) == config
     assert json.loads((out / "stages.json").read_text())["done"] == ["edits:tiny", "report"]
@@ -122,6 +131,10 @@ def test_a_study_decodes_each_clean_instance_once_and_resumes_to_the_same_report
     assert sorted(clean.instance_id) == sorted(set(clean.instance_id)) and len(clean) == 4
     # one clean decode per instance: the clean rows are the only un-edited decodes (edits are all other rows)
     assert counts.decode_rows == len(frame) + _mediation_rows(frame)
+    # prompts prefilled: the clean pass, once more per batch for every latent edit and the mediation runs that
+    # feed the clean input (all decoded side by side from it), and each input edit's own treated prompt
+    n_input = frame[frame.target == "input"].intervention.nunique()
+    assert counts.prefill_rows == 4 * (2 + n_input)
     verdicts = pd.read_csv(result.verdicts)
     assert set(verdicts.finding) >= {"input_latent", "latent_answer", "collapse", "visual_info"}
     # resuming a finished study runs nothing and rebuilds nothing: the report stands
@@ -178,3 +191,14 @@ def test_a_study_on_the_bottleneck_organism_decides_as_the_demo_did(tmp_path):
     demo = pd.read_csv(ROOT / "figures" / "demo-verdicts.csv")
     demo = demo[demo.subject == "organism-bottleneck"].set_index("finding").verdict
     assert mine.to_dict() == demo.to_dict()
+
+
+def test_maps_join_the_study_and_its_report(tmp_path):
+    config = StudyConfig(**{**SMALL, "maps": True, "map_n_instances": 3})
+    result = run_study(config, tmp_path / "study", say=lambda *_: None)
+    made = {path.name for path in result.maps}
+    assert made == {"tiny-patch", "tiny-ground", "tiny-lens"}
+    assert (tmp_path / "study" / "maps" / "tiny-patch" / "patching_summary.csv").exists()
+    stages = json.loads((tmp_path / "study" / "stages.json").read_text())["done"]
+    assert {"maps:tiny:patch", "maps:tiny:ground", "maps:tiny:lens"} <= set(stages)
+    assert "Where and when (study maps)" in result.report_md.read_text()

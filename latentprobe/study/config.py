@@ -26,10 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (pyproject.toml asks for it there)
+    import tomli as tomllib
 
 from ..cli_types import MAX_NOISE_SCALE
 from ..errors import LatentProbeError

@@ -187,19 +187,21 @@ def run_study(config: StudyConfig, out_dir: str | Path, *, resume: bool = False,
 
     >>> run_study(StudyConfig(subjects=["organism-bottleneck"], n_instances=80), "runs/study")   # doctest: +SKIP
     """
-    from ..runs.distributed import rank_and_world
+    from ..runs.distributed import barrier, init_if_launched, rank_and_world
 
     started = time.time()
     check_config(config)
     check_kinds_registered(config)
     out_dir = Path(out_dir)
-    done = prepare_folder(config, out_dir, resume)
     rank, world = rank_and_world()
+    init_if_launched()  # under torchrun: the ranks' barriers and the latent statistics' sums need the group
+    done = prepare_folder(config, out_dir, resume)
     data = {name: study_instances(config, name) for name in config.subjects}
     for name, (instances, source) in data.items():
         if len(instances) < 2:
             raise LatentProbeError(f"{name}: the data ({source}) hold {len(instances)} instance(s); a study's donor "
                                    "edits need at least 2", "pass more data, or a larger n_instances")
+    barrier()  # every rank has checked the folder before rank 0 writes into it
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / STUDY_FILE, study_toml(config))
@@ -239,10 +241,16 @@ def run_study(config: StudyConfig, out_dir: str | Path, *, resume: bool = False,
                     continue
                 if folder.exists():  # an interrupted map: maps have no record-level resume, so it starts again
                     shutil.rmtree(folder)
-                _map_stage(kind, config, name, data[name][0], folder)
+                _map_stage(kind, config, name, data[name][0], data[name][1], folder)
                 result.stages_run.append(stage)
                 _mark_done(out_dir, done, stage)
     report_dir = out_dir / "report"
+    result.report_md, result.report_html = report_dir / "report.md", report_dir / "report.html"
+    result.verdicts = report_dir / "verdicts.csv"
+    if "report" in done and not result.stages_run:  # a finished study: nothing new to report
+        result.stages_skipped.append("report")
+        result.seconds = time.time() - started
+        return result
     attributes = probe_attributes(config, data[config.subjects[0]][0])
     from ..report.build import build_report
 
@@ -272,24 +280,31 @@ def _edits_stage(subject, instances, source, interventions, run_dir: Path, confi
                      shard=shard)
 
 
-def _map_stage(kind: str, config: StudyConfig, name: str, instances, folder: Path):
-    """One where-and-when map of one subject, on the first ``[maps] n_instances`` of the study's data."""
+def _map_stage(kind: str, config: StudyConfig, name: str, instances, source: str, folder: Path):
+    """One where-and-when map of one subject, on the first ``[maps] n_instances`` of the study's data, with the
+    figures `latentprobe patch|ground|lens` draw."""
     subject = load_study_subject(config, name)
     chosen = list(instances)[:config.map_n_instances]
     dc = decode_config(config, subject)
     if kind == "patch":
+        from ..report.patch_figures import draw_patching_run
         from ..where.patching import patch_map
 
         patch_map(subject, chosen, folder, config=dc, batch_size=config.batch_size, seed=config.seed,
                   n_boot=config.bootstrap)
+        draw_patching_run(folder)
     elif kind == "ground":
+        from ..report.where_figures import draw_grounding_run
         from ..where.runs import ground_run
 
-        ground_run(subject, chosen, folder, config=dc, seed=config.seed, n_boot=config.bootstrap)
+        ground_run(subject, chosen, folder, source=source, config=dc, seed=config.seed, n_boot=config.bootstrap)
+        draw_grounding_run(folder, chosen, subject.name)
     else:
+        from ..report.where_figures import draw_lens_run
         from ..where.runs import lens_run
 
-        lens_run(subject, chosen, folder, config=dc, seed=config.seed)
+        lens_run(subject, chosen, folder, source=source, config=dc, seed=config.seed)
+        draw_lens_run(folder)
 
 
 def _append_maps_section(report_md: Path, folders: list[Path]):
