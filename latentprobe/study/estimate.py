@@ -92,7 +92,7 @@ def _peak_memory(device: str) -> tuple[int, str]:
 def estimate_study(config: StudyConfig, *, pilot: int = DEFAULT_PILOT, say=print) -> list[SubjectEstimate]:
     """Decode a pilot of ``pilot`` instances per subject and extrapolate the full study (module docstring)."""
     from ..errors import LatentProbeError
-    from ..verdicts.planning import plan_runs
+    from ..report.build import plan_runs
 
     if isinstance(pilot, bool) or not isinstance(pilot, int) or pilot < 2:
         raise LatentProbeError(f"--estimate-instances {pilot!r} is not a whole number >= 2",
