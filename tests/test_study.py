@@ -114,7 +114,7 @@ def test_a_study_decodes_each_clean_instance_once_as_estimated_and_resumes_to_th
     config = StudyConfig(**SMALL)
     [estimate] = estimate_study(config, pilot=2)  # a pilot of 2 instances, in a folder it removes
     assert estimate.n_instances == 4 and estimate.pilot_instances == 2
-    assert set(estimate.plan.finding) == {"input_latent", "latent_answer"}
+    assert set(estimate.plan.finding) >= {"input_latent", "latent_answer"}
     assert list(tmp_path.iterdir()) == []
     with DecodeCounter() as counts:
         result = run_study(config, tmp_path / "study", say=lambda *_: None)
