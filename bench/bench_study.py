@@ -10,7 +10,8 @@ Two ways to get the same edits of one subject on the same instances:
 
 Counted with `latentprobe.study.counting.DecodeCounter`: rows decoded (a sweep of M edits decoded side by side
 from one prefill counts M) and prompt rows prefilled. Seconds are one sequential run of each on this machine (a
-shared CPU: read them as a rough ratio; the decode counts are exact and machine-independent).
+shared CPU: read them as a rough ratio; the decode counts are exact and machine-independent). A short trace of
+two instances runs first, untimed, so that neither variant pays the first call's costs.
 
     python bench/bench_study.py                                 # organism-bottleneck, 16 held-out instances
     python bench/bench_study.py --subject organism-capimagine --n 16
@@ -50,6 +51,8 @@ def main():
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        # warm-up (first-call costs: lazy imports, image loading, allocator), so neither variant pays them
+        trace(subject, instances[:2], tmp / "warm-up", config=dc, batch_size=2, data_source=source)
         started = time.perf_counter()
         with DecodeCounter() as study:
             _edits_stage(subject, instances, source, edits, tmp / "study", config, progress=False, resume=False,
