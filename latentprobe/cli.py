@@ -235,6 +235,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=T.fraction_open, default=0.05, help="error rate of intervals and tests (default 0.05)")
     p.add_argument("--power", type=T.fraction_open, default=0.8, help="power to plan for (default 0.8)")
 
+    p = sub.add_parser("study", help="the whole analysis on one subject and benchmark (trace, edits, mediation, "
+                                     "collapse, probes, verdicts, report), resumable and shardable")
+    p.add_argument("--subject", default=None, help="subject name or checkpoint folder (see `latentprobe subjects`)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder or hub id for a real family")
+    p.add_argument("--protocol", default=None, help="the protocol of a checkpoint folder given as --subject")
+    p.add_argument("--data", default=None, help="FILE.jsonl or BENCH:FOLDER (None: the subject's own data)")
+    p.add_argument("--split", default=None, help="only instances of this split")
+    p.add_argument("--n-instances", "--limit", dest="n_instances", type=T.int_at_least(2), default=None,
+                   help="instances to study (None: all the data has; >= 2: swaps need a donor)")
+    p.add_argument("--seed", type=T.int_at_least(0), default=None, help="seed of every random choice (default 0)")
+    p.add_argument("--batch-size", type=T.int_at_least(1), default=None, help="instances decoded together (8)")
+    p.add_argument("--max-new-tokens", type=T.int_at_least(1), default=None,
+                   help="generated tokens per instance (None: the subject's)")
+    p.add_argument("--device", type=T.device_name, default=None, help="cpu, cuda, cuda:N or auto (device_map)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights' dtype")
+    p.add_argument("--maps", action="store_true", default=None, help="also the where-and-when maps "
+                                                                     "(patching, grounding, logit lens)")
+    p.add_argument("--config", default=None, help="a study file (TOML) stating every choice; flags override it")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the study file these flags make (the defaults where none is given) and exit")
+    p.add_argument("--estimate", action="store_true",
+                   help="decode a pilot, then print the full study's decodes, wall time, peak memory and the n "
+                        "each finding needs; runs nothing else and writes nothing")
+    p.add_argument("--estimate-instances", type=T.int_at_least(2), default=4, help="instances in the pilot")
+    p.add_argument("--out", default=None, type=T.output_folder, help="the study folder (new unless --resume)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed study in --out with its own study.toml (other settings are refused)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = sub.add_parser("demo", help="the whole analysis on the built-in organisms, with a report (a few minutes)")
     p.add_argument("--out", default="runs/demo", type=T.output_folder, help="output folder (must be new)")
     p.add_argument("--n-instances", "--instances", dest="instances", type=T.int_at_least(2), default=None,
@@ -319,12 +348,12 @@ def main(argv: list[str] | None = None) -> int:
             require_new_folder(args.out, args.command)
         # patch, ground and lens lock their folder themselves; similarity, probe and report build into a fresh
         # staging folder that replaces --out in one rename (cli_types.fresh_output), so they need no lock
-        if args.command in ("trace", "intervene"):
+        if args.command in ("trace", "intervene", "study"):
             init_if_launched()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConditionWarning)  # the commands print these sentences themselves
             status = handler(args) or 0
-        if args.command in ("trace", "intervene"):
+        if args.command in ("trace", "intervene", "study"):
             finish()
         return status
     except LatentProbeError as exc:
@@ -715,6 +744,61 @@ def _cmd_plan(args):
         print(f"latentprobe plan: {line}", file=sys.stderr)
     margins = Margins(alpha=args.alpha, power=args.power, **margin)
     print_block("latentprobe plan: instances needed per finding", plan_lines(plan_runs(args.runs, margins)))
+
+
+def study_config_from_args(args):
+    """The study file of ``--config`` (or of the folder, with ``--resume``; else the defaults), with the flags given
+    on the command line put over it; refused in one line when it cannot work."""
+    import dataclasses
+    from pathlib import Path
+
+    from .study.config import StudyConfig, check_config, load_study_file
+
+    if args.config:
+        config = load_study_file(args.config)
+    elif args.resume and args.out and (Path(args.out) / "study.toml").is_file():
+        config = load_study_file(Path(args.out) / "study.toml")
+    else:
+        config = StudyConfig()
+    flags = {name: getattr(args, name) for name in ("checkpoint", "protocol", "data", "split", "n_instances", "seed",
+                                                    "batch_size", "max_new_tokens", "device", "dtype", "maps")}
+    changes = {name: value for name, value in flags.items() if value is not None}
+    if args.subject is not None:
+        changes["subjects"] = [args.subject]
+    config = dataclasses.replace(config, **changes)
+    if not config.subjects and args.print_config:  # the defaults alone: the file then needs its subjects
+        return config
+    if not config.subjects:
+        raise LatentProbeError("no subject to study", "pass --subject NAME (or a study file with subjects = [...])")
+    check_config(config)
+    return config
+
+
+def _cmd_study(args):
+    from .study.config import study_toml
+    from .study.edits import check_kinds_registered
+
+    config = study_config_from_args(args)
+    if args.print_config:
+        print(study_toml(config), end="")
+        return 0
+    check_kinds_registered(config)
+    if args.estimate:
+        from .study.estimate import estimate_study
+
+        lines = []
+        for estimate in estimate_study(config, pilot=args.estimate_instances):
+            lines += estimate.lines()
+        print_block(f"latentprobe study --estimate: {', '.join(config.subjects)}", lines)
+        return 0
+    if args.out is None:
+        raise LatentProbeError("no study folder", "pass --out DIR (or --print-config / --estimate, which write nothing)")
+    from .study.run import run_study
+
+    result = run_study(config, args.out, resume=args.resume, progress=not args.quiet and sys.stderr.isatty())
+    lines = verdict_lines(result.verdicts) if result.verdicts else []
+    print_block(f"latentprobe study: {', '.join(config.subjects)}", lines + [""] + result.lines())
+    return 0
 
 
 def _cmd_demo(args):

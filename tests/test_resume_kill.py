@@ -89,3 +89,70 @@ def test_kill_nine_then_resume_loses_and_duplicates_nothing(tmp_path, what):
     print(f"{what}: killed {killed} times, max |resumed - uninterrupted| = {worst:.3g}")
     assert worst <= atol, f"max difference {worst:.3g} exceeds the documented {atol}"
     assert not list(out.rglob(".*.tmp"))
+
+
+# -- a whole study -------------------------------------------------------------------------------------------
+STUDY_FILE = """
+[study]
+subjects = ["tiny"]
+n_instances = 12
+[decoding]
+batch_size = 2
+max_new_tokens = 12
+[edits]
+noise_scales = [3.0]
+[analyses]
+probe_folds = 2
+probe_inner_folds = 2
+probe_alphas = [1.0]
+probe_permutations = 9
+bootstrap = 50
+"""
+
+
+def _study(out: Path, config: Path, resume: bool, kill_after: float | None = None) -> bool:
+    """`latentprobe study` in a child process; with ``kill_after``, SIGKILL it that many seconds after its study
+    file appears. Returns whether it was killed."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, "-m", "latentprobe", "study", "--out", str(out), "--quiet"]
+    args += ["--resume"] if resume else ["--config", str(config)]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if kill_after is None:
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        return False
+    deadline = time.time() + 300
+    while proc.poll() is None and not (out / "study.toml").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(kill_after)
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return True
+
+
+def test_kill_nine_during_a_study_then_resume_gives_the_uninterrupted_report(tmp_path):
+    config = tmp_path / "study.toml"
+    config.write_text(STUDY_FILE)
+    _study(tmp_path / "whole", config, resume=False)
+    reference = _records(tmp_path / "whole" / "runs" / "tiny")
+    rng = np.random.default_rng(24)
+    out, killed = tmp_path / "killed", 0
+    for delay in rng.uniform(0.0, 6.0, size=4):  # several kills in one study folder, each at a random moment
+        killed += _study(out, config, resume=out.exists(), kill_after=float(delay))
+    _study(out, config, resume=True)
+    assert killed >= 2, "the study finished before it could be killed; the test proves nothing"
+    resumed = _records(out / "runs" / "tiny")
+    assert sorted(resumed) == sorted(reference)  # 0 lost, 0 duplicated (checked in _records)
+    worst = max(float((resumed[k] - reference[k]).abs().max()) if resumed[k].numel() else 0.0 for k in reference)
+    assert worst <= INTERVENE_ATOL
+    import pandas as pd
+
+    a = pd.read_csv(tmp_path / "whole" / "report" / "verdicts.csv")
+    b = pd.read_csv(out / "report" / "verdicts.csv")
+    assert a.verdict.tolist() == b.verdict.tolist() and a.finding.tolist() == b.finding.tolist()
+    numeric = [c for c in ("estimate", "ci_low", "ci_high", "n") if c in a.columns]
+    np.testing.assert_allclose(a[numeric].to_numpy(float), b[numeric].to_numpy(float), atol=1e-4, equal_nan=True)
+    assert not list(out.rglob(".*.tmp"))
+    print(f"study: killed {killed} times, max |resumed - uninterrupted| latent = {worst:.3g}")

@@ -39,3 +39,11 @@ def finish():
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def barrier():
+    """Wait for every rank (a no-op outside torchrun's process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -126,13 +126,22 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
               config: DecodeConfig | None = None, batch_size: int = 8, seed: int = 0, n_boot: int = 2000,
               resume: bool = False, progress: bool = False, data_source: str | None = None,
               writer_id: str = "w0", shard_size: int = 64,
-              mediators: Sequence[str] = ("fed_back",), placebo: bool = True) -> InterventionSummary:
+              mediators: Sequence[str] = ("fed_back",), placebo: bool = True,
+              record_layers: Sequence[int] | str | None = None,
+              shard: tuple[int, int] | None = None) -> InterventionSummary:
     """Run ``interventions`` on ``instances`` and write rows, summaries and traces into ``out_dir``.
 
     With ``placebo`` (default) every family edited (latent, input, text) also runs its placebo (`with_placebos`):
     the clean input or latents through exactly the edited runs' code path. Its rows (role ``placebo``) are the
     noise floor every effect is read against: each effects_summary row carries the same metric under its family's
     placebo in the ``placebo`` column.
+
+    ``record_layers`` ("all" or hidden-state layers) adds layers to record beyond what the edits need: a study
+    records every layer in its clean pass, which is then its trace. ``shard`` = (rank, world) runs this process's
+    share of ``instances`` (the full list: ``instances[rank::world]``) in a store shared by every rank: each rank
+    decodes its share's clean runs, waits for the others (a barrier), then binds donors and latent statistics from
+    every rank's clean runs, so the union equals a single-process run; rank 0 writes the tables after a second
+    barrier (the other ranks return a summary without them).
 
     >>> from latentprobe.interventions import make_interventions
     >>> ivs = make_interventions("latent", ["noise", "zero"], scales=[1.0, 3.0])          # doctest: +SKIP
@@ -152,30 +161,48 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
     layers = sorted({0} | {iv.layer for iv in interventions if isinstance(iv, LatentIntervention) and iv.layer})
     if "all_layers" in mediators and subject.mediator == "latent":
         layers = list(range(subject.num_layers + 1))  # the full mediator needs every layer's latent states
+    if record_layers == "all":
+        layers = list(range(subject.num_layers + 1))
+    elif record_layers is not None:
+        layers = sorted(set(layers) | {int(layer) for layer in record_layers})
     spec = RecordSpec(layers=layers, image="mean", prompt_last=True)
     decoder = LatentDecoder(subject, config)
     recorder = Recorder(decoder, spec)
     manifest = manifest_for(subject, instances, config, spec, recorder.layers, "intervene", data_source,
                             extra={"interventions": [iv.describe() for iv in interventions]})
-    from .distributed import rank_and_world
+    from .distributed import barrier, rank_and_world
 
-    writer = TraceWriter(out_dir, manifest, resume=resume, writer_id=writer_id, shared=rank_and_world()[1] > 1,
-                         shard_size=shard_size)
+    own = list(instances) if shard is None else list(instances)[shard[0]::shard[1]]
+    if shard is not None:
+        writer_id = f"{writer_id}-rank{shard[0]}of{shard[1]}"
+    writer = TraceWriter(out_dir, manifest, resume=resume, writer_id=writer_id,
+                         shared=shard is not None or rank_and_world()[1] > 1, shard_size=shard_size)
     run = _Run(subject, decoder, recorder, writer, config, interventions, n_instances=len(instances))
     run.mediators = mediators
-    bar = progress_bar(len(instances), progress, "intervene")
+    bar = progress_bar(len(own), progress, "intervene")
+    own_ids = {inst.id for inst in own}
     with recorder, writer:
-        clean = run.clean_pass(instances, batch_size)
-        run.compute_stats(clean)
+        clean = run.clean_pass(own, batch_size)
+        if shard is not None:  # every rank's clean runs, read back from the shared store (nothing is decoded)
+            barrier()
+            run.failures = []
+            clean = run.clean_pass(instances, batch_size)
+        # this process's clean latents; under torchrun LatentStats sums them over the ranks (the dataset's)
+        run.compute_stats({k: v for k, v in clean.items() if k in own_ids})
         donors = derangement(len(instances), seed) if len(instances) > 1 else [0]
         donor_of = {inst.id: instances[d].id for inst, d in zip(instances, donors)}
         done = writer.finished_keys(("instance_id", "intervention")) if resume else set()
-        ok = [inst for inst in instances if inst.id in clean]
+        ok = [inst for inst in own if inst.id in clean]
         for start in range(0, len(ok), batch_size):
             chunk = ok[start:start + batch_size]
             run.intervene_batch(chunk, clean, donor_of, done)
             bar.update(len(chunk))
     bar.close()
+    if shard is not None:
+        barrier()  # every rank's edits are on disk
+        if shard[0] != 0:
+            return InterventionSummary(str(out_dir), len(own), len(run.failures), [iv.name for iv in interventions],
+                                       pd.DataFrame(), run.failures)
     rows = run.result_rows(TraceStore(out_dir))
     table = _summaries(rows, n_boot, seed)
     if subject.mediator == "text" and "mediator" in table.columns:  # the pinned mediator is the imagination text
