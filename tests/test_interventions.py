@@ -121,7 +121,7 @@ def test_intervene_writes_tidy_rows_and_summaries(tiny_subject, tmp_path):
     instances = builtin_instances(4)
     ivs = make_interventions("latent", ["noise", "patch"], scales=[0.0, 3.0]) + \
         make_interventions("input", ["image-swap", "image-blank"])
-    intervene(tiny_subject, instances, ivs, tmp_path / "iv", batch_size=3, n_boot=100)
+    intervene(tiny_subject, instances, ivs, tmp_path / "iv", batch_size=3, n_boot=100, placebo=False)
     rows = pd.read_parquet(tmp_path / "iv" / "effects_rows.parquet")
     assert len(rows) == len(instances) * len(ivs)
     assert {"subject", "intervention", "seed", "instance_id", "clean_parsed", "intervened_parsed", "latent_cosine",
@@ -147,7 +147,7 @@ def test_intervene_writes_tidy_rows_and_summaries(tiny_subject, tmp_path):
     verdict = verdict_input_latent(effect_tables([tmp_path / "iv"]), tiny_subject.name)
     assert verdict.verdict in ("disconnect", "connected", "inconclusive") and "no placebo run" in verdict.evidence
     # resuming a finished run redoes nothing and keeps the same rows
-    intervene(tiny_subject, instances, ivs, tmp_path / "iv", batch_size=3, n_boot=100, resume=True)
+    intervene(tiny_subject, instances, ivs, tmp_path / "iv", batch_size=3, n_boot=100, resume=True, placebo=False)
     assert len(pd.read_parquet(tmp_path / "iv" / "effects_rows.parquet")) == len(rows)
 
 
@@ -217,7 +217,7 @@ def test_text_mediator_interventions_and_mediation(tmp_path):
     instances = load_jsonl(demo_data(), split="test")[:6]
     ivs = make_interventions("text", ["text-swap", "text-shuffle", "text-truncate"], scales=[0.0]) + \
         make_interventions("input", ["image-swap"])
-    intervene(subject, instances, ivs, tmp_path / "text", batch_size=6, n_boot=100)
+    intervene(subject, instances, ivs, tmp_path / "text", batch_size=6, n_boot=100, placebo=False)
     rows = pd.read_parquet(tmp_path / "text" / "effects_rows.parquet")
     assert set(rows.target) == {"text", "input"} and len(rows) == 6 * len(ivs)
     truncated = rows[rows.intervention.str.startswith("text-truncate")]
@@ -234,14 +234,14 @@ def test_resuming_a_partly_written_batch_writes_no_row_twice(tiny_subject, tmp_p
     instances = builtin_instances(4)
     ivs = make_interventions("latent", ["noise", "zero"], scales=[3.0]) + make_interventions("input", ["image-blank"])
     out = tmp_path / "iv"
-    intervene(tiny_subject, instances, ivs, out, batch_size=4, n_boot=50, shard_size=3)
+    intervene(tiny_subject, instances, ivs, out, batch_size=4, n_boot=50, shard_size=3, placebo=False)
     full = pd.read_parquet(out / "effects_rows.parquet")
     # lose the last written group of records, as an interrupted run would
     last = sorted((out / "index").glob("*.parquet"))[-1]
     last.unlink()
     (out / "shards" / f"{last.stem}.safetensors").unlink(missing_ok=True)
     assert len(TraceStore(out).index()) < len(instances) * (len(ivs) + 1)
-    intervene(tiny_subject, instances, ivs, out, batch_size=4, n_boot=50, shard_size=3, resume=True)
+    intervene(tiny_subject, instances, ivs, out, batch_size=4, n_boot=50, shard_size=3, resume=True, placebo=False)
     rows = pd.read_parquet(out / "effects_rows.parquet")
     assert len(rows) == len(full) == len(instances) * len(ivs)
     assert not rows.duplicated(["instance_id", "intervention"]).any()
@@ -259,7 +259,7 @@ def _with_broken_instance(instances):
 def test_edits_with_a_failed_donor_are_not_applied_and_not_counted(tiny_subject, tmp_path, caplog):
     instances = _with_broken_instance(builtin_instances(3))
     ivs = make_interventions("latent", ["patch", "drop"], scales=[9]) + make_interventions("input", ["image-swap"])
-    summary = intervene(tiny_subject, instances, ivs, tmp_path / "iv", batch_size=4, n_boot=50,
+    summary = intervene(tiny_subject, instances, ivs, tmp_path / "iv", batch_size=4, n_boot=50, placebo=False,
                         config=DecodeConfig(max_new_tokens=6))
     rows = pd.read_parquet(tmp_path / "iv" / "effects_rows.parquet")
     assert {"applied", "not_applied_reason"} <= set(rows.columns)
@@ -296,7 +296,7 @@ def test_text_edits_without_markers_are_not_applied(tiny_subject, tmp_path):
                       image_processor=tiny_subject.image_processor, protocol=None, mediator="text",
                       text_mediator_markers=("<imagine>", "</imagine>"), max_new_tokens=6)
     ivs = make_interventions("text", ["text-truncate", "text-swap"], scales=[0.5])
-    summary = intervene(subject, builtin_instances(3), ivs, tmp_path / "text", batch_size=3, n_boot=50)
+    summary = intervene(subject, builtin_instances(3), ivs, tmp_path / "text", batch_size=3, n_boot=50, placebo=False)
     rows = pd.read_parquet(tmp_path / "text" / "effects_rows.parquet")
     assert len(rows) == 6 and not rows.applied.any()  # a random model never writes the open marker
     assert rows.not_applied_reason.str.contains("open marker was not found").all()
@@ -322,7 +322,7 @@ def test_bound_edits_know_which_steps_they_edited(tiny_subject, clean):
 def test_an_edit_that_makes_values_non_finite_fails_its_rows(tiny_subject, tmp_path):
     nan = LatentFunction(lambda v, s: v * float("inf") * 0.0, name="nan-edit", steps=[2])
     ivs = [nan] + make_interventions("latent", ["zero"])
-    intervene(tiny_subject, builtin_instances(3), ivs, tmp_path / "nan", batch_size=3, n_boot=50,
+    intervene(tiny_subject, builtin_instances(3), ivs, tmp_path / "nan", batch_size=3, n_boot=50, placebo=False,
               config=DecodeConfig(max_new_tokens=6))
     index = TraceStore(tmp_path / "nan").index()
     failed = index[index.intervention == nan.name]

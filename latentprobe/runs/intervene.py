@@ -149,9 +149,9 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
     """
     config = config or DecodeConfig(max_new_tokens=subject.max_new_tokens, seed=seed)
     instances = list(instances)
+    check_interventions(subject, interventions, len(instances), config)  # the user's edits refused first
     if placebo:
         interventions = with_placebos(interventions, seed=seed)
-    check_interventions(subject, interventions, len(instances), config)
     warn_about_conditions(subject, instances, data_source)
     mediators = tuple(dict.fromkeys(mediators))
     unknown = [m for m in mediators if m not in MEDIATORS]
