@@ -43,7 +43,7 @@ from ..stats.probes import DEFAULT_ALPHAS, DEFAULT_INNER_SPLITS, DEFAULT_PERMUTA
 DEFAULT_INFORMATION = ("image-swap", "question-swap", "patch", "text-swap")
 DEFAULT_DISRUPTION = ("noise", "constant", "image-blank", "text-shuffle")
 DEFAULT_NOISE_SCALES = (1.0, 3.0)  # x the per-dimension std of the clean latents; 3 is ROME's "strong" corruption
-DEFAULT_PLACEBO = ("placebo",)
+DEFAULT_PLACEBO = ("placebo", "input-placebo", "text-placebo")  # the names branch r3-organisms registers
 DEFAULT_CONTROLS = ("no-latent", "markers-only", "dummy", "mean-step")
 DEFAULT_MEDIATORS = ("fed_back", "all_layers")
 MAP_KINDS = ("patch", "ground", "lens")
