@@ -7,7 +7,7 @@ reported is peak(large) / peak(small); the growth columns say how much memory th
   trace      ``runs.trace`` with every layer recorded at every latent step (RecordSpec(layers="all")).
   intervene  ``runs.intervene`` with 8 latent interventions (the sweep of bench_interventions.py).
   patch      ``where.patching.patch_map`` over the default grid (every layer, step and position group), both
-             directions, exact patching only (no attribution), no figures.
+             directions, exact patching only (no attribution).
 
 The subject is the ``tiny`` one (the test subject; the model is small, so what grows with the instance count is
 the run's own bookkeeping and the store, not activations). Instances are the built-in synthetic image set; its
@@ -71,7 +71,7 @@ def child(command: str, n: int, work: Path) -> dict:
     else:
         from latentprobe.where.patching import patch_map
 
-        patch_map(subject, instances, out, config=config, attribution=False, figures=False, n_boot=200)
+        patch_map(subject, instances, out, config=config, attribution=False, n_boot=200)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {"command": command, "instances": n, "rss_before_run_mb": before, "peak_rss_mb": peak,

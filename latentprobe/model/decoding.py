@@ -817,19 +817,23 @@ class _RowState:
         live = torch.stack(self.live_log, dim=1).cpu() if self.live_log else torch.zeros((len(sequences), 0), dtype=torch.bool)
         bsz, length = sequences.shape
         latent_inputs = torch.zeros((bsz, length, self.hidden_size), dtype=torch.float32)
-        for t, vec in enumerate(self.latent_inputs):
-            if vec is not None:
-                latent_inputs[:, self.prompt_length + t] = vec.float().cpu()
+        fed = [(t, vec) for t, vec in enumerate(self.latent_inputs) if vec is not None]
+        if fed:  # one transfer for every step's latent inputs
+            columns = torch.tensor([self.prompt_length + t for t, _ in fed])
+            latent_inputs[:, columns] = torch.stack([vec for _, vec in fed], dim=1).float().cpu()
         latent_inputs *= (kinds == LATENT).unsqueeze(-1)  # only vectors that were really fed
         stop_code = self.stop_code.cpu().tolist()
         forced = self.forced_start.cpu().tolist()
         generated_part = sequences[:, self.prompt_length:]
         kinds_part = kinds[:, self.prompt_length:]
+        # per-row lists from one host copy of each log (no per-row or per-step reads)
+        live_rows, id_rows, kind_rows = live.tolist(), generated_part.tolist(), kinds_part.tolist()
+        prompt_lengths = batch.attention_mask.sum(dim=1).tolist()
         rows = []
         for r in range(bsz):
-            steps = live[r].nonzero(as_tuple=True)[0]
-            ids = generated_part[r, steps].tolist()
-            step_kinds = [LATENT if k == LATENT else TEXT for k in kinds_part[r, steps].tolist()]
+            steps = [t for t, flag in enumerate(live_rows[r]) if flag]
+            ids = [id_rows[r][t] for t in steps]
+            step_kinds = [LATENT if kind_rows[r][t] == LATENT else TEXT for t in steps]
             latent_offsets = [j for j, k in enumerate(step_kinds) if k == LATENT]
             segments: list[list[int]] = []
             for j in latent_offsets:
@@ -837,7 +841,7 @@ class _RowState:
                     segments[-1][1] += 1
                 else:
                     segments.append([j, 1])
-            positions = [self.prompt_length + int(steps[j]) for j in latent_offsets]
+            positions = [self.prompt_length + steps[j] for j in latent_offsets]
             vectors = latent_inputs[r, positions] if positions else torch.zeros((0, self.hidden_size))
             text_ids = [tok for tok, kind in zip(ids, step_kinds) if kind == TEXT]
             error = ""
@@ -846,7 +850,7 @@ class _RowState:
                 error = (f"non-finite values (NaN or inf) in the {what} at generated position {len(ids)}; "
                          "the row was stopped there")
             rows.append(RowOutput(
-                instance_id=batch.instance_ids[r], prompt_length=int(batch.attention_mask[r].sum()),
+                instance_id=batch.instance_ids[r], prompt_length=int(prompt_lengths[r]),
                 generated_ids=ids, step_kinds=step_kinds,
                 text=subject.tokenizer.decode(text_ids, skip_special_tokens=True),
                 latent_vectors=vectors, latent_segments=[tuple(seg) for seg in segments],
