@@ -175,16 +175,139 @@ def bench_batch(subject, args, budget):
             "ratio_batch_over_single": ratio, "ratio_spread": spread, "batch": args.batch}
 
 
+def bench_long(subject, args, budget):
+    """Step time along a long output: no latent steps, ``--long-tokens`` new tokens at batch ``--batch``. Each
+    step's time is the time from one forward's start to the next one's (the decoder's bookkeeping and the
+    model's forward), and the forward alone is timed too; the ratio is the median of the last 100 steps over the
+    median of the first 100 (steps 1-100: step 0 also pays one-time setup)."""
+    plain = C.with_protocol(subject, None)
+    decoder = LatentDecoder(plain, DecodeConfig(max_new_tokens=args.long_tokens))
+    instances, images = C.instances_with_images(image_sizes(args.batch, args.image_size))
+    batch = plain.encode(instances, images=images)
+    clock = C.timer(C.resolve_clock(args))
+    inner = decoder.inner_model
+    window = 100
+
+    def one_run():
+        starts, inside = [], []
+
+        def forward(**kwargs):
+            C.sync(args.device)
+            t0 = clock()
+            starts.append(t0)
+            out = inner(**kwargs)
+            C.sync(args.device)
+            inside.append(clock() - t0)
+            return out
+
+        decoder.forward_fn = forward
+        try:
+            result = decoder.run(batch)
+        finally:
+            decoder.forward_fn = None
+        assert all(len(row.generated_ids) == args.long_tokens for row in result.rows)
+        steps = [b - a for a, b in zip(starts[1:], starts[2:])]  # starts[0] is the prefill
+        forwards = inside[1:len(steps) + 1]
+        return steps, forwards
+
+    runs = []
+    start = C.time.perf_counter()
+    for rep in range(args.reps):
+        runs.append(one_run())
+        if budget is not None and rep >= 2 and C.time.perf_counter() - start > budget:
+            break
+
+    def ratio(values):
+        return C.median(values[-window:]) / C.median(values[1:window + 1])
+
+    step_ratios = [ratio(steps) for steps, _ in runs]
+    forward_ratios = [ratio(fw) for _, fw in runs]
+    outside = [[s - f for s, f in zip(steps, fw)] for steps, fw in runs]
+    outside_ratios = [ratio(o) for o in outside]
+    first_ms = C.median([C.median(steps[1:window + 1]) for steps, _ in runs]) * 1e3
+    last_ms = C.median([C.median(steps[-window:]) for steps, _ in runs]) * 1e3
+    out_first = C.median([C.median(o[1:window + 1]) for o in outside]) * 1e3
+    out_last = C.median([C.median(o[-window:]) for o in outside]) * 1e3
+    result = {"ratio_last_over_first": C.median(step_ratios), "per_run": step_ratios,
+              "forward_ratio": C.median(forward_ratios), "outside_forward_ratio": C.median(outside_ratios),
+              "first_100_ms": first_ms, "last_100_ms": last_ms, "outside_first_100_ms": out_first,
+              "outside_last_100_ms": out_last, "target": "<= 1.10",
+              "met": C.median(step_ratios) <= 1.10, "runs": len(runs), "new_tokens": args.long_tokens,
+              "batch": args.batch, "prompt_length": int(batch.input_ids.shape[1]),
+              "step_s": [steps for steps, _ in runs], "forward_s": [fw for _, fw in runs]}
+    C.print_table(f"[long] {args.long_tokens} new tokens at batch {args.batch} (prompt length "
+                  f"{batch.input_ids.shape[1]}), {len(runs)} runs: median step time of the last {window} steps over "
+                  f"the first {window}", [
+                      {"part": "whole step", "first ms": first_ms, "last ms": last_ms,
+                       "last/first": result["ratio_last_over_first"], "target": "<= 1.10",
+                       "met": "yes" if result["met"] else "NO"},
+                      {"part": "model forward", "last/first": result["forward_ratio"]},
+                      {"part": "decoder outside the forward", "first ms": out_first, "last ms": out_last,
+                       "last/first": result["outside_forward_ratio"]}],
+                  ["part", "first ms", "last ms", "last/first", "target", "met"])
+    return result
+
+
+def bench_syncs(subject, args, budget):
+    """Host reads of device values per decode step (`latentprobe.host_syncs`), counted, not timed: the
+    difference between runs of ``n`` and ``2n`` new tokens over ``n`` (one-time reads cancel). Counted outside the
+    model's forward (the decoder's or generate's own loop) and in total."""
+    from latentprobe.model.host_syncs import HostSyncCounter
+
+    plain = C.with_protocol(subject, None)
+    proto = LVR.with_steps(args.latent_steps)
+    latent = C.with_protocol(subject, proto, force_start=True)
+    instances, images = C.instances_with_images(image_sizes(args.batch, args.image_size))
+    model = subject.model
+    n = 16
+
+    def count(fn, tokens):
+        outside, total = HostSyncCounter(), HostSyncCounter()
+        with total, outside, outside.pause_inside(model.model):
+            fn(tokens)
+        return outside.count, total.count
+
+    plain_batch = plain.encode(instances, images=images)
+    latent_batch = latent.encode(instances, images=images)
+
+    def generate(tokens):
+        model.generate(input_ids=plain_batch.input_ids, attention_mask=plain_batch.attention_mask,
+                       pixel_values=plain_batch.pixel_values, image_grid_thw=plain_batch.image_grid_thw,
+                       mm_token_type_ids=plain_batch.mm_token_type_ids, max_new_tokens=tokens, do_sample=False,
+                       eos_token_id=plain.eos_token_ids, pad_token_id=plain.pad_token_id)
+
+    def decoder_plain(tokens):
+        LatentDecoder(plain, DecodeConfig(max_new_tokens=tokens)).run(plain_batch)
+
+    def decoder_latent(tokens):  # the first half of the positions are latent steps, the rest text
+        LatentDecoder(latent, DecodeConfig(max_new_tokens=tokens, latent_steps=tokens // 2)).run(latent_batch)
+
+    rows, out = [], {}
+    for name, fn in (("generate", generate), ("decoder, plain text", decoder_plain),
+                     ("decoder, LVR: half latent steps, half text", decoder_latent)):
+        (o1, t1), (o2, t2) = count(fn, n), count(fn, 2 * n)
+        per_step = {"outside_model": (o2 - o1) / n, "total": (t2 - t1) / n}
+        out[name] = per_step
+        rows.append({"variant": name, "syncs/step outside model": per_step["outside_model"],
+                     "syncs/step total": per_step["total"]})
+    C.print_table(f"[syncs] host reads of device values per decode step, batch {args.batch} "
+                  f"(counted: ({2 * n} tokens - {n} tokens) / {n})", rows,
+                  ["variant", "syncs/step outside model", "syncs/step total"])
+    return {"per_step": out, "batch": args.batch, "tokens": [n, 2 * n]}
+
+
 def main():
     parser = C.base_parser(__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--latent-steps", type=int, default=24, help="latent steps per row (trace and batch)")
     parser.add_argument("--image-size", type=int, default=224, help="side of the largest image in the batch")
-    parser.add_argument("--sections", default="trace,generate,batch")
+    parser.add_argument("--sections", default="trace,generate,batch,long,syncs")
+    parser.add_argument("--long-tokens", type=int, default=1024, help="new tokens per row in the long section")
     C.add_budget(parser, cpu_seconds=45.0)
     args, on_cpu, budget = C.parse_checked(parser, cpu_seconds=45.0)
-    section_reps = {"trace": 12, "generate": 9, "batch": 5} if on_cpu else {"trace": 10, "generate": 10, "batch": 5}
+    section_reps = ({"trace": 12, "generate": 9, "batch": 5, "long": 3, "syncs": 1} if on_cpu
+                    else {"trace": 10, "generate": 10, "batch": 5, "long": 3, "syncs": 1})
     if args.reps:
         section_reps = {k: args.reps for k in section_reps}
     C.quiet_transformers()
@@ -193,7 +316,8 @@ def main():
           f"{torch.get_num_threads()} CPU thread(s), timing {C.resolve_clock(args)} time")
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     results = {}
-    for name, fn in (("trace", bench_trace), ("generate", bench_generate), ("batch", bench_batch)):
+    for name, fn in (("trace", bench_trace), ("generate", bench_generate), ("batch", bench_batch),
+                     ("long", bench_long), ("syncs", bench_syncs)):
         if name in sections:
             args.reps = section_reps[name]
             results[name] = fn(subject, args, budget)
@@ -208,9 +332,15 @@ def main():
         summary["decoder_over_generate"] = results["generate"]["ratio_decoder_over_generate"]
     if "batch" in results:
         summary["batch_over_single"] = results["batch"]["ratio_batch_over_single"]
+    if "long" in results:
+        summary["long_last_over_first_steps"] = results["long"]["ratio_last_over_first"]
+        summary["targets"]["long_last_over_first_steps"] = "<= 1.10"
+    if "syncs" in results:
+        summary["syncs_per_step"] = results["syncs"]["per_step"]
     C.write_results("bench_decoder", args, shape,
                     {"settings": {"batch": args.batch, "max_new_tokens": args.max_new_tokens,
                                   "latent_steps": args.latent_steps, "image_size": args.image_size,
+                                  "long_tokens": args.long_tokens, "sections": sections,
                                   "reps": section_reps, "budget_s": budget},
                      "summary": summary, "sections": results})
 

@@ -318,6 +318,7 @@ class LatentDecoder:
         samples; copy 0 draws what an unrepeated decode draws). Pass ``streams=[0] * M`` to give every copy the
         instance's own stream (common random numbers, as the intervention runner does)."""
         import copy
+        from dataclasses import replace as dc_replace
 
         if repeats < 1:
             raise LatentProbeError(f"repeats must be >= 1, got {repeats}", "decode each prompt row at least once")
@@ -325,7 +326,9 @@ class LatentDecoder:
         if len(streams) != repeats:
             raise LatentProbeError(f"{len(streams)} sampling streams given for {repeats} repeats",
                                    "give one stream per repeat")
-        batch = prefill.batch.repeat(repeats) if repeats > 1 else prefill.batch
+        batch = prefill.batch
+        if repeats > 1:  # the decode never reads pixels (the prompt's keys are cached): repeat the rest only
+            batch = dc_replace(batch, pixel_values=None, image_grid_thw=None).repeat(repeats)
         cache = prefill.cache if consume else copy.deepcopy(prefill.cache)
         hidden, position_ids = prefill.hidden, prefill.position_ids
         start_pending = prefill.start_pending
@@ -350,7 +353,8 @@ class LatentDecoder:
             generators = [row_generator(cfg.seed, iid, device, streams[r % repeats])
                           for r, iid in enumerate(batch.instance_ids)]
         state = _RowState.start(batch, self.protocol, position_ids, cfg, self.subject.hidden_size, device,
-                                row_edits=row_edits, start_pending=start_pending)
+                                row_edits=row_edits, start_pending=start_pending,
+                                needs_logits=self._needs_logits_rule())
         image_mask = batch.mm_token_type_ids.bool()
         self.last_cache = None
         step = 0
@@ -366,7 +370,7 @@ class LatentDecoder:
                 inputs = torch.where((kinds == LATENT).view(-1, 1, 1), next_latent.unsqueeze(1).to(inputs.dtype), inputs)
             attention = state.effective_attention(answer_mask, image_mask)
             self._publish(StepContext(step, kinds, state.input_latent_index.clone(), state.after_latent.clone(),
-                                      batch.instance_ids, image_keys=image_mask, latent_keys=state.latent_mark))
+                                      batch.instance_ids, image_keys=image_mask, latent_keys=state.latent_keys))
             hidden = self._forward(inputs_embeds=inputs, attention_mask=attention, position_ids=positions,
                                    past_key_values=cache, use_cache=True)[:, -1]
             state.advance_positions()
@@ -416,7 +420,7 @@ class LatentDecoder:
             return logits.argmax(dim=-1)
         scores = _warp(logits, self.config)
         probs = torch.softmax(scores, dim=-1)
-        picks = [torch.multinomial(probs[i], 1, generator=generators[int(r)]) for i, r in enumerate(rows)]
+        picks = [torch.multinomial(probs[i], 1, generator=generators[r]) for i, r in enumerate(rows.tolist())]
         return torch.cat(picks)
 
     def _feedback(self, hidden: torch.Tensor, computed_at_latent: bool = True) -> torch.Tensor:
@@ -437,104 +441,108 @@ class LatentDecoder:
         return torch.where(at_latent, self.feedback_head(hidden).to(hidden.dtype), hidden)
 
     def _decide(self, state: "_RowState", hidden, row_edits, generators, eos, pad_id):
-        """Choose each row's next id (and latent vector) from the forward just run; update row modes."""
+        """Choose each row's next id (and latent vector) from the forward just run; update row modes.
+
+        Row bookkeeping is done with whole-batch masks. The host reads the device at most twice per step: the
+        rows that need logits and whether all rows are done (one read, made at the end of the previous step by
+        `_RowState.record_choice`), and, only when a row can feed a latent vector at this step, which rows do
+        (edits and the head are applied to those rows alone)."""
         proto = self.protocol
         bsz = hidden.shape[0]
         device = hidden.device
-        mode = state.mode
         state.log_hidden(hidden)
         state.finite = torch.isfinite(hidden).all(dim=-1)
         state.latent_bad = None
-        text_rows = (mode == TEXT).nonzero(as_tuple=True)[0]
-        latent_rows = (mode == LATENT).nonzero(as_tuple=True)[0]
-        ends = None
-        need_logits, states = text_rows, hidden[text_rows]
-        if len(latent_rows):
-            ends = state.phase_count[latent_rows] >= state.limit[latent_rows]
-            if proto.needs_logits_in_latent:
-                deciding_latent = latent_rows
-            elif proto.exit_rule == "model_choice":  # the exit choice only, after the last latent step
-                deciding_latent = latent_rows[ends]
-            else:
-                deciding_latent = latent_rows[:0]
-            if len(deciding_latent):  # only latent rows can have a latent input: the head runs for them alone
-                need_logits = torch.cat([text_rows, deciding_latent])
-                states = torch.cat([states, self._through_head(hidden[deciding_latent], deciding_latent, state)])
+        mode = state.mode
+        is_text = mode == TEXT
+        any_latent = state.host_any_latent
+        is_latent = mode == LATENT
+        ends = is_latent & (state.phase_count >= state.limit) if any_latent else None
+        need_rows = state.host_need  # rows whose choice is needed: the LM head runs for them alone
         choice = torch.full((bsz,), pad_id, dtype=torch.long, device=device)
-        if len(need_logits):  # the LM head only runs for rows whose choice is needed
+        if need_rows:
+            need = state.index_tensor(need_rows)
+            states = hidden[need]
+            if any_latent and self.feedback_head is not None:  # deciding latent rows read their state via the head
+                states = torch.where(is_latent[need].unsqueeze(-1), self._through_head(states, need, state), states)
             logits = self._logits(states)
             scores = logits
-            if proto is not None and proto.never_in_text_ids and len(text_rows):  # ILVR's template, CODI's eot cut
+            if proto is not None and proto.never_in_text_ids and state.host_any_text:  # ILVR's template, CODI's eot
                 scores = logits.clone()
-                scores[: len(text_rows), list(proto.never_in_text_ids)] = float("-inf")
+                ids = torch.tensor(sorted(proto.never_in_text_ids), dtype=torch.long, device=device)
+                text_need = is_text[need].nonzero(as_tuple=True)[0]
+                scores[text_need.unsqueeze(1), ids.unsqueeze(0)] = float("-inf")
             if state.no_latent is not None:  # rows without a latent phase never choose to open one
                 if scores is logits:
                     scores = logits.clone()
-                scores[state.no_latent[need_logits], proto.start_id] = float("-inf")
-            choice[need_logits] = self._select(scores, need_logits, generators)
+                scores[state.no_latent[need], proto.start_id] = float("-inf")
+            choice[need] = self._select(scores, need, generators)
             if hidden.dtype == torch.float16:  # finite states can overflow to infinite logits only in float16
-                state.finite[need_logits] &= torch.isfinite(logits).all(dim=-1)
+                state.finite[need] &= torch.isfinite(logits).all(dim=-1)
         if state.start_pending is not None:  # a forced start in the inference layout: the start is the choice
             choice = torch.where(state.start_pending, torch.full_like(choice, proto.start_id), choice)
             state.start_pending = None
-        next_ids = torch.full((bsz,), pad_id, dtype=torch.long, device=device)
-        next_latent = None
-        next_kind = torch.full((bsz,), DONE, dtype=torch.long, device=device)
 
         # Rows that decide a text token: text rows, and latent rows whose phase ends here (the end token when the
         # exit is forced, the model's own choice under LVR's exit rule).
-        deciding, deciding_ids = text_rows, choice[text_rows]
-        if len(latent_rows):
+        deciding, deciding_ids, feeding = is_text, choice, None
+        if any_latent:
             if proto.stop_rule == "end_token":
-                ends = ends | (choice[latent_rows] == proto.end_id)
-            ending = latent_rows[ends]
-            if len(ending):
-                exit_ids = (choice[ending] if proto.exit_rule == "model_choice"
-                            else torch.full_like(ending, proto.end_id))
-                if state.force_end is not None:  # markers-only: the end marker whatever the exit rule
-                    exit_ids = exit_ids.masked_fill(state.force_end[ending], proto.end_id)
-                state.close_latent(ending)
-                deciding, deciding_ids = torch.cat([deciding, ending]), torch.cat([deciding_ids, exit_ids])
-            feeding = latent_rows[~ends]
-        else:
-            feeding = latent_rows
-        if len(deciding):
-            next_ids[deciding] = deciding_ids
-            next_kind[deciding] = TEXT
-        feed_ids = None
-        if proto is not None and len(deciding):
-            opens = deciding[deciding_ids == proto.start_id]
-            if len(opens):
-                state.open_latent(opens)
-                if self.latent_layout == "inference":
-                    # The start token's position takes the state that chose it (step 0); no step to run: as text.
-                    opens = opens[state.limit[opens] > 0]
-                    if len(opens):
-                        feed_ids = torch.cat([torch.full_like(feeding, -1), torch.full_like(opens, proto.start_id)])
-                        feeding = torch.cat([feeding, opens])
-        if len(feeding):
-            vectors = self._through_head(hidden[feeding], feeding, state)
-            steps = state.latent_total[feeding]
-            edited = _apply_edits(vectors, feeding, steps, row_edits, self)
-            if edited is not vectors or self.feedback_head is not None:  # only an edit or a head can add inf/NaN
-                state.latent_bad = torch.zeros_like(state.finite)
-                state.latent_bad[feeding] = ~torch.isfinite(edited).all(dim=-1)
-            next_latent = torch.zeros_like(hidden)
-            next_latent[feeding] = edited.to(hidden.dtype)
-            if feed_ids is None and proto.write_pad_ids:
-                next_ids[feeding] = proto.pad_id
-            else:
-                ids = torch.full_like(feeding, proto.pad_id) if proto.write_pad_ids else choice[feeding]
-                next_ids[feeding] = ids if feed_ids is None else torch.where(feed_ids >= 0, feed_ids, ids)
-            next_kind[feeding] = LATENT
-            state.feed_latent(feeding)
+                ends = ends | (is_latent & (choice == proto.end_id))
+            if proto.exit_rule != "model_choice":
+                deciding_ids = torch.where(ends, torch.full_like(choice, proto.end_id), choice)
+            if state.force_end is not None:  # markers-only: the end marker whatever the exit rule
+                deciding_ids = torch.where(ends & state.force_end, torch.full_like(choice, proto.end_id),
+                                           deciding_ids)
+            state.close_latent(ends)
+            deciding = is_text | ends
+            feeding = is_latent & ~ends
+        next_ids = torch.where(deciding, deciding_ids, torch.full_like(choice, pad_id))
+        next_kind = torch.where(deciding, torch.full_like(choice, TEXT), torch.full_like(choice, DONE))
+        opens_fed = None
+        if proto is not None:
+            opens = deciding & (deciding_ids == proto.start_id)
+            state.open_latent(opens)
+            if self.latent_layout == "inference":
+                # The start token's position takes the state that chose it (step 0); no step to run: as text.
+                opens_fed = opens & (state.limit > 0)
+                feeding = opens_fed if feeding is None else feeding | opens_fed
+        next_latent = None
+        if feeding is not None:
+            host_rows = [r for r, flag in enumerate(feeding.tolist()) if flag]  # the step's second (last) read
+            if host_rows:
+                feed_rows = state.index_tensor(host_rows)
+                vectors = self._through_head(hidden[feed_rows], feed_rows, state)
+                steps = state.latent_total[feed_rows]
+                edited = _apply_edits(vectors, feed_rows, host_rows, steps, row_edits, self)
+                if edited is not vectors or self.feedback_head is not None:  # only an edit or a head adds inf/NaN
+                    state.latent_bad = torch.zeros_like(state.finite)
+                    state.latent_bad[feed_rows] = ~torch.isfinite(edited).all(dim=-1)
+                next_latent = torch.zeros_like(hidden)
+                next_latent[feed_rows] = edited.to(hidden.dtype)
+                fed_ids = torch.full_like(choice, proto.pad_id) if proto.write_pad_ids else choice
+                if opens_fed is not None:
+                    fed_ids = torch.where(opens_fed, torch.full_like(choice, proto.start_id), fed_ids)
+                next_ids = torch.where(feeding, fed_ids, next_ids)
+                next_kind = next_kind.masked_fill(feeding, LATENT)
+                state.feed_latent(feeding)
         state.record_choice(next_ids, next_kind, eos, self.config.max_new_tokens)
         return next_ids, next_latent
 
+    def _needs_logits_rule(self) -> str:
+        """Which latent rows need logits: "all" (the stop rule reads the choice), "exit" (LVR's exit choice after
+        the last latent step), or "none"."""
+        proto = self.protocol
+        if proto is None:
+            return "none"
+        if proto.needs_logits_in_latent:
+            return "all"
+        return "exit" if proto.exit_rule == "model_choice" else "none"
+
     def _read_answer_slots(self, result: DecodeResult, state: "_RowState", cache, batch, answer_mask, image_mask,
                            steps_run: int):
-        """Each row's answer slot (see `latentprobe.model.answer_slot`): logged states where the prefix was found,
-        one teacher-forced forward through the cache for the rest."""
+        """Each row's answer slot (see `latentprobe.model.answer_slot`): logged states where the prefix was found;
+        the rest are teacher-forced through the cache together (`_teacher_force`)."""
         tokenizer = self.subject.tokenizer
         eos_ids = set(self.subject.eos_token_ids)
         kinds = result.input_kinds[:, result.prompt_length:].tolist()
@@ -569,36 +577,51 @@ class LatentDecoder:
 
     def _teacher_force(self, state, cache, rows: list[int], forced: list[list[int]], answer_mask, image_mask,
                        batch, step: int) -> torch.Tensor:
-        """Feed ``forced[i]`` after the last position row ``rows[i]`` fed, in one forward through the cache (other
-        rows masked), and return the logits after each row's last forced id. The cache is cropped back after."""
+        """Feed ``forced[i]`` after the last position row ``rows[i]`` fed, all rows together, and return the logits
+        after each row's last forced id. The cache is cropped back after.
+
+        The forced ids run as single-token steps of the whole batch (rows with fewer or no forced ids are masked
+        there), like the decoding loop's own steps: through a cache, a one-token step is the cheap path (several
+        query tokens at once make the attention copy every cached key and value for grouped-query heads), so a
+        sweep or a patching grid of M rows pays len(forced) batched steps, not one wide forward of M rows."""
         device = state.device
         bsz = len(state.mode)
         width = max(len(ids) for ids in forced)
-        ids = torch.full((bsz, width), self.subject.pad_token_id, dtype=torch.long, device=device)
-        new_attention = torch.zeros((bsz, width), dtype=torch.long, device=device)
+        ids = torch.full((bsz, width), self.subject.pad_token_id, dtype=torch.long)
+        present = torch.zeros((bsz, width), dtype=torch.long)
         for r, seq in zip(rows, forced):
-            ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long, device=device)
-            new_attention[r, : len(seq)] = 1
-        cached = cache.get_seq_length()
+            ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            present[r, : len(seq)] = 1
+        ids, present = ids.to(device), present.to(device)
+        # keys: what the cache holds (the last ids chosen in the loop were never run); the forced ids follow
+        state.length = cache.get_seq_length()
         # the forced prefix sits after the latent phase: an organism's answer mask applies to it
         entered = torch.zeros(bsz, dtype=torch.bool, device=device)
-        entered[rows] = state.latent_mark[rows].any(dim=1)
-        state.after_latent |= entered
-        past = state.effective_attention(answer_mask, image_mask)[:, :cached]
-        attention = torch.cat([past, new_attention], dim=1)
-        positions = (state.next_position.view(1, -1, 1) + torch.arange(width, device=device).view(1, 1, -1))
-        positions = positions.expand(3, -1, -1).contiguous()
-        done = torch.full((bsz,), DONE, dtype=torch.long, device=device)
-        self._publish(StepContext(step, done, torch.full((bsz,), -1, device=device), state.after_latent.clone(),
-                                  batch.instance_ids))
-        try:
-            hidden = self._forward(inputs_embeds=self.embed(ids), attention_mask=attention, position_ids=positions,
-                                   past_key_values=cache, use_cache=True)
-        finally:
-            cache.crop(-width)  # drop the forced positions (a negative count, as transformers 5 asks)
         index = torch.tensor(rows, device=device)
-        last = torch.tensor([len(seq) - 1 for seq in forced], device=device)
-        return self._logits(hidden[index, last])
+        entered[index] = state.latent_mark[index, : state.length].any(dim=1)
+        state.after_latent |= entered
+        done = torch.full((bsz,), DONE, dtype=torch.long, device=device)
+        no_step = torch.full((bsz,), -1, dtype=torch.long, device=device)
+        last_of = {}
+        for i, seq in enumerate(forced):
+            last_of.setdefault(len(seq) - 1, []).append(i)
+        slot_states: list[torch.Tensor | None] = [None] * len(rows)
+        ran = 0
+        try:
+            for j in range(width):
+                state.append_keys(present[:, j])
+                attention = state.effective_attention(answer_mask, image_mask)
+                positions = (state.next_position + j).view(1, -1, 1).expand(3, -1, 1).contiguous()
+                self._publish(StepContext(step + j, done, no_step, state.after_latent.clone(), batch.instance_ids))
+                ran += 1
+                hidden = self._forward(inputs_embeds=self.embed(ids[:, j:j + 1]), attention_mask=attention,
+                                       position_ids=positions, past_key_values=cache, use_cache=True)[:, -1]
+                for i in last_of.get(j, []):
+                    slot_states[i] = hidden[rows[i]]
+        finally:
+            if ran:
+                cache.crop(-ran)  # drop the forced positions (a negative count, as transformers 5 asks)
+        return self._logits(torch.stack(slot_states))
 
 
 NONFINITE_STATE, NONFINITE_LATENT = 3, 4  # stop codes; 1 eos, 2 budget, 5 budget inside a latent phase
@@ -648,19 +671,27 @@ class _RowState:
     Each step is logged as whole-batch tensors (chosen ids, input kinds, live rows, latent inputs, the final
     hidden state); per-row lists (generated ids, latent vectors, segments) are derived once in `result`, so the
     decoding loop does not synchronise with the host once per row per step.
+
+    The key-side columns (ids, kinds, key mask, latent marks) live in buffers allocated for the token budget and
+    written in place (doubled if ever outgrown): a step costs the same at the 1,000th generated token as at the
+    first, where concatenating growing tensors made it grow with the output's length.
     """
 
     @classmethod
-    def start(cls, batch, proto, position_ids, cfg, hidden_size, device, row_edits=None, start_pending=None):
+    def start(cls, batch, proto, position_ids, cfg, hidden_size, device, row_edits=None, start_pending=None,
+              needs_logits: str = "none"):
         self = cls()
         bsz = batch.batch_size
         self.device = device
         self.hidden_size = hidden_size
         self.prompt_length = batch.input_ids.shape[1]
-        self.sequences = [batch.input_ids]
-        self.attention = [batch.attention_mask]
+        self.length = self.prompt_length  # columns written so far (prompt + generated inputs)
+        capacity = self.prompt_length + cfg.max_new_tokens + 1
+        self.sequences = _buffer(batch.input_ids, capacity, 0)
+        self.attention = _buffer(batch.attention_mask, capacity, 0)
+        self.kinds = _buffer(torch.full_like(batch.input_ids, TEXT), capacity, DONE)
+        self.latent_mark = _buffer(torch.zeros_like(batch.input_ids, dtype=torch.bool), capacity, False)
         self.positions = [position_ids]
-        self.kinds = [torch.full_like(batch.input_ids, TEXT)]
         self.latent_inputs: list[torch.Tensor | None] = []
         self.live_log: list[torch.Tensor] = []  # per step: rows whose choice is part of their output
         self.hidden_log: list[torch.Tensor] = []  # per step: the final hidden state the choice was made from
@@ -677,13 +708,16 @@ class _RowState:
         self.input_latent_index = torch.full((bsz,), -1, dtype=torch.long, device=device)
         self.forced_start = torch.zeros(bsz, dtype=torch.bool, device=device)
         self.start_pending = start_pending
-        self.latent_mark = torch.zeros((bsz, self.prompt_length), dtype=torch.bool, device=device)
         self.limit = self._latent_limits(bsz, row_edits or [None] * bsz, proto, cfg)
         self.no_latent, self.force_end, self.position_skip = _control_flags(row_edits or [None] * bsz, device)
-        if self.position_skip is not None and proto is not None and (cfg.latent_layout or proto.latent_layout)                 == "inference":  # there the start token's own position is slot 0: one slot fewer to skip
+        if self.position_skip is not None and proto is not None and (cfg.latent_layout or proto.latent_layout) == "inference":
+            # there the start token's own position is slot 0: one slot fewer to skip
+           
             self.position_skip = (self.position_skip - 1).clamp(min=0)
         if self.no_latent is not None:
             self.after_latent |= self.no_latent  # no latent phase: the answer region starts at once
+        self.needs_logits = needs_logits
+        self._all_rows = torch.arange(bsz, device=device)
         if proto is not None:
             forced = batch.input_ids[:, -1] == proto.start_id
             pending = start_pending if start_pending is not None else torch.zeros_like(forced)
@@ -694,6 +728,7 @@ class _RowState:
             self.mode = torch.where(forced, torch.full_like(self.mode, LATENT), self.mode)
         if start_pending is not None:
             self.forced_start = self.forced_start | start_pending
+        self._read_host()
         return self
 
     def _latent_limits(self, bsz, row_edits, proto, cfg) -> torch.Tensor:
@@ -708,20 +743,41 @@ class _RowState:
                 limits[r] = override
         return torch.tensor(limits, dtype=torch.long, device=self.device)
 
-    # mode transitions
-    def open_latent(self, rows):
-        self.mode[rows] = LATENT
-        self.phase_count[rows] = 0
+    def _read_host(self):
+        """The one read of the device per step: every row's mode and whether the next step needs its logits
+        (text rows; latent rows whose choice the protocol reads). Kept on the host for the next `_decide`."""
+        latent = self.mode == LATENT
+        if self.needs_logits == "exit":
+            latent = latent & (self.phase_count >= self.limit)
+        elif self.needs_logits == "none":
+            latent = torch.zeros_like(latent)
+        need = (self.mode == TEXT) | latent
+        modes, needed = torch.stack([self.mode, need.long()]).tolist()
+        self.host_need = [r for r, flag in enumerate(needed) if flag]
+        self.host_any_latent = LATENT in modes
+        self.host_any_text = TEXT in modes
+        self.host_all_done = all(m == DONE for m in modes)
 
-    def close_latent(self, rows):
-        self.mode[rows] = TEXT
-        self.after_latent[rows] = True
+    def index_tensor(self, rows: list[int]) -> torch.Tensor:
+        """Row indices on the device (all rows: a tensor made once; else a host-to-device copy, not a sync)."""
+        if len(rows) == len(self._all_rows):
+            return self._all_rows
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    # mode transitions (row masks)
+    def open_latent(self, rows: torch.Tensor):
+        self.mode = self.mode.masked_fill(rows, LATENT)
+        self.phase_count = self.phase_count.masked_fill(rows, 0)
+
+    def close_latent(self, rows: torch.Tensor):
+        self.mode = self.mode.masked_fill(rows, TEXT)
+        self.after_latent = self.after_latent | rows
         if self.position_skip is not None:  # markers-only with positions kept: jump over the slots' positions
-            self.next_position[rows] += self.position_skip[rows]
+            self.next_position = self.next_position + self.position_skip * rows.long()
 
-    def feed_latent(self, rows):
-        self.phase_count[rows] += 1
-        self.latent_total[rows] += 1
+    def feed_latent(self, rows: torch.Tensor):
+        self.phase_count = self.phase_count + rows.long()
+        self.latent_total = self.latent_total + rows.long()
 
     def log_hidden(self, hidden):
         self.hidden_log.append(hidden)
@@ -752,17 +808,46 @@ class _RowState:
         self.live_log.append(ok & ~in_latent)
         self.input_kind = next_kind
         self.input_latent_index = (self.latent_total - 1).masked_fill(next_kind != LATENT, -1)
+        self._read_host()
 
     def all_done(self) -> bool:
-        return bool((self.mode == DONE).all())
+        return self.host_all_done  # read with the step's modes in `record_choice`
 
     # sequence bookkeeping
+    def _reserve(self, columns: int):
+        """Room for ``columns`` more key columns: the buffers double when outgrown (amortised O(1) per step)."""
+        need = self.length + columns
+        if need <= self.attention.shape[1]:
+            return
+        capacity = max(need, 2 * self.attention.shape[1])
+        self.sequences = _buffer(self.sequences[:, : self.length], capacity, 0)
+        self.attention = _buffer(self.attention[:, : self.length], capacity, 0)
+        self.kinds = _buffer(self.kinds[:, : self.length], capacity, DONE)
+        self.latent_mark = _buffer(self.latent_mark[:, : self.length], capacity, False)
+
     def append_inputs(self, next_ids, kinds, next_latent):
-        self.sequences.append(next_ids.unsqueeze(1))
-        self.attention.append((kinds != DONE).long().unsqueeze(1))
-        self.kinds.append(kinds.unsqueeze(1))
+        self._reserve(1)
+        t = self.length
+        self.sequences[:, t] = next_ids
+        self.attention[:, t] = kinds != DONE
+        self.kinds[:, t] = kinds
+        self.latent_mark[:, t] = kinds == LATENT
         self.latent_inputs.append(next_latent)
-        self.latent_mark = torch.cat([self.latent_mark, (kinds == LATENT).unsqueeze(1)], dim=1)
+        self.length = t + 1
+
+    def append_keys(self, attend: torch.Tensor):
+        """A key column that is not part of any row's output (a teacher-forced answer prefix): text, attended
+        where ``attend``."""
+        self._reserve(1)
+        t = self.length
+        self.attention[:, t] = attend
+        self.latent_mark[:, t] = False
+        self.length = t + 1
+
+    @property
+    def latent_keys(self) -> torch.Tensor:
+        """(B, keys so far) which keys were latent inputs (a view: written columns are never rewritten)."""
+        return self.latent_mark[:, : self.length]
 
     def current_positions(self) -> torch.Tensor:
         pos = self.next_position.view(1, -1, 1).expand(3, -1, 1).contiguous()
@@ -773,48 +858,40 @@ class _RowState:
         self.next_position = self.next_position + (self.input_kind != DONE).long()
 
     def effective_attention(self, answer_mask, image_mask) -> torch.Tensor:
-        """The key mask for this step: padding, plus an organism's answer mask for rows past their latents."""
-        attention = torch.cat(self.attention, dim=1)
-        if answer_mask is None:
-            return attention
-        length = attention.shape[1]
-        if answer_mask == "answer_blind_to_image":
-            blocked = torch.zeros_like(attention, dtype=torch.bool)
-            blocked[:, : image_mask.shape[1]] = image_mask
-        elif answer_mask == "answer_blind_to_latents":
-            blocked = self.latent_mark[:, :length]
-        elif answer_mask == "latents_blind_to_image":
-            # While a row is in latent mode (its start token and latent positions as queries), it cannot attend
-            # the image or any prompt position after it (whose upper-layer states read the image); the answer can.
-            blocked = torch.zeros_like(attention, dtype=torch.bool)
-            blocked[:, : image_mask.shape[1]] = from_first_image(image_mask)
-            return attention.masked_fill(blocked & (self.mode == LATENT).unsqueeze(1), 0)
+        """The key mask for this step: padding, plus an organism's answer mask for rows past their latents.
+        (`organisms.unroll` calls this on its own state, whose ``attention`` is a list of column blocks.)"""
+        if isinstance(self.attention, list):
+            attention, latent_mark = torch.cat(self.attention, dim=1), self.latent_mark
         else:
-            raise LatentProbeError(f"unknown answer mask {answer_mask!r}",
-                                   "use answer_blind_to_image, answer_blind_to_latents or latents_blind_to_image")
-        blocked = blocked & self.after_latent.unsqueeze(1)
-        return attention.masked_fill(blocked, 0)
+            attention, latent_mark = self.attention[:, : self.length], self.latent_mark
+        return _key_mask(attention, latent_mark, self.after_latent, answer_mask, image_mask,
+                         getattr(self, "mode", None))
 
     def result(self, subject, batch) -> DecodeResult:
         """Derive every row's outputs from the step logs (one transfer to the host)."""
-        sequences = torch.cat(self.sequences, dim=1).cpu()
-        kinds = torch.cat(self.kinds, dim=1).cpu()
+        length = self.length
+        sequences = self.sequences[:, :length].to("cpu", copy=True)
+        kinds = self.kinds[:, :length].to("cpu", copy=True)
         live = torch.stack(self.live_log, dim=1).cpu() if self.live_log else torch.zeros((len(sequences), 0), dtype=torch.bool)
         bsz, length = sequences.shape
         latent_inputs = torch.zeros((bsz, length, self.hidden_size), dtype=torch.float32)
-        for t, vec in enumerate(self.latent_inputs):
-            if vec is not None:
-                latent_inputs[:, self.prompt_length + t] = vec.float().cpu()
+        fed = [(t, vec) for t, vec in enumerate(self.latent_inputs) if vec is not None]
+        if fed:  # one transfer for every step's latent inputs
+            columns = torch.tensor([self.prompt_length + t for t, _ in fed])
+            latent_inputs[:, columns] = torch.stack([vec for _, vec in fed], dim=1).float().cpu()
         latent_inputs *= (kinds == LATENT).unsqueeze(-1)  # only vectors that were really fed
         stop_code = self.stop_code.cpu().tolist()
         forced = self.forced_start.cpu().tolist()
         generated_part = sequences[:, self.prompt_length:]
         kinds_part = kinds[:, self.prompt_length:]
+        # per-row lists from one host copy of each log (no per-row or per-step reads)
+        live_rows, id_rows, kind_rows = live.tolist(), generated_part.tolist(), kinds_part.tolist()
+        prompt_lengths = batch.attention_mask.sum(dim=1).tolist()
         rows = []
         for r in range(bsz):
-            steps = live[r].nonzero(as_tuple=True)[0]
-            ids = generated_part[r, steps].tolist()
-            step_kinds = [LATENT if k == LATENT else TEXT for k in kinds_part[r, steps].tolist()]
+            steps = [t for t, flag in enumerate(live_rows[r]) if flag]
+            ids = [id_rows[r][t] for t in steps]
+            step_kinds = [LATENT if kind_rows[r][t] == LATENT else TEXT for t in steps]
             latent_offsets = [j for j, k in enumerate(step_kinds) if k == LATENT]
             segments: list[list[int]] = []
             for j in latent_offsets:
@@ -822,7 +899,7 @@ class _RowState:
                     segments[-1][1] += 1
                 else:
                     segments.append([j, 1])
-            positions = [self.prompt_length + int(steps[j]) for j in latent_offsets]
+            positions = [self.prompt_length + steps[j] for j in latent_offsets]
             vectors = latent_inputs[r, positions] if positions else torch.zeros((0, self.hidden_size))
             text_ids = [tok for tok, kind in zip(ids, step_kinds) if kind == TEXT]
             error = ""
@@ -831,13 +908,13 @@ class _RowState:
                 error = (f"non-finite values (NaN or inf) in the {what} at generated position {len(ids)}; "
                          "the row was stopped there")
             rows.append(RowOutput(
-                instance_id=batch.instance_ids[r], prompt_length=int(batch.attention_mask[r].sum()),
+                instance_id=batch.instance_ids[r], prompt_length=int(prompt_lengths[r]),
                 generated_ids=ids, step_kinds=step_kinds,
                 text=subject.tokenizer.decode(text_ids, skip_special_tokens=True),
                 latent_vectors=vectors, latent_segments=[tuple(seg) for seg in segments],
                 forced_start=bool(forced[r]), stop_reason=STOP_REASONS.get(stop_code[r], ""),
                 raw_text=subject.tokenizer.decode(text_ids, skip_special_tokens=False), error=error))
-        return DecodeResult(rows=rows, sequences=sequences, attention_mask=torch.cat(self.attention, 1).cpu(),
+        return DecodeResult(rows=rows, sequences=sequences, attention_mask=self.attention[:, :length].to("cpu", copy=True),
                             position_ids=torch.cat(self.positions, dim=2).cpu(), input_kinds=kinds,
                             prompt_length=self.prompt_length, latent_inputs=latent_inputs)
 
@@ -888,6 +965,35 @@ def prefill_without_start(decoder: "LatentDecoder", prefill: "Prefill") -> "Pref
                               position_ids=position_ids[:, :, -1:].contiguous(), past_key_values=cache,
                               use_cache=True)[:, -1]
     return Prefill(batch=batch, cache=cache, hidden=hidden, position_ids=position_ids, start_pending=None)
+def _buffer(head: torch.Tensor, capacity: int, fill) -> torch.Tensor:
+    """A (B, capacity) tensor like ``head`` whose first columns are ``head`` and the rest ``fill``."""
+    out = torch.full((head.shape[0], capacity), fill, dtype=head.dtype, device=head.device)
+    out[:, : head.shape[1]] = head
+    return out
+
+
+def _key_mask(attention, latent_mark, after_latent, answer_mask, image_mask, mode=None) -> torch.Tensor:
+    """Padding, plus an organism's answer mask (blocking image or latent keys) for rows past their latents, or
+    (``latents_blind_to_image``) blocking the image for rows in latent mode."""
+    if answer_mask is None:
+        return attention
+    length = attention.shape[1]
+    if answer_mask == "answer_blind_to_image":
+        blocked = torch.zeros_like(attention, dtype=torch.bool)
+        blocked[:, : image_mask.shape[1]] = image_mask
+    elif answer_mask == "answer_blind_to_latents":
+        blocked = latent_mark[:, :length]
+    elif answer_mask == "latents_blind_to_image":
+        # While a row is in latent mode (its start token and latent positions as queries), it cannot attend the
+        # image or any prompt position after it (whose upper-layer states read the image); the answer can.
+        blocked = torch.zeros_like(attention, dtype=torch.bool)
+        blocked[:, : image_mask.shape[1]] = from_first_image(image_mask)
+        return attention.masked_fill(blocked & (mode == LATENT).unsqueeze(1), 0)
+    else:
+        raise LatentProbeError(f"unknown answer mask {answer_mask!r}",
+                               "use answer_blind_to_image, answer_blind_to_latents or latents_blind_to_image")
+    blocked = blocked & after_latent.unsqueeze(1)
+    return attention.masked_fill(blocked, 0)
 
 
 def _per_row(edits, bsz) -> list:
@@ -898,10 +1004,11 @@ def _per_row(edits, bsz) -> list:
     return list(edits)
 
 
-def _apply_edits(vectors, rows, steps, row_edits, decoder):
-    """Apply each row's edit to its latent vector; rows sharing an edit object are edited together."""
+def _apply_edits(vectors, rows, host_rows, steps, row_edits, decoder):
+    """Apply each row's edit to its latent vector; rows sharing an edit object are edited together.
+    ``host_rows`` is ``rows`` already read to the host (grouping costs no further device read)."""
     groups: dict[int, list[int]] = {}
-    for i, r in enumerate(rows.tolist()):
+    for i, r in enumerate(host_rows):
         if row_edits[r] is not None:
             groups.setdefault(id(row_edits[r]), []).append(i)
     if not groups:
@@ -909,7 +1016,7 @@ def _apply_edits(vectors, rows, steps, row_edits, decoder):
     vectors = vectors.clone()
     for members in groups.values():
         idx = torch.tensor(members, device=vectors.device)
-        edit = row_edits[int(rows[idx[0]])]
+        edit = row_edits[host_rows[members[0]]]
         vectors[idx] = edit.edit_latent(vectors[idx], rows[idx], steps[idx], decoder).to(vectors.dtype)
     return vectors
 

@@ -242,13 +242,22 @@ class RunStates:
 
 
 class _StateCapture(_LayerHooks):
-    """Hooks that copy every grid layer's states during one prefill + decode (the reference runs)."""
+    """Hooks that copy the grid's states during one prefill + decode (the reference runs).
 
-    def __init__(self, decoder: LatentDecoder, layers: Sequence[int], prompt: bool):
+    Only what a grid can read is copied: the grid layers at the latent steps it patches (every latent step when it
+    has a whole-phase ``latent`` site), the answer positions only when it has an ``answer`` site, the prompt only
+    when asked. Layer 0 is kept at every latent step (``pin`` feeds it). A step with nothing to copy copies
+    nothing; the per-step kinds, key masks and positions are always kept (attribution replays them)."""
+
+    def __init__(self, decoder: LatentDecoder, layers: Sequence[int], prompt: bool,
+                 latent_steps: Sequence[int] | None = None, answer: bool = True):
         self.decoder, self.layers, self.prompt_wanted = decoder, tuple(layers), prompt
+        self.latent_steps = None if latent_steps is None else sorted(set(latent_steps))
+        self.answer_wanted = answer
         self.prompt: dict[int, torch.Tensor] = {}
         self.steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]] = []
         self.handles = []
+        self._copy_layers: tuple[int, ...] = ()
 
     def __enter__(self):
         self.hook_layers(self.layers, self._reader)
@@ -272,8 +281,15 @@ class _StateCapture(_LayerHooks):
         super().__exit__(*exc)
 
     def _on_step(self, ctx: StepContext):
-        if not ctx.is_prefill:
-            self.steps.append((ctx.kinds.clone(), ctx.latent_index.clone(), ctx.after_latent.clone(), {}))
+        if ctx.is_prefill:
+            return
+        self.steps.append((ctx.kinds.clone(), ctx.latent_index.clone(), ctx.after_latent.clone(), {}))
+        latent = ctx.kinds == LATENT
+        wanted = latent if self.latent_steps is None else latent & torch.isin(
+            ctx.latent_index, torch.tensor(self.latent_steps, device=latent.device))
+        answer = (ctx.kinds == TEXT) & ctx.after_latent if self.answer_wanted else torch.zeros_like(latent)
+        any_wanted, any_latent = torch.stack([(wanted | answer).any(), latent.any()]).tolist()  # one host read
+        self._copy_layers = self.layers if any_wanted else ((0,) if any_latent and 0 in self.layers else ())
 
     def _reader(self, layer):
         def read(hidden):
@@ -283,7 +299,7 @@ class _StateCapture(_LayerHooks):
             if ctx.is_prefill:
                 if self.prompt_wanted:
                     self.prompt[layer] = hidden.detach().clone()
-            elif self.steps:
+            elif self.steps and layer in self._copy_layers:
                 self.steps[-1][3][layer] = hidden[:, -1].detach().clone()
             return None
 
@@ -291,33 +307,38 @@ class _StateCapture(_LayerHooks):
 
     def states(self, result, batch, prefill) -> RunStates:
         bsz = result.sequences.shape[0]
-        n_layers = len(self.layers)
         dim = self.decoder.subject.hidden_size
         device = prefill.hidden.device
-        latent_items: list[list[dict]] = [[] for _ in range(bsz)]
-        answer_items: list[list[dict]] = [[] for _ in range(bsz)]
-        for kinds, latent_index, after_latent, by_layer in self.steps:
-            for r in (kinds == LATENT).nonzero(as_tuple=True)[0].tolist():
-                latent_items[r].append({l: by_layer[l][r] for l in self.layers})
-            for r in ((kinds == TEXT) & after_latent).nonzero(as_tuple=True)[0].tolist():
-                answer_items[r].append({l: by_layer[l][r] for l in self.layers})
+        n_layers = len(self.layers)
+        if self.steps:
+            kinds = torch.stack([s[0] for s in self.steps])  # (T, B)
+            index = torch.stack([s[1] for s in self.steps])
+            after = torch.stack([s[2] for s in self.steps])
+        else:
+            kinds = index = torch.zeros((0, bsz), dtype=torch.long, device=device)
+            after = torch.zeros((0, bsz), dtype=torch.bool, device=device)
+        is_latent = kinds == LATENT
+        in_answer = (kinds == TEXT) & after
+        latent_count, answer_count = is_latent.sum(dim=0), in_answer.sum(dim=0)
+        answer_offset = in_answer.long().cumsum(dim=0) - 1
+        width = max(int(latent_count.max()) if bsz else 0, 1)
+        latent = torch.zeros((bsz, width, n_layers, dim), device=device)
+        answer_width = max(int(answer_count.max()) if bsz else 0, 1) if self.answer_wanted else 0
+        answer = torch.zeros((bsz, answer_width, n_layers, dim), device=device)
+        for t, (_, _, _, by_layer) in enumerate(self.steps):
+            if not by_layer:
+                continue
+            rows = is_latent[t].nonzero(as_tuple=True)[0]
+            answer_rows = in_answer[t].nonzero(as_tuple=True)[0] if self.answer_wanted else rows[:0]
+            for layer, states in by_layer.items():
+                pos = self.layers.index(layer)
+                latent[rows, index[t, rows], pos] = states[rows].float()
+                answer[answer_rows, answer_offset[t, answer_rows], pos] = states[answer_rows].float()
         return RunStates(result=result, batch=batch, prefill=prefill, layers=self.layers, prompt=self.prompt,
-                         latent=_stack_items(latent_items, self.layers, dim, device),
-                         latent_count=torch.tensor([len(i) for i in latent_items], device=device),
-                         answer=_stack_items(answer_items, self.layers, dim, device),
-                         answer_count=torch.tensor([len(i) for i in answer_items], device=device),
+                         latent=latent, latent_count=latent_count, answer=answer, answer_count=answer_count,
                          step_kinds=[s[0] for s in self.steps], step_latent_index=[s[1] for s in self.steps],
                          step_after_latent=[s[2] for s in self.steps], step_attention=[m[0] for m in self.masks],
                          step_positions=[m[1] for m in self.masks])
-
-
-def _stack_items(items: list[list[dict]], layers, dim, device) -> torch.Tensor:
-    width = max([len(row) for row in items] + [1])
-    out = torch.zeros((len(items), width, len(layers), dim), device=device)
-    for r, row in enumerate(items):
-        for k, by_layer in enumerate(row):
-            out[r, k] = torch.stack([by_layer[l].float() for l in layers])
-    return out
 
 
 class ImageEmbeddingNoise:
@@ -723,15 +744,20 @@ def _safe_images_by_id(instances, instance_id):
 
 def reference_run(decoder: LatentDecoder, batch, grid: PatchGrid, noise: ImageEmbeddingNoise | None,
                   prompt_states: bool = True) -> RunStates:
-    """Prefill and decode ``batch`` once (with the corruption's noise when given), copying every grid layer's
-    states; layer 0 is always kept (``pin`` feeds it)."""
+    """Prefill and decode ``batch`` once (with the corruption's noise when given), copying the states the grid's
+    sites read (see `_StateCapture`); layer 0 is always kept at every latent step (``pin`` feeds it)."""
     layers = tuple(sorted(set(grid.layers) | {0}))
     from contextlib import ExitStack
 
+    group_sites = grid.group_sites()
+    whole_phase = any(s.group == "latent" for s in group_sites)
+    latent_steps = None if whole_phase else sorted({s.step for s in grid.step_sites()})
+    answer = any(s.group == "answer" for s in group_sites)
+    prompt = prompt_states and any(s.group in PROMPT_GROUPS for s in group_sites)
     with ExitStack() as stack:
         if noise is not None:
             stack.enter_context(noise)
-        capture = stack.enter_context(_StateCapture(decoder, layers, prompt_states))
+        capture = stack.enter_context(_StateCapture(decoder, layers, prompt, latent_steps, answer))
         prefill = decoder.prefill(batch)
         result = decoder.decode(prefill)
     return capture.states(result, prefill.batch, prefill)
