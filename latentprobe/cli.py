@@ -554,10 +554,7 @@ def _cmd_intervene(args):
 
 def _cmd_patch(args):
     from .data.loading import default_limit
-    from .cli_types import refuse_existing
     from .where.patching import default_instances, patch_map
-
-    refuse_existing(args.out)  # before the model loads: a patching run never writes over another's tables
 
     layers, steps = args.layers, args.steps  # parsed and range-checked by cli_types
     groups = [g.strip() for g in args.groups.split(",") if g.strip()] if args.groups else None

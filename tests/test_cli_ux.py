@@ -73,7 +73,7 @@ def test_report_refuses_a_folder_no_command_wrote(tmp_path, capsys):
 
 def test_patch_refuses_to_write_over_a_run(runs, capsys):
     assert main(["patch", "--subject", "tiny", "--out", str(runs["patch"])]) == 2
-    assert "exists and is not empty" in capsys.readouterr().err
+    assert "already holds a patch run" in capsys.readouterr().err  # its own run: the hint is --resume
 
 
 def test_mistyped_flags_commands_and_subjects_get_the_closest_name(capsys):
@@ -177,7 +177,7 @@ def test_the_notebook_path(tiny_subject):
         warnings.simplefilter("error", ConditionWarning)
         _, cache = run_with_cache(subject, held_out[:2])  # its own data: no warning
     assert cache["latent[3].layer[0]"].shape[0] == 2
-    with pytest.raises(LatentProbeError, match=r"latent\[5\].layer\[0\] was not run: these instances ran 4"):
+    with pytest.raises(LatentProbeError, match=r"no instance reached latent\[5\].layer\[0\]: these rows ran at most 4"):
         cache["latent[5].layer[0]"]
 
 

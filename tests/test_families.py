@@ -1,6 +1,7 @@
 """The real model families on tiny stand-in checkpoints with the same token strings and templates."""
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -202,10 +203,10 @@ def test_subjects_show_and_cli_validation(capsys, tmp_path):
     from latentprobe.cli import main
 
     assert main(["subjects", "--show", "capimagine"]) in (0, None)
-    shown = json.loads(capsys.readouterr().out)
-    assert shown["text_mediator_markers"] == ["<think_image>", "</think_image>"]
+    shown = capsys.readouterr().out  # a table of fields, one per line
+    assert re.search(r"^text_mediator_markers\s+\('<think_image>', '</think_image>'\)$", shown, re.M)
     assert main(["subjects", "--show", "monet"]) in (0, None)
-    assert json.loads(capsys.readouterr().out)["authors_settings"]["repetition_penalty"] == 1.01
+    assert re.search(r"^authors_settings.repetition_penalty 1.01$", capsys.readouterr().out, re.M)
     code = main(["trace", "--subject", "capimagine", "--mediator-markers", "<a>,<a>", "--out", str(tmp_path / "t")])
     assert code == 2 and "both" in capsys.readouterr().err
 

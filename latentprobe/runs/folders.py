@@ -63,9 +63,13 @@ def require_new_folder(out_dir: str | Path, command: str) -> Path:
             raise LatentProbeError(f"output folder {out_dir} already holds a {command} run",
                                    "pass --resume to continue it (with the same settings), or choose a new --out "
                                    "folder")
-        raise LatentProbeError(f"output folder {out_dir} is not empty (it holds {describe_folder(out_dir)}); "
-                               f"`{command}` writes only into a new folder, never into another run's",
-                               "choose a new --out folder")
+        replace = command in ("report", "similarity", "probe")  # these rebuild from their inputs, so may replace
+        raise LatentProbeError(f"output folder {out_dir} exists and is not empty (it holds "
+                               f"{describe_folder(out_dir)}); `{command}` writes only into a new folder, never into "
+                               "another run's",
+                               "choose a new --out folder" + (", or pass --overwrite to replace it (the old one is "
+                                                              "removed only once the new one is complete)"
+                                                              if replace else ""))
     return out_dir
 
 

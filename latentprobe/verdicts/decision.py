@@ -15,8 +15,9 @@ floor: what the same code path gives when nothing is edited). A family is the ro
   margin calls negligible) `connected` at large n, and a GPU's nondeterminism alone `connected` at any n.
   The family is `connected` if any row is an effect.
 * **Placebo.** Where a row has a placebo (``placebo_k``/``placebo_n`` for rates, ``placebo`` for means), the
-  tested effect is the row minus the placebo: for rates the bounds combine the row's exact bound and the
-  placebo's opposite exact bound, each at half the level (so the combined bound keeps the level), for means the
+  tested effect is the row minus the placebo: for rates the lower bound combines the row's exact bound and the
+  placebo's opposite exact bound, each at half the level (so the combined bound keeps the level), and the upper
+  bound is the row's own (a placebo can only lower the effect), for means the
   placebo value is subtracted. Without a placebo the floor is 0, which holds for a deterministic run (CPU,
   float32) and is stated in the evidence.
 * Between the two: `inconclusive`, with the planning numbers (the n that would decide). A row whose interval
@@ -178,8 +179,14 @@ def _p_from_interval(estimate: float, low: float, high: float, alpha: float) -> 
 def rate_row(label: str, metric: str, k: float, n: int, margins: Margins, placebo_k: float | None = None,
              placebo_n: int | None = None) -> RowStats:
     """A row of k events in n instances (k may be a sum of per-instance fractions): exact Clopper-Pearson interval
-    at ``margins.alpha`` of the rate minus the placebo's rate (each end combining the row's and the placebo's
-    opposite exact bounds at half the level); p-value for "the rate is 0" (1 when k = 0, else 0)."""
+    at ``margins.alpha`` of the rate minus the placebo's rate (the low end combines the row's and the placebo's
+    opposite exact bounds at half the level; the high end is the row's own bound, which the placebo can only
+    lower); p-value for "the rate is 0" (1 when k = 0, else 0).
+
+    >>> row = rate_row("patch", "flip_rate", 0, 80, Margins(), placebo_k=0, placebo_n=80)
+    >>> round(row.ci_high, 4), row.ci_high < 0.05
+    (0.0451, True)
+    """
     from ..stats.intervals import fractional_clopper_pearson
 
     alpha = margins.alpha
@@ -187,9 +194,14 @@ def rate_row(label: str, metric: str, k: float, n: int, margins: Margins, placeb
     if n <= 0:
         low = high = math.nan
     elif placebo_n:
-        row_low, row_high = fractional_clopper_pearson(k, n, alpha / 2)
-        floor_low, floor_high = fractional_clopper_pearson(placebo_k, placebo_n, alpha / 2)
-        low, high = row_low - floor_high, row_high - floor_low
+        # Lower end: the row's low bound minus the placebo's high bound, each at half the level. Upper end: the
+        # row's own exact bound. A placebo rate is >= 0, so subtracting it can only lower the effect: the row's
+        # bound already bounds the corrected effect, and a placebo of 0 events (a deterministic CPU run) then
+        # costs the equivalence test nothing (0 of 80 changed stays below 0.05, as without a placebo).
+        row_low, _ = fractional_clopper_pearson(k, n, alpha / 2)
+        _, floor_high = fractional_clopper_pearson(placebo_k, placebo_n, alpha / 2)
+        low = row_low - floor_high
+        high = fractional_clopper_pearson(k, n, alpha)[1]
     else:
         low, high = fractional_clopper_pearson(k, n, alpha)
     whole = float(k) == int(k)
