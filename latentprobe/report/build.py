@@ -39,6 +39,9 @@ def clean_records(store: TraceStore) -> pd.DataFrame:
 def _latent_records(store: TraceStore) -> pd.DataFrame:
     frame = clean_records(store)
     frame = frame[frame.n_latent_steps > 0]
+    # one order whatever wrote the store (a single process or interleaved torchrun ranks): the seeded choices
+    # below (a single image token per instance, the halves of the collapse split, bootstrap draws) follow it
+    frame = frame.sort_values("instance_id", kind="stable").reset_index(drop=True)
     if len(frame) < 2:
         raise LatentProbeError(f"{store.run_dir}: fewer than 2 instances entered latent mode",
                                "trace more instances, or a subject whose protocol enters latent mode")
