@@ -100,7 +100,9 @@ class RowStats:
 
     @property
     def equivalent(self) -> bool:
-        low_ok = self.ci_low > -self.margin
+        # A rate row counts changed answers: a corrected rate below 0 means fewer changes than the placebo's noise,
+        # never a connection, so only its upper end has to sit inside the margin. A mean can move either way.
+        low_ok = self.is_rate or self.ci_low > -self.margin
         # a mean of one instance has a zero-width bootstrap interval that shows nothing; a rate's exact interval
         # is wide at n = 1 by itself
         return bool(self.n >= (1 if self.is_rate else 2) and low_ok and self.ci_high < self.margin)
