@@ -17,6 +17,8 @@ otherwise).
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import math
 
 import numpy as np
@@ -59,8 +61,9 @@ class _Cached(OracleSource):
             self._cache[key] = self._compute(subject, instance, images, int(n_steps))
         return self._cache[key]
 
-    def _compute(self, subject, instance, images, n_steps):  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def _compute(self, subject, instance, images, n_steps):
+        """The targets of one instance (a tensor), or the reason it has none (a string)."""
 
 
 class AnswerRegionTokens(_Cached):
