@@ -386,6 +386,8 @@ def select_instances(args):
             data = "builtin-text"  # a text-only model reads the built-in text set, not the images
     options = family_benchmark_options(args)
     instances, source = load_instances(data, limit=limit, split=args.split, benchmark_options=options)
+    if not hasattr(args, "shard"):  # a command that writes one table from every instance does not shard
+        return instances, source, None
     instances, writer_id = shard_instances(instances, args.shard)
     instances, writer_id = distributed_shard(instances, writer_id)
     return instances, source, writer_id
@@ -651,7 +653,8 @@ def _cmd_step_influence(args):
     lines = [f"edit z{row.source_step} -> {'z' + row.target if row.target != 'answer' else 'answer'}: "
              f"{row.estimate:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}] n={int(row.n)}"
              for row in table.itertuples() if row.target == "answer" or int(row.target) > row.source_step]
-    lines.append("latent cells: placebo-corrected squared change / clean spread (2 = two instances apart); "
+    lines.append("latent cells: placebo-corrected R2, the share of the clean spread between instances that the "
+                 "edit moves (1 = as far as another instance's latent); "
                  f"answer: answer-change rate. Tables and heatmap in {args.out} ({made[0].name})")
     print_block(f"latentprobe step-influence: {subject.name} on {source} ({args.kind})", lines)
 

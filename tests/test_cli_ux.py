@@ -188,3 +188,17 @@ def test_subjects_show_prints_the_protocol_and_the_organisms_facts(capsys):
                    "held-out split of 600", "ground_truth"):
         assert needle in out, needle
     assert max(len(line) for line in out.splitlines()) <= 100
+
+
+def test_the_readout_commands_run_from_the_command_line(tmp_path, transform_data, capsys):
+    # step-influence and decodability as a new user types them (they once failed before any work on a missing
+    # --shard option that only the sharding commands define)
+    common = ["--subject", "tiny", "--data", str(transform_data), "--limit", "4", "--max-new-tokens", "8"]
+    assert main(["step-influence", *common, "--kind", "mean", "--bootstrap", "100",
+                 "--out", str(tmp_path / "influence")]) == 0
+    assert "placebo-corrected R2" in capsys.readouterr().out
+    traced = tmp_path / "trace"
+    assert main(["trace", *common, "--layers", "all", "--answer-states", "--quiet", "--out", str(traced)]) == 0
+    assert main(["decodability", str(traced), "--out", str(tmp_path / "decode"), "--folds", "2",
+                 "--bootstrap", "100"]) == 0
+    assert "gap after - at" in capsys.readouterr().out

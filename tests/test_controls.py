@@ -447,3 +447,27 @@ def test_decodability_gap_separates_bottleneck_and_shortcut(tmp_path, one_thread
     bottleneck, shortcut = gaps["organism-bottleneck"], gaps["organism-shortcut"]
     assert bottleneck.at_accuracy > 0.8 and bottleneck.gap_ci_high < 0.25  # decodable at the latent steps
     assert shortcut.at_accuracy < 0.6 and shortcut.gap_ci_low > 0.3  # mostly only after them
+
+
+def test_step_influence_cells_are_the_placebo_corrected_r2_of_the_input_latent_verdict():
+    # The map's latent cells read on the input -> latent verdict's scale: squared change over the mean squared
+    # distance between two instances, corrected by the placebo floor in numerator and denominator.
+    from latentprobe.stats.latent_effect import latent_r2
+    from latentprobe.stats.step_influence import influence_map, relative_sq_change, step_spread
+
+    rng = np.random.default_rng(5)
+    clean = rng.normal(size=(40, 6))
+    edited = clean + rng.normal(scale=0.8, size=clean.shape)
+    placebo = clean + rng.normal(scale=0.1, size=clean.shape)
+    spread = step_spread([c[None] for c in clean], 1)[0]
+    rows = []
+    for i in range(40):
+        rows.append(dict(subject="s", instance_id=i, kind="noise", source_step=0, target="0", applied=True,
+                         value=relative_sq_change(clean[i], edited[i], spread)))
+        rows.append(dict(subject="s", instance_id=i, kind="noise", source_step=-1, target="0", applied=True,
+                         value=relative_sq_change(clean[i], placebo[i], spread)))
+    cell = influence_map(pd.DataFrame(rows), n_boot=200).iloc[0]
+    oracle = latent_r2(clean, edited, placebo=placebo, n_boot=200)
+    assert cell.metric == "latent_r2"
+    assert cell.estimate == pytest.approx(oracle["r2"], rel=1e-9)
+    assert cell.ci_low < cell.estimate < cell.ci_high

@@ -49,3 +49,42 @@ def test_limited_rests_on_the_score_over_chance_not_on_selectivity():
     assert verdict.verdict == "limited" and "ridge probe on 200 instances" in verdict.evidence
     unreadable = limited.assign(score_excess_ci_low=[-0.04, 0.05])  # the image baseline not shown readable
     assert verdict_visual_info(unreadable, "s").verdict == "inconclusive"
+
+
+def test_the_image_token_grid_is_the_witness_when_it_was_probed():
+    # The mean of all image tokens does not show the attribute readable; the pooled grid does: `limited` rests on
+    # the grid (chosen before looking at any score: the grid whenever the table has it).
+    rows = pd.DataFrame([_row("latent", "colour", 0.01, -0.04, 0.06, p=0.4),
+                         _row("image_mean", "colour", 0.1, 0.02, 0.18),
+                         _row("image_tokens", "colour", 0.45, 0.4, 0.5)])
+    verdict = verdict_visual_info(rows, "s")
+    assert verdict.verdict == "limited" and verdict.details["baseline"] == "image_tokens"
+    assert "image_tokens 0.450 (lower bound 0.400)" in verdict.evidence
+    # a table without the grid falls back to the mean, which does not show the attribute readable here
+    without_grid = rows[rows.representation != "image_tokens"]
+    assert verdict_visual_info(without_grid, "s").verdict == "inconclusive"
+    # asking for the mean explicitly is honoured
+    assert verdict_visual_info(rows, "s", baseline="image_mean").verdict == "inconclusive"
+
+
+def test_a_local_attribute_hidden_by_the_token_mean_is_read_from_the_pooled_grid():
+    # One corner cell's colour; the other cells vary at random, so the mean over tokens blurs it into noise while
+    # the grid keeps the corner as its own block of features.
+    from latentprobe.stats.image_readout import pooled_image_tokens
+    from latentprobe.stats.probes import probe_table
+
+    rng = np.random.default_rng(3)
+    n, side, width = 120, 8, 6
+    colour = rng.integers(0, 3, n)
+    palette = rng.normal(size=(3, width))
+    tokens = rng.normal(scale=2.0, size=(n, side, side, width))
+    tokens[:, :2, :2] = palette[colour][:, None, None] + rng.normal(scale=0.3, size=(n, 2, 2, width))
+    flat = tokens.reshape(n, side * side, width)
+    grid, how = pooled_image_tokens(list(flat))
+    assert how == "image tokens pooled onto a 4 x 4 grid (16 cells)" and grid.shape == (n, 16 * width)
+    common = dict(subject="s", attribute="colour", n_splits=4, seed=0, n_permutations=49, Cs=(1.0,))
+    by_grid = probe_table({(0, -1): grid}, colour, np.arange(n), representation="image_tokens", **common)
+    by_mean = probe_table({(0, -1): flat.mean(1)}, colour, np.arange(n), representation="image_mean", **common)
+    nested = lambda t: t[t.selection == "nested"].iloc[0]  # noqa: E731
+    assert nested(by_grid).score_excess_ci_low > 0.3
+    assert nested(by_mean).score_excess < nested(by_grid).score_excess - 0.2

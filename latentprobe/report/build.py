@@ -21,6 +21,7 @@ import pandas as pd
 from . import figures as fig
 from ..errors import LatentProbeError
 from ..fileio import atomic_write, safe_name
+from ..stats.image_readout import pool_tokens, pooling_plan
 from ..stats.probes import probe_table
 from ..stats.similarity import inter_instance_similarity, intra_instance_similarity, similarity_table
 from ..runs.store import TraceStore
@@ -127,8 +128,8 @@ def _single_image_tokens(store: TraceStore, frame: pd.DataFrame, seed: int, max_
 
 def _latent_placebo_floor(run_dirs, subject: str, instance_ids: list, steps: int):
     """Per instance and step, the squared distance between the clean fed-back latents and those of a latent
-    placebo (an intervention named ``...placebo...`` on target latent) in an intervention run of ``subject``;
-    None when no such run covers every instance."""
+    placebo (an intervention named ``...placebo...`` on target latent) in an intervention run of ``subject``
+    (NaN for instances that run did not cover); None when no such run covers at least 3 of the instances."""
     for run_dir in run_dirs:
         store = TraceStore(run_dir)
         if store.manifest.get("subject_name") != subject:
@@ -142,10 +143,15 @@ def _latent_placebo_floor(run_dirs, subject: str, instance_ids: list, steps: int
         clean = records[records.intervention == "clean"]
         placebo = placebo.drop_duplicates("instance_id").set_index("instance_id")
         clean = clean.drop_duplicates("instance_id").set_index("instance_id")
-        if not all(i in placebo.index and i in clean.index for i in instance_ids):
+        # The trace may hold more instances than the intervention run (the demo traces more for its probes):
+        # the floor is measured where the placebo ran and left NaN elsewhere (the noise check skips NaN rows).
+        covered = [i in placebo.index and i in clean.index for i in instance_ids]
+        if sum(covered) < 3:
             continue
         floor = np.full((len(instance_ids), steps), np.nan)
         for row, instance in enumerate(instance_ids):
+            if not covered[row]:
+                continue
             a = store.tensor(clean.loc[instance, "record_id"], "latent").float().numpy()
             b = store.tensor(placebo.loc[instance, "record_id"], "latent").float().numpy()
             k = min(len(a), len(b), steps)
@@ -241,6 +247,9 @@ def probe_study(run_dir: str | Path, attributes: Sequence[str], out_dir: str | P
             latent_features[(layer, step)] = array[:, step]
     groups = frame.instance_id.to_numpy()
     types, used_type = control_types(store, frame, control_type)
+    # The witness that an attribute is readable from the image at all (the `limited` rule): the image tokens on
+    # a coarse spatial grid, since their mean dilutes a local attribute (latentprobe.stats.image_readout).
+    image_grid = _pooled_image_features(store, frame, layer_ids)
     tables = []
     for attribute in attributes:
         labels = _labels(frame, attribute)
@@ -250,6 +259,8 @@ def probe_study(run_dir: str | Path, attributes: Sequence[str], out_dir: str | P
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tables.append(probe_table(latent_features, labels, groups, representation="latent", **common))
+            if image_grid is not None:
+                tables.append(probe_table(image_grid, labels, groups, representation="image_tokens", **common))
             for name in ("image_mean", "prompt_last"):
                 if all(name in t for t in frame.tensors):
                     feats = {(layer, -1): store.state_array(frame.record_id, name, layer) for layer in layer_ids}
@@ -267,6 +278,21 @@ def probe_study(run_dir: str | Path, attributes: Sequence[str], out_dir: str | P
         log.warning("no probe figure: %s", exc)
     _write_table(table, out_dir / "probes")
     return table, made
+
+
+def _pooled_image_features(store: TraceStore, frame: pd.DataFrame, layer_ids) -> dict | None:
+    """Per recorded layer, every record's image tokens pooled onto one coarse grid (None without image tokens).
+    Records are read one at a time and pooled at once, so memory holds the grids, never every token."""
+    if not all("image_tokens" in tensors for tensors in frame.tensors):
+        return None
+    counts = [store.tensor(record_id, "image_tokens").shape[1] for record_id in frame.record_id]
+    plan = pooling_plan(counts)
+    pooled = []
+    for record_id in frame.record_id:
+        tokens = store.tensor(record_id, "image_tokens").float().numpy()
+        pooled.append([pool_tokens(tokens[position], plan) for position in range(len(layer_ids))])
+    return {(layer, -1): np.stack([record[position] for record in pooled])
+            for position, layer in enumerate(layer_ids)}
 
 
 def _random_init_probes(run_dir, frame, labels, groups, common):

@@ -77,7 +77,7 @@ def plot_decodability(cells: pd.DataFrame, path) -> list:
 
 def plot_step_influence(table: pd.DataFrame, path) -> list:
     """The K x (K + 1) step x step map per subject: rows = the edited latent step i, columns = each latent step j
-    (placebo-corrected squared change relative to the clean spread) and the answer (answer-change rate), each
+    (placebo-corrected R2: squared change over the clean spread between two instances) and the answer (answer-change rate), each
     cell annotated with its estimate; cells whose interval contains 0 are hatched."""
     from ..stats.step_influence import map_matrix
 

@@ -73,8 +73,9 @@ from ..errors import LatentProbeError
 from .instance_bootstrap import bootstrap_interval_from_counts
 
 TASKS = ("classification", "regression")
-REPRESENTATIONS = ("latent", "image_mean", "prompt_last", "random_init")
-NO_STEP = -1  # the ``step`` key of representations without a latent step (image_mean, prompt_last)
+REPRESENTATIONS = ("latent", "image_tokens", "image_mean", "prompt_last", "random_init")
+# the ``step`` key of representations without a latent step (image_tokens, image_mean, prompt_last)
+NO_STEP = -1
 DEFAULT_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
 DEFAULT_INNER_SPLITS = 3
 DEFAULT_PERMUTATIONS = 199
@@ -742,7 +743,9 @@ def probe_table(
 ) -> pd.DataFrame:
     """:func:`run_probes` plus the ``subject, representation, attribute`` columns.
 
-    ``representation`` is one of "latent", "image_mean", "prompt_last" (key those by ``(layer, -1)``) or
+    ``representation`` is one of "latent", "image_tokens" (the pooled grid of
+    :func:`latentprobe.stats.image_readout.pooled_image_tokens`), "image_mean", "prompt_last" (key those by
+    ``(layer, -1)``) or
     "random_init" (latents of a randomly initialised model). Concatenate the tables with ``pd.concat``.
 
     >>> import numpy as np

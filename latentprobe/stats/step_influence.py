@@ -5,12 +5,13 @@ Pure functions on the per-instance rows a run writes (`latentprobe.where.step_in
 source step i (``source_step`` = -1 for the placebo: the same decode path with an edit that changes nothing) x
 target (a latent step j, or ``answer``):
 
-* latent targets: ``sq_change`` = ||z_j(edit at i) - z_j(clean)||^2 / spread_j, where spread_j is the clean
-  latents' mean squared distance to their mean at step j (the dataset's spread across instances). 0: step j did
-  not move; 2: it moved as far apart as two independent instances are on average. The placebo's value at step
-  j is subtracted per instance (the noise floor of the code path; exactly 0 on CPU in float32, not in bf16).
-  The effect size of the input -> latent verdict being rewritten on the r3-verdicts branch had not landed when
-  this was written: this relative squared distance stands in for it.
+* latent targets: per instance, ``value`` = ||z_j(edit at i) - z_j(clean)||^2 / S_j, where S_j is the clean
+  latents' mean squared distance between two different instances at step j (the yardstick of the input -> latent
+  verdict, `latentprobe.stats.latent_effect`). The map reads the same effect size as that verdict: the
+  placebo-corrected share of the spread the edit moves, R2 = (mean value - mean placebo) / (1 - mean placebo),
+  with the placebo (the same decode path with an edit that changes nothing; exactly 0 on CPU in float32, not in
+  bf16) as the floor. R2 ~ 0: step j did not move; ~1: it moved as far as another instance's latent sits. The
+  interval is a paired bootstrap over instances of that ratio, S_j held at its full-sample value.
 * ``answer``: whether the parsed answer differs from the clean one (0/1), minus nothing (the placebo's rate is
   reported beside it).
 
@@ -41,13 +42,26 @@ def relative_sq_change(clean: np.ndarray, edited: np.ndarray, spread: float) -> 
 
 
 def step_spread(latents: list[np.ndarray], n_steps: int) -> np.ndarray:
-    """(n_steps,) mean squared distance of the clean latents to their mean at each step (NaN with < 2)."""
+    """(n_steps,) mean squared distance between the clean latents of two different instances at each step,
+    2 n / (n - 1) times their mean squared distance to the step's mean (NaN with < 2 instances).
+
+    >>> step_spread([np.array([[0.0, 0.0]]), np.array([[3.0, 4.0]])], 1)   # one pair, 25 apart squared
+    array([25.])
+    """
     out = np.full(n_steps, np.nan)
     for j in range(n_steps):
         at = np.stack([x[j] for x in latents if len(x) > j]) if any(len(x) > j for x in latents) else None
         if at is not None and len(at) >= 2:
-            out[j] = float(np.mean(np.sum((at - at.mean(axis=0)) ** 2, axis=1)))
+            n = len(at)
+            out[j] = float(np.mean(np.sum((at - at.mean(axis=0)) ** 2, axis=1))) * 2 * n / (n - 1)
     return out
+
+
+def _placebo_corrected_r2(pairs: np.ndarray) -> float:
+    """(mean value - mean placebo) / (1 - mean placebo) over rows of (value, placebo); NaN without spread
+    beyond the floor."""
+    move, floor = pairs[:, 0].mean(), pairs[:, 1].mean()
+    return float((move - floor) / (1.0 - floor)) if floor < 1.0 else float("nan")
 
 
 def influence_map(rows: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> pd.DataFrame:
@@ -70,11 +84,11 @@ def influence_map(rows: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0, alph
                                 ci_high=rate["ci_high"], n=rate["n"], placebo=float(np.nanmean(floor))
                                 if np.isfinite(floor).any() else np.nan, interval="exact"))
                 continue
-            corrected = values.to_numpy(float) - np.nan_to_num(floor, nan=0.0)
-            est, low, high = paired_bootstrap(corrected, n_boot=n_boot, seed=seed, alpha=alpha)
+            pairs = np.column_stack([values.to_numpy(float), np.nan_to_num(floor, nan=0.0)])
+            est, low, high = paired_bootstrap(pairs, _placebo_corrected_r2, n_boot=n_boot, seed=seed, alpha=alpha)
             out.append(dict(subject=subject, kind=kind, source_step=int(source), target=target,
-                            metric="sq_change_vs_spread", estimate=est, ci_low=low, ci_high=high,
-                            n=int(np.isfinite(corrected).sum()),
+                            metric="latent_r2", estimate=est, ci_low=low, ci_high=high,
+                            n=int(np.isfinite(pairs[:, 0]).sum()),
                             placebo=float(np.nanmean(floor)) if np.isfinite(floor).any() else np.nan,
                             interval="paired bootstrap"))
     return pd.DataFrame(out, columns=INFLUENCE_COLUMNS)

@@ -12,7 +12,9 @@ the score-over-chance scale (accuracy points, or R^2):
 - an attribute is **limited** when the latents' interval lies below ``margin`` (a probe of the stated capacity
   reads at most ``margin`` above chance: positive evidence of little information, not merely a low estimate)
   *and* the image-token baseline's interval lies above ``margin`` (the same probe reads the attribute from the
-  image states of the same instances, so it could have found it);
+  image states of the same instances, so it could have found it). The baseline is the image tokens pooled onto a
+  coarse spatial grid (:mod:`latentprobe.stats.image_readout`) when the trace kept every image token, else their
+  mean; the mean of all tokens dilutes a local attribute (one cell's colour) until nothing reads it;
 - otherwise the attribute is **inconclusive**.
 
 Selectivity (score - the Hewitt & Liang control score, the control's labels now a permutation of the real
@@ -71,7 +73,7 @@ def _score_columns(rows: pd.DataFrame) -> tuple[str, str, str, bool]:
 
 
 def verdict_visual_info(probes: pd.DataFrame | None, subject: str, *, margin: float = 0.1, alpha: float = 0.05,
-                        baseline: str = "image_mean") -> Verdict:
+                        baseline: str = "auto") -> Verdict:
     """Decide ``visual_info`` for one subject from its probe table (see the module docstring for the rule).
 
     Parameters
@@ -85,7 +87,9 @@ def verdict_visual_info(probes: pd.DataFrame | None, subject: str, *, margin: fl
         Family-wise error rate over the subject's attributes (Holm) for ``informative``; the tables'
         two-sided intervals must be at least ``1 - 2 * alpha`` wide (95% intervals: 2.5% per side).
     baseline : str
-        The representation that shows an attribute is readable at all, default the mean image-token state.
+        The representation that shows an attribute is readable at all. "auto" (default): the image tokens on a
+        coarse spatial grid (``image_tokens``) when the table has them, else the mean image-token state
+        (``image_mean``), whose average dilutes a local attribute such as one cell's colour.
 
     Returns
     -------
@@ -121,6 +125,8 @@ def verdict_visual_info(probes: pd.DataFrame | None, subject: str, *, margin: fl
     if 1 - confidence > 2 * alpha + 1e-12:
         raise LatentProbeError(f"the probe intervals are {confidence:.0%} intervals, too narrow for alpha={alpha}",
                                f"rebuild the probe table with confidence >= {1 - 2 * alpha:.2f}")
+    if baseline == "auto":  # fixed before looking at any score: the grid when it was probed, else the mean
+        baseline = "image_tokens" if not _nested_rows(probes, subject, "image_tokens").empty else "image_mean"
     reference = _nested_rows(probes, subject, baseline)
     value, low_col, high_col, unconditional = _score_columns(latent)
     p_values = latent.p_value.to_numpy(dtype=float)
