@@ -21,8 +21,9 @@ same layer) and a pool of token states of that layer:
    projected on them; then the halves swap. The **collapse ratio** is mean ||P x_i||^2 / mean ||P y_i||^2: 1 when
    the latents vary as much as an image token in the directions where they vary, ~0 when they all sit at one
    point. Cross-fitting keeps it honest: directions picked on the same instances would capture all of their
-   noise and read as spread. The interval is a paired BCa bootstrap over instances (``scipy.stats.bootstrap``),
-   conditional on the two fitted subspaces.
+   noise and read as spread. The interval is a BCa bootstrap over instances (``scipy.stats.bootstrap``) that
+   refits the subspaces in every resample, so it is not conditional on them: directions found on few instances
+   miss part of the latents' subspace and bias the ratio towards 0 (towards `collapsed`) at small n.
 4. **Yardstick: a single token.** A latent is one token; the mean of T image tokens varies about T times less
    across instances than one token does, so comparing with it inflates the ratio towards "not collapsed".
    ``yardstick`` names what was used; a pooled yardstick may only support `collapsed` (a conservative direction).
@@ -158,22 +159,97 @@ def collapse_ratio(latents, tokens, pool=None, *, seed: int = 0, alpha: float = 
     # their noise would be blown up to unit variance.
     w, whitened = whitening_or_identity(np.vstack([y] + ([_rows(pool, "token pool")] if pool is not None else [])))
     wx, wy = (x - x.mean(axis=0)) @ w, (y - y.mean(axis=0)) @ w
+    # Every direction the cross-fit can pick lies in the span of the latents' rows: work in that basis (r <= n
+    # coordinates instead of D), which changes no projection and makes the refitted bootstrap cheap.
+    _, singular, basis = np.linalg.svd(wx, full_matrices=False)
+    basis = basis[singular > singular.max(initial=0.0) * 1e-12] if singular.max(initial=0.0) > 0 else basis[:1]
+    wx, wy = wx @ basis.T, wy @ basis.T
     order = np.random.default_rng([seed, 7]).permutation(n)
     halves = (order[: n // 2], order[n // 2:])
-    a, b, dims = np.empty(n), np.empty(n), []
-    for fit, held in (halves, halves[::-1]):
-        directions = _top_directions(wx[fit])
-        dims.append(len(directions))
-        # centre the held-out half on its own mean so that the fitted half's mean cannot leak in
-        hx, hy = wx[held] - wx[held].mean(axis=0), wy[held] - wy[held].mean(axis=0)
-        a[held] = ((hx @ directions.T) ** 2).sum(axis=1) / len(directions)
-        b[held] = ((hy @ directions.T) ** 2).sum(axis=1) / len(directions)
+    ratios, dims = _cross_fitted_ratios(wx, wy, np.ones((1, n)), halves)
+    estimate = float(ratios[0])
     with np.errstate(invalid="ignore", divide="ignore"):
-        estimate = float(a.mean() / b.mean()) if b.mean() > 0 else math.nan
         full = float((wx ** 2).sum() / (wy ** 2).sum()) if (wy ** 2).sum() > 0 else math.nan
-    low, high = _paired_ratio(a, b, alpha, n_boot, seed) if math.isfinite(estimate) else (math.nan, math.nan)
-    return dict(estimate=estimate, ci_low=low, ci_high=high, n=n, dimensions=float(np.mean(dims)), full_ratio=full,
+    low, high = _refitted_interval(wx, wy, halves, seed, alpha, n_boot) if math.isfinite(estimate) \
+        else (math.nan, math.nan)
+    return dict(estimate=estimate, ci_low=low, ci_high=high, n=n, dimensions=float(dims[0]), full_ratio=full,
                 yardstick_spread=float((wy ** 2).sum(axis=1).mean() / x.shape[1]), whitened=whitened)
+
+
+def _weighted_centred(states: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(B, N, r): each row of ``states`` minus the weighted mean of resample b, times sqrt(its weight there)."""
+    total = weights.sum(axis=1, keepdims=True)
+    mean = (weights @ states) / np.where(total > 0, total, 1.0)
+    return np.sqrt(weights)[:, :, None] * (states[None] - mean[:, None, :])
+
+
+def _principal_directions(centred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Energies (B, K), descending, and principal directions (B, K, r) of a batch of centred (B, m, r) blocks, from
+    the eigendecomposition of the smaller Gram matrix (several times faster than a batched SVD, the same
+    directions up to sign)."""
+    m, r = centred.shape[1:]
+    transposed = centred.transpose(0, 2, 1)
+    if r <= m:
+        energy, vectors = np.linalg.eigh(transposed @ centred)
+        return np.clip(energy[:, ::-1], 0, None), vectors[:, :, ::-1].transpose(0, 2, 1)
+    energy, vectors = np.linalg.eigh(centred @ transposed)
+    energy, vectors = np.clip(energy[:, ::-1], 0, None), vectors[:, :, ::-1]
+    # a direction without energy (the centred block's rank is below m) carries nothing: leave it 0, never 0/0
+    real = energy > energy[:, :1] * 1e-12
+    scale = np.where(real, 1.0 / np.sqrt(np.where(real, energy, 1.0)), 0.0)
+    return np.where(real, energy, 0.0), (vectors.transpose(0, 2, 1) @ centred) * scale[:, :, None]
+
+
+def _cross_fitted_ratios(wx: np.ndarray, wy: np.ndarray, weights: np.ndarray, halves, chunk: int = 64):
+    """The cross-fitted ratio for each row of instance ``weights`` (B, N): 1 for the full sample, bootstrap
+    counts for a resample, 0 for a left-out instance. An instance stays in its half in every resample, so a
+    repeated instance never helps find the directions it is measured on. Per half the top principal directions
+    of the weighted fitted half (as many as their participation ratio) are found, and the other half's weighted
+    spread of latents and tokens along them is summed; the ratio is latents over tokens. Returns the ratios and
+    the mean number of directions used, (B,) each."""
+    ratios, dims = np.full(len(weights), math.nan), np.full(len(weights), math.nan)
+    for start in range(0, len(weights), chunk):
+        w = weights[start:start + chunk]
+        numerator, denominator, used = np.zeros(len(w)), np.zeros(len(w)), np.zeros(len(w))
+        for fit, held in (halves, halves[::-1]):
+            energy, vt = _principal_directions(_weighted_centred(wx[fit], w[:, fit]))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                k = np.round(energy.sum(axis=1) ** 2 / (energy ** 2).sum(axis=1))
+            k = np.clip(np.nan_to_num(k, nan=1.0), 1, energy.shape[1]).astype(int)
+            keep = np.arange(energy.shape[1])[None, :] < k[:, None]
+            for states, out in ((wx, numerator), (wy, denominator)):
+                along = _weighted_centred(states[held], w[:, held]) @ vt.transpose(0, 2, 1)  # (B, held, directions)
+                out += ((along ** 2).sum(axis=1) * keep).sum(axis=1) / k
+            used += k / 2
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratios[start:start + chunk] = np.where(denominator > 0, numerator / denominator, math.nan)
+        dims[start:start + chunk] = used
+    return ratios, dims
+
+
+def _refitted_interval(wx, wy, halves, seed: int, alpha: float, n_boot: int) -> tuple[float, float]:
+    """BCa interval over instances with the subspaces refitted in every resample (and every jackknife sample):
+    unconditional on the fitted directions, whose error at small n biases the ratio towards 0 (directions found
+    on a few instances miss part of the latents' subspace) -- a bias BCa's correction sees."""
+    n = len(wx)
+
+    def ratio(rows, axis=-1):
+        rows = np.asarray(rows, dtype=int)
+        flat = rows.reshape(-1, rows.shape[-1])
+        counts = np.zeros((len(flat), n))
+        np.add.at(counts, (np.repeat(np.arange(len(flat)), flat.shape[1]), flat.ravel()), 1.0)
+        return _cross_fitted_ratios(wx, wy, counts, halves)[0].reshape(rows.shape[:-1])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = stats.bootstrap((np.arange(n),), ratio, vectorized=True, n_resamples=n_boot,
+                                 confidence_level=1 - alpha, method="BCa", rng=np.random.default_rng(seed))
+    low, high = (float(v) for v in result.confidence_interval)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        draws = result.bootstrap_distribution[np.isfinite(result.bootstrap_distribution)]
+        if len(draws):
+            low, high = (float(v) for v in np.quantile(draws, [alpha / 2, 1 - alpha / 2]))
+    return low, high
 
 
 def spread_beyond_noise(latents, floor, *, alpha: float = 0.05, n_boot: int = 1000, seed: int = 0) -> dict:

@@ -202,7 +202,26 @@ def _strata(labels, control) -> np.ndarray:
 
 
 def _grouped_splits(labels, groups, n_splits: int, task: str, seed: int, control=None) -> list:
-    """Grouped splits, stratified on (label, control) where possible, else on the label, else unstratified."""
+    """Grouped splits, stratified on (label, control) where possible, else on the label, else unstratified.
+    Every representation of an attribute asks for the same folds: they are made once (scikit-learn's
+    StratifiedGroupKFold is slow enough to dominate a probe study otherwise) and copied out."""
+    key = (tuple(np.asarray(labels).astype(str)), tuple(np.asarray(groups).astype(str)), int(n_splits), task,
+           int(seed), None if control is None else tuple(np.asarray(control).astype(str)))
+    return [(train.copy(), test.copy()) for train, test in _cached_splits(key, labels, groups, control)]
+
+
+_SPLIT_CACHE: dict = {}
+
+
+def _cached_splits(key, labels, groups, control) -> list:
+    if key not in _SPLIT_CACHE:
+        if len(_SPLIT_CACHE) > 256:
+            _SPLIT_CACHE.clear()
+        _SPLIT_CACHE[key] = _make_grouped_splits(labels, groups, key[2], key[3], key[4], control)
+    return _SPLIT_CACHE[key]
+
+
+def _make_grouped_splits(labels, groups, n_splits: int, task: str, seed: int, control=None) -> list:
     index = np.zeros(len(labels))
     if task == "classification":
         for strata in ([_strata(labels, control)] if control is not None else []) + [_strata(labels, None)]:
@@ -327,6 +346,19 @@ def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.nd
     return (train - mean) / scale, (test - mean) / scale
 
 
+def _thin_svd_projection(train: np.ndarray, test: np.ndarray):
+    """``u, s`` of the thin SVD of ``train`` and ``test @ v`` (the test rows in the right singular basis). With
+    more features than rows (pooled image tokens, 7B states) from the n x n Gram matrix's eigendecomposition:
+    the same quantities for the nonzero singular values at a fraction of the cost of an SVD of the wide matrix."""
+    if train.shape[1] <= train.shape[0]:
+        u, s, vt = np.linalg.svd(train, full_matrices=False)
+        return u, s, test @ vt.T
+    energy, u = np.linalg.eigh(train @ train.T)
+    keep = energy > max(float(energy.max(initial=0.0)), 0.0) * 1e-12
+    u, s = u[:, keep][:, ::-1], np.sqrt(energy[keep])[::-1]
+    return u, s, (test @ train.T) @ (u / s)
+
+
 def ridge_predictions(x_train, x_test, targets, alphas, task: str) -> np.ndarray:
     """Test predictions of standardised ridge probes for many target vectors and strengths at once.
 
@@ -336,8 +368,7 @@ def ridge_predictions(x_train, x_test, targets, alphas, task: str) -> np.ndarray
     class indices, or predicted values.
     """
     train, test = _standardise(np.asarray(x_train, dtype=np.float64), np.asarray(x_test, dtype=np.float64))
-    u, s, vt = np.linalg.svd(train, full_matrices=False)
-    projected = test @ vt.T  # (n_test, r)
+    u, s, projected = _thin_svd_projection(train, test)
     targets = np.asarray(targets)
     n_train, n_columns = targets.shape
     if task == "classification":
