@@ -421,6 +421,11 @@ def organism_default_data(subject: str, limit: int | None):
     from .organisms.training import organism_held_out_data
     from .organisms.recipes import organism_recipe
 
+    from .data.loading import BUILTIN_HOPS
+    from .organisms.text_recipes import text_recipe
+
+    if text_recipe(subject) is not None:
+        return BUILTIN_HOPS  # a text organism's held-out hops questions (generated in memory)
     recipe = organism_recipe(subject)
     return None if recipe is None else organism_held_out_data(recipe, min(limit, 600) if limit else None)
 
