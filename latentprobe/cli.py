@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                         ">= 2: swaps need a donor)")
     p.add_argument("--subjects", default=None, help="comma-separated subjects (None: all shipped organisms)")
     p.add_argument("--seed", type=T.seed_value, default=0, help="seed of every random choice")
+    p.add_argument("--text", action="store_true",
+                   help="the text organisms (organism-text-routed, organism-text-bypass) on held-out 2-hop lookup "
+                        "questions, with latent edits and a question swap (under a minute)")
 
     p = sub.add_parser("data", help="make procedural task data")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION")
@@ -287,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("organisms", help="train the model organisms")
     org_sub = p.add_subparsers(dest="organisms_command", metavar="ACTION")
     train = org_sub.add_parser("train", help="train one organism (deterministic for a seed)")
-    train.add_argument("name", help="bottleneck, shortcut, direct, mirage, lvr or capimagine")
+    train.add_argument("name", help="bottleneck, shortcut, blind, collapsed, direct, mirage, lvr, capimagine, or a "
+                                    "text organism: text-routed, text-bypass")
     train.add_argument("--out", default=None, type=T.output_folder,
                        help="where to write the weights (None: a new folder organisms/<name>-seed<S>; never the "
                             "package's shipped weights unless --overwrite-shipped)")
@@ -419,6 +423,11 @@ def organism_default_data(subject: str, limit: int | None):
     from .organisms.training import organism_held_out_data
     from .organisms.recipes import organism_recipe
 
+    from .data.loading import BUILTIN_HOPS
+    from .organisms.text_recipes import text_recipe
+
+    if text_recipe(subject) is not None:
+        return BUILTIN_HOPS  # a text organism's held-out hops questions (generated in memory)
     recipe = organism_recipe(subject)
     return None if recipe is None else organism_held_out_data(recipe, min(limit, 600) if limit else None)
 
@@ -802,9 +811,24 @@ def _cmd_study(args):
 
 
 def _cmd_demo(args):
+    subjects = [s.strip() for s in args.subjects.split(",")] if args.subjects else None
+    if args.text:
+        import pandas as pd
+
+        from .study.text_demo import run_text_demo
+
+        result = run_text_demo(args.out, n_instances=80 if args.instances is None else args.instances,
+                               seed=args.seed, subjects=subjects, progress=True)
+        lines = verdict_lines(result["verdicts"])
+        if result["truth"] is not None:
+            lines += ["", "built-in truth (expected -> decided):"] + [
+                f"  {row.subject:<22} {row.finding:<14} {row.expected} -> {row.decided}"
+                for row in pd.read_csv(result["truth"]).itertuples()]
+        lines += ["", f"report    {result['report_html']}", f"took      {result['seconds']:.0f}s"]
+        print_block("latentprobe demo --text: verdict per subject and finding", lines)
+        return
     from .study.demo import run_demo
 
-    subjects = [s.strip() for s in args.subjects.split(",")] if args.subjects else None
     from .study.demo import DEMO_N_INSTANCES
 
     result = run_demo(args.out, n_instances=DEMO_N_INSTANCES if args.instances is None else args.instances,
@@ -841,7 +865,14 @@ def _cmd_organisms(args):
     if not args.overwrite_shipped and (Path(out) / f"{args.name}.safetensors").exists():
         raise LatentProbeError(f"{out} already holds weights of organism-{args.name}",
                                "choose another --out (or --seed), or delete the folder first")
-    result = train_organism(args.name, out_dir=out, seed=args.seed)
+    from .organisms.text_recipes import text_recipe
+
+    if text_recipe(args.name) is not None:
+        from .organisms.text import train_text_organism
+
+        result = train_text_organism(args.name.removeprefix("organism-"), out_dir=out, seed=args.seed)
+    else:
+        result = train_organism(args.name, out_dir=out, seed=args.seed)
     metrics = result.metrics
     lines = [f"{key:<22} {metrics[key]}" for key in ("test_accuracy", "chance", "steps", "call_seconds", "seed")
              if key in metrics]

@@ -20,6 +20,8 @@ from .instances import Instance, builtin_instances, builtin_text_instances, load
 # every instance of the file unless --limit. 80 is the demo's count: 0 answer changes in n give an exact 95% upper
 # bound below the default margin 0.05 from n = 72 on, so an organism without a latent route can reach `disconnect`.
 DEFAULT_INSTANCES = 80
+# The hops task's held-out split as the text organisms were trained and evaluated on it (8 names, 2 hops, seed 0).
+BUILTIN_HOPS, BUILTIN_HOPS_N = "builtin-hops", 600
 
 
 def default_limit(data: str | None, limit: int | None) -> int | None:
@@ -33,7 +35,8 @@ def default_limit(data: str | None, limit: int | None) -> int | None:
 def load_instances(source: str | None, limit: int | None = None, split: str | None = None,
                    benchmark_options: dict[str, Any] | None = None) -> tuple[list[Instance], str]:
     """Instances from ``source``: None (the built-in images), ``builtin-text`` (the built-in text set, for
-    text-only subjects), a JSONL file, or ``BENCHMARK:FOLDER`` for a
+    text-only subjects), ``builtin-hops`` (the held-out 2-hop lookups the text organisms are evaluated on: 600,
+    `latentprobe.data.tasks.hops`), a JSONL file, or ``BENCHMARK:FOLDER`` for a
     benchmark in its own published format (``benchmark_options`` go to its loader). Returns (instances, a label
     of the source for the manifest)."""
     if limit is not None and (not isinstance(limit, int) or limit < 1):
@@ -44,6 +47,10 @@ def load_instances(source: str | None, limit: int | None = None, split: str | No
     if source == "builtin-text":  # the text set, for text-only subjects (Coconut, CODI)
         instances = builtin_text_instances()
         return (instances[:limit] if limit else instances), "builtin-text"
+    if source == BUILTIN_HOPS:  # the text organisms' held-out 2-hop lookups (generated in memory)
+        from .tasks.hops import hops_instances
+
+        return hops_instances(min(limit or BUILTIN_HOPS_N, BUILTIN_HOPS_N), seed=0, split="test"), BUILTIN_HOPS
     name, sep, folder = source.partition(":")
     if sep and not Path(source).exists():
         return load_benchmark(name, folder, limit=limit, split=split, **(benchmark_options or {})), source

@@ -127,7 +127,10 @@ class TextBackboneCall(torch.nn.Module):
             input_ids = None
         if position_ids is not None and position_ids.dim() == 3:
             position_ids = position_ids[0]
-        return self.backbone(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids, **kwargs)
+        from .compat import cache_keywords  # the backbone's own name for the cache (5.25: `cache`)
+
+        return self.backbone(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
+                             **cache_keywords(self.backbone, kwargs))
 
 
 def backbone_call(model) -> torch.nn.Module:

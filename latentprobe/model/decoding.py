@@ -977,6 +977,10 @@ def _key_mask(attention, latent_mark, after_latent, answer_mask, image_mask, mod
     (``latents_blind_to_image``) blocking the image for rows in latent mode."""
     if answer_mask is None:
         return attention
+    if "+" in answer_mask:  # several masks at once, each as alone (the text-bypass organism)
+        for part in answer_mask.split("+"):
+            attention = _key_mask(attention, latent_mark, after_latent, part, image_mask, mode)
+        return attention
     length = attention.shape[1]
     if answer_mask == "answer_blind_to_image":
         blocked = torch.zeros_like(attention, dtype=torch.bool)
@@ -989,9 +993,17 @@ def _key_mask(attention, latent_mark, after_latent, answer_mask, image_mask, mod
         blocked = torch.zeros_like(attention, dtype=torch.bool)
         blocked[:, : image_mask.shape[1]] = from_first_image(image_mask)
         return attention.masked_fill(blocked & (mode == LATENT).unsqueeze(1), 0)
+    elif answer_mask in ("answer_blind_to_prompt", "latents_blind_to_prompt"):
+        # Every prompt position (image_mask spans the prompt's columns), for rows past their latents or in latent
+        # mode (the text organisms: their prompt is the question, so this is the question's route)
+        blocked = torch.zeros_like(attention, dtype=torch.bool)
+        blocked[:, : image_mask.shape[1]] = True
+        if answer_mask == "latents_blind_to_prompt":
+            return attention.masked_fill(blocked & (mode == LATENT).unsqueeze(1), 0)
     else:
         raise LatentProbeError(f"unknown answer mask {answer_mask!r}",
-                               "use answer_blind_to_image, answer_blind_to_latents or latents_blind_to_image")
+                               "use answer_blind_to_image, answer_blind_to_latents, latents_blind_to_image, "
+                               "answer_blind_to_prompt or latents_blind_to_prompt (or several joined by '+')")
     blocked = blocked & after_latent.unsqueeze(1)
     return attention.masked_fill(blocked, 0)
 

@@ -64,7 +64,11 @@ def check_layout(layout: str) -> str:
 #   "answer_blind_to_latents": after latent mode ends, queries cannot attend to latent positions (shortcut)
 #   "latents_blind_to_image":  while in latent mode (the start token and the latent positions), queries cannot attend
 #                              the image or the prompt after it; the answer can (blind)
-AnswerMask = Literal["answer_blind_to_image", "answer_blind_to_latents", "latents_blind_to_image"]
+#   "answer_blind_to_prompt":  after latent mode ends, queries cannot attend any prompt position (text-routed)
+#   "latents_blind_to_prompt": while in latent mode, queries cannot attend any prompt position (text-bypass)
+# Several join with "+" ("latents_blind_to_prompt+answer_blind_to_latents"), each applied as alone.
+AnswerMask = Literal["answer_blind_to_image", "answer_blind_to_latents", "latents_blind_to_image",
+                     "answer_blind_to_prompt", "latents_blind_to_prompt"]
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,10 @@ the image (details and the reasons behind each choice in `latentprobe.organisms.
 - ``blind``: its latent positions cannot attend the image (exact); the answer reads the image directly.
 - ``collapsed``: its training loss pulls every latent to one point; the answer reads the image directly.
 
+Two text organisms (``organism-text-routed``, ``organism-text-bypass``: tiny GPT-2 latent chain-of-thought models
+on 2-hop lookups, `latentprobe.organisms.text_recipes`) carry the same kind of built-in truth for text; they are
+trained with `train_text_organism`.
+
 What each construction fixes about the four findings is its ``truth`` (`latentprobe.organisms.truth`: the matrix
 the demo's verdicts are checked against; together the organisms exhibit every finding both ways).
 
@@ -35,9 +39,12 @@ from .groundtruth import ground_truth_checks
 from .recipes import BOTTLENECK, ORGANISMS, SHORTCUT, OrganismRecipe, get_recipe
 from .shipping import load_organism, read_metrics, shipped_organisms, weights_dir
 from .training import TrainResult, train_organism
+from .text import load_text_organism, shipped_text_organisms, train_text_organism
+from .text_recipes import TEXT_ORGANISMS
 
 __all__ = ["ORGANISMS", "OrganismRecipe", "get_recipe", "BOTTLENECK", "SHORTCUT", "train_organism", "TrainResult",
-           "load_organism", "shipped_organisms", "weights_dir", "read_metrics", "ground_truth_checks"]
+           "load_organism", "shipped_organisms", "weights_dir", "read_metrics", "ground_truth_checks",
+           "TEXT_ORGANISMS", "train_text_organism", "load_text_organism", "shipped_text_organisms"]
 
 
 def __getattr__(name):

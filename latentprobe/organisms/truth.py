@@ -19,11 +19,21 @@ DIRECTIONS = {"input_latent": ("connected", "disconnect"), "latent_answer": ("co
               "collapse": ("collapsed", "not collapsed"), "visual_info": ("informative", "limited")}
 
 
+def _recipe(name: str):
+    """The image or text organism recipe of ``name`` (with or without ``organism-``)."""
+    from .text_recipes import TEXT_ORGANISMS
+
+    short = str(name).removeprefix("organism-")
+    return ORGANISMS[short] if short in ORGANISMS else TEXT_ORGANISMS[short]
+
+
 def expected_matrix(names: Iterable[str] | None = None) -> pd.DataFrame:
-    """One row per (subject, finding) an organism's construction fixes: subject, finding, expected, why."""
+    """One row per (subject, finding) an organism's construction fixes: subject, finding, expected, why.
+    ``names`` may hold image and text organisms (default: the image organisms; the text ones are
+    `latentprobe.organisms.text_recipes.TEXT_ORGANISMS`)."""
     rows = []
     for name in names if names is not None else ORGANISMS:
-        recipe = ORGANISMS[name.removeprefix("organism-")]
+        recipe = _recipe(name)
         for finding in FINDINGS:
             if finding in recipe.truth:
                 rows.append({"subject": recipe.subject_name, "finding": finding, "expected": recipe.truth[finding],

@@ -127,9 +127,14 @@ CHECK_SCOPE = ("checks any registered subject (the families monet, lvr, mirage, 
 # ----------------------------------------------------------------------------------------------- static checks
 
 def _check_instance(subject):
-    """The built-in instance a check decodes: an image question, or a text one for a text-only subject."""
+    """The built-in instance a check decodes: an image question, or a text one for a text-only subject (the
+    subject's own first held-out question when its registry entry names its data: a text organism)."""
     from ..data.instances import builtin_instances, builtin_text_instances
+    from ..model.subjects import SUBJECTS
 
+    spec = SUBJECTS.get(subject.name)
+    if subject.text_only and spec is not None and spec.default_data is not None:
+        return spec.default_instances(limit=1)[0][0]
     return (builtin_text_instances(1) if subject.text_only else builtin_instances(1))[0]
 
 
