@@ -194,3 +194,12 @@ def test_text_demo_decides_both_text_organisms_as_built(tmp_path):
     verdicts = pd.read_csv(result["verdicts"])
     assert set(verdicts.subject) >= {f"organism-{name}" for name in TEXT}
     assert result["report_html"].exists()
+
+
+def test_builtin_hops_refuses_a_split_it_does_not_have():
+    from latentprobe.data.loading import load_instances
+    from latentprobe.errors import LatentProbeError
+
+    assert len(load_instances("builtin-hops", limit=5, split="test")[0]) == 5
+    with pytest.raises(LatentProbeError, match="only the held-out"):
+        load_instances("builtin-hops", limit=5, split="train")

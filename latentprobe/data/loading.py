@@ -50,6 +50,9 @@ def load_instances(source: str | None, limit: int | None = None, split: str | No
     if source == BUILTIN_HOPS:  # the text organisms' held-out 2-hop lookups (generated in memory)
         from .tasks.hops import hops_instances
 
+        if split not in (None, "test"):  # the organisms' training questions are theirs, never a probe's data
+            raise LatentProbeError(f"builtin-hops has only the held-out (test) split; --split {split!r} was asked",
+                                   "leave --split out, or pass --split test")
         return hops_instances(min(limit or BUILTIN_HOPS_N, BUILTIN_HOPS_N), seed=0, split="test"), BUILTIN_HOPS
     name, sep, folder = source.partition(":")
     if sep and not Path(source).exists():
