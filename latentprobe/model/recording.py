@@ -231,6 +231,22 @@ class Recorder:
         finally:
             self._paused = False
 
+    @contextmanager
+    def image_states(self, image: str):
+        """Record the image tokens as ``image`` ("mean" or "all") in the prefills run inside the block, whatever
+        the spec says. A study's clean pass keeps every token (the collapse verdict's yardstick is a single image
+        token) while its edits, whose analyses read only the mean, keep the mean: one copy of the tokens per
+        instance, not one per edit. A subject without images records none either way."""
+        if image not in ("mean", "all"):
+            raise LatentProbeError(f"image states {image!r} are not a way to record image tokens", "use 'mean' or 'all'")
+        saved = self.spec
+        if not self.decoder.subject.text_only:
+            self.spec = replace(saved, image=image)
+        try:
+            yield self
+        finally:
+            self.spec = saved
+
     def close(self):
         for handle in self._handles:
             handle.remove()

@@ -127,7 +127,7 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
               resume: bool = False, progress: bool = False, data_source: str | None = None,
               writer_id: str = "w0", shard_size: int = 64,
               mediators: Sequence[str] = ("fed_back",), placebo: bool = True,
-              record_layers: Sequence[int] | str | None = None,
+              record_layers: Sequence[int] | str | None = None, clean_image_states: str = "mean",
               shard: tuple[int, int] | None = None) -> InterventionSummary:
     """Run ``interventions`` on ``instances`` and write rows, summaries and traces into ``out_dir``.
 
@@ -137,7 +137,9 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
     placebo in the ``placebo`` column.
 
     ``record_layers`` ("all" or hidden-state layers) adds layers to record beyond what the edits need: a study
-    records every layer in its clean pass, which is then its trace. ``shard`` = (rank, world) runs this process's
+    records every layer in its clean pass, which is then its trace. ``clean_image_states`` = "all" keeps every image
+    token of the clean runs (the collapse verdict's yardstick is a single token; a trace's ``--image-states all``);
+    the edited runs keep the image tokens' mean either way. ``shard`` = (rank, world) runs this process's
     share of ``instances`` (the full list: ``instances[rank::world]``) in a store shared by every rank: each rank
     decodes its share's clean runs, waits for the others (a barrier), then binds donors and latent statistics from
     every rank's clean runs, so the union equals a single-process run; rank 0 writes the tables after a second
@@ -170,6 +172,8 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
     recorder = Recorder(decoder, spec)
     manifest = manifest_for(subject, instances, config, spec, recorder.layers, "intervene", data_source,
                             extra={"interventions": [iv.describe() for iv in interventions]})
+    if clean_image_states != "mean":  # part of what is recorded, so a resume with other image states is refused
+        manifest["record"]["clean_image"] = clean_image_states
     from .distributed import barrier, rank_and_world
 
     own = list(instances) if shard is None else list(instances)[shard[0]::shard[1]]
@@ -179,6 +183,7 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
                          shared=shard is not None or rank_and_world()[1] > 1, shard_size=shard_size)
     run = _Run(subject, decoder, recorder, writer, config, interventions, n_instances=len(instances))
     run.mediators = mediators
+    run.clean_image_states = clean_image_states
     bar = progress_bar(len(own), progress, "intervene")
     own_ids = {inst.id for inst in own}
     with recorder, writer:
@@ -307,6 +312,7 @@ class _Run:
         self.failures: list[tuple[str, str]] = []
         self.layer_positions = {layer: i for i, layer in enumerate(recorder.layers)}
         self.mediators: tuple[str, ...] = ("fed_back",)
+        self.clean_image_states = "mean"  # what the clean runs record of the image tokens ("mean" or "all")
         self.max_steps = config.latent_steps if config.latent_steps is not None else (
             subject.protocol.num_steps if subject.protocol else 0)
         self.target_reasons: dict[tuple[str, str], str] = {}  # (instance, intervention) -> why no oracle target
@@ -334,8 +340,9 @@ class _Run:
                 todo.append(inst)
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            for inst, imgs, row, tensors, error in decode_with_isolation(self.decoder, self.subject, chunk,
-                                                                        self.recorder):
+            with self.recorder.image_states(self.clean_image_states):
+                decoded = list(decode_with_isolation(self.decoder, self.subject, chunk, self.recorder))
+            for inst, imgs, row, tensors, error in decoded:
                 if error is not None:
                     self._fail(inst, "clean", "none", error)
                     continue
