@@ -156,6 +156,14 @@ def batching_record(batch_size: int) -> dict:
     return {"batch_size": int(batch_size), "batches": "cut from the full instance list in data order"}
 
 
+def clean_summary(run_dir: str | Path, instances: Sequence[Instance]) -> TraceSummary:
+    """The trace summary (accuracy, chance, latent steps, failures) of the clean runs that ``run_dir`` holds for
+    ``instances``: a trace's, or the clean pass of an intervention run (a study's trace)."""
+    summary = TraceSummary(run_dir=str(Path(run_dir)), n_instances=len(instances), chance=chance_level(instances))
+    _tally_from_store(summary, run_dir, [inst.id for inst in instances])
+    return summary
+
+
 def _tally_from_store(summary: TraceSummary, out_dir, instance_ids: list[str]):
     """Fill the summary from what is on disk for this run's instances (finished earlier or just now), so a
     resumed run reports the whole run, not only its last session."""

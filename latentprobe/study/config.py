@@ -7,7 +7,8 @@ and editable: ``latentprobe study --config RUN/study.toml --out NEW`` runs it ag
     [study]     subjects, checkpoint, protocol, data, split, n_instances, seed
     [decoding]  batch_size, max_new_tokens, device, dtype
     [edits]     information, disruption, noise_scales, noise_relative_to, semantics, mediators, placebo, controls
-    [analyses]  probe_attributes, probe_folds, probe_inner_folds, probe_alphas, probe_permutations, bootstrap
+    [analyses]  probe_attributes, probe_folds, probe_inner_folds, probe_alphas, probe_permutations, bootstrap,
+                image_states
     [maps]      enabled, kinds, n_instances
     [margins]   the verdicts' `Margins` fields (answer_change, change_ratio, ...)
 
@@ -47,6 +48,7 @@ DEFAULT_PLACEBO = ("placebo", "input-placebo", "text-placebo")  # the names bran
 DEFAULT_CONTROLS = ("no-latent", "markers-only", "dummy", "mean-step")
 DEFAULT_MEDIATORS = ("fed_back", "all_layers")
 MAP_KINDS = ("patch", "ground", "lens")
+IMAGE_STATES = ("all", "mean")
 DEVICES = ("cpu", "cuda", "auto", "mps")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -84,6 +86,10 @@ class StudyConfig:
     probe_alphas: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS))  # ridge strengths
     probe_permutations: int = DEFAULT_PERMUTATIONS
     bootstrap: int = 1000
+    # What the clean pass keeps of the image tokens. "all": every token, so the collapse verdict is measured
+    # against a single token (one latent is one token); "mean": a store smaller by the number of image tokens, but
+    # collapse can then never be affirmed `not collapsed` (the mean of T tokens varies about T times less).
+    image_states: str = "all"
     # [maps]
     maps: bool = False
     map_kinds: list[str] = field(default_factory=lambda: list(MAP_KINDS))
@@ -105,7 +111,7 @@ _TABLES: dict[str, dict[str, str]] = {
     "edits": {k: k for k in ("information", "disruption", "noise_scales", "noise_relative_to", "semantics",
                              "mediators", "placebo", "controls")},
     "analyses": {k: k for k in ("probe_attributes", "probe_folds", "probe_inner_folds", "probe_alphas",
-                                "probe_permutations", "bootstrap")},
+                                "probe_permutations", "bootstrap", "image_states")},
     "maps": {"enabled": "maps", "kinds": "map_kinds", "n_instances": "map_n_instances"},
 }
 _COMMENTS = {
@@ -114,7 +120,9 @@ _COMMENTS = {
     "decoding": "how it decodes (greedy); max_new_tokens absent = the subject's own budget",
     "edits": "information edits decide latent -> answer; disruption edits are reported beside it; noise_scales x "
              "the clean latents' per-dimension std; placebo and controls run when this version registers them",
-    "analyses": "probes (ridge, grouped folds, control task, permutation p-values) and bootstrap resamples",
+    "analyses": "probes (ridge, grouped folds, control task, permutation p-values) and bootstrap resamples; "
+                "image_states: every image token of the clean pass (all: collapse is measured against a single "
+                "token) or their mean (a smaller store; collapse then cannot read `not collapsed`)",
     "maps": "where and when (latentprobe patch / ground / lens), on n_instances of the data",
     "margins": "equivalence margins of the verdicts (latentprobe.verdicts.Margins); absent keys keep the defaults",
 }
@@ -285,6 +293,9 @@ def check_config(config: StudyConfig, source: str = "the study") -> None:
             not isinstance(c, bool) and isinstance(c, (int, float)) and math.isfinite(c) and c > 0
             for c in config.probe_alphas):
         _bad(f"{source}: probe_alphas = {config.probe_alphas!r} must be positive numbers", "e.g. [1.0, 10.0]")
+    if config.image_states not in IMAGE_STATES:
+        _bad(f"{source}: image_states = {config.image_states!r} is unknown",
+             f"choose from {', '.join(IMAGE_STATES)} (all: the collapse verdict's single-token yardstick)")
     if not isinstance(config.maps, bool):
         _bad(f"{source}: [maps] enabled = {config.maps!r} is not true or false", "write enabled = true or false")
     for kind in config.map_kinds:

@@ -222,8 +222,8 @@ def run_study(config: StudyConfig, out_dir: str | Path, *, resume: bool = False,
             _edits_stage(subject, instances, source, edits.interventions, run_dir, config, progress=progress,
                          resume=run_dir.exists(), shard=(rank, world) if world > 1 else None)
         result.stages_run.append(stage)
-        say(f"subject   {name:<22} {len(instances)} instances, {len(edits.interventions)} interventions "
-            f"({time.time() - started:.0f}s)")
+        for line in subject_lines(name, run_dir, instances, edits.interventions, time.time() - started):
+            say(line)
         if rank == 0:
             _mark_done(out_dir, done, stage)
     result.runs = runs
@@ -268,6 +268,21 @@ def run_study(config: StudyConfig, out_dir: str | Path, *, resume: bool = False,
     return result
 
 
+def subject_lines(name: str, run_dir: Path, instances, interventions, seconds: float) -> list[str]:
+    """What a finished edits stage prints: the clean accuracy and latent steps (as a trace says them), the edits
+    run (placebos aside: they are every family's noise floor, not edits of their own) and the time so far; a
+    warning when the clean answers are not above chance, since every effect on them is an effect on noise."""
+    from ..runs.trace import at_chance, clean_summary
+
+    summary = clean_summary(run_dir, instances)
+    edits = sum(getattr(iv, "role", "edit") != "placebo" for iv in interventions)
+    lines = [f"subject   {name:<11} accuracy {summary.accuracy:.2f}, latent steps {summary.mean_latent_steps:.1f}, "
+             f"{edits} interventions ({seconds:.0f}s)"]
+    if summary.chance is not None and at_chance(summary.n_correct, summary.n_ok, summary.chance):
+        lines.append(f"warning   {name}: accuracy {summary.accuracy_line()}")
+    return lines
+
+
 def _edits_stage(subject, instances, source, interventions, run_dir: Path, config: StudyConfig, *, progress, resume,
                  shard):
     """The shared clean pass (every layer recorded: it is the study's trace) and every edit, in one store."""
@@ -277,7 +292,7 @@ def _edits_stage(subject, instances, source, interventions, run_dir: Path, confi
     return intervene(subject, instances, interventions, run_dir, config=decode_config(config, subject),
                      batch_size=config.batch_size, seed=config.seed, n_boot=config.bootstrap, resume=resume,
                      progress=progress, data_source=source, mediators=tuple(mediators), record_layers="all",
-                     shard=shard)
+                     clean_image_states=config.image_states, shard=shard)
 
 
 def _map_stage(kind: str, config: StudyConfig, name: str, instances, source: str, folder: Path):
