@@ -1,9 +1,12 @@
 """`latentprobe demo`: the whole analysis on the built-in default, in a few minutes on a laptop CPU.
 
-Data: a held-out set of the mental-transformation task. Subjects: the shipped model organisms (whose causal
-structure is known: `bottleneck` routes everything through its latents, `shortcut` ignores them), or the
-random-weight `tiny` subject when no organism is installed. For each subject: trace, latent and input
-interventions with mediation, then similarity, probes and one report with a verdict per finding.
+The demo is a study (`latentprobe.study.run.run_study`, the code path of `latentprobe study`) with a study file of
+its own (`demo_config`): every shipped model organism (whose causal structure is known: `bottleneck` routes
+everything through its latents, `shortcut` ignores them), or the random-weight `tiny` subject when no organism is
+installed, on the organisms' own held-out mental-transformation questions; the edits, probe grid and bootstrap
+sized for minutes on a CPU. The run folder is a study folder (``study.toml``, ``runs/SUBJECT``, ``report/``), so
+``latentprobe study --config runs/demo/study.toml`` repeats it and ``--resume`` continues a killed demo; beside
+the report the demo writes ``truth.csv``, each organism's built-in truth against the decided verdicts.
 """
 
 from __future__ import annotations
@@ -12,10 +15,9 @@ import logging
 import time
 from pathlib import Path
 
-from ..data.instances import load_jsonl
-from ..model.decoding import DecodeConfig
 from ..data.loading import DEFAULT_INSTANCES
 from ..errors import LatentProbeError
+from .config import DEFAULT_PLACEBO, StudyConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,18 @@ DEMO_N_INSTANCES = DEFAULT_INSTANCES  # the one rule for default instance counts
 # instead of five of 16 took 3.4x less CPU for CapImagine's trace (26.1 s -> 7.7 s) and 2.3x less for the
 # bottleneck's (5.5 s -> 2.4 s), at 0.59 GB peak; answers do not depend on the batch size beyond float rounding.
 DEMO_BATCH_SIZE = 80
+DEMO_TITLE = "latentprobe demo: do the organisms' latent tokens carry the image to the answer?"
+# The demo's edits: one information and one disruption edit per family, and the strong noise scale only (3x the
+# clean latents' per-dimension std, ROME's "strong" corruption); question swaps and the component controls are
+# left to `latentprobe study`. Kinds a subject has no target for are skipped per subject (latent edits on the
+# text-mediator and plain organisms, text edits on the latent ones).
+DEMO_INFORMATION = ("patch", "image-swap", "text-swap")
+DEMO_DISRUPTION = ("noise", "constant", "image-blank", "text-shuffle")
+DEMO_NOISE_SCALES = (3.0,)
+# A lighter probe grid than `latentprobe probe` keeps the demo within minutes: 3 outer and 2 inner folds, ridge
+# strengths 10 and 1 (the inverse strengths C = 0.1 and 1 of the demo's earlier driver, in the same order).
+DEMO_PROBE_GRID = dict(probe_folds=3, probe_inner_folds=2, probe_alphas=[10.0, 1.0])
+DEMO_BOOTSTRAP = 500
 
 
 def available_subjects() -> list[str]:
@@ -38,19 +52,45 @@ def available_subjects() -> list[str]:
     return found or ["tiny"]
 
 
+def demo_config(subjects: list[str] | None = None, *, n_instances: int = DEMO_N_INSTANCES, seed: int = 0,
+                n_boot: int = DEMO_BOOTSTRAP, margins=None) -> StudyConfig:
+    """The demo's study file: ``subjects`` (default: every shipped organism) on their own held-out questions, one
+    batch of `DEMO_BATCH_SIZE`, every layer and every image token of the clean pass recorded, the demo's edits
+    with both mediator definitions and every family's placebo, the light probe grid, ``n_boot`` bootstrap
+    resamples and ``margins`` (a `latentprobe.verdicts.Margins`; the defaults when None).
+
+    >>> demo_config(["organism-bottleneck"], n_instances=12).probe_folds
+    3
+    """
+    return StudyConfig(subjects=list(subjects or available_subjects()), n_instances=n_instances, seed=seed,
+                       batch_size=DEMO_BATCH_SIZE, information=list(DEMO_INFORMATION),
+                       disruption=list(DEMO_DISRUPTION), noise_scales=list(DEMO_NOISE_SCALES),
+                       mediators=["fed_back", "all_layers"], placebo=list(DEFAULT_PLACEBO), controls=[],
+                       image_states="all", bootstrap=n_boot, margins=margin_overrides(margins),
+                       **DEMO_PROBE_GRID)
+
+
+def margin_overrides(margins) -> dict[str, float]:
+    """The fields of ``margins`` that differ from the defaults: what a study file's [margins] table states."""
+    import dataclasses
+
+    from ..verdicts.margins import Margins
+
+    if margins is None:
+        return {}
+    defaults = Margins()
+    return {f.name: getattr(margins, f.name) for f in dataclasses.fields(Margins)
+            if getattr(margins, f.name) != getattr(defaults, f.name)}
+
+
 def run_demo(out_dir: str | Path, *, n_instances: int = DEMO_N_INSTANCES, seed: int = 0,
-             subjects: list[str] | None = None, n_boot: int = 500, progress: bool = False, say=print,
+             subjects: list[str] | None = None, n_boot: int = DEMO_BOOTSTRAP, progress: bool = False, say=print,
              margins=None) -> dict:
-    """Trace, intervene (with both mediator definitions) and report on each subject; returns the paths made.
+    """Run the demo's study (`demo_config`) into ``out_dir`` and write ``report/truth.csv``; returns the paths made.
 
     ``n_instances`` held-out questions per subject (at least 2, at most the test split); ``margins`` are the
     verdicts' `latentprobe.verdicts.Margins` (default margins when None)."""
-    from ..report.build import build_report
-    from ..runs.intervene import intervene
-    from ..interventions import make_interventions
-    from ..model.recording import RecordSpec
-    from ..model.subjects import load_subject
-    from ..runs.trace import trace
+    from .run import run_study
 
     if isinstance(n_instances, bool) or not isinstance(n_instances, int) or n_instances < 2:
         raise LatentProbeError(f"demo n_instances={n_instances!r} is not a whole number >= 2",
@@ -59,44 +99,14 @@ def run_demo(out_dir: str | Path, *, n_instances: int = DEMO_N_INSTANCES, seed: 
     if out_dir.exists() and any(out_dir.iterdir()):
         raise LatentProbeError(f"demo output folder {out_dir} exists and is not empty", "choose a new --out folder")
     started = time.time()
-    subjects = subjects or available_subjects()
-    data_file = demo_data(n_instances)
-    available = load_jsonl(data_file, split="test")
-    if n_instances > len(available):
-        raise LatentProbeError(f"demo n_instances={n_instances!r} is more than the {len(available)} held-out questions",
-                               f"pass --n-instances between 2 and {len(available)} (default {DEMO_N_INSTANCES})")
-    instances = available[:n_instances]
-    say(f"data      {len(instances)} held-out mental-transformation questions ({data_file})")
-    runs = []
-    for name in subjects:
-        subject = load_subject(name)
-        config = DecodeConfig(max_new_tokens=subject.max_new_tokens, seed=seed)
-        trace_dir = out_dir / "runs" / f"{name}-trace"
-        # every image token (not only their mean): the collapse verdict's yardstick is a single image token
-        summary = trace(subject, instances, trace_dir, config=config, spec=RecordSpec(layers="all", image="all"),
-                        batch_size=DEMO_BATCH_SIZE, data_source=str(data_file), progress=progress)
-        runs.append(trace_dir)
-        interventions = make_interventions("input", ["image-swap", "image-blank"], seed=seed)
-        if subject.protocol is not None:
-            interventions = make_interventions("latent", ["noise"], scales=[3.0], seed=seed) + \
-                make_interventions("latent", ["constant", "patch"], seed=seed) + interventions
-        if subject.mediator == "text":
-            interventions += make_interventions("text", ["text-swap", "text-shuffle"], seed=seed)
-        iv_dir = out_dir / "runs" / f"{name}-intervene"
-        intervene(subject, instances, interventions, iv_dir, config=config, batch_size=DEMO_BATCH_SIZE, seed=seed,
-                  n_boot=n_boot, progress=progress, data_source=str(data_file), mediators=("fed_back", "all_layers"))
-        runs.append(iv_dir)
-        say(f"subject   {name:<11} accuracy {summary.accuracy:.2f}, latent steps {summary.mean_latent_steps:.1f}, "
-            f"{len(interventions)} interventions ({time.time() - started:.0f}s)")
-    attributes = _probe_attributes(instances)
-    # A lighter probe grid than the CLI default keeps the demo within minutes; `latentprobe probe` is thorough.
-    fast_probes = dict(n_splits=3, inner_splits=2, Cs=(0.1, 1.0))
-    md, html = build_report(runs, out_dir / "report", attributes=attributes, seed=seed, n_boot=n_boot,
-                            probe_kwargs=fast_probes, margins=margins,
-                            title="latentprobe demo: do the organisms' latent tokens carry the image to the answer?")
-    truth = write_truth_comparison(out_dir / "report", subjects)
-    return {"report_md": md, "report_html": html, "runs": runs, "seconds": time.time() - started,
-            "verdicts": out_dir / "report" / "verdicts.csv", "truth": truth}
+    config = demo_config(subjects, n_instances=n_instances, seed=seed, n_boot=n_boot, margins=margins)
+    data_file = demo_data(n_instances)  # each organism's own held-out split: the same questions for all of them
+    say(f"data      {n_instances} held-out mental-transformation questions ({data_file})")
+    result = run_study(config, out_dir, progress=progress, say=say, title=DEMO_TITLE)
+    truth = write_truth_comparison(out_dir / "report", config.subjects)
+    return {"report_md": result.report_md, "report_html": result.report_html, "runs": result.runs,
+            "seconds": time.time() - started, "verdicts": result.verdicts, "truth": truth,
+            "study": out_dir / "study.toml"}
 
 
 def write_truth_comparison(report_dir: Path, subjects: list[str]) -> Path | None:
@@ -121,9 +131,3 @@ def demo_data(n_instances: int | None = None) -> Path:
     from ..organisms.training import organism_held_out_data
 
     return organism_held_out_data(ORGANISMS["bottleneck"], n_instances)
-
-
-def _probe_attributes(instances) -> list[str]:
-    keys = set(instances[0].attributes)
-    wanted = [k for k in ("answer", "cell_0_colour") if k in keys]
-    return wanted or (["answer"] if instances[0].answer else [])
