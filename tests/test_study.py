@@ -131,10 +131,10 @@ def test_a_study_decodes_each_clean_instance_once_as_estimated_and_resumes_to_th
     assert sorted(clean.instance_id) == sorted(set(clean.instance_id)) and len(clean) == 4
     # one clean decode per instance: the clean rows are the only un-edited decodes (edits are all other rows)
     assert counts.decode_rows == len(frame) + _mediation_rows(frame)
-    # prompts prefilled: the clean pass, once more per batch for every latent edit and the mediation runs that
-    # feed the clean input (all decoded side by side from it), and each input edit's own treated prompt
+    # prompts prefilled: the clean pass once (every latent edit and the mediation runs that feed the clean input
+    # decode from its kept prefill), and each input edit's own treated prompt
     n_input = frame[frame.target == "input"].intervention.nunique()
-    assert counts.prefill_rows == 4 * (2 + n_input)
+    assert counts.prefill_rows == 4 * (1 + n_input)
     verdicts = pd.read_csv(result.verdicts)
     assert set(verdicts.finding) >= {"input_latent", "latent_answer", "collapse", "visual_info"}
     # resuming a finished study runs nothing and rebuilds nothing: the report stands
@@ -161,10 +161,16 @@ def standin_folders(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", ["monet", "lvr", "mirage", "capimagine", "qwen2.5-vl"])
-def test_a_study_runs_end_to_end_on_a_standin_of_each_real_family(tmp_path, standin_folders, family):
+def test_a_study_runs_end_to_end_on_a_standin_of_each_real_family(tmp_path, standin_folders, family, monkeypatch):
     """Tiny random Qwen2.5-VL folders with each family's tokens and template, their outputs scripted into the
     family's answer format: every stage runs and the report holds a verdict per finding."""
     from standins import scripted
+
+    from latentprobe.runs import kept_prefills
+
+    # The script follows each row's tokens from its last prompt prefill, and an edit decoded from the clean pass's
+    # kept prefill runs none: prefill again here (tests/test_kept_prefills.py holds both ways equal).
+    monkeypatch.setattr(kept_prefills, "KEPT_PREFILL_BYTES", 0)
 
     config = StudyConfig(**{**SMALL, "subjects": [family], "max_new_tokens": 48},
                          checkpoint=str(standin_folders[family]))

@@ -247,6 +247,30 @@ class Recorder:
         finally:
             self.spec = saved
 
+    def prompt_states(self, with_image_tokens: bool = False) -> dict:
+        """A copy of what the last prefill recorded: the last prompt token, the image-token mean and, with
+        ``with_image_tokens``, every image token (often the larger part). `resume_prompt` sets it back when the
+        same prefill is decoded again later (an intervention run edits from its clean pass's prefill): decoding a
+        kept prefill runs no prefill step, so the Recorder would otherwise hold another batch's prompt."""
+        return {"batch_size": self._batch_size, "instance_ids": list(self._instance_ids),
+                # clones: a slice of the layer's output would keep that whole (B, L, D) tensor alive
+                "prompt_last": {layer: t.clone() for layer, t in self._prompt_last.items()},
+                "image_mean": dict(self._image_mean),
+                "image_all": {layer: list(rows) for layer, rows in self._image_all.items()} if with_image_tokens
+                else {}}
+
+    def resume_prompt(self, states: dict):
+        """Begin a batch from a kept prefill, with ``states`` (`prompt_states`) as if that prefill had just run;
+        only what this Recorder's spec records is set back."""
+        self._reset()
+        self._batch_size, self._instance_ids = states["batch_size"], list(states["instance_ids"])
+        if self.spec.prompt_last:
+            self._prompt_last = dict(states["prompt_last"])
+        if self.spec.image:
+            self._image_mean = dict(states["image_mean"])
+        if self.spec.image == "all":
+            self._image_all = {layer: list(rows) for layer, rows in states["image_all"].items()}
+
     def close(self):
         for handle in self._handles:
             handle.remove()

@@ -79,11 +79,13 @@ def failed_record(subject, instance: Instance, reason: str, **extra: Any) -> dic
 
 
 def decode_with_isolation(decoder: LatentDecoder, subject, instances: list[Instance], recorder: Recorder | None,
-                          images: list[list] | None = None):
+                          images: list[list] | None = None, keep_prefill=None):
     """Decode a batch; if the batch fails, decode its instances one by one so only the culprit fails.
 
     Yields (instance, images, row_output or None, tensors or None, error or None). Images are loaded here
-    unless given; an unreadable image fails only its own instance.
+    unless given; an unreadable image fails only its own instance. ``keep_prefill(instances, prefill)`` is called
+    with the prompt prefill of every batch decoded (after its records are read), for a caller that decodes the
+    same prompts again (an intervention run's edits).
     """
     ready, loaded = [], []
     for k, inst in enumerate(instances):
@@ -95,8 +97,15 @@ def decode_with_isolation(decoder: LatentDecoder, subject, instances: list[Insta
     if not ready:
         return
     try:
-        result = decoder.run(subject.encode(ready, images=loaded))
+        batch = subject.encode(ready, images=loaded)
+        if keep_prefill is None:
+            result = decoder.run(batch)
+        else:  # `run`'s two halves, so that the prefill outlives the decode (which works on a copy of its cache)
+            prefill = decoder.prefill(batch)
+            result = decoder.decode(prefill)
         records = recorder.records() if recorder is not None else [{} for _ in ready]
+        if keep_prefill is not None:
+            keep_prefill(ready, prefill)
         for inst, imgs, row, tensors in zip(ready, loaded, result.rows, records):
             if row.failed:  # non-finite values: this row alone fails, with the decoder's reason
                 yield inst, imgs, None, None, row.error
@@ -114,7 +123,7 @@ def decode_with_isolation(decoder: LatentDecoder, subject, instances: list[Insta
         else:  # anything else: isolate the failing instance
             parts = [([inst], [imgs]) for inst, imgs in zip(ready, loaded)]
         for insts, imgs in parts:
-            yield from decode_with_isolation(decoder, subject, insts, recorder, images=imgs)
+            yield from decode_with_isolation(decoder, subject, insts, recorder, images=imgs, keep_prefill=keep_prefill)
 
 
 def free_accelerator_memory():

@@ -46,6 +46,7 @@ from ..model.answers import canonical_answer
 from ..stats.contributions import contribution_table
 from ..interventions.controls import CONTROL_KINDS, step_means
 from .common import decode_with_isolation, failed_record, manifest_for, progress_bar, row_record
+from .kept_prefills import KeptPrefills
 
 log = logging.getLogger(__name__)
 
@@ -198,10 +199,12 @@ def intervene(subject, instances: Sequence[Instance], interventions: Sequence[In
         donor_of = {inst.id: instances[d].id for inst, d in zip(instances, donors)}
         done = writer.finished_keys(("instance_id", "intervention")) if resume else set()
         ok = [inst for inst in own if inst.id in clean]
-        for start in range(0, len(ok), batch_size):
-            chunk = ok[start:start + batch_size]
+        chunks = [ok[start:start + batch_size] for start in range(0, len(ok), batch_size)]
+        run.kept_prefills.retain_only([[inst.id for inst in chunk] for chunk in chunks])
+        for chunk in chunks:
             run.intervene_batch(chunk, clean, donor_of, done)
             bar.update(len(chunk))
+        run.kept_prefills.clear()
     bar.close()
     if shard is not None:
         barrier()  # every rank's edits are on disk
@@ -316,6 +319,7 @@ class _Run:
         self.max_steps = config.latent_steps if config.latent_steps is not None else (
             subject.protocol.num_steps if subject.protocol else 0)
         self.target_reasons: dict[tuple[str, str], str] = {}  # (instance, intervention) -> why no oracle target
+        self.kept_prefills = KeptPrefills()  # the clean pass's prefills, for the edits of the same batches
 
     # -- clean ------------------------------------------------------------------------------------------
     def clean_pass(self, instances, batch_size) -> dict[str, CleanRun]:
@@ -341,7 +345,9 @@ class _Run:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             with self.recorder.image_states(self.clean_image_states):
-                decoded = list(decode_with_isolation(self.decoder, self.subject, chunk, self.recorder))
+                decoded = list(decode_with_isolation(self.decoder, self.subject, chunk, self.recorder,
+                                                     keep_prefill=self._keep_clean_prefill if self._edits_reuse_prefill
+                                                     else None))
             for inst, imgs, row, tensors, error in decoded:
                 if error is not None:
                     self._fail(inst, "clean", "none", error)
@@ -358,6 +364,18 @@ class _Run:
                 clean[inst.id] = CleanRun(inst, imgs, record, latents)
         self.writer.flush()
         return clean
+
+    @property
+    def _edits_reuse_prefill(self) -> bool:
+        """Whether some edit decodes from the clean prefill: latent edits, and the mediation run Y(x0, Z(x1)) of an
+        input edit on a latent subject (a text mediator's runs and text edits prefill their own prompts)."""
+        latent_mediation = self.input_ivs and self.subject.mediator == "latent" and self.subject.protocol is not None
+        return bool(self.latent_ivs or latent_mediation)
+
+    def _keep_clean_prefill(self, instances, prefill):
+        """Keep a clean batch's prefill for its edits (within `KeptPrefills`' budget), with the Recorder's copy of
+        its prompt; the image tokens are left out: the edits record only their mean."""
+        self.kept_prefills.keep([inst.id for inst in instances], prefill, self.recorder.prompt_states())
 
     def _latents_from_store(self, store, record_id) -> dict[int, torch.Tensor]:
         latents = {0: store.tensor(record_id, "latent")}
@@ -384,9 +402,14 @@ class _Run:
         self.done = done
         cached = []
 
-        def clean_prefill():  # one prompt prefill per batch, made only if some intervention reuses it
+        def clean_prefill():  # one prompt prefill per batch: the clean pass's, or made if some edit needs it
             if not cached:
-                cached.append(decoder.prefill(subject.encode(chunk, images=[clean[i.id].images for i in chunk])))
+                kept = self.kept_prefills.take([inst.id for inst in chunk])
+                if kept is not None:  # the Recorder then holds this batch's prompt, as after a new prefill
+                    self.recorder.resume_prompt(kept.prompt_states)
+                    cached.append(kept.prefill)
+                else:
+                    cached.append(decoder.prefill(subject.encode(chunk, images=[clean[i.id].images for i in chunk])))
             return cached[0]
 
         if self.latent_ivs:
@@ -406,6 +429,7 @@ class _Run:
             if all((i.id, iv.name) in done for i in chunk):
                 continue
             self._text_intervention(iv, chunk, clean, donor_of)
+        self.kept_prefills.discard([inst.id for inst in chunk])  # a batch with every edit done (a resume)
         self.writer.flush()
 
     def _decode_latent_group(self, chunk, group, clean, donor_of, clean_prefill, variant: str):
