@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights' dtype")
     p.add_argument("--maps", action="store_true", default=None, help="also the where-and-when maps "
                                                                      "(patching, grounding, logit lens)")
+    p.add_argument("--image-states", default=None, choices=["all", "mean"],
+                   help="what the clean pass keeps of the image tokens (all: the collapse verdict's single-token "
+                        "yardstick; mean: a store smaller by the number of image tokens)")
     p.add_argument("--config", default=None, help="a study file (TOML) stating every choice; flags override it")
     p.add_argument("--print-config", action="store_true",
                    help="print the study file these flags make (the defaults where none is given) and exit")
@@ -770,7 +773,8 @@ def study_config_from_args(args):
     else:
         config = StudyConfig()
     flags = {name: getattr(args, name) for name in ("checkpoint", "protocol", "data", "split", "n_instances", "seed",
-                                                    "batch_size", "max_new_tokens", "device", "dtype", "maps")}
+                                                    "batch_size", "max_new_tokens", "device", "dtype", "maps",
+                                                    "image_states")}
     changes = {name: value for name, value in flags.items() if value is not None}
     if args.subject is not None:
         changes["subjects"] = [args.subject]

@@ -42,6 +42,9 @@ def test_print_config_shows_the_defaults_and_the_flags(capsys):
     assert config.subjects == ["organism-lvr"] and config.n_instances == 120
     assert config.information == ["image-swap", "question-swap", "patch", "text-swap"]
     assert config.mediators == ["fed_back", "all_layers"] and config.noise_scales == [1.0, 3.0]
+    assert config.image_states == "all"  # the collapse verdict's single-token yardstick
+    assert main(["study", "--print-config", "--subject", "organism-lvr", "--image-states", "mean"]) == 0
+    assert parse_study_toml(capsys.readouterr().out).image_states == "mean"
 
 
 @pytest.mark.parametrize("text, words", [
@@ -55,6 +58,7 @@ def test_print_config_shows_the_defaults_and_the_flags(capsys):
     ('[study]\nsubjects = ["tiny"]\n[margins]\nanswer_chnge = 0.1\n', "unknown margin 'answer_chnge'"),
     ('[study]\nsubjects = []\n', "subjects is empty"),
     ('[study\n', "not valid TOML"),
+    ('[study]\nsubjects = ["tiny"]\n[analyses]\nimage_states = "some"\n', "image_states = 'some' is unknown"),
 ])
 def test_bad_study_files_are_refused_in_one_line_before_any_model_runs(tmp_path, capsys, monkeypatch, text, words):
     import latentprobe.model.subjects as subjects
@@ -121,6 +125,11 @@ def test_a_study_decodes_each_clean_instance_once_as_estimated_and_resumes_to_th
     # every instance gets the same runs, so the pilot's decodes per instance predict the study's exactly
     assert counts.decode_rows == estimate.expected_decode_rows
     assert counts.prefill_rows == estimate.expected_prefill_rows
+    from latentprobe.study.estimate import _folder_bytes
+
+    # the disk the stores take grows with the instances (the tables' fixed part makes the pilot's share larger)
+    actual = _folder_bytes(tmp_path / "study" / "runs" / "tiny")
+    assert 0.5 * actual < estimate.expected_store_bytes < 2 * actual, (estimate.expected_store_bytes, actual)
     out = tmp_path / "study"
     assert parse_study_toml((out / "study.toml").read_text()) == config
     assert json.loads((out / "stages.json").read_text())["done"] == ["edits:tiny", "report"]

@@ -3,8 +3,9 @@
 The pilot runs the study's own edits stage (the same clean pass, edits and mediation runs) on the first few
 instances in a temporary folder, counting decodes (`DecodeCounter`) and timing them. Decodes scale with the
 number of instances exactly (every instance gets the same runs); wall time is extrapolated from the pilot's
-seconds per instance (batches of the study's size: the pilot runs at the same batch size when it can); peak
-memory is the pilot's (one batch of the same size is the peak of the full run, whose batches are alike). The
+seconds per instance (batches of the study's size: the pilot runs at the same batch size when it can), and so is
+the disk its stores take (every instance records the same tensors: all image tokens of the clean pass with
+``image_states = "all"``, the largest part for a model with many image tokens); peak memory is the pilot's (one batch of the same size is the peak of the full run, whose batches are alike). The
 pilot's effects then go through `latentprobe plan`, which says per finding the n a decision needs at the
 study's margins. The pilot folder is removed afterwards: nothing is written outside it.
 """
@@ -40,6 +41,11 @@ class SubjectEstimate:
     peak_memory_kind: str
     interventions: int
     plan: pd.DataFrame = field(default_factory=pd.DataFrame)
+    pilot_store_bytes: int = 0
+
+    @property
+    def expected_store_bytes(self) -> int:
+        return math.ceil(self.pilot_store_bytes / self.pilot_instances * self.n_instances)
 
     @property
     def expected_decode_rows(self) -> int:
@@ -60,7 +66,9 @@ class SubjectEstimate:
                f"prefilled ({self.pilot_decode_rows / self.pilot_instances:.1f} and "
                f"{self.pilot_prefill_rows / self.pilot_instances:.1f} per instance)",
                f"  expected wall time {_duration(self.expected_seconds)} for the edits stage (report and maps extra)",
-               f"  peak memory        {self.peak_memory_bytes / 2**30:.2f} GiB ({self.peak_memory_kind})"]
+               f"  peak memory        {self.peak_memory_bytes / 2**30:.2f} GiB ({self.peak_memory_kind})",
+               f"  expected disk      {_size(self.expected_store_bytes)} for the edits stage's store "
+               f"({_size(self.pilot_store_bytes / self.pilot_instances)} per instance)"]
         if len(self.plan):
             for row in self.plan.itertuples():
                 needed = row.needed_n
@@ -77,6 +85,17 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
 def _peak_memory(device: str) -> tuple[int, str]:
@@ -121,6 +140,7 @@ def estimate_study(config: StudyConfig, *, pilot: int = DEFAULT_PILOT, say=print
                              progress=False, resume=False, shard=None)
             seconds = time.perf_counter() - started
             peak, kind = _peak_memory(config.device)
+            store_bytes = _folder_bytes(Path(tmp) / "pilot")
             try:
                 plan = plan_runs([Path(tmp) / "pilot"], config.margins_object())
             except LatentProbeError:
@@ -128,7 +148,8 @@ def estimate_study(config: StudyConfig, *, pilot: int = DEFAULT_PILOT, say=print
         estimate = SubjectEstimate(subject=name, n_instances=len(instances), pilot_instances=len(chosen),
                                    pilot_seconds=seconds, pilot_prefill_rows=counts.prefill_rows,
                                    pilot_decode_rows=counts.decode_rows, peak_memory_bytes=peak,
-                                   peak_memory_kind=kind, interventions=len(edits.interventions), plan=plan)
+                                   peak_memory_kind=kind, interventions=len(edits.interventions), plan=plan,
+                                   pilot_store_bytes=store_bytes)
         out.append(estimate)
     return out
 
