@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="FILE.jsonl or BENCH:FOLDER (None: the subject's own data)")
     p.add_argument("--split", default=None, help="only instances of this split")
     p.add_argument("--n-instances", "--limit", dest="n_instances", type=T.int_at_least(2), default=None,
-                   help="instances to study (None: all the data has; >= 2: swaps need a donor)")
+                   help="instances to study (None: every instance of --data, or the first 80 of the subject's "
+                        "own data; >= 2: swaps need a donor)")
     p.add_argument("--seed", type=T.int_at_least(0), default=None, help="seed of every random choice (default 0)")
     p.add_argument("--batch-size", type=T.int_at_least(1), default=None, help="instances decoded together (8)")
     p.add_argument("--max-new-tokens", type=T.int_at_least(1), default=None,

@@ -156,6 +156,13 @@ def test_one_rule_for_default_instance_counts():
     assert DEFAULT_INSTANCES == DEMO_N_INSTANCES == DEFAULT_LIMIT == 80
     assert default_limit(None, None) == 80 and default_limit("data.jsonl", None) is None
     assert default_limit(None, 5) == 5
+    # a study follows it too: the first 80 of the subject's own data (here the 8 built-in images, all of them)
+    from latentprobe.study import StudyConfig
+    from latentprobe.study.run import study_instances
+
+    instances, source = study_instances(StudyConfig(subjects=["tiny"]), "tiny")
+    assert source == "builtin" and len(instances) == 8
+    assert len(study_instances(StudyConfig(subjects=["tiny"], n_instances=3), "tiny")[0]) == 3
 
 
 def test_the_notebook_path(tiny_subject):

@@ -63,7 +63,7 @@ class StudyConfig:
     protocol: str | None = None
     data: str | None = None  # FILE.jsonl or BENCH:FOLDER; None = the subject's own default data
     split: str | None = None
-    n_instances: int | None = None  # None = all the data has
+    n_instances: int | None = None  # None = every instance of `data`; the first 80 of the subject's own data
     seed: int = 0
     # [decoding]
     batch_size: int = 8
@@ -116,7 +116,7 @@ _TABLES: dict[str, dict[str, str]] = {
 }
 _COMMENTS = {
     "study": "what is studied: subject(s), checkpoint, data (FILE.jsonl or BENCH:FOLDER; absent = the subject's "
-             "own data), n_instances (absent = all), seed",
+             "own data), n_instances (absent = every instance of data, or 80 of the subject's own), seed",
     "decoding": "how it decodes (greedy); max_new_tokens absent = the subject's own budget",
     "edits": "information edits decide latent -> answer; disruption edits are reported beside it; noise_scales x "
              "the clean latents' per-dimension std; placebo and controls run when this version registers them",

@@ -75,20 +75,24 @@ class StudyResult:
 # -- what a study runs on ---------------------------------------------------------------------------------
 def study_instances(config: StudyConfig, subject_name: str):
     """(instances, source label) for one subject: the study file's data, or the subject's own default (an
-    organism's held-out split, never seen in training; the built-in images for any other subject)."""
-    from ..data.loading import load_instances
+    organism's held-out split, never seen in training; the built-in images for any other subject). Without
+    n_instances, the one rule of every command (`latentprobe.data.loading.default_limit`): every instance of the
+    study file's data, the first 80 of the subject's own (so `study --subject organism-X` studies the demo's
+    questions)."""
+    from ..data.loading import default_limit, load_instances
 
+    limit = default_limit(config.data, config.n_instances)
     if config.data is not None:
-        instances, source = load_instances(config.data, limit=config.n_instances, split=config.split,
+        instances, source = load_instances(config.data, limit=limit, split=config.split,
                                            benchmark_options=_benchmark_options(subject_name, config.data))
         return instances, source
     recipe = _organism_recipe(subject_name)
     if recipe is not None:
         from ..organisms.training import organism_held_out_data
 
-        path = organism_held_out_data(recipe, config.n_instances)
+        path = organism_held_out_data(recipe, limit)
         return load_instances(str(path), split="test")
-    return load_instances(None, limit=config.n_instances)
+    return load_instances(None, limit=limit)
 
 
 def _organism_recipe(subject_name: str):
