@@ -238,7 +238,8 @@ class Recorder:
         token) while its edits, whose analyses read only the mean, keep the mean: one copy of the tokens per
         instance, not one per edit. A subject without images records none either way."""
         if image not in ("mean", "all"):
-            raise LatentProbeError(f"image states {image!r} are not a way to record image tokens", "use 'mean' or 'all'")
+            raise LatentProbeError(f"image states {image!r} are not a way to record image tokens",
+                                   "use 'mean' or 'all'")
         saved = self.spec
         if not self.decoder.subject.text_only:
             self.spec = replace(saved, image=image)

@@ -4,9 +4,10 @@ The demo is a study (`latentprobe.study.run.run_study`, the code path of `latent
 its own (`demo_config`): every shipped model organism (whose causal structure is known: `bottleneck` routes
 everything through its latents, `shortcut` ignores them), or the random-weight `tiny` subject when no organism is
 installed, on the organisms' own held-out mental-transformation questions; the edits, probe grid and bootstrap
-sized for minutes on a CPU. The run folder is a study folder (``study.toml``, ``runs/SUBJECT``, ``report/``), so
-``latentprobe study --config runs/demo/study.toml`` repeats it and ``--resume`` continues a killed demo; beside
-the report the demo writes ``truth.csv``, each organism's built-in truth against the decided verdicts.
+sized for minutes on a CPU. The run folder is a study folder (``study.toml``, ``stages.json``, ``runs/SUBJECT``,
+``report/``): ``latentprobe study --config runs/demo/study.toml --out NEW`` repeats the demo, and
+``latentprobe study --out runs/demo --resume`` continues a killed one (the report included; ``truth.csv``, each
+organism's built-in truth against the decided verdicts, is the demo's own addition beside verdicts.csv).
 """
 
 from __future__ import annotations

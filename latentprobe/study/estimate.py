@@ -5,9 +5,10 @@ instances in a temporary folder, counting decodes (`DecodeCounter`) and timing t
 number of instances exactly (every instance gets the same runs); wall time is extrapolated from the pilot's
 seconds per instance (batches of the study's size: the pilot runs at the same batch size when it can), and so is
 the disk its stores take (every instance records the same tensors: all image tokens of the clean pass with
-``image_states = "all"``, the largest part for a model with many image tokens); peak memory is the pilot's (one batch of the same size is the peak of the full run, whose batches are alike). The
-pilot's effects then go through `latentprobe plan`, which says per finding the n a decision needs at the
-study's margins. The pilot folder is removed afterwards: nothing is written outside it.
+``image_states = "all"``, the largest part for a model with many image tokens); peak memory is the pilot's (one
+batch of the same size is the peak of the full run, whose batches are alike). The pilot's effects then go
+through `latentprobe plan`, which says per finding the n a decision needs at the study's margins. The pilot
+folder is removed afterwards: nothing is written outside it.
 """
 
 from __future__ import annotations
