@@ -2,7 +2,9 @@
 
 The pilot runs the study's own edits stage (the same clean pass, edits and mediation runs) on the first few
 instances in a temporary folder, counting decodes (`DecodeCounter`) and timing them. Decodes scale with the
-number of instances exactly (every instance gets the same runs); wall time is extrapolated from the pilot's
+number of instances exactly (every instance gets the same runs), and so do prompt prefills while every clean
+batch's prefill fits the budget of `latentprobe.runs.kept_prefills` (a large model's later batches prefill their
+clean prompt once more, one prefill per instance beyond the estimate); wall time is extrapolated from the pilot's
 seconds per instance (batches of the study's size: the pilot runs at the same batch size when it can), and so is
 the disk its stores take (every instance records the same tensors: all image tokens of the clean pass with
 ``image_states = "all"``, the largest part for a model with many image tokens); peak memory is the pilot's (one
