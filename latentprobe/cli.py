@@ -727,7 +727,7 @@ def _cmd_report(args):
         if kind in ("trace", "intervene"):
             store = TraceStore(run)
             lines += [f"warning   {w}" for w in store.completeness()["warnings"]]
-            manifests.append((str(run), store.manifest))
+            manifests.append((str(run), store.manifest, set(store.records().instance_id.astype(str))))
     lines += [f"warning   {w}" for w in data_mismatch_notes(manifests)]
     lines += ["", f"report    {out / 'report.html'}", f"markdown  {out / 'report.md'}"]
     print_block("latentprobe report: verdict per subject and finding", lines)

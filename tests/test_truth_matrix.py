@@ -27,9 +27,6 @@ def test_compare_with_truth_marks_wrong_and_missing_verdicts():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 18 open: at n = 80 the demo decided 6 of the 8 truth cells; blind's visual_info "
-                          "`limited` (and, before the placebo's upper bound was fixed, the shortcut's latent_answer "
-                          "`disconnect`) were not reached", strict=False)
 def test_demo_matrix_equals_the_built_in_truth(tmp_path):
     result = run_demo(tmp_path / "demo", subjects=TRUTH_SUBJECTS, say=lambda *_: None)
     table = pd.read_csv(result["truth"])

@@ -471,7 +471,8 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
     run_dirs = [Path(d) for d in run_dirs]
     kinds = [run_kind(d) for d in run_dirs]  # every folder is checked before anything is computed
     stored = [(d, TraceStore(d)) for d, k in zip(run_dirs, kinds) if k in ("trace", "intervene")]
-    mismatched = data_mismatch_notes([(str(d), s.manifest) for d, s in stored])
+    mismatched = data_mismatch_notes([(str(d), s.manifest, set(s.records().instance_id.astype(str)))
+                                      for d, s in stored])
     subjects, seen = [], set()
     for run_dir, kind in zip(run_dirs, kinds):
         described = _subject_of(run_dir, kind)

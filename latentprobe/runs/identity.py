@@ -56,19 +56,35 @@ def distinct_runs(run_dirs: Sequence[str | Path]) -> tuple[list[str], list[str]]
     return kept, notes
 
 
-def data_mismatch_notes(manifests: Sequence[tuple[str, dict]]) -> list[str]:
+def data_mismatch_notes(manifests: Sequence[tuple]) -> list[str]:
     """One line per subject whose runs were made on different data (their findings are merged as one subject).
 
-    ``manifests`` are (run folder, manifest) pairs of trace and intervene runs.
+    ``manifests`` are (run folder, manifest) or (run folder, manifest, instance ids) triples of trace and intervene
+    runs. Runs whose instance ids nest (a study's readout trace of 240 questions and its edits on the first 80 of
+    them) are not different data: each finding's row states its own n.
+
+    >>> a, b = {"data_fingerprint": "x"}, {"data_fingerprint": "y"}
+    >>> data_mismatch_notes([("r1", a, {"q1", "q2", "q3"}), ("r2", b, {"q1", "q2"})])
+    []
+    >>> len(data_mismatch_notes([("r1", a, {"q1", "q3"}), ("r2", b, {"q1", "q2"})]))
+    1
     """
-    by_subject: dict[str, list[tuple[str, dict]]] = {}
-    for run_dir, manifest in manifests:
-        by_subject.setdefault(str(manifest.get("subject_name")), []).append((run_dir, manifest))
+    by_subject: dict[str, list[tuple]] = {}
+    for entry in manifests:
+        by_subject.setdefault(str(entry[1].get("subject_name")), []).append(entry)
     notes = []
     for subject, runs in by_subject.items():
-        prints = {m.get("data_fingerprint") for _, m in runs if m.get("data_fingerprint")}
-        if len(prints) > 1:
+        prints = {m.get("data_fingerprint") for _, m, *_ in runs if m.get("data_fingerprint")}
+        if len(prints) > 1 and not _nested([entry[2] if len(entry) > 2 else None for entry in runs]):
             parts = ", ".join(f"{d} ({m.get('kind', 'run')}, {m.get('data', {}).get('n_instances', '?')} instances "
-                              f"of {m.get('data', {}).get('source', '?')})" for d, m in runs)
+                              f"of {m.get('data', {}).get('source', '?')})" for d, m, *_ in runs)
             notes.append(f"subject {subject}: its runs are on different data and are merged as one subject: {parts}")
     return notes
+
+
+def _nested(id_sets: list) -> bool:
+    """Whether every set of instance ids lies inside the largest (None: not known, so not nested)."""
+    if any(ids is None for ids in id_sets):
+        return False
+    largest = max(id_sets, key=len)
+    return all(set(ids) <= set(largest) for ids in id_sets)

@@ -86,6 +86,10 @@ class StudyConfig:
     probe_alphas: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS))  # ridge strengths
     probe_permutations: int = DEFAULT_PERMUTATIONS
     bootstrap: int = 1000
+    # Instances of the collapse and probe readouts, when more than the edits' n_instances: they need clean decodes
+    # only (a second, cheap trace of the first readout_instances of the same data), and a probe that must show
+    # `limited` (an interval inside a 0.1 margin) needs a few hundred. None = the edits' instances.
+    readout_instances: int | None = None
     # What the clean pass keeps of the image tokens. "all": every token, so the collapse verdict is measured
     # against a single token (one latent is one token); "mean": a store smaller by the number of image tokens, but
     # collapse can then never be affirmed `not collapsed` (the mean of T tokens varies about T times less).
@@ -111,7 +115,7 @@ _TABLES: dict[str, dict[str, str]] = {
     "edits": {k: k for k in ("information", "disruption", "noise_scales", "noise_relative_to", "semantics",
                              "mediators", "placebo", "controls")},
     "analyses": {k: k for k in ("probe_attributes", "probe_folds", "probe_inner_folds", "probe_alphas",
-                                "probe_permutations", "bootstrap", "image_states")},
+                                "probe_permutations", "bootstrap", "readout_instances", "image_states")},
     "maps": {"enabled": "maps", "kinds": "map_kinds", "n_instances": "map_n_instances"},
 }
 _COMMENTS = {
@@ -121,6 +125,8 @@ _COMMENTS = {
     "edits": "information edits decide latent -> answer; disruption edits are reported beside it; noise_scales x "
              "the clean latents' per-dimension std; placebo and controls run when this version registers them",
     "analyses": "probes (ridge, grouped folds, control task, permutation p-values) and bootstrap resamples; "
+                "readout_instances: instances of the collapse and probe readouts when more than the edits' (a "
+                "second clean trace; absent = the edits' instances); "
                 "image_states: every image token of the clean pass (all: collapse is measured against a single "
                 "token) or their mean (a smaller store; collapse then cannot read `not collapsed`)",
     "maps": "where and when (latentprobe patch / ground / lens), on n_instances of the data",
@@ -244,6 +250,7 @@ def check_config(config: StudyConfig, source: str = "the study") -> None:
     if config.checkpoint is not None and len(config.subjects) > 1:
         _bad(f"{source}: one checkpoint for {len(config.subjects)} subjects", "study one subject per checkpoint")
     _whole(config.n_instances, "n_instances", 2, source, allow_none=True)  # donor edits need another instance
+    _whole(config.readout_instances, "readout_instances", 2, source, allow_none=True)
     _whole(config.seed, "seed", 0, source)
     _whole(config.batch_size, "batch_size", 1, source)
     _whole(config.max_new_tokens, "max_new_tokens", 1, source, allow_none=True)

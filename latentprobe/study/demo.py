@@ -43,6 +43,11 @@ DEMO_NOISE_SCALES = (3.0,)
 # strengths 10 and 1 (the inverse strengths C = 0.1 and 1 of the demo's earlier driver, in the same order).
 DEMO_PROBE_GRID = dict(probe_folds=3, probe_inner_folds=2, probe_alphas=[10.0, 1.0])
 DEMO_BOOTSTRAP = 500
+# Collapse and probes read three times as many instances as the edits (a clean trace costs about a second per
+# organism; the edits are the expensive part): affirming `limited` needs the latents' probe interval inside the
+# 0.1 margin, which a ridge probe's +-0.12 at 80 instances cannot show and +-0.06 at 240 can.
+DEMO_READOUT_FACTOR = 3
+DEMO_HELD_OUT = 600  # the organisms' held-out split (latentprobe.organisms.training.organism_held_out_data)
 
 
 def available_subjects() -> list[str]:
@@ -57,7 +62,8 @@ def demo_config(subjects: list[str] | None = None, *, n_instances: int = DEMO_N_
                 n_boot: int = DEMO_BOOTSTRAP, margins=None) -> StudyConfig:
     """The demo's study file: ``subjects`` (default: every shipped organism) on their own held-out questions, one
     batch of `DEMO_BATCH_SIZE`, every layer and every image token of the clean pass recorded, the demo's edits
-    with both mediator definitions and every family's placebo, the light probe grid, ``n_boot`` bootstrap
+    with both mediator definitions and every family's placebo, collapse and probes on `DEMO_READOUT_FACTOR` times
+    as many instances (a clean trace), the light probe grid, ``n_boot`` bootstrap
     resamples and ``margins`` (a `latentprobe.verdicts.Margins`; the defaults when None).
 
     >>> demo_config(["organism-bottleneck"], n_instances=12).probe_folds
@@ -68,7 +74,7 @@ def demo_config(subjects: list[str] | None = None, *, n_instances: int = DEMO_N_
                        disruption=list(DEMO_DISRUPTION), noise_scales=list(DEMO_NOISE_SCALES),
                        mediators=["fed_back", "all_layers"], placebo=list(DEFAULT_PLACEBO), controls=[],
                        image_states="all", bootstrap=n_boot, margins=margin_overrides(margins),
-                       **DEMO_PROBE_GRID)
+                       readout_instances=min(DEMO_READOUT_FACTOR * n_instances, DEMO_HELD_OUT), **DEMO_PROBE_GRID)
 
 
 def margin_overrides(margins) -> dict[str, float]:

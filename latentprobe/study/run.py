@@ -73,7 +73,7 @@ class StudyResult:
 
 
 # -- what a study runs on ---------------------------------------------------------------------------------
-def study_instances(config: StudyConfig, subject_name: str):
+def study_instances(config: StudyConfig, subject_name: str, n_instances: int | None = None):
     """(instances, source label) for one subject: the study file's data, or the subject's own default (an
     organism's held-out split, never seen in training; the built-in images for any other subject). Without
     n_instances, the one rule of every command (`latentprobe.data.loading.default_limit`): every instance of the
@@ -81,7 +81,7 @@ def study_instances(config: StudyConfig, subject_name: str):
     questions)."""
     from ..data.loading import default_limit, load_instances
 
-    limit = default_limit(config.data, config.n_instances)
+    limit = default_limit(config.data, config.n_instances if n_instances is None else n_instances)
     if config.data is not None:
         instances, source = load_instances(config.data, limit=limit, split=config.split,
                                            benchmark_options=_benchmark_options(subject_name, config.data))
@@ -231,9 +231,10 @@ def run_study(config: StudyConfig, out_dir: str | Path, *, resume: bool = False,
         if rank == 0:
             _mark_done(out_dir, done, stage)
     result.runs = runs
-    if rank != 0:  # the other ranks' share is on disk; rank 0 makes the maps and the report
+    if rank != 0:  # the other ranks' share is on disk; rank 0 makes the readouts, the maps and the report
         result.seconds = time.time() - started
         return result
+    result.runs = runs = _readout_stages(config, data, runs, out_dir, done, result, progress=progress, say=say)
     if config.maps:
         for name in config.subjects:
             for kind in config.map_kinds:
@@ -270,6 +271,40 @@ def run_study(config: StudyConfig, out_dir: str | Path, *, resume: bool = False,
     result.report_md, result.report_html, result.verdicts = md, html, report_dir / "verdicts.csv"
     result.seconds = time.time() - started
     return result
+
+
+def _readout_stages(config: StudyConfig, data: dict, runs: list[Path], out_dir: Path, done: set[str],
+                    result: StudyResult, *, progress, say) -> list[Path]:
+    """With ``readout_instances`` above a subject's edit instances: a clean trace of that many instances of the same
+    data (every layer, the study's image states) into ``runs/SUBJECT-readout``, listed before the subject's edits
+    store so the report's collapse and probes read it (the causal findings read the edits store). Returns the
+    report's run list."""
+    if config.readout_instances is None:
+        return runs
+    from ..model.recording import RecordSpec
+    from ..runs.trace import trace
+
+    ordered = []
+    for name, run_dir in zip(config.subjects, runs):
+        instances, _ = data[name]
+        if config.readout_instances <= len(instances):
+            ordered.append(run_dir)
+            continue
+        readout, source = study_instances(config, name, config.readout_instances)
+        folder = out_dir / "runs" / f"{subject_folder(name)}-readout"
+        ordered += [folder, run_dir]
+        stage = f"readout:{name}"
+        if stage in done:
+            result.stages_skipped.append(stage)
+            continue
+        subject = load_study_subject(config, name)
+        trace(subject, readout, folder, config=decode_config(config, subject), batch_size=config.batch_size,
+              spec=RecordSpec(layers="all", image=config.image_states), resume=folder.exists(), data_source=source,
+              progress=progress)
+        say(f"readout   {name:<11} {len(readout)} instances traced for collapse and probes")
+        result.stages_run.append(stage)
+        _mark_done(out_dir, done, stage)
+    return ordered
 
 
 def subject_lines(name: str, run_dir: Path, instances, interventions, seconds: float) -> list[str]:
