@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from latentprobe.runs.store import TraceStore
 
@@ -38,6 +39,7 @@ def test_shard_flag_splits_instances_without_overlap(tmp_path):
     assert sorted(frame.instance_id) == [f"builtin-{i:03d}" for i in range(5)]
 
 
+@pytest.mark.slow  # a whole study under torchrun; the trace and intervene unions stay in the default run
 def test_torchrun_study_union_equals_single_process(tmp_path):
     """A study under torchrun: every rank decodes its share of clean runs and edits; donors and latent statistics
     come from every rank's clean runs, so records, effects and verdicts equal a single-process study."""

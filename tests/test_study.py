@@ -169,7 +169,11 @@ def standin_folders(tmp_path_factory):
     return {family: build_standin(family, root / family) for family in FAMILIES}
 
 
-@pytest.mark.parametrize("family", ["monet", "lvr", "mirage", "capimagine", "qwen2.5-vl"])
+# Two families in the default run (one latent family, the plain baseline); the others, a minute or more each on
+# two cores, under -m slow.
+@pytest.mark.parametrize("family", [pytest.param("monet", marks=pytest.mark.slow), "lvr",
+                                    pytest.param("mirage", marks=pytest.mark.slow),
+                                    pytest.param("capimagine", marks=pytest.mark.slow), "qwen2.5-vl"])
 def test_a_study_runs_end_to_end_on_a_standin_of_each_real_family(tmp_path, standin_folders, family, monkeypatch):
     """Tiny random Qwen2.5-VL folders with each family's tokens and template, their outputs scripted into the
     family's answer format: every stage runs and the report holds a verdict per finding."""
@@ -220,6 +224,7 @@ def test_a_study_on_the_bottleneck_organism_decides_as_the_demo_does(tmp_path):
     assert mine.to_dict() == committed.to_dict()
 
 
+@pytest.mark.slow  # patch, ground and lens after the edits: about two minutes on two cores
 def test_maps_join_the_study_and_its_report(tmp_path):
     config = StudyConfig(**{**SMALL, "maps": True, "map_n_instances": 3})
     result = run_study(config, tmp_path / "study", say=lambda *_: None)
