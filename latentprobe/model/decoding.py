@@ -48,6 +48,7 @@ from .compat import cache_keywords
 from .protocol import check_layout
 
 TEXT, LATENT, DONE = 0, 1, 2  # what a row's input is at a step
+KV_CACHES = ("preallocated", "dynamic")
 KIND_NAMES = {TEXT: "text", LATENT: "latent", DONE: "done"}
 
 
@@ -227,9 +228,14 @@ class LatentDecoder:
         [4, 4]
     """
 
-    def __init__(self, subject, config: DecodeConfig | None = None):
+    def __init__(self, subject, config: DecodeConfig | None = None, kv_cache: str = "preallocated"):
         self.subject = subject
         self.config = config or DecodeConfig(max_new_tokens=subject.max_new_tokens)
+        if kv_cache not in KV_CACHES:
+            raise LatentProbeError(f"unknown kv_cache {kv_cache!r}", f"use one of {', '.join(KV_CACHES)}")
+        # "preallocated" (`latentprobe.model.kv_cache`): keys and values written in place, a step's cost flat in the
+        # output's length; "dynamic": transformers' DynamicCache (torch.cat per step). Same outputs bit for bit.
+        self.kv_cache = kv_cache
         self.model = subject.model
         self.protocol = subject.resolved_protocol
         self.context: StepContext | None = None
@@ -295,7 +301,7 @@ class LatentDecoder:
         bsz = batch.batch_size
         # Explicit mRoPE positions: the model's own fallback silently uses 1-D positions.
         position_ids = self.prefill_positions(batch)
-        cache = _new_cache(self.model)
+        cache = _new_cache(self.model, self.cache_reserve())
         self._publish(StepContext(-1, torch.full((bsz,), TEXT, device=device), torch.full((bsz,), -1, device=device),
                                   torch.zeros(bsz, dtype=torch.bool, device=device), batch.instance_ids,
                                   is_prefill=True, prefill_image_mask=batch.mm_token_type_ids.bool(),
@@ -380,6 +386,13 @@ class LatentDecoder:
         self.context = None
         self.last_cache = cache
         return result
+
+    def cache_reserve(self) -> int | None:
+        """Positions a prefill's cache keeps room for after the prompt: the token budget and a teacher-forced answer
+        prefix (None: transformers' growing `DynamicCache`)."""
+        if self.kv_cache == "dynamic":
+            return None
+        return self.config.max_new_tokens + len(self._answer_prefix_ids) + 2
 
     def prefill_positions(self, batch) -> torch.Tensor:
         """mRoPE position ids of the prompt, as ``get_rope_index`` gives them (3, B, L)."""
@@ -1036,10 +1049,12 @@ def _warp(logits: torch.Tensor, cfg: DecodeConfig) -> torch.Tensor:
     return scores
 
 
-def _new_cache(model):
-    from transformers import DynamicCache
+def _new_cache(model, reserve: int | None = None):
+    """A `DynamicCache`, or with ``reserve`` (and no gradients) a `PreallocatedCache` with room for ``reserve``
+    positions after the prompt (`latentprobe.model.kv_cache`)."""
+    from .kv_cache import new_cache
 
-    return DynamicCache(config=model.config.get_text_config())
+    return new_cache(model, reserve)
 
 
 def _get_submodule(model, path: str):
