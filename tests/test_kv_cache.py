@@ -1,7 +1,8 @@
 """The preallocated key/value cache (`latentprobe.model.kv_cache`) against transformers' DynamicCache: whole decodes,
 sweeps from one prefill, controls, teacher-forced answer slots and a cache that outgrows its reserve give the same
-ids, latent vectors and answer logits bit for bit; the cache's own operations (crop, repeat, select, deep copy)
-act on the used columns only and leave no shared storage behind."""
+ids, latent vectors and answer logits bit for bit; the cache's own operations (load, crop, repeat, select, deep
+copy, appended rows) act on the used columns only and leave no shared storage behind; ``kv_cache="auto"``
+preallocates only large caches."""
 
 import copy
 
@@ -11,7 +12,8 @@ import torch
 from latentprobe.errors import LatentProbeError
 from latentprobe.interventions import LatentNoise, LatentStats, RowBinding
 from latentprobe.model.decoding import DecodeConfig, LatentDecoder, prefill_without_start
-from latentprobe.model.kv_cache import PreallocatedCache, PreallocatedLayer, new_cache
+from latentprobe.model import kv_cache
+from latentprobe.model.kv_cache import PreallocatedCache, PreallocatedLayer, append_rows, decode_cache
 from latentprobe.model.protocol import LVR, MONET
 from transformers import DynamicCache
 
@@ -45,12 +47,20 @@ def _both(subject, config, fn, decoder_class=LatentDecoder, **kwargs):
     return out
 
 
-def test_default_decoder_uses_the_preallocated_cache(tiny_subject, tmp_path):
+def test_auto_preallocates_large_caches_only(tiny_subject, tmp_path, monkeypatch):
+    batch = tiny_subject.encode(make_instances(tmp_path, SIZES[:2]))
     decoder = LatentDecoder(tiny_subject, DecodeConfig(max_new_tokens=6))
-    prefill = decoder.prefill(tiny_subject.encode(make_instances(tmp_path, SIZES[:2])))
-    assert isinstance(prefill.cache, PreallocatedCache)
-    assert all(isinstance(layer, PreallocatedLayer) for layer in prefill.cache.layers)
-    assert LatentDecoder(tiny_subject, kv_cache="dynamic").cache_reserve() is None
+    assert decoder.kv_cache == "auto"
+    prefill = decoder.prefill(batch)
+    assert type(prefill.cache) is DynamicCache  # a prefill's cache is transformers' own
+    decoder.decode(prefill)
+    assert type(decoder.last_cache) is DynamicCache  # a tiny cache: copying it is cheaper
+    monkeypatch.setattr(kv_cache, "AUTO_PREALLOCATE_BYTES", 1)
+    decoder.decode(prefill, repeats=2)
+    assert isinstance(decoder.last_cache, PreallocatedCache)
+    assert all(isinstance(layer, PreallocatedLayer) for layer in decoder.last_cache.layers)
+    for kind in ("preallocated", "dynamic"):
+        LatentDecoder(tiny_subject, kv_cache=kind).decode(prefill)
     with pytest.raises(LatentProbeError, match="kv_cache"):
         LatentDecoder(tiny_subject, kv_cache="static")
 
@@ -98,7 +108,7 @@ def test_sweeps_from_one_prefill_and_the_no_latent_control_are_bit_identical(tin
 
 def test_a_cache_that_outgrows_its_reserve_stays_bit_identical(tiny_subject, tmp_path, monkeypatch):
     batch = tiny_subject.encode(make_instances(tmp_path, SIZES[:3]))
-    monkeypatch.setattr(LatentDecoder, "cache_reserve", lambda self: None if self.kv_cache == "dynamic" else 1)
+    monkeypatch.setattr(LatentDecoder, "cache_reserve", lambda self: 1)
     a, b = _both(tiny_subject, DecodeConfig(max_new_tokens=20), lambda d: d.run(batch))
     _equal_results(a, b)
 
@@ -157,10 +167,30 @@ def test_growth_doubles_and_keeps_the_written_columns():
     assert layer.capacity == 8 and torch.equal(layer.keys[:, :, :4], keys)
 
 
-def test_new_cache_falls_back_to_dynamic_with_gradients_or_no_reserve(tiny_subject):
-    model = tiny_subject.model
-    with torch.no_grad():
-        assert isinstance(new_cache(model, 4), PreallocatedCache)
-        assert type(new_cache(model, None)) is DynamicCache
+def _source(batch=2, length=5):
+    cache = DynamicCache()
+    keys = torch.randn(batch, 2, length, 4)
+    cache.update(keys, -keys, 0)
+    return cache, keys
+
+
+@torch.no_grad()
+def test_decode_cache_copies_selects_and_repeats_the_used_rows():
+    source, keys = _source()
+    for mode in ("preallocated", "dynamic"):
+        repeated = decode_cache(source, repeats=3, reserve=4, mode=mode)
+        assert torch.equal(repeated.layers[0].keys, keys.repeat_interleave(3, dim=0))
+        picked = decode_cache(source, index=torch.tensor([1, 1, 0]), reserve=4, rows_room=5, mode=mode)
+        assert torch.equal(picked.layers[0].values, -keys[[1, 1, 0]])
+        append_rows(picked, [0, 2, 2])
+        assert torch.equal(picked.layers[0].keys, keys[[1, 1, 0, 1, 0, 0]])
+    layer = decode_cache(source, index=torch.tensor([1, 1, 0]), reserve=4, rows_room=5, mode="preallocated").layers[0]
+    assert isinstance(layer, PreallocatedLayer)
+    assert layer._key_buffer.shape[:3] == (5, 2, 9) and layer.rows == 3
+    assert torch.equal(source.layers[0].keys, keys)  # the prefill's cache is left as it was
+
+
+def test_decode_cache_is_dynamic_under_gradients():
+    source, _ = _source()
     with torch.enable_grad():
-        assert type(new_cache(model, 4)) is DynamicCache
+        assert type(decode_cache(source, mode="preallocated")) is DynamicCache
