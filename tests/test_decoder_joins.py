@@ -124,3 +124,53 @@ def test_what_cannot_join_late_is_refused(tiny_subject, tmp_path):
             decoder.decode(prefill, repeats=2, join_steps=[0, 2])
     # all zero: the ordinary decode
     _equal_results(decoder.decode(prefill, repeats=2), decoder.decode(prefill, repeats=2, join_steps=[0, 0]))
+
+
+@pytest.mark.parametrize("max_rows", [4096, 9])
+def test_the_corrupted_run_decoded_as_the_cells_trunk_equals_its_own_reference_run(tiny_subject, tmp_path, max_rows):
+    """`reference_with_cells`: the run being patched, decoded as the trunk of its denoising cells, gives the states,
+    masks and outcomes of `reference_run`, and its cells those of `run_cells` (in passes of ``max_rows``)."""
+    from latentprobe.where.patching import can_share_reference, reference_with_cells
+
+    instances = make_instances(tmp_path, SIZES)
+    images = [load_images(i) for i in instances]
+    decoder = LatentDecoder(tiny_subject, DecodeConfig(max_new_tokens=12))
+    grid = resolve_grid(tiny_subject)
+    assert can_share_reference(decoder, grid, "recompute") and not can_share_reference(decoder, grid, "pin")
+    corrupt_batch = tiny_subject.encode(instances, images=images[1:] + images[:1])
+    clean = reference_run(decoder, tiny_subject.encode(instances, images=images), grid, None)
+    alone = reference_run(decoder, corrupt_batch, grid, None)
+    shared, done = reference_with_cells(decoder, tiny_subject, instances, grid, corrupt_batch, clean, None, max_rows)
+    assert [r.generated_ids for r in shared.result.rows] == [r.generated_ids for r in alone.result.rows]
+    for name in ("latent", "answer"):
+        torch.testing.assert_close(getattr(shared, name), getattr(alone, name), atol=1e-5, rtol=1e-4)
+    for name in ("latent_count", "answer_count"):
+        assert torch.equal(getattr(shared, name), getattr(alone, name))
+    for layer, states in alone.prompt.items():
+        assert torch.equal(shared.prompt[layer], states)
+    assert all(torch.equal(a, b) for a, b in zip(shared.step_attention, alone.step_attention, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(shared.step_positions, alone.step_positions, strict=True))
+    expected = run_cells(decoder, tiny_subject, instances, grid, alone, clean, None, "recompute", max_rows)
+    got = run_cells(decoder, tiny_subject, instances, grid, shared, clean, None, "recompute", max_rows, done=done)
+    assert list(got) == list(expected) and 0 < len(done) < len(expected)
+    for site in expected:
+        for (probs_a, _), (probs_b, _) in zip(expected[site], got[site], strict=True):
+            assert (probs_a is None) == (probs_b is None)
+            if probs_a is not None:
+                np.testing.assert_allclose(probs_a, probs_b, atol=1e-6)
+
+
+def test_keep_trunks_returns_the_unedited_run_after_the_rows(tiny_subject, tmp_path):
+    batch = tiny_subject.encode(make_instances(tmp_path, SIZES[:2]))
+    config = DecodeConfig(max_new_tokens=10)
+    edits, joins = _noise_sweep(tiny_subject, batch, config)
+    decoder = LatentDecoder(tiny_subject, config)
+    prefill = decoder.prefill(batch)
+    kept = decoder.decode(prefill, edits, repeats=4, join_steps=joins, keep_trunks=True)
+    assert len(kept.rows) == 2 * 4 + 2
+    plain = decoder.decode(prefill)
+    for row, trunk in zip(plain.rows, kept.rows[-2:], strict=True):
+        assert row.generated_ids == trunk.generated_ids and row.instance_id == trunk.instance_id
+        torch.testing.assert_close(row.latent_vectors, trunk.latent_vectors, atol=1e-5, rtol=1e-4)
+    with pytest.raises(LatentProbeError, match="keep_trunks"):
+        decoder.decode(prefill, edits, repeats=4, join_steps=[0] * 4 + joins[4:], keep_trunks=True)
