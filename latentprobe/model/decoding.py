@@ -337,9 +337,10 @@ class LatentDecoder:
         until it feeds latent step k, the unedited decode of its prompt row (its edit and every step listener act
         only from latent step k on). Such rows are not run before then: one unedited *trunk* row per prompt row is
         decoded, and when it is about to feed latent step k the waiting rows join the batch as copies of it (state,
-        logs and cache); a trunk that stops before step k hands its rows its whole run. The result is the same as
-        running every row from the start (`tests/test_decoder_joins.py`), for less work: a patching grid's cells at
-        latent step k skip the k steps they share with the unpatched run. Step listeners must take part
+        logs and cache); a trunk that stops before step k hands its rows its whole run. The result is that of
+        running every row from the start (`tests/test_decoder_joins.py`: the same ids; vectors and logits to float
+        rounding, as the batch around a row has another size), for less work: a patching grid's cells at latent
+        step k skip the k steps they share with the unpatched run. Step listeners must take part
         (``on_reindex`` in `add_step_listener`); rows joining late may carry no control flags or step-count
         override (their edits would act before step k); under sampling every copy must draw from one stream.
         With ``keep_trunks`` (every prompt row must then have rows joining late) the result's rows are the decoded
@@ -1030,7 +1031,7 @@ class _RowState:
 
     def result(self, subject, batch, rows: list[int] | None = None) -> DecodeResult:
         """Derive every row's outputs from the step logs (one transfer to the host); with ``rows``, those rows in
-        that order (a decode whose rows joined late: output rows, trunks left out)."""
+        that order (a decode whose rows joined late: its output rows, then any trunks kept)."""
         length = self.length
         index = None if rows is None else torch.tensor(rows, dtype=torch.long, device=self.sequences.device)
         pick = (lambda t: t) if index is None else (lambda t: t[index.to(t.device)])

@@ -1,4 +1,4 @@
-"""A key/value cache written in place into preallocated buffers (the decoder's default under ``no_grad``).
+"""A key/value cache written in place into preallocated buffers (the decoder's choice for large caches).
 
 transformers' `DynamicCache` appends each step's keys and values with ``torch.cat``: every step copies the whole
 cache of every layer, so a step's cost grows with the output's length (and, in a batched sweep or patching grid,
@@ -7,14 +7,15 @@ with the number of rows times the prompt's length). `PreallocatedCache` keeps, p
 the prompt plus ``reserve`` more positions, writes each step's keys and values into the next columns, and hands
 the attention a **view** of the columns written so far. The attention therefore sees exactly the tensors (same
 shapes, same values) that a `DynamicCache` would give it: the outputs are the same bit for bit
-(`tests/test_kv_cache.py` compares whole decodes, sweeps, controls and teacher-forced answer slots with both).
+(`tests/test_kv_cache.py` compares whole decodes, sweeps, controls and teacher-forced answer slots with both). A
+decode builds one from its prefill's `DynamicCache` with `decode_cache`.
 
 What differs from `DynamicCache`:
 
 * capacity: the buffers are sized once; a write past the end reallocates them at twice the size (amortised O(1)
   per step), so a wrong ``reserve`` costs one copy, never a wrong answer;
-* ``crop``, ``batch_repeat_interleave``, ``batch_select_indices`` and ``copy.deepcopy`` copy only the columns in use
-  (a deep copy keeps the capacity, so a decode from a copied prefill writes in place too);
+* ``crop``, ``batch_repeat_interleave``, ``batch_select_indices``, ``copy.deepcopy`` and `append_rows` (rows
+  joining a decode late) copy only the columns in use (a deep copy keeps the capacity);
 * it is for inference only: writing into a buffer that an earlier step's attention saved for backward would
   break autograd, so `decode_cache` gives a `DynamicCache` when gradients are enabled (the organisms' training
   unroll and attribution patching build their own `DynamicCache`);
@@ -44,6 +45,7 @@ import copy
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
+
 
 class PreallocatedLayer(DynamicLayer):
     """One layer's keys and values in preallocated buffers; ``keys``/``values`` are views of the used columns."""

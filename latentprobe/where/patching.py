@@ -31,7 +31,10 @@ The grid (sites are written as in `latentprobe.model.sites`):
 Cost: the clean and corrupted prompts are prefilled once per batch. Every decode-phase cell (latent steps,
 latent, answer) is decoded side by side from that one prefill (`LatentDecoder.decode(prefill, repeats=M)`), so an
 L x K grid costs one prefill and one batched decode instead of L x K runs; prompt-phase cells need their own
-prefill and are run as one batched prefill per chunk. ``bench/bench_patching.py`` measures the ratio.
+prefill and are run as one batched prefill per chunk. A ``latent[k]`` cell is the run being patched until step k:
+its rows join the decode there, as copies of that run (``join_steps``), and when the map denoises with recomputed
+later steps that run is decoded as their trunk instead of on its own (`reference_with_cells`).
+``bench/bench_patching.py`` measures the cost.
 
 >>> from latentprobe.model.subjects import load_subject                                        # doctest: +SKIP
 >>> result = patch_map(load_subject("organism-bottleneck"), instances, "runs/patch")     # doctest: +SKIP
