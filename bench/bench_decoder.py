@@ -24,7 +24,9 @@ import _common as C  # noqa: I001  (also puts the repository root on sys.path)
 
 import torch
 
-from latentprobe.model.decoding import DecodeConfig, LatentDecoder
+from latentprobe.model.decoding import KV_CACHES, DecodeConfig, LatentDecoder
+
+LONG_CACHES = ("preallocated", "dynamic")  # the default ("auto") preallocates at this size (9 MiB per layer)
 from latentprobe.model.protocol import LVR
 from latentprobe.model.recording import Recorder, RecordSpec
 
@@ -109,8 +111,12 @@ def _met(loop_ok: bool, run_ok: bool) -> str:
 
 
 def bench_generate(subject, args, budget):
+    """Decoder tokens/s vs ``generate``: the decoder as it runs by default (``kv_cache="auto"``) and with each
+    key/value cache forced (preallocated; transformers' DynamicCache, what ``generate`` uses), all timed side by
+    side."""
     plain = C.with_protocol(subject, None)
-    decoder = LatentDecoder(plain, DecodeConfig(max_new_tokens=args.max_new_tokens))
+    decoders = {kv: LatentDecoder(plain, DecodeConfig(max_new_tokens=args.max_new_tokens), kv_cache=kv)
+                for kv in KV_CACHES}
     instances, images = C.instances_with_images(image_sizes(args.batch, args.image_size))
     batch = plain.encode(instances, images=images).to(args.device)
     model = plain.model
@@ -124,26 +130,35 @@ def bench_generate(subject, args, budget):
     # Equal work: every row of both produces exactly max_new_tokens tokens (no early stop on either side).
     prompt_len = batch.input_ids.shape[1]
     reference = generate()[:, prompt_len:].cpu()
-    ours = decoder.run(batch)
+    outputs = {kv: decoder.run(batch) for kv, decoder in decoders.items()}
     assert reference.shape[1] == args.max_new_tokens, reference.shape
-    assert all(len(row.generated_ids) == args.max_new_tokens for row in ours.rows)
-    agreement = float((ours.sequences[:, prompt_len:] == reference).float().mean())
+    for out in outputs.values():
+        assert all(len(row.generated_ids) == args.max_new_tokens for row in out.rows)
+        assert torch.equal(out.sequences, outputs["auto"].sequences)
+    agreement = float((outputs["auto"].sequences[:, prompt_len:] == reference).float().mean())
+    auto_picks = type(decoders["auto"].last_cache).__name__
 
-    times = C.time_interleaved({"generate": generate, "decoder": lambda: decoder.run(batch)}, args.reps,
-                               args.device, budget_s=budget, clock=C.resolve_clock(args))
+    names = {"auto": "decoder", "preallocated": "decoder, preallocated cache", "dynamic": "decoder, DynamicCache"}
+    variants = {"generate": generate, **{names[kv]: (lambda d=d: d.run(batch)) for kv, d in decoders.items()}}
+    times = C.time_interleaved(variants, args.reps, args.device, budget_s=budget, clock=C.resolve_clock(args))
     med = {k: C.median(v) for k, v in times.items()}
     tokens = args.batch * args.max_new_tokens
     tps = {k: tokens / v for k, v in med.items()}
-    ratio = tps["decoder"] / tps["generate"]
-    spread = C.paired_spread(times["generate"], times["decoder"])
-    rows = [{"variant": "model.generate", "median_s": med["generate"], "tokens/s": tps["generate"], "x": 1.0},
-            {"variant": "LatentDecoder.run", "median_s": med["decoder"], "tokens/s": tps["decoder"], "x": ratio,
-             "+-": spread, "target": ">= 1.0", "met": "yes" if ratio >= 1.0 else "NO"}]
+    ratios = {kv: tps[names[kv]] / tps["generate"] for kv in KV_CACHES}
+    spreads = {kv: C.paired_spread(times["generate"], times[names[kv]]) for kv in KV_CACHES}
+    ratio = ratios["auto"]
+    rows = [{"variant": "model.generate", "median_s": med["generate"], "tokens/s": tps["generate"], "x generate": 1.0}]
+    for kv in ("dynamic", "preallocated", "auto"):
+        label = f"LatentDecoder.run (default: {auto_picks})" if kv == "auto" else f"LatentDecoder.run, {names[kv][9:]}"
+        rows.append({"variant": label, "median_s": med[names[kv]], "tokens/s": tps[names[kv]],
+                     "x generate": ratios[kv], "+-": spreads[kv],
+                     **({"target": ">= 1.0", "met": "yes" if ratio >= 1.0 else "NO"} if kv == "auto" else {})})
     C.print_table(f"[generate] no latent steps, batch {args.batch} left-padded (prompt length {prompt_len}), "
-                  f"{args.max_new_tokens} new tokens per row; greedy tokens agree on {agreement:.1%}",
-                  rows, ["variant", "median_s", "tokens/s", "x", "+-", "target", "met"])
+                  f"{args.max_new_tokens} new tokens per row; greedy tokens agree on {agreement:.1%} (the caches: "
+                  f"identical)", rows, ["variant", "median_s", "tokens/s", "x generate", "+-", "target", "met"])
     return {"times_s": times, "median_s": med, "tokens_per_s": tps, "ratio_decoder_over_generate": ratio,
-            "ratio_spread": spread, "target": ">= 1.0", "met": ratio >= 1.0, "token_agreement": agreement,
+            "ratio_by_cache": ratios, "spread_by_cache": spreads, "auto_cache": auto_picks,
+            "ratio_spread": spreads["auto"], "target": ">= 1.0", "met": ratio >= 1.0, "token_agreement": agreement,
             "prompt_length": int(prompt_len), "batch": args.batch, "max_new_tokens": args.max_new_tokens}
 
 
@@ -176,76 +191,110 @@ def bench_batch(subject, args, budget):
 
 
 def bench_long(subject, args, budget):
-    """Step time along a long output: no latent steps, ``--long-tokens`` new tokens at batch ``--batch``. Each
-    step's time is the time from one forward's start to the next one's (the decoder's bookkeeping and the
-    model's forward), and the forward alone is timed too; the ratio is the median of the last 100 steps over the
-    median of the first 100 (steps 1-100: step 0 also pays one-time setup)."""
+    """Step time along a long output: no latent steps, ``--long-tokens`` new tokens at batch ``--batch``, with the
+    decoder's preallocated KV cache and with transformers' DynamicCache (``kv_cache="dynamic"``), runs of the two
+    interleaved. Each step's time is the time from one forward's start to the next one's (the decoder's
+    bookkeeping and the model's forward); the forward alone and, inside it, the attention kernel
+    (``scaled_dot_product_attention``, every layer) are timed too. The ratio is the median of the last 100 steps
+    over the median of the first 100 (steps 1-100: step 0 also pays one-time setup)."""
+    import torch.nn.functional as F
+
     plain = C.with_protocol(subject, None)
-    decoder = LatentDecoder(plain, DecodeConfig(max_new_tokens=args.long_tokens))
+    decoders = {kv: LatentDecoder(plain, DecodeConfig(max_new_tokens=args.long_tokens), kv_cache=kv)
+                for kv in LONG_CACHES}
     instances, images = C.instances_with_images(image_sizes(args.batch, args.image_size))
     batch = plain.encode(instances, images=images)
     clock = C.timer(C.resolve_clock(args))
-    inner = decoder.inner_model
     window = 100
+    kernel = F.scaled_dot_product_attention
 
-    def one_run():
-        starts, inside = [], []
+    def one_run(decoder):
+        inner = decoder.inner_model
+        starts, inside, attention = [], [], []
+        spent = [0.0]
+
+        def timed_attention(*a, **k):
+            t0 = clock()
+            out = kernel(*a, **k)
+            C.sync(args.device)
+            spent[0] += clock() - t0
+            return out
 
         def forward(**kwargs):
             C.sync(args.device)
+            spent[0] = 0.0
             t0 = clock()
             starts.append(t0)
             out = inner(**kwargs)
             C.sync(args.device)
             inside.append(clock() - t0)
+            attention.append(spent[0])
             return out
 
         decoder.forward_fn = forward
+        F.scaled_dot_product_attention = timed_attention
         try:
             result = decoder.run(batch)
         finally:
             decoder.forward_fn = None
+            F.scaled_dot_product_attention = kernel
         assert all(len(row.generated_ids) == args.long_tokens for row in result.rows)
         steps = [b - a for a, b in zip(starts[1:], starts[2:])]  # starts[0] is the prefill
-        forwards = inside[1:len(steps) + 1]
-        return steps, forwards
+        n = len(steps)
+        parts = {"whole step": steps, "model forward": inside[1:n + 1],
+                 "attention kernel": attention[1:n + 1],
+                 "forward without attention": [f - a for f, a in zip(inside[1:n + 1], attention[1:n + 1])],
+                 "decoder outside the forward": [s - f for s, f in zip(steps, inside[1:n + 1])]}
+        return {"parts": parts, "total_s": sum(steps), "sequences": result.sequences}
 
-    runs = []
+    runs = {kv: [] for kv in LONG_CACHES}
     start = C.time.perf_counter()
     for rep in range(args.reps):
-        runs.append(one_run())
+        order = list(LONG_CACHES) if rep % 2 == 0 else list(LONG_CACHES)[::-1]
+        for kv in order:
+            runs[kv].append(one_run(decoders[kv]))
         if budget is not None and rep >= 2 and C.time.perf_counter() - start > budget:
             break
+    assert torch.equal(runs["preallocated"][0]["sequences"], runs["dynamic"][0]["sequences"])
 
     def ratio(values):
         return C.median(values[-window:]) / C.median(values[1:window + 1])
 
-    step_ratios = [ratio(steps) for steps, _ in runs]
-    forward_ratios = [ratio(fw) for _, fw in runs]
-    outside = [[s - f for s, f in zip(steps, fw)] for steps, fw in runs]
-    outside_ratios = [ratio(o) for o in outside]
-    first_ms = C.median([C.median(steps[1:window + 1]) for steps, _ in runs]) * 1e3
-    last_ms = C.median([C.median(steps[-window:]) for steps, _ in runs]) * 1e3
-    out_first = C.median([C.median(o[1:window + 1]) for o in outside]) * 1e3
-    out_last = C.median([C.median(o[-window:]) for o in outside]) * 1e3
-    result = {"ratio_last_over_first": C.median(step_ratios), "per_run": step_ratios,
-              "forward_ratio": C.median(forward_ratios), "outside_forward_ratio": C.median(outside_ratios),
-              "first_100_ms": first_ms, "last_100_ms": last_ms, "outside_first_100_ms": out_first,
-              "outside_last_100_ms": out_last, "target": "<= 1.10",
-              "met": C.median(step_ratios) <= 1.10, "runs": len(runs), "new_tokens": args.long_tokens,
-              "batch": args.batch, "prompt_length": int(batch.input_ids.shape[1]),
-              "step_s": [steps for steps, _ in runs], "forward_s": [fw for _, fw in runs]}
+    out = {}
+    for kv, kv_runs in runs.items():
+        summary = {}
+        for part in kv_runs[0]["parts"]:
+            series = [run["parts"][part] for run in kv_runs]
+            summary[part] = {"ratio_last_over_first": C.median([ratio(v) for v in series]),
+                             "per_run": [ratio(v) for v in series],
+                             "first_100_ms": C.median([C.median(v[1:window + 1]) for v in series]) * 1e3,
+                             "last_100_ms": C.median([C.median(v[-window:]) for v in series]) * 1e3}
+        out[kv] = {"parts": summary, "total_s": [run["total_s"] for run in kv_runs],
+                   "step_s": [run["parts"]["whole step"] for run in kv_runs],
+                   "forward_s": [run["parts"]["model forward"] for run in kv_runs],
+                   "attention_s": [run["parts"]["attention kernel"] for run in kv_runs]}
+    total_ratio = C.median(out["preallocated"]["total_s"]) / C.median(out["dynamic"]["total_s"])
+    rows = []
+    for part in out["preallocated"]["parts"]:
+        d, p = out["dynamic"]["parts"][part], out["preallocated"]["parts"][part]
+        rows.append({"part": part, "Dynamic ms first->last": f"{d['first_100_ms']:.2f} -> {d['last_100_ms']:.2f}",
+                     "Dynamic last/first": d["ratio_last_over_first"],
+                     "prealloc ms first->last": f"{p['first_100_ms']:.2f} -> {p['last_100_ms']:.2f}",
+                     "prealloc last/first": p["ratio_last_over_first"]})
+    rows[0]["target"] = "<= 1.10"
+    rows[0]["met"] = "yes" if out["preallocated"]["parts"]["whole step"]["ratio_last_over_first"] <= 1.10 else "NO"
     C.print_table(f"[long] {args.long_tokens} new tokens at batch {args.batch} (prompt length "
-                  f"{batch.input_ids.shape[1]}), {len(runs)} runs: median step time of the last {window} steps over "
-                  f"the first {window}", [
-                      {"part": "whole step", "first ms": first_ms, "last ms": last_ms,
-                       "last/first": result["ratio_last_over_first"], "target": "<= 1.10",
-                       "met": "yes" if result["met"] else "NO"},
-                      {"part": "model forward", "last/first": result["forward_ratio"]},
-                      {"part": "decoder outside the forward", "first ms": out_first, "last ms": out_last,
-                       "last/first": result["outside_forward_ratio"]}],
-                  ["part", "first ms", "last ms", "last/first", "target", "met"])
-    return result
+                  f"{batch.input_ids.shape[1]}), {len(runs['preallocated'])} runs of each cache, interleaved: median "
+                  f"step time of the last {window} steps over the first {window} (ids identical with both caches)",
+                  rows, ["part", "Dynamic ms first->last", "Dynamic last/first", "prealloc ms first->last",
+                         "prealloc last/first", "target", "met"])
+    print(f"whole run, preallocated / DynamicCache: {total_ratio:.3f}x the time")
+    whole = out["preallocated"]["parts"]["whole step"]
+    return {"ratio_last_over_first": whole["ratio_last_over_first"],
+            "ratio_last_over_first_dynamic": out["dynamic"]["parts"]["whole step"]["ratio_last_over_first"],
+            "total_time_preallocated_over_dynamic": total_ratio, "by_cache": out, "target": "<= 1.10",
+            "met": whole["ratio_last_over_first"] <= 1.10, "runs": len(runs["preallocated"]),
+            "new_tokens": args.long_tokens, "batch": args.batch, "prompt_length": int(batch.input_ids.shape[1])}
 
 
 def bench_syncs(subject, args, budget):
@@ -330,10 +379,12 @@ def main():
         summary["trace_all_run"] = r["recorder all"]["run"]
     if "generate" in results:
         summary["decoder_over_generate"] = results["generate"]["ratio_decoder_over_generate"]
+        summary["decoder_over_generate_by_cache"] = results["generate"]["ratio_by_cache"]
     if "batch" in results:
         summary["batch_over_single"] = results["batch"]["ratio_batch_over_single"]
     if "long" in results:
         summary["long_last_over_first_steps"] = results["long"]["ratio_last_over_first"]
+        summary["long_last_over_first_steps_dynamic_cache"] = results["long"]["ratio_last_over_first_dynamic"]
         summary["targets"]["long_last_over_first_steps"] = "<= 1.10"
     if "syncs" in results:
         summary["syncs_per_step"] = results["syncs"]["per_step"]

@@ -8,6 +8,9 @@ Three variants timed side by side in this one process (repetitions interleaved i
                  (what ``latentprobe.runs.intervene`` does). Target: <= 1.5x one clean run (issue 22).
   naive          8 separate ``decoder.run(batch, edit)`` calls. Expected: about 8-9x.
 
+Prefix reuse also runs with each key/value cache forced (``kv_cache="preallocated"`` and ``"dynamic"``; the
+decoder's default ``"auto"`` picks by the cache's size), side by side; all three give the same rows bit for bit.
+
 The prompt is one instance with one 448x448 image by default (256 image tokens after the 2x2 merge), decoded
 with the LVR protocol (forced latent start, 8 latent steps, 16 generated positions). The edits are bound to
 the clean run's latents and statistics as the intervention runner binds them; before timing, the swept rows
@@ -83,8 +86,18 @@ def main():
         for edit in edits:
             decoder.run(batch, edit)
 
+    # the same sweep with each key/value cache forced (the default, "auto", picks by the cache's size)
+    forced = {kv: LatentDecoder(subject, decoder.config, kv_cache=kv) for kv in ("preallocated", "dynamic")}
+    for kv, other in forced.items():
+        again = other.decode(other.prefill(batch), edits, repeats=m)
+        assert all(a.generated_ids == b.generated_ids and torch.equal(a.latent_vectors, b.latent_vectors)
+                   for a, b in zip(again.rows, swept.rows)), kv
     variants = {"clean": lambda: decoder.run(batch),
                 "prefix reuse": lambda: decoder.decode(decoder.prefill(batch), edits, repeats=m),
+                "prefix reuse, preallocated cache":
+                    lambda: forced["preallocated"].decode(forced["preallocated"].prefill(batch), edits, repeats=m),
+                "prefix reuse, DynamicCache":
+                    lambda: forced["dynamic"].decode(forced["dynamic"].prefill(batch), edits, repeats=m),
                 "naive": naive, "prefill only": lambda: decoder.prefill(batch)}
     times = C.time_interleaved(variants, args.reps, args.device, budget_s=budget, clock=C.resolve_clock(args))
     med = {k: C.median(v) for k, v in times.items()}

@@ -45,9 +45,11 @@ from .answer_slot import SlotPlan, gather_logged, plan_slot
 from .backbones import backbone_call
 from ..errors import LatentProbeError
 from .compat import cache_keywords
+from .kv_cache import PreallocatedCache, decode_cache, resolve_mode
 from .protocol import check_layout
 
 TEXT, LATENT, DONE = 0, 1, 2  # what a row's input is at a step
+KV_CACHES = ("auto", "preallocated", "dynamic")
 KIND_NAMES = {TEXT: "text", LATENT: "latent", DONE: "done"}
 
 
@@ -102,6 +104,9 @@ class StepContext:
     # the current position included); attention knockout reads them to block edges at chosen layers.
     image_keys: torch.Tensor | None = None
     latent_keys: torch.Tensor | None = None
+    # A decode with late joins (`LatentDecoder.decode`'s ``join_steps``): which output row each decoded row is
+    # (-1: a trunk row, the unedited run its rows are copied from); None: the decoded rows are the output rows.
+    output_rows: torch.Tensor | None = None
 
     def rows(self, kind: int) -> torch.Tensor:
         return (self.kinds == kind).nonzero(as_tuple=True)[0]
@@ -227,14 +232,22 @@ class LatentDecoder:
         [4, 4]
     """
 
-    def __init__(self, subject, config: DecodeConfig | None = None):
+    def __init__(self, subject, config: DecodeConfig | None = None, kv_cache: str = "auto"):
         self.subject = subject
         self.config = config or DecodeConfig(max_new_tokens=subject.max_new_tokens)
+        if kv_cache not in KV_CACHES:
+            raise LatentProbeError(f"unknown kv_cache {kv_cache!r}", f"use one of {', '.join(KV_CACHES)}")
+        # The decode's key/value cache (`latentprobe.model.kv_cache`): "preallocated" writes keys and values in place
+        # (a step's copies flat in the output's length), "dynamic" is transformers' DynamicCache (torch.cat per step),
+        # "auto" preallocates when a layer's cache reaches kv_cache.AUTO_PREALLOCATE_BYTES. Same outputs bit for bit.
+        self.kv_cache = kv_cache
+        self._kv_pool: list | None = None  # the last preallocated CPU cache's buffers, reused by the next decode
         self.model = subject.model
         self.protocol = subject.resolved_protocol
         self.context: StepContext | None = None
         self._step_listeners: list[Callable[[StepContext], None]] = []
         self._expand_listeners: list[Callable[[int], None]] = []
+        self._reindex_listeners: dict[Callable, Callable] = {}
         self.forward_fn: Callable[..., Any] | None = None  # replaces the inner model call (nnsight runner)
         head = None
         if self.protocol is not None and self.protocol.head_module:
@@ -309,15 +322,29 @@ class LatentDecoder:
 
     @torch.no_grad()
     def decode(self, prefill: "Prefill", edits=None, *, repeats: int = 1, answer_mask: str | None = "protocol",
-               consume: bool = False, streams: Sequence[Any] | None = None) -> DecodeResult:
+               consume: bool = False, streams: Sequence[Any] | None = None,
+               join_steps: Sequence[int] | None = None, keep_trunks: bool = False) -> DecodeResult:
         """Decode from a prefill. With ``repeats`` = M, every prompt row is decoded M times side by side (row
         b's copies are rows b*M .. b*M+M-1), each with its own edit: one batched loop for a sweep of edits.
-        The prefill's cache is copied unless ``consume``.
+        The prefill's cache is copied unless ``consume`` (into a preallocated one under ``kv_cache`` "auto" when it
+        is large, see `latentprobe.model.kv_cache`).
 
         Under sampling, copy m draws from the seeded stream ``streams[m]`` (default ``m``: M different, reproducible
         samples; copy 0 draws what an unrepeated decode draws). Pass ``streams=[0] * M`` to give every copy the
-        instance's own stream (common random numbers, as the intervention runner does)."""
-        import copy
+        instance's own stream (common random numbers, as the intervention runner does).
+
+        ``join_steps`` (one per decoded row, default all 0): row r with ``join_steps[r]`` = k > 0 is promised to be,
+        until it feeds latent step k, the unedited decode of its prompt row (its edit and every step listener act
+        only from latent step k on). Such rows are not run before then: one unedited *trunk* row per prompt row is
+        decoded, and when it is about to feed latent step k the waiting rows join the batch as copies of it (state,
+        logs and cache); a trunk that stops before step k hands its rows its whole run. The result is that of
+        running every row from the start (`tests/test_decoder_joins.py`: the same ids; vectors and logits to float
+        rounding, as the batch around a row has another size), for less work: a patching grid's cells at latent
+        step k skip the k steps they share with the unpatched run. Step listeners must take part
+        (``on_reindex`` in `add_step_listener`); rows joining late may carry no control flags or step-count
+        override (their edits would act before step k); under sampling every copy must draw from one stream.
+        With ``keep_trunks`` (every prompt row must then have rows joining late) the result's rows are the decoded
+        rows followed by one trunk row per prompt row, in order: the prompt decoded without edits, for free."""
         from dataclasses import replace as dc_replace
 
         if repeats < 1:
@@ -326,14 +353,22 @@ class LatentDecoder:
         if len(streams) != repeats:
             raise LatentProbeError(f"{len(streams)} sampling streams given for {repeats} repeats",
                                    "give one stream per repeat")
+        n_rows = prefill.batch.batch_size * repeats
+        joins = _check_joins(join_steps, n_rows)
+        if keep_trunks and (joins is None or any(not any(joins[b * repeats:(b + 1) * repeats])
+                                                 for b in range(prefill.batch.batch_size))):
+            raise LatentProbeError("keep_trunks needs rows joining late (a join step > 0) for every prompt row",
+                                   "decode the prompt on its own, or give each prompt row a row that joins late")
+        if joins is not None:
+            return self._decode_with_joins(prefill, _per_row(edits, n_rows), repeats, answer_mask, consume, streams,
+                                           joins, keep_trunks)
         batch = prefill.batch
         if repeats > 1:  # the decode never reads pixels (the prompt's keys are cached): repeat the rest only
             batch = dc_replace(batch, pixel_values=None, image_grid_thw=None).repeat(repeats)
-        cache = prefill.cache if consume else copy.deepcopy(prefill.cache)
+        cache = self._decode_cache(prefill.cache, repeats=repeats, consume=consume)
         hidden, position_ids = prefill.hidden, prefill.position_ids
         start_pending = prefill.start_pending
         if repeats > 1:
-            cache.batch_repeat_interleave(repeats)
             hidden = hidden.repeat_interleave(repeats, dim=0)
             position_ids = position_ids.repeat_interleave(repeats, dim=1)
             if start_pending is not None:
@@ -341,17 +376,22 @@ class LatentDecoder:
             for fn in self._expand_listeners:
                 fn(repeats)
         device = hidden.device
-        bsz = batch.batch_size
-        row_edits = _per_row(edits, bsz)
+        row_edits = _per_row(edits, batch.batch_size)
+        generators = None
+        if self.config.do_sample:
+            generators = [row_generator(self.config.seed, iid, device, streams[r % repeats])
+                          for r, iid in enumerate(batch.instance_ids)]
+        return self._run_loop(batch, cache, hidden, position_ids, start_pending, row_edits, generators, answer_mask)
+
+    def _run_loop(self, batch, cache, hidden, position_ids, start_pending, row_edits, generators, answer_mask,
+                  joiner: "_Joiner | None" = None) -> DecodeResult:
+        """The decoding loop over ``batch``'s rows (with a `_Joiner`: the rows decoded so far, growing)."""
         if answer_mask == "protocol":
             answer_mask = self.protocol.answer_mask if self.protocol is not None else None
         cfg = self.config
+        device = hidden.device
         eos = torch.tensor(self.subject.eos_token_ids, device=device)
         pad_id = self.subject.pad_token_id
-        generators = None
-        if cfg.do_sample:
-            generators = [row_generator(cfg.seed, iid, device, streams[r % repeats])
-                          for r, iid in enumerate(batch.instance_ids)]
         state = _RowState.start(batch, self.protocol, position_ids, cfg, self.subject.hidden_size, device,
                                 row_edits=row_edits, start_pending=start_pending,
                                 needs_logits=self._needs_logits_rule())
@@ -359,6 +399,9 @@ class LatentDecoder:
         self.last_cache = None
         step = 0
         while True:
+            if joiner is not None and joiner.ready(state):
+                batch, hidden, row_edits, generators = joiner.join(state, cache, hidden, row_edits, generators)
+                image_mask = batch.mm_token_type_ids.bool()
             next_ids, next_latent = self._decide(state, hidden, row_edits, generators, eos, pad_id)
             kinds = state.input_kind
             state.append_inputs(next_ids, kinds, next_latent)
@@ -370,16 +413,87 @@ class LatentDecoder:
                 inputs = torch.where((kinds == LATENT).view(-1, 1, 1), next_latent.unsqueeze(1).to(inputs.dtype), inputs)
             attention = state.effective_attention(answer_mask, image_mask)
             self._publish(StepContext(step, kinds, state.input_latent_index.clone(), state.after_latent.clone(),
-                                      batch.instance_ids, image_keys=image_mask, latent_keys=state.latent_keys))
+                                      batch.instance_ids, image_keys=image_mask, latent_keys=state.latent_keys,
+                                      output_rows=None if joiner is None else joiner.logical))
             hidden = self._forward(inputs_embeds=inputs, attention_mask=attention, position_ids=positions,
                                    past_key_values=cache, use_cache=True)[:, -1]
             state.advance_positions()
             step += 1
-        result = state.result(self.subject, batch)
-        self._read_answer_slots(result, state, cache, batch, answer_mask, image_mask, step)
+        if joiner is not None and joiner.pending:  # trunks that stopped before their rows' step: copies of them
+            batch, hidden, row_edits, generators = joiner.join(state, cache, hidden, row_edits, generators, final=True)
+            image_mask = batch.mm_token_type_ids.bool()
+        order = None if joiner is None else joiner.order()
+        result = state.result(self.subject, batch, rows=order)
+        self._read_answer_slots(result, state, cache, batch, answer_mask, image_mask, step,
+                                output_rows=None if joiner is None else joiner.logical, state_rows=order)
         self.context = None
-        self.last_cache = cache
+        self.last_cache = cache  # valid until the next decode, which may write into its buffers
+        if isinstance(cache, PreallocatedCache) and cache.layers and hidden.device.type == "cpu":
+            self._kv_pool = cache.buffers()
         return result
+
+    def _decode_cache(self, source, *, index=None, repeats: int = 1, rows_room: int = 0, consume: bool = False):
+        """The cache this decode runs on (`latentprobe.model.kv_cache.decode_cache`). A preallocated one is written
+        into the buffers of the last preallocated CPU cache when they are large enough (handed out once): on a CPU
+        a fresh buffer of tens of MiB page-faults at its first write; a GPU's caching allocator reuses memory."""
+        reserve = self.cache_reserve()
+        mode = resolve_mode(source, self.kv_cache, index=index, repeats=repeats, reserve=reserve, rows_room=rows_room)
+        pool = None
+        if mode == "preallocated" and self._kv_pool is not None:
+            pool, self._kv_pool = self._kv_pool, None
+            self.last_cache = None  # its buffers may now belong to the new decode
+        return decode_cache(source, index=index, repeats=repeats, reserve=reserve, rows_room=rows_room, mode=mode,
+                            consume=consume, pool=pool)
+
+    def _decode_with_joins(self, prefill, row_edits, repeats, answer_mask, consume, streams, joins,
+                           keep_trunks: bool = False):
+        """`decode` with rows joining late (see ``join_steps``): trunk rows and rows that start at once first."""
+        from dataclasses import replace as dc_replace
+
+        if not self.listeners_follow_joins():
+            raise LatentProbeError("rows joining a decode late need every step listener to follow the row layout",
+                                   "register the listener with add_step_listener(..., on_reindex=...), or decode "
+                                   "without join_steps")
+        for r, k in enumerate(joins):
+            edit = row_edits[r]
+            if k and edit is not None and (edit.max_latent_steps(r) is not None or edit.removes_latent_phase(r)
+                                           or edit.forces_end_exit(r) or edit.skipped_positions(r)):
+                raise LatentProbeError(f"row {r} joins at latent step {k} but its edit changes the latent phase "
+                                       "from the start", "give such rows join step 0")
+        if self.config.do_sample and len(set(streams)) > 1:
+            raise LatentProbeError("rows joining late copy their trunk's sampling stream, but the copies draw from "
+                                   f"{len(set(streams))} streams", "pass streams=[0] * repeats")
+        trunk_of = sorted({r // repeats for r, k in enumerate(joins) if k})  # prompt rows with a trunk
+        start_rows = [r for r, k in enumerate(joins) if not k]
+        logical = [-1] * len(trunk_of) + start_rows  # trunk rows first (their physical index never changes)
+        prompt_rows = trunk_of + [r // repeats for r in start_rows]
+        device = prefill.hidden.device
+        index = torch.tensor(prompt_rows, dtype=torch.long, device=device)
+        batch = _select_rows(dc_replace(prefill.batch, pixel_values=None, image_grid_thw=None), prompt_rows)
+        n_joining = sum(1 for k in joins if k)
+        cache = self._decode_cache(prefill.cache, index=index, rows_room=len(prompt_rows) + n_joining,
+                                   consume=consume)
+        hidden, position_ids = prefill.hidden[index], prefill.position_ids[:, index]
+        start_pending = None if prefill.start_pending is None else prefill.start_pending[index]
+        physical_edits = [None] * len(trunk_of) + [row_edits[r] for r in start_rows]
+        generators = None
+        if self.config.do_sample:
+            generators = [row_generator(self.config.seed, iid, device, streams[0]) for iid in batch.instance_ids]
+        waiting = {}
+        for r, k in enumerate(joins):
+            if k:
+                waiting.setdefault(trunk_of.index(r // repeats), []).append((k, r))
+        joiner = _Joiner(self, batch, prompt_rows, logical, waiting, row_edits, repeats, device)
+        joiner.keep_trunks = keep_trunks
+        for fn in self._reindex_listeners.values():
+            fn(joiner.logical, None)
+        return self._run_loop(batch, cache, hidden, position_ids, start_pending, physical_edits, generators,
+                              answer_mask, joiner)
+
+    def cache_reserve(self) -> int:
+        """Positions a decode's preallocated cache keeps room for after the prompt: the token budget and a
+        teacher-forced answer prefix (more only costs one reallocation)."""
+        return self.config.max_new_tokens + len(self._answer_prefix_ids) + 2
 
     def prefill_positions(self, batch) -> torch.Tensor:
         """mRoPE position ids of the prompt, as ``get_rope_index`` gives them (3, B, L)."""
@@ -392,19 +506,31 @@ class LatentDecoder:
         return position_ids
 
     def add_step_listener(self, fn: Callable[[StepContext], None],
-                          on_expand: Callable[[int], None] | None = None) -> Callable[[], None]:
+                          on_expand: Callable[[int], None] | None = None,
+                          on_reindex: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None
+                          ) -> Callable[[], None]:
         """Call ``fn(context)`` before every forward (and ``on_expand(M)`` when a prefill is decoded M times
-        side by side); returns a function that removes them."""
+        side by side); returns a function that removes them. ``on_reindex(rows, index)`` follows a decode whose
+        rows join late (``join_steps``): called with ``index`` None when it starts, then each time rows join, the
+        decoded rows being the previous ones at ``index``; ``rows`` gives each decoded row's output row (-1: a
+        trunk), as `StepContext.output_rows` does. A listener without it refuses such decodes."""
         self._step_listeners.append(fn)
         if on_expand is not None:
             self._expand_listeners.append(on_expand)
+        if on_reindex is not None:
+            self._reindex_listeners[fn] = on_reindex
 
         def remove():
             self._step_listeners.remove(fn)
             if on_expand is not None:
                 self._expand_listeners.remove(on_expand)
+            self._reindex_listeners.pop(fn, None)
 
         return remove
+
+    def listeners_follow_joins(self) -> bool:
+        """Whether every step listener follows rows joining late (``join_steps`` in `decode`)."""
+        return all(fn in self._reindex_listeners for fn in self._step_listeners)
 
     # -- internals ------------------------------------------------------------------------------------------
     def _publish(self, context: StepContext):
@@ -540,11 +666,14 @@ class LatentDecoder:
         return "exit" if proto.exit_rule == "model_choice" else "none"
 
     def _read_answer_slots(self, result: DecodeResult, state: "_RowState", cache, batch, answer_mask, image_mask,
-                           steps_run: int):
+                           steps_run: int, output_rows: torch.Tensor | None = None,
+                           state_rows: list[int] | None = None):
         """Each row's answer slot (see `latentprobe.model.answer_slot`): logged states where the prefix was found;
-        the rest are teacher-forced through the cache together (`_teacher_force`)."""
+        the rest are teacher-forced through the cache together (`_teacher_force`). ``state_rows``: the decoded
+        row (of ``state``, ``cache`` and ``batch``) of each result row, when they differ (late joins)."""
         tokenizer = self.subject.tokenizer
         eos_ids = set(self.subject.eos_token_ids)
+        at = list(range(len(result.rows))) if state_rows is None else list(state_rows)
         kinds = result.input_kinds[:, result.prompt_length:].tolist()
         plans: list[SlotPlan | None] = []
         for r, row in enumerate(result.rows):
@@ -552,19 +681,24 @@ class LatentDecoder:
                 plans.append(None)
                 continue
             fed = [kind != DONE for kind in kinds[r][: len(row.generated_ids)]]
-            plans.append(plan_slot(tokenizer, self.answer_prefix, self._answer_prefix_ids, batch.prompts[r],
+            plans.append(plan_slot(tokenizer, self.answer_prefix, self._answer_prefix_ids, batch.prompts[at[r]],
                                    row.generated_ids, [k == TEXT for k in row.step_kinds], fed, eos_ids))
         logits: dict[int, torch.Tensor] = {}
-        usable = [p if p is not None else SlotPlan("none", -1) for p in plans]
+        usable = [SlotPlan("none", -1)] * len(state.mode)  # per decoded row
+        for r, plan in enumerate(plans):
+            if plan is not None:
+                usable[at[r]] = plan
+        result_row = {p: r for r, p in enumerate(at)}
         rows, states = gather_logged(state.hidden_log, usable)
         if rows:
-            for r, value in zip(rows, self._logits(states)):
-                logits[r] = value
+            for p, value in zip(rows, self._logits(states)):
+                logits[result_row[p]] = value
         forced_rows = [r for r, p in enumerate(plans) if p is not None and p.forced_ids]
         if forced_rows:
-            for r, value in zip(forced_rows, self._teacher_force(state, cache, forced_rows,
+            for r, value in zip(forced_rows, self._teacher_force(state, cache, [at[r] for r in forced_rows],
                                                                  [plans[r].forced_ids for r in forced_rows],
-                                                                 answer_mask, image_mask, batch, steps_run)):
+                                                                 answer_mask, image_mask, batch, steps_run,
+                                                                 logical=output_rows)):
                 logits[r] = value
         for r, row in enumerate(result.rows):
             plan = plans[r]
@@ -576,7 +710,7 @@ class LatentDecoder:
                 row.answer_logits, row.answer_slot = None, "none"
 
     def _teacher_force(self, state, cache, rows: list[int], forced: list[list[int]], answer_mask, image_mask,
-                       batch, step: int) -> torch.Tensor:
+                       batch, step: int, logical: torch.Tensor | None = None) -> torch.Tensor:
         """Feed ``forced[i]`` after the last position row ``rows[i]`` fed, all rows together, and return the logits
         after each row's last forced id. The cache is cropped back after.
 
@@ -612,7 +746,8 @@ class LatentDecoder:
                 state.append_keys(present[:, j])
                 attention = state.effective_attention(answer_mask, image_mask)
                 positions = (state.next_position + j).view(1, -1, 1).expand(3, -1, 1).contiguous()
-                self._publish(StepContext(step + j, done, no_step, state.after_latent.clone(), batch.instance_ids))
+                self._publish(StepContext(step + j, done, no_step, state.after_latent.clone(), batch.instance_ids,
+                                          output_rows=logical))
                 ran += 1
                 hidden = self._forward(inputs_embeds=self.embed(ids[:, j:j + 1]), attention_mask=attention,
                                        position_ids=positions, past_key_values=cache, use_cache=True)[:, -1]
@@ -752,11 +887,38 @@ class _RowState:
         elif self.needs_logits == "none":
             latent = torch.zeros_like(latent)
         need = (self.mode == TEXT) | latent
-        modes, needed = torch.stack([self.mode, need.long()]).tolist()
-        self.host_need = [r for r, flag in enumerate(needed) if flag]
+        self.host_modes, self.host_needed, self.host_latent_total = \
+            torch.stack([self.mode, need.long(), self.latent_total]).tolist()
+        self._derive_host()
+
+    def _derive_host(self):
+        modes = self.host_modes
+        self.host_need = [r for r, flag in enumerate(self.host_needed) if flag]
         self.host_any_latent = LATENT in modes
         self.host_any_text = TEXT in modes
         self.host_all_done = all(m == DONE for m in modes)
+
+    _ROW_TENSORS = ("sequences", "attention", "kinds", "latent_mark", "next_position", "mode", "phase_count",
+                    "latent_total", "after_latent", "n_generated", "stop_code", "finite", "latent_bad", "input_kind",
+                    "input_latent_index", "forced_start", "start_pending", "limit", "no_latent", "force_end",
+                    "position_skip")
+
+    def reindex(self, index: torch.Tensor, index_list: list[int]):
+        """The rows become the current rows at ``index`` (rows joining a decode as copies of their trunk): every
+        per-row tensor, every step's log and the host copies of the last read (no device read)."""
+        for name in self._ROW_TENSORS:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[index])
+        self.positions = [p[:, index] for p in self.positions]
+        self.latent_inputs = [None if v is None else v[index] for v in self.latent_inputs]
+        self.live_log = [v[index] for v in self.live_log]
+        self.hidden_log = [v[index] for v in self.hidden_log]
+        self._all_rows = torch.arange(len(index_list), device=self.device)
+        self.host_modes = [self.host_modes[i] for i in index_list]
+        self.host_needed = [self.host_needed[i] for i in index_list]
+        self.host_latent_total = [self.host_latent_total[i] for i in index_list]
+        self._derive_host()
 
     def index_tensor(self, rows: list[int]) -> torch.Tensor:
         """Row indices on the device (all rows: a tensor made once; else a host-to-device copy, not a sync)."""
@@ -867,27 +1029,32 @@ class _RowState:
         return _key_mask(attention, latent_mark, self.after_latent, answer_mask, image_mask,
                          getattr(self, "mode", None))
 
-    def result(self, subject, batch) -> DecodeResult:
-        """Derive every row's outputs from the step logs (one transfer to the host)."""
+    def result(self, subject, batch, rows: list[int] | None = None) -> DecodeResult:
+        """Derive every row's outputs from the step logs (one transfer to the host); with ``rows``, those rows in
+        that order (a decode whose rows joined late: its output rows, then any trunks kept)."""
         length = self.length
-        sequences = self.sequences[:, :length].to("cpu", copy=True)
-        kinds = self.kinds[:, :length].to("cpu", copy=True)
-        live = torch.stack(self.live_log, dim=1).cpu() if self.live_log else torch.zeros((len(sequences), 0), dtype=torch.bool)
+        index = None if rows is None else torch.tensor(rows, dtype=torch.long, device=self.sequences.device)
+        pick = (lambda t: t) if index is None else (lambda t: t[index.to(t.device)])
+        sequences = pick(self.sequences[:, :length]).to("cpu", copy=True)
+        kinds = pick(self.kinds[:, :length]).to("cpu", copy=True)
+        live = pick(torch.stack(self.live_log, dim=1)).cpu() if self.live_log \
+            else torch.zeros((len(sequences), 0), dtype=torch.bool)
         bsz, length = sequences.shape
         latent_inputs = torch.zeros((bsz, length, self.hidden_size), dtype=torch.float32)
         fed = [(t, vec) for t, vec in enumerate(self.latent_inputs) if vec is not None]
-        if fed:  # one transfer for every step's latent inputs
+        if fed:  # one transfer for every step's latent inputs; only vectors that were really fed
             columns = torch.tensor([self.prompt_length + t for t, _ in fed])
-            latent_inputs[:, columns] = torch.stack([vec for _, vec in fed], dim=1).float().cpu()
-        latent_inputs *= (kinds == LATENT).unsqueeze(-1)  # only vectors that were really fed
-        stop_code = self.stop_code.cpu().tolist()
-        forced = self.forced_start.cpu().tolist()
+            vectors = pick(torch.stack([vec for _, vec in fed], dim=1)).float().cpu()
+            latent_inputs[:, columns] = vectors * (kinds[:, columns] == LATENT).unsqueeze(-1)
+        stop_code = pick(self.stop_code).cpu().tolist()
+        forced = pick(self.forced_start).cpu().tolist()
+        instance_ids = batch.instance_ids if rows is None else [batch.instance_ids[p] for p in rows]
         generated_part = sequences[:, self.prompt_length:]
         kinds_part = kinds[:, self.prompt_length:]
         # per-row lists from one host copy of each log (no per-row or per-step reads)
         live_rows, id_rows, kind_rows = live.tolist(), generated_part.tolist(), kinds_part.tolist()
-        prompt_lengths = batch.attention_mask.sum(dim=1).tolist()
-        rows = []
+        prompt_lengths = pick(batch.attention_mask).sum(dim=1).tolist()
+        out = []
         for r in range(bsz):
             steps = [t for t, flag in enumerate(live_rows[r]) if flag]
             ids = [id_rows[r][t] for t in steps]
@@ -907,16 +1074,113 @@ class _RowState:
                 what = "hidden state or logits" if stop_code[r] == NONFINITE_STATE else "latent vector (after any edit)"
                 error = (f"non-finite values (NaN or inf) in the {what} at generated position {len(ids)}; "
                          "the row was stopped there")
-            rows.append(RowOutput(
-                instance_id=batch.instance_ids[r], prompt_length=int(prompt_lengths[r]),
+            out.append(RowOutput(
+                instance_id=instance_ids[r], prompt_length=int(prompt_lengths[r]),
                 generated_ids=ids, step_kinds=step_kinds,
                 text=subject.tokenizer.decode(text_ids, skip_special_tokens=True),
                 latent_vectors=vectors, latent_segments=[tuple(seg) for seg in segments],
                 forced_start=bool(forced[r]), stop_reason=STOP_REASONS.get(stop_code[r], ""),
                 raw_text=subject.tokenizer.decode(text_ids, skip_special_tokens=False), error=error))
-        return DecodeResult(rows=rows, sequences=sequences, attention_mask=self.attention[:, :length].to("cpu", copy=True),
-                            position_ids=torch.cat(self.positions, dim=2).cpu(), input_kinds=kinds,
+        positions = torch.cat(self.positions, dim=2)
+        return DecodeResult(rows=out, sequences=sequences,
+                            attention_mask=pick(self.attention[:, :length]).to("cpu", copy=True),
+                            position_ids=(positions if index is None else positions[:, index]).cpu(), input_kinds=kinds,
                             prompt_length=self.prompt_length, latent_inputs=latent_inputs)
+
+
+def _check_joins(join_steps, n_rows: int) -> list[int] | None:
+    """``join_steps`` checked (one whole number >= 0 per decoded row); None when no row joins late."""
+    if join_steps is None:
+        return None
+    joins = list(join_steps)
+    if len(joins) != n_rows:
+        raise LatentProbeError(f"{len(joins)} join steps given for a decode of {n_rows} rows",
+                               "give one join step per decoded row (prompt rows x repeats)")
+    for k in joins:
+        if isinstance(k, bool) or not float(k).is_integer() or k < 0:
+            raise LatentProbeError(f"join step {k!r} is not a whole number >= 0", "0 runs a row from the start")
+    joins = [int(k) for k in joins]
+    return joins if any(joins) else None
+
+
+def _select_rows(batch, rows: list[int]):
+    """The prompt batch's rows ``rows`` (with repeats), without images (a decode never reads pixels)."""
+    from dataclasses import replace as dc_replace
+
+    index = torch.tensor(rows, dtype=torch.long, device=batch.input_ids.device)
+    return dc_replace(batch, instance_ids=[batch.instance_ids[r] for r in rows], input_ids=batch.input_ids[index],
+                      attention_mask=batch.attention_mask[index], mm_token_type_ids=batch.mm_token_type_ids[index],
+                      pixel_values=None, image_grid_thw=None, prompts=[batch.prompts[r] for r in rows],
+                      image_counts=[batch.image_counts[r] for r in rows] if batch.image_counts else [])
+
+
+def _clone_generator(generator: torch.Generator) -> torch.Generator:
+    twin = torch.Generator(device=generator.device)
+    twin.set_state(generator.get_state())
+    return twin
+
+
+class _Joiner:
+    """The rows of a decode with late joins (`LatentDecoder.decode`'s ``join_steps``): each decoded row's output
+    row (-1: a trunk) and the rows still waiting for their trunk to reach their latent step."""
+
+    def __init__(self, decoder, batch, prompt_rows, logical, waiting, row_edits, repeats, device):
+        self.decoder, self.repeats, self.device = decoder, repeats, device
+        self.prompt_batch = batch  # the prompt rows' batch (selected from the prefill's, no images)
+        self.base_rows = list(range(len(prompt_rows)))  # each decoded row's row in prompt_batch
+        self.logical_list = list(logical)
+        self.logical = torch.tensor(logical, dtype=torch.long, device=device)
+        self.waiting = {t: sorted(rows) for t, rows in waiting.items()}  # trunk row -> [(join step, output row)]
+        self.row_edits = row_edits
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.waiting)
+
+    def ready(self, state) -> bool:
+        """Whether a trunk is about to feed (or is past) the first latent step its waiting rows join at."""
+        return any(state.host_modes[t] == DONE or state.host_latent_total[t] >= rows[0][0]
+                   for t, rows in self.waiting.items())
+
+    def join(self, state, cache, hidden, row_edits, generators, final: bool = False):
+        from .kv_cache import append_rows
+
+        sources, joined = [], []
+        for t in list(self.waiting):
+            rows = self.waiting[t]
+            done = final or state.host_modes[t] == DONE
+            while rows and (done or rows[0][0] <= state.host_latent_total[t]):
+                sources.append(t)
+                joined.append(rows.pop(0)[1])
+            if not rows:
+                del self.waiting[t]
+        if not sources:
+            return self._batch(), hidden, row_edits, generators
+        index_list = list(range(len(self.logical_list))) + sources
+        index = torch.tensor(index_list, dtype=torch.long, device=self.device)
+        state.reindex(index, index_list)
+        append_rows(cache, sources)
+        hidden = hidden[index]
+        row_edits = list(row_edits) + [self.row_edits[r] for r in joined]
+        if generators is not None:
+            generators = list(generators) + [_clone_generator(generators[t]) for t in sources]
+        self.base_rows += [self.base_rows[t] for t in sources]
+        self.logical_list += joined
+        self.logical = torch.tensor(self.logical_list, dtype=torch.long, device=self.device)
+        for fn in self.decoder._reindex_listeners.values():
+            fn(self.logical, index)
+        return self._batch(), hidden, row_edits, generators
+
+    def _batch(self):
+        return _select_rows(self.prompt_batch, self.base_rows)
+
+    keep_trunks = False
+
+    def order(self) -> list[int]:
+        """The decoded row of each output row, in order, then (``keep_trunks``) the trunk rows."""
+        where = {r: p for p, r in enumerate(self.logical_list) if r >= 0}
+        trunks = [p for p, r in enumerate(self.logical_list) if r < 0] if self.keep_trunks else []
+        return [where[r] for r in range(len(where))] + trunks
 
 
 def _control_flags(row_edits, device):
@@ -1049,6 +1313,8 @@ def _warp(logits: torch.Tensor, cfg: DecodeConfig) -> torch.Tensor:
 
 
 def _new_cache(model):
+    """A prefill's cache: transformers' `DynamicCache` (a decode copies it into the cache it runs on,
+    `latentprobe.model.kv_cache.decode_cache`)."""
     from transformers import DynamicCache
 
     return DynamicCache(config=model.config.get_text_config())

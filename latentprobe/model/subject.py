@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,7 +67,24 @@ class PromptStyle:
 
 def answer_first_token(tokenizer, lead: str, text: str) -> int | None:
     """The first token of ``text`` written after ``lead`` (the slot's token): a BPE that merges the lead into the
-    answer (Qwen's " B") gives the merged token; one that does not gives the answer's own first token."""
+    answer (Qwen's " B") gives the merged token; one that does not gives the answer's own first token.
+
+    Remembered per tokenizer (and its vocabulary size, which grows when tokens are added): a patching grid or a
+    sweep reads the same few options' tokens for every row it scores."""
+    try:
+        memo = _FIRST_TOKENS.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced or hashed: not remembered
+        return _first_token(tokenizer, lead, text)
+    key = (lead, text, len(tokenizer) if hasattr(tokenizer, "__len__") else None)
+    if key not in memo:
+        memo[key] = _first_token(tokenizer, lead, text)
+    return memo[key]
+
+
+_FIRST_TOKENS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _first_token(tokenizer, lead: str, text: str) -> int | None:
     tokens = tokenizer.encode(lead + text, add_special_tokens=False)
     lead_tokens = tokenizer.encode(lead, add_special_tokens=False) if lead else []
     if lead_tokens and tokens[: len(lead_tokens)] == lead_tokens:

@@ -31,7 +31,10 @@ The grid (sites are written as in `latentprobe.model.sites`):
 Cost: the clean and corrupted prompts are prefilled once per batch. Every decode-phase cell (latent steps,
 latent, answer) is decoded side by side from that one prefill (`LatentDecoder.decode(prefill, repeats=M)`), so an
 L x K grid costs one prefill and one batched decode instead of L x K runs; prompt-phase cells need their own
-prefill and are run as one batched prefill per chunk. ``bench/bench_patching.py`` measures the ratio.
+prefill and are run as one batched prefill per chunk. A ``latent[k]`` cell is the run being patched until step k:
+its rows join the decode there, as copies of that run (``join_steps``), and when the map denoises with recomputed
+later steps that run is decoded as their trunk instead of on its own (`reference_with_cells`).
+``bench/bench_patching.py`` measures the cost.
 
 >>> from latentprobe.model.subjects import load_subject                                        # doctest: +SKIP
 >>> result = patch_map(load_subject("organism-bottleneck"), instances, "runs/patch")     # doctest: +SKIP
@@ -247,7 +250,10 @@ class _StateCapture(_LayerHooks):
     Only what a grid can read is copied: the grid layers at the latent steps it patches (every latent step when it
     has a whole-phase ``latent`` site), the answer positions only when it has an ``answer`` site, the prompt only
     when asked. Layer 0 is kept at every latent step (``pin`` feeds it). A step with nothing to copy copies
-    nothing; the per-step kinds, key masks and positions are always kept (attribution replays them)."""
+    nothing; the per-step kinds, key masks and positions are always kept (attribution replays them).
+
+    In a decode whose rows join late (`LatentDecoder.decode`'s ``join_steps``) it copies the trunk rows only: the
+    unedited run of the prefill, one per prompt row (`reference_with_cells`)."""
 
     def __init__(self, decoder: LatentDecoder, layers: Sequence[int], prompt: bool,
                  latent_steps: Sequence[int] | None = None, answer: bool = True):
@@ -258,10 +264,11 @@ class _StateCapture(_LayerHooks):
         self.steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]] = []
         self.handles = []
         self._copy_layers: tuple[int, ...] = ()
+        self._trunks: int | None = None  # in a decode with late joins: the trunk rows (the first ones) it copies
 
     def __enter__(self):
         self.hook_layers(self.layers, self._reader)
-        self.handles.append(_Remover(self.decoder.add_step_listener(self._on_step)))
+        self.handles.append(_Remover(self.decoder.add_step_listener(self._on_step, on_reindex=self._on_reindex)))
         # the key mask and positions of every decode step, as the decoder computed them (attribution replays them)
         self.masks: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._previous_forward = self.decoder.forward_fn
@@ -270,7 +277,10 @@ class _StateCapture(_LayerHooks):
         def forward(**kwargs):
             ctx = self.decoder.context
             if ctx is not None and not ctx.is_prefill:
-                self.masks.append((kwargs["attention_mask"], kwargs["position_ids"]))
+                mask, positions = kwargs["attention_mask"], kwargs["position_ids"]
+                if ctx.output_rows is not None:
+                    mask, positions = mask[: self._trunks], positions[:, : self._trunks]
+                self.masks.append((mask, positions))
             return inner(**kwargs)
 
         self.decoder.forward_fn = forward
@@ -280,14 +290,21 @@ class _StateCapture(_LayerHooks):
         self.decoder.forward_fn = self._previous_forward
         super().__exit__(*exc)
 
+    def _on_reindex(self, rows: torch.Tensor, index: torch.Tensor | None):
+        if index is None:  # a decode with late joins starts: its trunks are its first rows and stay there
+            self._trunks = int((rows < 0).sum())
+
     def _on_step(self, ctx: StepContext):
         if ctx.is_prefill:
             return
-        self.steps.append((ctx.kinds.clone(), ctx.latent_index.clone(), ctx.after_latent.clone(), {}))
-        latent = ctx.kinds == LATENT
+        kinds, latent_index, after_latent = ctx.kinds, ctx.latent_index, ctx.after_latent
+        if ctx.output_rows is not None:
+            kinds, latent_index, after_latent = (t[: self._trunks] for t in (kinds, latent_index, after_latent))
+        self.steps.append((kinds.clone(), latent_index.clone(), after_latent.clone(), {}))
+        latent = kinds == LATENT
         wanted = latent if self.latent_steps is None else latent & torch.isin(
-            ctx.latent_index, torch.tensor(self.latent_steps, device=latent.device))
-        answer = (ctx.kinds == TEXT) & ctx.after_latent if self.answer_wanted else torch.zeros_like(latent)
+            latent_index, torch.tensor(self.latent_steps, device=latent.device))
+        answer = (kinds == TEXT) & after_latent if self.answer_wanted else torch.zeros_like(latent)
         any_wanted, any_latent = torch.stack([(wanted | answer).any(), latent.any()]).tolist()  # one host read
         self._copy_layers = self.layers if any_wanted else ((0,) if any_latent and 0 in self.layers else ())
 
@@ -300,7 +317,8 @@ class _StateCapture(_LayerHooks):
                 if self.prompt_wanted:
                     self.prompt[layer] = hidden.detach().clone()
             elif self.steps and layer in self._copy_layers:
-                self.steps[-1][3][layer] = hidden[:, -1].detach().clone()
+                rows = slice(None) if ctx.output_rows is None else slice(0, self._trunks)
+                self.steps[-1][3][layer] = hidden[rows, -1].detach().clone()
             return None
 
         return read
@@ -408,7 +426,8 @@ _STEP, _ALL_LATENT, _ANSWER = 0, 1, 2
 class DecodePatcher(_LayerHooks):
     """Patch decode-phase sites while a prefill is decoded ``repeats`` times side by side: row b*M + c of the
     decoded batch is instance b with cell ``cells[c]`` restored from ``source`` (``base`` is the run being
-    patched: its latents are what ``pin`` feeds to later steps)."""
+    patched: its latents are what ``pin`` feeds to later steps). It follows a decode whose rows join late
+    (`join_steps`): a cell at latent step k acts only from that step on, and the trunk rows are never patched."""
 
     def __init__(self, decoder: LatentDecoder, cells: Sequence[Site], source: RunStates, base: RunStates,
                  pin: bool = False):
@@ -428,30 +447,45 @@ class DecodePatcher(_LayerHooks):
         self.answer_seen = torch.zeros(bsz * m, dtype=torch.long, device=device)
         layers = sorted({c.layer for c in self.cells} | ({0} if self.pin else set()))
         self.hook_layers(layers, self._writer)
-        self.handles.append(_Remover(self.decoder.add_step_listener(self._on_step)))
+        self.handles.append(_Remover(self.decoder.add_step_listener(self._on_step, on_reindex=self._on_reindex)))
         return self
+
+    def join_steps(self, bsz: int) -> list[int]:
+        """Per decoded row (instance b, cell c at row b*M + c): the latent step before which it is the unpatched
+        run (a ``latent[k]`` cell: k; a whole-phase or answer cell: 0), for `LatentDecoder.decode`."""
+        return [c.step if c.group == "latent" and c.step is not None else 0 for _ in range(bsz) for c in self.cells]
+
+    def _on_reindex(self, rows: torch.Tensor, index: torch.Tensor | None):
+        self.answer_seen = torch.zeros(len(rows), dtype=torch.long, device=rows.device) if index is None \
+            else self.answer_seen[index]
 
     def _on_step(self, ctx: StepContext):
         self.writes = {}
         if ctx.is_prefill:
             return
         if ctx.step == 0:
+            if len(self.answer_seen) != len(ctx.kinds):
+                self.answer_seen = torch.zeros(len(ctx.kinds), dtype=torch.long, device=ctx.kinds.device)
             self.answer_seen.zero_()
         kinds, index = ctx.kinds, ctx.latent_index
-        b = self.row_instance
+        b, cell_kind, cell_step, cell_layer = self.row_instance, self.cell_kind, self.cell_step, self.cell_layer
+        if ctx.output_rows is not None:  # rows joining late: decoded row -> output row (-1, a trunk: never patched)
+            logical = ctx.output_rows.clamp(min=0)
+            b, cell_step, cell_layer = b[logical], cell_step[logical], cell_layer[logical]
+            cell_kind = cell_kind[logical].masked_fill(ctx.output_rows < 0, -1)
         in_answer = (kinds == TEXT) & ctx.after_latent
         offset = self.answer_seen.clone()
         self.answer_seen += in_answer.long()
         is_latent = kinds == LATENT
-        latent_hit = is_latent & (((self.cell_kind == _STEP) & (index == self.cell_step)) | (self.cell_kind == _ALL_LATENT))
+        latent_hit = is_latent & (((cell_kind == _STEP) & (index == cell_step)) | (cell_kind == _ALL_LATENT))
         latent_hit &= index < self.source.latent_count[b]
-        answer_hit = in_answer & (self.cell_kind == _ANSWER) & (offset < self.source.answer_count[b])
+        answer_hit = in_answer & (cell_kind == _ANSWER) & (offset < self.source.answer_count[b])
         pinned = None
         if self.pin:
-            pinned = is_latent & (self.cell_kind == _STEP) & (index > self.cell_step) & (index < self.base.latent_count[b])
+            pinned = is_latent & (cell_kind == _STEP) & (index > cell_step) & (index < self.base.latent_count[b])
         for layer in self.source.layers:
-            rows_l = (latent_hit & (self.cell_layer == layer)).nonzero(as_tuple=True)[0]
-            rows_a = (answer_hit & (self.cell_layer == layer)).nonzero(as_tuple=True)[0]
+            rows_l = (latent_hit & (cell_layer == layer)).nonzero(as_tuple=True)[0]
+            rows_a = (answer_hit & (cell_layer == layer)).nonzero(as_tuple=True)[0]
             pos = self.source.layer_pos(layer)
             rows, vectors = [], []
             if len(rows_l):
@@ -679,6 +713,7 @@ def _patch_into(subject, instances, out_dir, grid, directions, corruption, noise
         attribution_rows: list[dict] = []
         tick = time.time()
         clean_images = [loaded[i.id] for i in chunk]
+        shared = "denoise" in directions and can_share_reference(decoder, grid, semantics)
         if corruption == "question-swap":  # this instance's images and options, the donor's question
             prompts = [subject.prompt_text(i, n_images=len(loaded[i.id]), question=by_id[donor_of[i.id]].question)
                        for i in chunk]
@@ -688,14 +723,20 @@ def _patch_into(subject, instances, out_dir, grid, directions, corruption, noise
                 [loaded.get(donor_of[i.id]) or _safe_images_by_id(instances, donor_of[i.id]) for i in chunk]
             corrupt_batch = subject.encode(chunk, images=corrupt_images)
         clean = reference_run(decoder, subject.encode(chunk, images=clean_images), grid, None)
-        corrupt = reference_run(decoder, corrupt_batch, grid, noise)
+        denoised = None
+        if shared:  # the corrupted run decoded as the trunk of its denoising cells (`reference_with_cells`)
+            corrupt, denoised = reference_with_cells(decoder, subject, chunk, grid, corrupt_batch, clean, noise,
+                                                     max_rows)
+        else:
+            corrupt = reference_run(decoder, corrupt_batch, grid, noise)
         outcomes = {"clean": _outcomes(subject, chunk, clean.result), "corrupt": _outcomes(subject, chunk, corrupt.result)}
         timing["reference"] += time.time() - tick
         for direction in directions:
             tick = time.time()
             base, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
             base_noise = noise if direction == "denoise" else None
-            patched = run_cells(decoder, subject, chunk, grid, base, source, base_noise, semantics, max_rows)
+            patched = run_cells(decoder, subject, chunk, grid, base, source, base_noise, semantics, max_rows,
+                                done=denoised if direction == "denoise" else None)
             for site, per_instance in patched.items():
                 for b, (inst, outcome) in enumerate(zip(chunk, per_instance)):
                     rows.append(_row(subject, inst, b, direction, corruption_name, semantics, site, outcome,
@@ -742,43 +783,106 @@ def _safe_images_by_id(instances, instance_id):
     raise LatentProbeError(f"no donor {instance_id}", "internal: donors come from the same instances")
 
 
-def reference_run(decoder: LatentDecoder, batch, grid: PatchGrid, noise: ImageEmbeddingNoise | None,
-                  prompt_states: bool = True) -> RunStates:
-    """Prefill and decode ``batch`` once (with the corruption's noise when given), copying the states the grid's
-    sites read (see `_StateCapture`); layer 0 is always kept at every latent step (``pin`` feeds it)."""
+def _capture_for(decoder: LatentDecoder, grid: PatchGrid, prompt_states: bool) -> "_StateCapture":
+    """The hooks a reference run of ``grid`` needs; layer 0 is always kept at every latent step (``pin`` feeds it)."""
     layers = tuple(sorted(set(grid.layers) | {0}))
-    from contextlib import ExitStack
-
     group_sites = grid.group_sites()
     whole_phase = any(s.group == "latent" for s in group_sites)
     latent_steps = None if whole_phase else sorted({s.step for s in grid.step_sites()})
     answer = any(s.group == "answer" for s in group_sites)
     prompt = prompt_states and any(s.group in PROMPT_GROUPS for s in group_sites)
+    return _StateCapture(decoder, layers, prompt, latent_steps, answer)
+
+
+def reference_run(decoder: LatentDecoder, batch, grid: PatchGrid, noise: ImageEmbeddingNoise | None,
+                  prompt_states: bool = True) -> RunStates:
+    """Prefill and decode ``batch`` once (with the corruption's noise when given), copying the states the grid's
+    sites read (see `_StateCapture`); layer 0 is always kept at every latent step (``pin`` feeds it)."""
+    from contextlib import ExitStack
+
     with ExitStack() as stack:
         if noise is not None:
             stack.enter_context(noise)
-        capture = stack.enter_context(_StateCapture(decoder, layers, prompt, latent_steps, answer))
+        capture = stack.enter_context(_capture_for(decoder, grid, prompt_states))
         prefill = decoder.prefill(batch)
         result = decoder.decode(prefill)
     return capture.states(result, prefill.batch, prefill)
 
 
+def can_share_reference(decoder: LatentDecoder, grid: PatchGrid, semantics: str) -> bool:
+    """Whether `reference_with_cells` can decode a run being patched together with its cells: recomputed later
+    steps (``pin`` reads the run's own latents while its cells decode), greedy decoding, a ``latent[k]`` cell
+    with k > 0 (its rows join late, so the unedited run is decoded as their trunk) and listeners that follow."""
+    return (semantics == "recompute" and not decoder.config.do_sample and decoder.listeners_follow_joins()
+            and any(s.step for s in grid.step_sites()))
+
+
+def reference_with_cells(decoder: LatentDecoder, subject, chunk: Sequence[Instance], grid: PatchGrid, batch,
+                         source: RunStates, noise: ImageEmbeddingNoise | None, max_rows: int,
+                         prompt_states: bool = True) -> tuple[RunStates, dict[Site, list]]:
+    """The run being patched (``batch``, with the corruption's noise) and its decode-phase cells restored from
+    ``source`` (recompute), in one decode: the run is the trunk its ``latent[k]`` cells join at step k
+    (`LatentDecoder.decode`'s ``join_steps`` and ``keep_trunks``), so it is prefilled once and never decoded on its
+    own; its states are copied from the trunk rows (`_StateCapture`). Returns its `RunStates` (as `reference_run`)
+    and the outcomes of the first ``max_rows`` rows' cells (as `run_cells`; give them back to it as ``done``).
+    Check `can_share_reference` first."""
+    from contextlib import ExitStack
+
+    bsz = len(chunk)
+    cells = _decode_cells(grid)[: max(1, max_rows // bsz)]
+    if not any(c.step for c in cells if c.group == "latent"):  # the first pass has no late joins: no trunk
+        cells = [c for c in _decode_cells(grid) if c.step][:1] + cells[:-1]
+    with ExitStack() as stack:
+        capture = stack.enter_context(_capture_for(decoder, grid, prompt_states))
+        with ExitStack() as prefill_only:
+            if noise is not None:
+                prefill_only.enter_context(noise)
+            prefill = decoder.prefill(batch)
+        patcher = stack.enter_context(DecodePatcher(decoder, cells, source, None))
+        result = decoder.decode(prefill, repeats=len(cells), join_steps=patcher.join_steps(bsz), keep_trunks=True)
+    n_cells = bsz * len(cells)
+    base = capture.states(_take_rows(result, range(n_cells, n_cells + bsz)), prefill.batch, prefill)
+    out = {cell: [_probs_or_none(subject, inst, result.rows[b * len(cells) + c], _site_exists(cell, source, base, b))
+                  for b, inst in enumerate(chunk)] for c, cell in enumerate(cells)}
+    return base, out
+
+
+def _decode_cells(grid: PatchGrid) -> list[Site]:
+    return grid.step_sites() + [s for s in grid.group_sites() if s.group in DECODE_GROUPS]
+
+
+def _take_rows(result: DecodeResult, rows) -> DecodeResult:
+    index = torch.tensor(list(rows), dtype=torch.long)
+    return DecodeResult(rows=[result.rows[r] for r in index.tolist()], sequences=result.sequences[index],
+                        attention_mask=result.attention_mask[index], position_ids=result.position_ids[:, index],
+                        input_kinds=result.input_kinds[index], prompt_length=result.prompt_length,
+                        latent_inputs=result.latent_inputs[index])
+
+
 def run_cells(decoder: LatentDecoder, subject, chunk: Sequence[Instance], grid: PatchGrid, base: RunStates,
-              source: RunStates, base_noise: ImageEmbeddingNoise | None, semantics: str, max_rows: int
-              ) -> dict[Site, list[tuple[list[float] | None, float]]]:
+              source: RunStates, base_noise: ImageEmbeddingNoise | None, semantics: str, max_rows: int,
+              join_late: bool = True, done: dict | None = None) -> dict[Site, list[tuple[list[float] | None, float]]]:
     """Decode ``base`` with each grid site restored from ``source``; per site, per instance: the answer
-    probabilities at the slot and the gold log-odds (None and NaN where the site does not exist there)."""
+    probabilities at the slot and the gold log-odds (None and NaN where the site does not exist there).
+
+    Decode-phase cells run side by side from ``base``'s prefill; with ``join_late`` a ``latent[k]`` cell's rows
+    start at latent step k as copies of the unpatched run (the steps before are that run's: `join_steps` in
+    `LatentDecoder.decode`), which saves the k steps each such row would repeat. Cells in ``done`` (outcomes
+    from `reference_with_cells`) are not run again."""
     from contextlib import ExitStack
 
     bsz = len(chunk)
     per_pass = max(1, max_rows // bsz)
-    out: dict[Site, list] = {}
-    decode_cells = grid.step_sites() + [s for s in grid.group_sites() if s.group in DECODE_GROUPS]
+    out: dict[Site, list] = dict(done or {})
+    decode_cells = [s for s in _decode_cells(grid) if s not in out]
     prompt_cells = [s for s in grid.group_sites() if s.group in PROMPT_GROUPS]
     for start in range(0, len(decode_cells), per_pass):
         cells = decode_cells[start:start + per_pass]
-        with DecodePatcher(decoder, cells, source, base, pin=semantics == "pin"):
-            result = decoder.decode(base.prefill, repeats=len(cells))
+        with DecodePatcher(decoder, cells, source, base, pin=semantics == "pin") as patcher:
+            # a cell at latent step k is the unpatched run before step k: its rows join there (`join_steps`)
+            late = join_late and not decoder.config.do_sample and decoder.listeners_follow_joins()
+            joins = patcher.join_steps(bsz) if late else None
+            result = decoder.decode(base.prefill, repeats=len(cells), join_steps=joins)
         for c, cell in enumerate(cells):
             out[cell] = [_probs_or_none(subject, inst, result.rows[b * len(cells) + c],
                                         _site_exists(cell, source, base, b)) for b, inst in enumerate(chunk)]
@@ -794,7 +898,7 @@ def run_cells(decoder: LatentDecoder, subject, chunk: Sequence[Instance], grid: 
         for c, cell in enumerate(cells):
             out[cell] = [_probs_or_none(subject, inst, result.rows[b * len(cells) + c], (b, c) not in patcher.misaligned)
                          for b, inst in enumerate(chunk)]
-    return out
+    return {cell: out[cell] for cell in _decode_cells(grid) + prompt_cells}  # the grid's order, whoever ran them
 
 
 def _site_exists(cell: Site, source: RunStates, base: RunStates, b: int) -> bool:
