@@ -561,7 +561,9 @@ COLLAPSE_CAPTION = ("Left: raw cosine between instances per latent step (the pap
                     "{margin:g}; an interval wholly below it is `collapsed`.")
 PROBE_CAPTION = ("Probe score, control-task score and selectivity (score - control) of the best layer/step per "
                  "representation (chosen inside the training folds); error bars: fold std (score, control) and "
-                 "the bootstrap 95% CI (selectivity). Dotted: chance; dashed: the selectivity margin {margin:g}.")
+                 "the bootstrap 95% CI (selectivity, a diagnostic). Dotted: chance; dashed: chance + the margin "
+                 "{margin:g}, the line the verdict holds the score's interval against (image_tokens: the image "
+                 "tokens pooled onto a grid, the witness that an attribute is readable at all).")
 
 
 def probe_figures(probes: pd.DataFrame, stem: Path, margin: float) -> dict[str, list]:

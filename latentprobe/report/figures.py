@@ -402,9 +402,10 @@ def plot_probe_bars(probes: pd.DataFrame, path, *, margin: float | None = None) 
                                     yerr=[[max(centre - low, 0)], [max(high - centre, 0)]], color="black",
                                     capsize=3, linewidth=1)
             ax.axhline(rows.chance.mean(), color="grey", linestyle=":", linewidth=1.2, label="chance")
-            if margin is not None:
-                ax.axhline(margin, color="black", linestyle="--", linewidth=1.2,
-                           label=f"selectivity margin {margin:g}")
+            if margin is not None:  # visual_info reads the score over chance against the margin
+                ax.axhline(rows.chance.mean() + margin, color="black", linestyle="--", linewidth=1.2,
+                           label=f"chance + margin {margin:g} (the verdict's line for the score)")
+            ax.set_xticks(ax.get_xticks(), [t.get_text().replace("_", "\n") for t in ax.get_xticklabels()])
             ax.set_ylabel(_metric_label(rows.metric.iloc[0]))
             ax.set_xlabel("representation (best cell, chosen in training folds)")
             name = " / ".join(part for part in (subject, attribute) if part)

@@ -101,8 +101,10 @@ def verdict_collapse(similarity: pd.DataFrame | None, subject: str, *, margin: f
     mine = similarity[similarity.subject == subject]
     rows = mine[(mine.statistic == "collapse_ratio") & (mine.representation == "latent")]
     if rows.empty:
-        return Verdict(subject, "collapse", NOT_MEASURED, rule=rule,
-                       evidence="no collapse_ratio rows (a similarity table made before issue 18)")
+        why = ("no latent states of this subject in the similarity table (a subject without latent tokens, such as a "
+               "text mediator or a plain model)" if mine.empty else
+               "no collapse_ratio rows (a similarity table made before issue 18)")
+        return Verdict(subject, "collapse", NOT_MEASURED, rule=rule, evidence=why)
     kind = rows.yardstick if "yardstick" in rows.columns else pd.Series(SINGLE_TOKEN, index=rows.index)
     available = list(dict.fromkeys(rows.reference))
     if baseline is None:

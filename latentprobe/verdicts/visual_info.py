@@ -186,7 +186,8 @@ def verdict_visual_info(probes: pd.DataFrame | None, subject: str, *, margin: fl
         + ("not measured" if v["baseline_estimate"] is None else
            f"{_fmt(v['baseline_estimate'])} (lower bound {_fmt(v['baseline_ci_low'])})")
         + f", selectivity {_fmt(v['selectivity'])} (diagnostic) -> {v['verdict']}" for a, v in per_attribute.items())
-    evidence = f"{chosen['capacity']}; margin {margin:g} over chance. " + evidence
+    # the per-attribute results first: the report's matrix shows the evidence's opening words
+    evidence = evidence + f". Probe: {chosen['capacity']}; margin {margin:g} over chance."
     interval_method = ("repeated grouped CV, corrected resampled t (Nadeau & Bengio), unconditional" if unconditional
                        else f"BCa bootstrap over instances ({confidence:.0%}), conditional on the fitted probes")
     return Verdict(subject, "visual_info", verdict, rule=rule, margin=margin, estimate=chosen["estimate"],
