@@ -113,10 +113,16 @@ def _paired_ratio(numerator, denominator, alpha, n_boot, seed) -> tuple[float, f
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.mean(x, axis=axis) / np.mean(y, axis=axis)
 
+    return _bca((numerator, denominator), ratio, alpha, n_boot, seed, paired=True)
+
+
+def _bca(data: tuple, statistic, alpha: float, n_boot: int, seed: int, **options) -> tuple[float, float]:
+    """``scipy.stats.bootstrap``'s BCa interval of a vectorised ``statistic``; the percentile interval of the finite
+    draws where BCa's acceleration is undefined (a degenerate jackknife)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = stats.bootstrap((numerator, denominator), ratio, paired=True, vectorized=True, n_resamples=n_boot,
-                                 confidence_level=1 - alpha, method="BCa", rng=np.random.default_rng(seed))
+        result = stats.bootstrap(data, statistic, vectorized=True, n_resamples=n_boot, confidence_level=1 - alpha,
+                                 method="BCa", rng=np.random.default_rng(seed), **options)
     low, high = (float(v) for v in result.confidence_interval)
     if not (math.isfinite(low) and math.isfinite(high)):
         draws = result.bootstrap_distribution[np.isfinite(result.bootstrap_distribution)]
@@ -240,16 +246,7 @@ def _refitted_interval(wx, wy, halves, seed: int, alpha: float, n_boot: int) -> 
         np.add.at(counts, (np.repeat(np.arange(len(flat)), flat.shape[1]), flat.ravel()), 1.0)
         return _cross_fitted_ratios(wx, wy, counts, halves)[0].reshape(rows.shape[:-1])
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = stats.bootstrap((np.arange(n),), ratio, vectorized=True, n_resamples=n_boot,
-                                 confidence_level=1 - alpha, method="BCa", rng=np.random.default_rng(seed))
-    low, high = (float(v) for v in result.confidence_interval)
-    if not (math.isfinite(low) and math.isfinite(high)):
-        draws = result.bootstrap_distribution[np.isfinite(result.bootstrap_distribution)]
-        if len(draws):
-            low, high = (float(v) for v in np.quantile(draws, [alpha / 2, 1 - alpha / 2]))
-    return low, high
+    return _bca((np.arange(n),), ratio, alpha, n_boot, seed)
 
 
 def spread_beyond_noise(latents, floor, *, alpha: float = 0.05, n_boot: int = 1000, seed: int = 0) -> dict:
