@@ -220,7 +220,7 @@ def train_text_organism(name: str, out_dir: str | Path | None = None, seed: int 
     sets torch's intra-op threads for the call (one: fastest at this size, and reproducible)."""
     import dataclasses
 
-    from .training import TrainResult
+    from .training import TrainResult, optimisation_step
 
     recipe = dataclasses.replace(get_text_recipe(name), **recipe_overrides)
     steps = recipe.steps if steps is None else steps
@@ -256,14 +256,7 @@ def train_text_organism(name: str, out_dir: str | Path | None = None, seed: int 
                 for group in optimiser.param_groups:
                     group["lr"] = _learning_rate(step, steps, learning_rate)
                 terms = losses(subject, recipe, rows, text_unroll(subject, recipe, rows, decoder))
-                loss = sum(terms.values())
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimiser.step()
-                if step % 50 == 0 or step == steps - 1:
-                    history.append({"step": step, "loss": float(loss.detach()),
-                                    **{k: float(v.detach()) for k, v in terms.items()}})
+                loss = optimisation_step(optimiser, params, terms, step, steps, history)
                 if eval_every and (step + 1) % eval_every == 0:
                     model.eval()
                     accuracy = own_eval(subject, recipe, test_rows)

@@ -302,6 +302,19 @@ def own_eval(subject: Subject, recipe: OrganismRecipe, rows: EncodedRows, batch_
 
 
 # ----------------------------------------------------------------------------------------------- training
+def optimisation_step(optimiser, params, terms: dict, step: int, steps: int, history: list) -> torch.Tensor:
+    """One step on the sum of the loss ``terms`` (gradients clipped to norm 1), logged every 50 steps and at the
+    last; shared by the image and the text organisms."""
+    loss = sum(terms.values())
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimiser.step()
+    if step % 50 == 0 or step == steps - 1:
+        history.append({"step": step, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}})
+    return loss
+
+
 def _learning_rate(step: int, total: int, peak: float, warmup: int = 50) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -376,14 +389,7 @@ def _train(name, out_dir, seed, data_seed, n, steps, batch_size, learning_rate, 
                 group["lr"] = _learning_rate(step, steps, learning_rate)
             out = organism_unroll(subject, recipe, rows, decoder)
             terms = losses(subject, recipe, rows, out, align=step < align_until)
-            loss = sum(terms.values())
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimiser.step()
-            if step % 50 == 0 or step == steps - 1:
-                history.append({"step": step, "loss": float(loss.detach()),
-                                **{k: float(v.detach()) for k, v in terms.items()}})
+            loss = optimisation_step(optimiser, params, terms, step, steps, history)
             if eval_every and (step + 1) % eval_every == 0:
                 model.eval()
                 acc = own_eval(subject, recipe, test_rows)["accuracy"]
