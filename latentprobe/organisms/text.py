@@ -19,7 +19,6 @@ gives bit-identical weights with the same torch version and thread count (both r
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -200,13 +199,6 @@ def own_eval(subject: Subject, recipe: TextOrganismRecipe, rows: EncodedRows, ba
 
 
 # ------------------------------------------------------------------------------------------------- training
-def _learning_rate(step: int, total: int, peak: float, warmup: int = 100) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def train_text_organism(name: str, out_dir: str | Path | None = None, seed: int = 0, *, data_seed: int = 0,
                         steps: int | None = None, batch_size: int | None = None, learning_rate: float | None = None,
                         n_train: int | None = None, eval_every: int = 0, threads: int | None = 1, log=None,
@@ -220,7 +212,7 @@ def train_text_organism(name: str, out_dir: str | Path | None = None, seed: int 
     sets torch's intra-op threads for the call (one: fastest at this size, and reproducible)."""
     import dataclasses
 
-    from .training import TrainResult, optimisation_step
+    from .training import TrainResult, _learning_rate, optimisation_step
 
     recipe = dataclasses.replace(get_text_recipe(name), **recipe_overrides)
     steps = recipe.steps if steps is None else steps
@@ -254,7 +246,7 @@ def train_text_organism(name: str, out_dir: str | Path | None = None, seed: int 
                 rows = train_rows.select(order[cursor:cursor + batch_size])
                 cursor += batch_size
                 for group in optimiser.param_groups:
-                    group["lr"] = _learning_rate(step, steps, learning_rate)
+                    group["lr"] = _learning_rate(step, steps, learning_rate, warmup=100)  # text: a longer warmup
                 terms = losses(subject, recipe, rows, text_unroll(subject, recipe, rows, decoder))
                 loss = optimisation_step(optimiser, params, terms, step, steps, history)
                 if eval_every and (step + 1) % eval_every == 0:
