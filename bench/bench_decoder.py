@@ -274,6 +274,7 @@ def bench_long(subject, args, budget):
                    "forward_s": [run["parts"]["model forward"] for run in kv_runs],
                    "attention_s": [run["parts"]["attention kernel"] for run in kv_runs]}
     total_ratio = C.median(out["preallocated"]["total_s"]) / C.median(out["dynamic"]["total_s"])
+    floor = _attention_read_floor(plain.model, batch, args, out["preallocated"]["parts"], window)
     rows = []
     for part in out["preallocated"]["parts"]:
         d, p = out["dynamic"]["parts"][part], out["preallocated"]["parts"][part]
@@ -289,12 +290,59 @@ def bench_long(subject, args, budget):
                   rows, ["part", "Dynamic ms first->last", "Dynamic last/first", "prealloc ms first->last",
                          "prealloc last/first", "target", "met"])
     print(f"whole run, preallocated / DynamicCache: {total_ratio:.3f}x the time")
+    print(f"attention's read floor: the keys and values it must read per step grow {floor['bytes_last_mb']:.1f} / "
+          f"{floor['bytes_first_mb']:.1f} MB; at the measured read bandwidth ({floor['read_gb_per_s']:.1f} GB/s, one "
+          f"thread) that is {floor['floor_first_ms']:.2f} -> {floor['floor_last_ms']:.2f} ms, so with attention at "
+          f"that floor and the rest of the step as measured, last / first = {floor['ratio_at_floor']:.3f} (the "
+          f"kernel runs at {floor['kernel_share_of_floor_last']:.0%} of it at the end)")
     whole = out["preallocated"]["parts"]["whole step"]
-    return {"ratio_last_over_first": whole["ratio_last_over_first"],
+    return {"attention_read_floor": floor, "ratio_last_over_first": whole["ratio_last_over_first"],
             "ratio_last_over_first_dynamic": out["dynamic"]["parts"]["whole step"]["ratio_last_over_first"],
             "total_time_preallocated_over_dynamic": total_ratio, "by_cache": out, "target": "<= 1.10",
             "met": whole["ratio_last_over_first"] <= 1.10, "runs": len(runs["preallocated"]),
             "new_tokens": args.long_tokens, "batch": args.batch, "prompt_length": int(batch.input_ids.shape[1])}
+
+
+def _attention_read_floor(model, batch, args, parts, window) -> dict:
+    """What attention alone must cost along a long output: each decode step reads every cached key and value of
+    every layer once (no kernel reads less), so its floor is those bytes over the machine's read bandwidth,
+    measured here by summing buffers of the same total size (one thread, as the timed runs). Returns the floor
+    at the medians of the first and last ``window`` steps and the whole-step ratio the decoder would reach with
+    attention at that floor and every other part as measured."""
+    import statistics
+
+    text = model.config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    element = torch.empty((), dtype=model.dtype).element_size()
+    prompt = int(batch.input_ids.shape[1])
+    per_position = 2 * text.num_hidden_layers * args.batch * text.num_key_value_heads * head_dim * element
+
+    def kv_bytes(steps):  # the median step of a window: prompt + generated positions at that step
+        return per_position * (prompt + statistics.median(steps))
+
+    first_bytes, last_bytes = kv_bytes(range(1, window + 1)), kv_bytes(range(args.long_tokens - window,
+                                                                              args.long_tokens))
+    # one buffer per layer and side, as the cache holds them, summed in turn: a read of every byte once
+    buffers = [torch.ones(int(last_bytes // element // (2 * text.num_hidden_layers)), dtype=model.dtype,
+                          device=args.device) for _ in range(2 * text.num_hidden_layers)]
+    clock = C.timer(C.resolve_clock(args))
+    times = []
+    for _ in range(15):
+        C.sync(args.device)
+        t0 = clock()
+        for buffer in buffers:
+            buffer.sum()
+        C.sync(args.device)
+        times.append(clock() - t0)
+    bandwidth = last_bytes / C.median(times[3:])
+    floor_first, floor_last = first_bytes / bandwidth, last_bytes / bandwidth
+    rest_first = (parts["whole step"]["first_100_ms"] - parts["attention kernel"]["first_100_ms"]) / 1e3
+    rest_last = (parts["whole step"]["last_100_ms"] - parts["attention kernel"]["last_100_ms"]) / 1e3
+    return {"bytes_first_mb": first_bytes / 1e6, "bytes_last_mb": last_bytes / 1e6, "read_gb_per_s": bandwidth / 1e9,
+            "floor_first_ms": floor_first * 1e3, "floor_last_ms": floor_last * 1e3,
+            "ratio_at_floor": (rest_last + floor_last) / (rest_first + floor_first),
+            "ratio_without_attention": rest_last / rest_first,
+            "kernel_share_of_floor_last": floor_last / (parts["attention kernel"]["last_100_ms"] / 1e3)}
 
 
 def bench_syncs(subject, args, budget):
@@ -386,6 +434,9 @@ def main():
         summary["long_last_over_first_steps"] = results["long"]["ratio_last_over_first"]
         summary["long_last_over_first_steps_dynamic_cache"] = results["long"]["ratio_last_over_first_dynamic"]
         summary["targets"]["long_last_over_first_steps"] = "<= 1.10"
+        floor = results["long"]["attention_read_floor"]
+        summary["long_last_over_first_steps_attention_at_read_floor"] = floor["ratio_at_floor"]
+        summary["long_last_over_first_steps_without_attention"] = floor["ratio_without_attention"]
     if "syncs" in results:
         summary["syncs_per_step"] = results["syncs"]["per_step"]
     C.write_results("bench_decoder", args, shape,

@@ -717,7 +717,8 @@ def _cmd_report(args):
     labels = [v.strip() for v in args.labels.split(",") if v.strip()]
     kinds = [run_kind(run) for run in args.runs]  # a folder no command wrote is refused before anything is built
     with fresh_output(args.out, args.overwrite, args.runs) as staging:
-        build_report(args.runs, staging, attributes=labels, seed=args.seed, n_boot=args.bootstrap)
+        build_report(args.runs, staging, attributes=labels, seed=args.seed, n_boot=args.bootstrap,
+                     say=lambda line: print(line, file=sys.stderr))
     out = Path(args.out)
     lines = verdict_lines(out / "verdicts.csv")
     lines.append("")

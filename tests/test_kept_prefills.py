@@ -69,6 +69,29 @@ def test_the_budget_bounds_what_is_kept(tiny_subject):
     assert store.nbytes == 0
 
 
+def test_at_most_kept_prefill_batches_are_kept_so_memory_is_flat_in_instances(tiny_subject, tmp_path, monkeypatch):
+    # 7 batches of one instance: only the first KEPT_PREFILL_BATCHES save their prefill, the rest prefill again
+    monkeypatch.setattr(kept_prefills, "KEPT_PREFILL_BATCHES", 2)
+    with DecodeCounter() as kept:
+        intervene(tiny_subject, builtin_instances(7), _edits(), tmp_path / "capped", batch_size=1, n_boot=20)
+    monkeypatch.setattr(kept_prefills, "KEPT_PREFILL_BYTES", 0)
+    with DecodeCounter() as fresh:
+        intervene(tiny_subject, builtin_instances(7), _edits(), tmp_path / "none", batch_size=1, n_boot=20)
+    assert fresh.prefill_rows - kept.prefill_rows == 2
+    store = kept_prefills.KeptPrefills(budget=2**40, max_batches=1)
+    assert store.keep(["a"], _FakePrefill(), {}) and not store.keep(["b"], _FakePrefill(), {})
+
+
+class _FakePrefill:
+    """A prefill with no tensors (0 bytes): only the batch count can refuse it."""
+
+    class cache:  # noqa: N801
+        layers = ()
+
+    batch = None
+    hidden = position_ids = start_pending = None
+
+
 @pytest.mark.parametrize("image_states", ["all", "mean"])
 def test_the_clean_pass_keeps_every_image_token_when_asked_and_the_edits_their_mean(tiny_subject, tmp_path,
                                                                                     image_states):

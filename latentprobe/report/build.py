@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -65,47 +66,72 @@ def collapse_study(run_dirs: Sequence[str | Path], out_dir: str | Path, *, seed:
     Figures: ``made["collapse"]`` is the figure the verdict reads (every subject's spread ratio per step, with
     ``margin`` drawn), as (path, caption); ``made["appendix"]`` the per-subject views (raw cosine heatmaps, the
     curves by step, the similarity between steps)."""
-    out_dir = Path(out_dir)
     tables, made = [], {"collapse": [], "appendix": []}
     for run_dir in run_dirs:
-        store = TraceStore(run_dir)
-        subject = store.manifest.get("subject_name", Path(run_dir).name)
-        frame = _latent_records(store)
-        latents = store.latent_array(frame.record_id)
-        baselines = {}
-        for name in ("image_mean", "prompt_last"):
-            if all(name in tensors for tensors in frame.tensors):
-                baselines[name] = store.state_array(frame.record_id, name)
-        single, pool = _single_image_tokens(store, frame, seed)
-        floor = _latent_placebo_floor(floor_runs, subject, list(frame.instance_id), latents.shape[1])
-        table = similarity_table(latents, baselines, subject, seed=seed, n_boot=n_boot,
-                                 single_tokens={"image_token": single} if single is not None else None,
-                                 token_pool=pool, floor=floor)
+        table, appendix = subject_collapse(run_dir, out_dir, seed=seed, n_boot=n_boot, floor_runs=floor_runs)
         tables.append(table)
-        stem = out_dir / _safe(subject)
-        # The paper's view: raw cosine between instances per step. The verdict reads the spread rows instead.
-        made["appendix"].append((fig.plot_similarity_by_step(table, f"{stem}-similarity-by-step", subject=subject)[0],
-                                 f"{subject}: raw cosine between instances and relative spread per latent step, "
-                                 "against the image-token and prompt baselines (95% bootstrap bands)."))
-        made["appendix"].append((fig.plot_similarity_heatmaps(inter_instance_similarity(latents),
-                                                              f"{stem}-heatmaps-raw",
-                                                              title=f"{subject}: raw cosine similarity between "
-                                                                    "instances")[0],
-                                 f"{subject}: raw cosine similarity between every pair of instances, one panel per "
-                                 "latent step."))
-        made["appendix"].append((fig.plot_intra_instance_heatmap(intra_instance_similarity(latents), f"{stem}-intra",
-                                                                 title=f"{subject}: similarity between latent "
-                                                                       "steps")[0],
-                                 f"{subject}: cosine similarity between the latent steps of one instance, averaged "
-                                 "over instances."))
+        made["appendix"] += appendix
+    made["collapse"] = collapse_comparison(tables, out_dir, margin)
+    return pd.concat(tables, ignore_index=True), made
+
+
+def subject_collapse(run_dir: str | Path, out_dir: str | Path, *, seed: int = 0, n_boot: int = 1000,
+                     floor_runs: Sequence[str | Path] = ()) -> tuple[pd.DataFrame, list]:
+    """One subject's part of `collapse_study`: its similarity table and its appendix figures (path, caption)."""
+    out_dir = Path(out_dir)
+    store = TraceStore(run_dir)
+    subject = store.manifest.get("subject_name", Path(run_dir).name)
+    frame = _latent_records(store)
+    latents = store.latent_array(frame.record_id)
+    baselines = {}
+    for name in ("image_mean", "prompt_last"):
+        if all(name in tensors for tensors in frame.tensors):
+            baselines[name] = store.state_array(frame.record_id, name)
+    single, pool = _single_image_tokens(store, frame, seed)
+    floor = _latent_placebo_floor(floor_runs, subject, list(frame.instance_id), latents.shape[1])
+    table = similarity_table(latents, baselines, subject, seed=seed, n_boot=n_boot,
+                             single_tokens={"image_token": single} if single is not None else None,
+                             token_pool=pool, floor=floor)
+    stem = out_dir / _safe(subject)
+    # The paper's view: raw cosine between instances per step. The verdict reads the spread rows instead.
+    appendix = [(fig.plot_similarity_by_step(table, f"{stem}-similarity-by-step", subject=subject)[0],
+                 f"{subject}: raw cosine between instances and relative spread per latent step, "
+                 "against the image-token and prompt baselines (95% bootstrap bands)."),
+                (fig.plot_similarity_heatmaps(inter_instance_similarity(latents), f"{stem}-heatmaps-raw",
+                                              title=f"{subject}: raw cosine similarity between instances")[0],
+                 f"{subject}: raw cosine similarity between every pair of instances, one panel per latent step."),
+                (fig.plot_intra_instance_heatmap(intra_instance_similarity(latents), f"{stem}-intra",
+                                                 title=f"{subject}: similarity between latent steps")[0],
+                 f"{subject}: cosine similarity between the latent steps of one instance, averaged over instances.")]
+    return table, appendix
+
+
+def collapse_comparison(tables: Sequence[pd.DataFrame], out_dir: str | Path, margin: float | None) -> list:
+    """Every subject's spread ratio per step in one figure (the one the verdict reads), as [(path, caption)], and
+    the combined similarity table written beside it."""
+    out_dir = Path(out_dir)
     combined = pd.concat(tables, ignore_index=True)
+    made = []
     try:
         paths = fig.plot_subject_comparison(combined, out_dir / "subjects-similarity", margin=margin)
-        made["collapse"].append((paths[0], COLLAPSE_CAPTION.format(margin=margin if margin is not None else 0.1)))
+        made.append((paths[0], COLLAPSE_CAPTION.format(margin=margin if margin is not None else 0.1)))
     except LatentProbeError as exc:
         log.warning("no collapse comparison figure: %s", exc)
     _write_table(combined, out_dir / "similarity")
-    return combined, made
+    return made
+
+
+def _analyse_subject(job: dict) -> dict:
+    """One subject's collapse and probes for `build_report`."""
+    started = time.time()
+    similarity, appendix = subject_collapse(job["run_dir"], job["figure_dir"], seed=job["seed"],
+                                            n_boot=job["n_boot"], floor_runs=job["floor_runs"])
+    probes = None
+    if job["attributes"]:
+        probes, _ = probe_study(job["run_dir"], job["attributes"], job["figure_dir"], seed=job["seed"], figures=False,
+                                **job["probe_kwargs"])
+    return {"subject": str(similarity.subject.iloc[0]) if len(similarity) else str(job["run_dir"]),
+            "similarity": similarity, "appendix": appendix, "probes": probes, "seconds": time.time() - started}
 
 
 def _single_image_tokens(store: TraceStore, frame: pd.DataFrame, seed: int, max_pool: int = 20000):
@@ -449,7 +475,7 @@ def _when(created) -> str:
 
 def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attributes: Sequence[str] = (),
                  seed: int = 0, n_boot: int = 1000, title: str | None = None,
-                 probe_kwargs: dict | None = None, margins=None) -> tuple[Path, Path]:
+                 probe_kwargs: dict | None = None, margins=None, say=None) -> tuple[Path, Path]:
     """Everything measured in ``run_dirs`` (trace, intervene, patch, ground and lens folders) into report.md and
     report.html, with verdicts.csv (one decision per subject x finding, columns ``verdicts.VERDICT_COLUMNS``) and
     verdict-rows.csv (every row each verdict combined, with its own decision).
@@ -489,17 +515,18 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
     usable = list(first_with_latents.values())
     similarity = probes = None
     if usable:
-        similarity, made = collapse_study(usable, figure_dir, seed=seed, n_boot=n_boot, margin=margins.collapse,
-                                         floor_runs=run_dirs)
-        figures["collapse"] = made["collapse"]
-        figures["appendix"] = made["appendix"]
+        analysed = []
+        for run_dir in usable:
+            analysed.append(_analyse_subject(dict(run_dir=str(run_dir), figure_dir=str(figure_dir), seed=seed,
+                                                  n_boot=n_boot, floor_runs=run_dirs, attributes=list(attributes),
+                                                  probe_kwargs=dict(probe_kwargs or {}))))
+            if say is not None:
+                say(f"report    {analysed[-1]['subject']:<11} collapse and probes ({analysed[-1]['seconds']:.0f}s)")
+        similarity = pd.concat([a["similarity"] for a in analysed], ignore_index=True)
+        figures["collapse"] = collapse_comparison([a["similarity"] for a in analysed], figure_dir, margins.collapse)
+        figures["appendix"] = [item for a in analysed for item in a["appendix"]]
         if attributes:
-            tables = []
-            for run_dir in usable:
-                table, made = probe_study(run_dir, attributes, figure_dir, seed=seed, figures=False,
-                                          **(probe_kwargs or {}))
-                tables.append(table)
-            probes = pd.concat(tables, ignore_index=True)
+            probes = pd.concat([a["probes"] for a in analysed], ignore_index=True)
             _write_table(probes, figure_dir / "probes")  # every subject's rows (each study wrote only its own)
             made = probe_figures(probes, figure_dir / "probes", margin=margins.visual_info)
             figures["visual_info"] = made["visual_info"]

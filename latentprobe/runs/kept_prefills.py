@@ -4,8 +4,10 @@ An intervention run decodes every clean instance first (the edits need every don
 latent statistics), then edits batch by batch, and most edits decode from the clean prompt's prefill (nothing a
 latent edit does can change the prompt's keys and values). Keeping the clean pass's prefill of a batch saves
 prefilling the same prompts again for its edits. Kept prefills hold their keys and values (on the model's
-device) until their batch is edited, so they are kept up to a byte budget, in the order the edits will take them;
-a batch over the budget, a batch the clean pass split (an isolated failure, an out-of-memory halving) or a resumed
+device) until their batch is edited, so they are kept up to a budget, in the order the edits will take them: at
+most `KEPT_PREFILL_BATCHES` batches and `KEPT_PREFILL_BYTES` bytes, so a run's memory stays flat in the number of
+instances (the first batches of a large run are saved a prefill, a small study every batch). A batch over the
+budget, a batch the clean pass split (an isolated failure, an out-of-memory halving) or a resumed
 run's batches are prefilled again, as before.
 """
 
@@ -21,6 +23,9 @@ import torch
 # the first such batch (its edits come first) and every batch of a small model, without holding a whole large
 # study's prompts on the accelerator.
 KEPT_PREFILL_BYTES = 2**30
+# A bound on the count as well: bytes alone would let a small model keep every batch of a large run (1,024
+# instances of the tiny subject: 230 MiB more than 64 instances, bench/bench_memory.py).
+KEPT_PREFILL_BATCHES = 4
 
 
 @dataclass
@@ -33,10 +38,11 @@ class KeptPrefill:
 
 
 class KeptPrefills:
-    """Clean prefills by the instance ids of their batch, within ``budget`` bytes."""
+    """Clean prefills by the instance ids of their batch, within ``budget`` bytes and ``max_batches`` batches."""
 
-    def __init__(self, budget: int | None = None):
+    def __init__(self, budget: int | None = None, max_batches: int | None = None):
         self.budget = KEPT_PREFILL_BYTES if budget is None else budget
+        self.max_batches = KEPT_PREFILL_BATCHES if max_batches is None else max_batches
         self._kept: dict[tuple[str, ...], KeptPrefill] = {}
         self.reused = 0  # batches whose edits decoded from a kept prefill (for tests and benchmarks)
 
@@ -46,6 +52,8 @@ class KeptPrefills:
 
     def keep(self, instance_ids: Sequence[str], prefill, prompt_states: dict) -> bool:
         """Keep ``prefill`` for the batch ``instance_ids`` if it fits the budget; returns whether it was kept."""
+        if len(self._kept) >= self.max_batches:
+            return False
         size = prefill_nbytes(prefill) + _tensor_bytes(prompt_states)
         if self.nbytes + size > self.budget:
             return False

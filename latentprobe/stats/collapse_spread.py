@@ -47,6 +47,7 @@ from scipy import stats
 
 from ..errors import LatentProbeError
 from .latent_effect import group_spread
+from .parallel import map_in_threads
 
 _NUMERICAL_ZERO = 1e-10
 
@@ -213,8 +214,7 @@ def _cross_fitted_ratios(wx: np.ndarray, wy: np.ndarray, weights: np.ndarray, ha
     of the weighted fitted half (as many as their participation ratio) are found, and the other half's weighted
     spread of latents and tokens along them is summed; the ratio is latents over tokens. Returns the ratios and
     the mean number of directions used, (B,) each."""
-    ratios, dims = np.full(len(weights), math.nan), np.full(len(weights), math.nan)
-    for start in range(0, len(weights), chunk):
+    def one_chunk(start: int) -> tuple[np.ndarray, np.ndarray]:
         w = weights[start:start + chunk]
         numerator, denominator, used = np.zeros(len(w)), np.zeros(len(w)), np.zeros(len(w))
         for fit, held in (halves, halves[::-1]):
@@ -228,9 +228,13 @@ def _cross_fitted_ratios(wx: np.ndarray, wy: np.ndarray, weights: np.ndarray, ha
                 out += ((along ** 2).sum(axis=1) * keep).sum(axis=1) / k
             used += k / 2
         with np.errstate(invalid="ignore", divide="ignore"):
-            ratios[start:start + chunk] = np.where(denominator > 0, numerator / denominator, math.nan)
-        dims[start:start + chunk] = used
-    return ratios, dims
+            return np.where(denominator > 0, numerator / denominator, math.nan), used
+
+    # chunks are independent (the eigendecompositions release the GIL): side by side, same result in any order
+    parts = map_in_threads(one_chunk, range(0, len(weights), chunk))
+    if not parts:
+        return np.full(0, math.nan), np.full(0, math.nan)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def _refitted_interval(wx, wy, halves, seed: int, alpha: float, n_boot: int) -> tuple[float, float]:

@@ -356,7 +356,7 @@ def _relative_spread_from_counts(counts: np.ndarray, gram: np.ndarray) -> np.nda
     """
     m = counts.sum(axis=1)
     diagonal = np.diag(gram)
-    pair_sums = np.einsum("bi,ij,bj->b", counts, gram, counts) - (counts**2) @ diagonal
+    pair_sums = ((counts @ gram) * counts).sum(axis=1) - (counts**2) @ diagonal  # c' G c per row, through BLAS
     pair_counts = m**2 - (counts**2).sum(axis=1)
     square_norms = counts @ diagonal / m
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -263,7 +263,7 @@ def run_study(config: StudyConfig, out_dir: str | Path, *, resume: bool = False,
                         alphas=tuple(config.probe_alphas), n_permutations=config.probe_permutations)
     md, html = build_report(runs, report_dir, attributes=attributes, seed=config.seed, n_boot=config.bootstrap,
                             probe_kwargs=probe_kwargs, margins=config.margins_object(),
-                            title=title or f"latentprobe study: {', '.join(config.subjects)}")
+                            title=title or f"latentprobe study: {', '.join(config.subjects)}", say=say)
     if result.maps:
         _append_maps_section(md, [m for m in result.maps if m.exists()])
     result.stages_run.append("report")

@@ -104,7 +104,7 @@ def run_text_demo(out_dir: str | Path, *, n_instances: int = DEFAULT_INSTANCES, 
     md, html = build_report(runs, report_dir, attributes=attributes, seed=seed, n_boot=n_boot,
                             probe_kwargs=fast_probes, margins=margins,
                             title="latentprobe demo --text: do the text organisms' latent steps carry the question "
-                                  "to the answer?")
+                                  "to the answer?", say=say)
     truth = write_text_truth(report_dir, subjects)
     return {"report_md": md, "report_html": html, "runs": runs, "seconds": time.time() - started,
             "verdicts": report_dir / "verdicts.csv", "truth": truth}
