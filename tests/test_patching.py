@@ -280,3 +280,38 @@ def test_a_bad_bootstrap_count_is_refused_before_the_model_runs(subjects, held_o
     monkeypatch.setattr(decoding.LatentDecoder, "prefill", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
     with pytest.raises(LatentProbeError, match="n_boot must be an integer >= 1"):
         patch_map(_subject(subjects, "bottleneck"), held_out[:4], None, n_boot=n_boot)
+
+
+def test_a_map_holds_only_its_chunks_images_never_the_datasets(subjects, held_out, monkeypatch):
+    """Issue 22 (memory flat in the number of instances): patch_map read every instance's images up front and kept
+    them to the end (1,024 instances: 1.15x the peak of 64); now it reads a chunk's own and its donors' images when
+    the chunk runs, so at most two chunks' worth are alive at any prefill."""
+    import gc
+    import weakref
+
+    import latentprobe.where.patching as patching
+
+    alive, most = weakref.WeakSet(), [0]
+
+    class Images(list):  # a list that a WeakSet can hold (by identity)
+        __hash__ = object.__hash__
+
+    real_load = patching.load_images
+
+    def tracked_load(instance):
+        images = Images(real_load(instance))
+        alive.add(images)
+        return images
+
+    real_prefill = LatentDecoder.prefill
+
+    def counting_prefill(self, *args, **kwargs):
+        gc.collect()
+        most[0] = max(most[0], len(alive))
+        return real_prefill(self, *args, **kwargs)
+
+    monkeypatch.setattr(patching, "load_images", tracked_load)
+    monkeypatch.setattr(LatentDecoder, "prefill", counting_prefill)
+    subject = _subject(subjects, "bottleneck")
+    patch_map(subject, held_out[:24], layers=[0], steps=[0], groups=[], batch_size=4, n_boot=20, attribution=False, directions=("denoise",))
+    assert 0 < most[0] <= 2 * 4, most[0]  # one chunk's clean images and its donors' (24 instances in 6 chunks)

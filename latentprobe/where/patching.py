@@ -680,9 +680,8 @@ def _patch_into(subject, instances, out_dir, grid, directions, corruption, noise
     donors = derangement(len(instances), seed) if swaps else list(range(len(instances)))
     by_id = {inst.id: inst for inst in instances}
     failures: list[tuple[str, str]] = []
-    loaded: dict[str, list] = {}
     usable = []
-    for inst in instances:
+    for inst in instances:  # each image read once here to refuse the unreadable; kept only for its own chunk
         images = _safe_images(inst)
         if images is None:
             failures.append((inst.id, "unreadable image"))
@@ -690,8 +689,8 @@ def _patch_into(subject, instances, out_dir, grid, directions, corruption, noise
         if not images and corruption in IMAGE_CORRUPTIONS:
             failures.append((inst.id, "no image to corrupt"))
             continue
-        loaded[inst.id] = images
         usable.append(inst)
+        del images  # holding every instance's decoded images made memory grow with the dataset
     if not usable:
         raise LatentProbeError("no instance has a readable image to corrupt",
                                "check the data's image paths" if corruption in IMAGE_CORRUPTIONS else
@@ -712,15 +711,15 @@ def _patch_into(subject, instances, out_dir, grid, directions, corruption, noise
         rows: list[dict] = []
         attribution_rows: list[dict] = []
         tick = time.time()
-        clean_images = [loaded[i.id] for i in chunk]
+        clean_images = [_images_by_id(by_id, i.id) for i in chunk]
         shared = "denoise" in directions and can_share_reference(decoder, grid, semantics)
         if corruption == "question-swap":  # this instance's images and options, the donor's question
-            prompts = [subject.prompt_text(i, n_images=len(loaded[i.id]), question=by_id[donor_of[i.id]].question)
-                       for i in chunk]
+            prompts = [subject.prompt_text(i, n_images=len(images), question=by_id[donor_of[i.id]].question)
+                       for i, images in zip(chunk, clean_images)]
             corrupt_batch = subject.encode(chunk, images=clean_images, prompts=prompts)
         else:
             corrupt_images = clean_images if noise is not None else \
-                [loaded.get(donor_of[i.id]) or _safe_images_by_id(instances, donor_of[i.id]) for i in chunk]
+                [_images_by_id(by_id, donor_of[i.id]) for i in chunk]
             corrupt_batch = subject.encode(chunk, images=corrupt_images)
         clean = reference_run(decoder, subject.encode(chunk, images=clean_images), grid, None)
         denoised = None
@@ -773,14 +772,16 @@ def _patch_into(subject, instances, out_dir, grid, directions, corruption, noise
     return result
 
 
-def _safe_images_by_id(instances, instance_id):
-    for inst in instances:
-        if inst.id == instance_id:
-            images = _safe_images(inst)
-            if images is None:
-                raise LatentProbeError(f"the donor image of {instance_id} cannot be read", "fix the data's image paths")
-            return images
-    raise LatentProbeError(f"no donor {instance_id}", "internal: donors come from the same instances")
+def _images_by_id(by_id: dict, instance_id):
+    """The images of instance ``instance_id``, read now (a chunk's own and its donors'; never all at once)."""
+    inst = by_id.get(instance_id)
+    if inst is None:
+        raise LatentProbeError(f"no donor {instance_id}", "internal: donors come from the same instances")
+    images = _safe_images(inst)
+    if images is None:
+        raise LatentProbeError(f"the image of {instance_id} cannot be read (it could be at the start of the run)",
+                               "fix the data's image paths")
+    return images
 
 
 def _capture_for(decoder: LatentDecoder, grid: PatchGrid, prompt_states: bool) -> "_StateCapture":
