@@ -36,9 +36,13 @@ def runs(tmp_path_factory, transform_data):
 def test_report_reads_every_run_kind_into_its_section(runs, tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["report", *map(str, runs.values()), "--out", str(out), "--bootstrap", "100"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     for kind in runs:
         assert f"\n{kind:<9} {runs[kind]}" in printed
+    # the long steps say when they finish (issue 22): each subject's collapse and probes, then the rest
+    assert "report    tiny        collapse and probes (" in captured.err
+    assert "report    effects, figures and verdicts (" in captured.err
     text = (out / "report.md").read_text()
     assert "Activation patching: tiny" in text and "Grounding: tiny" in text and "Lens: tiny" in text
     assert text.index("## Where and when") < text.index("## Appendix")

@@ -121,16 +121,14 @@ def collapse_comparison(tables: Sequence[pd.DataFrame], out_dir: str | Path, mar
     return made
 
 
-def _analyse_subject(job: dict) -> dict:
-    """One subject's collapse and probes for `build_report`."""
+def _analyse_subject(run_dir, figure_dir, *, seed: int, n_boot: int, floor_runs, attributes, probe_kwargs) -> dict:
+    """One subject's collapse and probes for `build_report`: its tables, appendix figures and seconds taken."""
     started = time.time()
-    similarity, appendix = subject_collapse(job["run_dir"], job["figure_dir"], seed=job["seed"],
-                                            n_boot=job["n_boot"], floor_runs=job["floor_runs"])
+    similarity, appendix = subject_collapse(run_dir, figure_dir, seed=seed, n_boot=n_boot, floor_runs=floor_runs)
     probes = None
-    if job["attributes"]:
-        probes, _ = probe_study(job["run_dir"], job["attributes"], job["figure_dir"], seed=job["seed"], figures=False,
-                                **job["probe_kwargs"])
-    return {"subject": str(similarity.subject.iloc[0]) if len(similarity) else str(job["run_dir"]),
+    if attributes:
+        probes, _ = probe_study(run_dir, attributes, figure_dir, seed=seed, figures=False, **probe_kwargs)
+    return {"subject": str(similarity.subject.iloc[0]) if len(similarity) else str(run_dir),
             "similarity": similarity, "appendix": appendix, "probes": probes, "seconds": time.time() - started}
 
 
@@ -514,14 +512,15 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
             first_with_latents[name] = str(run_dir)
     usable = list(first_with_latents.values())
     similarity = probes = None
+    rest_started = time.time()
     if usable:
         analysed = []
         for run_dir in usable:
-            analysed.append(_analyse_subject(dict(run_dir=str(run_dir), figure_dir=str(figure_dir), seed=seed,
-                                                  n_boot=n_boot, floor_runs=run_dirs, attributes=list(attributes),
-                                                  probe_kwargs=dict(probe_kwargs or {}))))
+            analysed.append(_analyse_subject(run_dir, figure_dir, seed=seed, n_boot=n_boot, floor_runs=run_dirs,
+                                             attributes=list(attributes), probe_kwargs=dict(probe_kwargs or {})))
             if say is not None:
                 say(f"report    {analysed[-1]['subject']:<11} collapse and probes ({analysed[-1]['seconds']:.0f}s)")
+        rest_started = time.time()
         similarity = pd.concat([a["similarity"] for a in analysed], ignore_index=True)
         figures["collapse"] = collapse_comparison([a["similarity"] for a in analysed], figure_dir, margins.collapse)
         figures["appendix"] = [item for a in analysed for item in a["appendix"]]
@@ -571,6 +570,8 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
     rows = evidence_rows(judged)
     if len(rows):
         _write_table(rows, out_dir / "verdict-rows")
+    if say is not None:
+        say(f"report    effects, figures and verdicts ({time.time() - rest_started:.0f}s)")
     return md, html
 
 
