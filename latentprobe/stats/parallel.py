@@ -55,4 +55,3 @@ def map_in_threads(function: Callable[[T], R], items: Sequence[T]) -> list[R]:
             return [function(item) for item in items]
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="latentprobe-stats") as pool:
             return list(pool.map(function, items))
-
