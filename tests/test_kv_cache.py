@@ -194,3 +194,22 @@ def test_decode_cache_is_dynamic_under_gradients():
     source, _ = _source()
     with torch.enable_grad():
         assert type(decode_cache(source, mode="preallocated")) is DynamicCache
+
+
+def test_offload_moves_the_buffers_and_prefetch_brings_them_back():
+    """transformers' offloading calls offload/prefetch on every layer: the buffers move, not only the views, so a
+    later write lands where the views point."""
+    layer = PreallocatedLayer(reserve=4)
+    before = torch.arange(24.0).view(1, 2, 3, 4)
+    layer.update(before.clone(), -before)
+    layer.offload()
+    layer.prefetch()
+    assert layer.keys.data_ptr() == layer._key_buffer.data_ptr()
+    keys, values = layer.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4))
+    assert torch.equal(keys[:, :, :3], before) and torch.equal(values[:, :, :3], -before)
+    assert torch.equal(keys[:, :, 3], torch.ones(1, 2, 4)) and layer.capacity == 7
+    # prefetch goes to the layer's own device (an accelerator's, in real use; the meta device stands in here)
+    layer.device = torch.device("meta")
+    layer.prefetch()
+    assert layer._key_buffer.device.type == "meta" and layer.keys.device.type == "meta"
+    assert layer.values.shape == (1, 2, 4, 4)

@@ -197,8 +197,23 @@ class PreallocatedLayer(DynamicLayer):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._rebuild(beam_idx.to(self.device))
 
-    def offload(self):  # pragma: no cover - offloading is a CUDA feature latentprobe does not use
-        raise NotImplementedError("PreallocatedCache does not offload; use a DynamicCache with offloading=True")
+    def offload(self):
+        """Move the buffers (not only the views of them) to the CPU, as transformers' layers do their tensors."""
+        self._move_buffers("cpu")
+
+    def prefetch(self):
+        """Move the buffers back to the layer's device ahead of their use (after `offload`)."""
+        if self._key_buffer is not None and self._key_buffer.device != self.device:
+            self._move_buffers(self.device)
+
+    def _move_buffers(self, device):
+        if self._key_buffer is None:
+            if self.is_initialized and self.keys is not None:  # initialised, nothing written: the base class's way
+                self.keys, self.values = self.keys.to(device), self.values.to(device)
+            return
+        self._key_buffer = self._key_buffer.to(device, non_blocking=True)
+        self._value_buffer = self._value_buffer.to(device, non_blocking=True)
+        self._set_views()
 
     def __deepcopy__(self, memo):
         twin = type(self).__new__(type(self))
