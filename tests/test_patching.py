@@ -313,5 +313,6 @@ def test_a_map_holds_only_its_chunks_images_never_the_datasets(subjects, held_ou
     monkeypatch.setattr(patching, "load_images", tracked_load)
     monkeypatch.setattr(LatentDecoder, "prefill", counting_prefill)
     subject = _subject(subjects, "bottleneck")
-    patch_map(subject, held_out[:24], layers=[0], steps=[0], groups=[], batch_size=4, n_boot=20, attribution=False, directions=("denoise",))
+    patch_map(subject, held_out[:24], layers=[0], steps=[0], groups=[], batch_size=4, n_boot=20, attribution=False,
+              directions=("denoise",))
     assert 0 < most[0] <= 2 * 4, most[0]  # one chunk's clean images and its donors' (24 instances in 6 chunks)

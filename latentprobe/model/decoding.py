@@ -483,8 +483,7 @@ class LatentDecoder:
         for r, k in enumerate(joins):
             if k:
                 waiting.setdefault(trunk_of.index(r // repeats), []).append((k, r))
-        joiner = _Joiner(self, batch, prompt_rows, logical, waiting, row_edits, repeats, device)
-        joiner.keep_trunks = keep_trunks
+        joiner = _Joiner(self, batch, prompt_rows, logical, waiting, row_edits, repeats, device, keep_trunks)
         for fn in self._reindex_listeners.values():
             fn(joiner.logical, None)
         return self._run_loop(batch, cache, hidden, position_ids, start_pending, physical_edits, generators,
@@ -1124,8 +1123,10 @@ class _Joiner:
     """The rows of a decode with late joins (`LatentDecoder.decode`'s ``join_steps``): each decoded row's output
     row (-1: a trunk) and the rows still waiting for their trunk to reach their latent step."""
 
-    def __init__(self, decoder, batch, prompt_rows, logical, waiting, row_edits, repeats, device):
+    def __init__(self, decoder, batch, prompt_rows, logical, waiting, row_edits, repeats, device,
+                 keep_trunks: bool = False):
         self.decoder, self.repeats, self.device = decoder, repeats, device
+        self.keep_trunks = keep_trunks  # the result keeps one trunk row per prompt row after the output rows
         self.prompt_batch = batch  # the prompt rows' batch (selected from the prefill's, no images)
         self.base_rows = list(range(len(prompt_rows)))  # each decoded row's row in prompt_batch
         self.logical_list = list(logical)
@@ -1173,8 +1174,6 @@ class _Joiner:
 
     def _batch(self):
         return _select_rows(self.prompt_batch, self.base_rows)
-
-    keep_trunks = False
 
     def order(self) -> list[int]:
         """The decoded row of each output row, in order, then (``keep_trunks``) the trunk rows."""

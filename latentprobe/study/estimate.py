@@ -4,8 +4,8 @@ The pilot runs the study's own edits stage (the same clean pass, edits and media
 instances in a temporary folder, counting decodes (`DecodeCounter`) and timing them. Decodes scale with the
 number of instances exactly (every instance gets the same runs), and so do prompt prefills while every clean
 batch's prefill fits the budget of `latentprobe.runs.kept_prefills` (beyond its first batches, or a large model's
-first one, a batch prefills its clean prompt once more: one prefill per instance beyond the estimate); wall time is extrapolated from the pilot's
-seconds per instance (batches of the study's size: the pilot runs at the same batch size when it can), and so is
+first one, a batch prefills its clean prompt once more: one prefill per instance beyond the estimate); wall time
+is extrapolated from the pilot's seconds per instance (batches of the study's size: the pilot runs at the same batch size when it can), and so is
 the disk its stores take (every instance records the same tensors: all image tokens of the clean pass with
 ``image_states = "all"``, the largest part for a model with many image tokens); peak memory is the pilot's (one
 batch of the same size is the peak of the full run, whose batches are alike) plus the prefills the full run keeps
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from ..runs.kept_prefills import KEPT_PREFILL_BATCHES
 from .config import StudyConfig, check_config
 from .counting import DecodeCounter
 from .edits import check_kinds_registered, study_edits
@@ -68,9 +69,11 @@ class SubjectEstimate:
                f"(pilot of {self.pilot_instances}: {self.pilot_seconds:.1f}s, {self.pilot_decode_rows} row decodes)",
                f"  expected decodes   {self.expected_decode_rows} rows decoded, {self.expected_prefill_rows} prompts "
                f"prefilled ({self.pilot_decode_rows / self.pilot_instances:.1f} and "
-               f"{self.pilot_prefill_rows / self.pilot_instances:.1f} per instance)",
+               f"{self.pilot_prefill_rows / self.pilot_instances:.1f} per instance; beyond the first "
+               f"{KEPT_PREFILL_BATCHES} batches, up to one more prefill per instance)",
                f"  expected wall time {_duration(self.expected_seconds)} for the edits stage (report and maps extra)",
-               f"  peak memory        {self.peak_memory_bytes / 2**30:.2f} GiB ({self.peak_memory_kind})",
+               f"  peak memory        {self.peak_memory_bytes / 2**30:.2f} GiB ({self.peak_memory_kind}, the "
+               f"pilot's; the full run also keeps up to {KEPT_PREFILL_BATCHES} batches' prompt caches)",
                f"  expected disk      {_size(self.expected_store_bytes)} for the edits stage's store "
                f"({_size(self.pilot_store_bytes / self.pilot_instances)} per instance)"]
         if len(self.plan):

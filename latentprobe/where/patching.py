@@ -779,7 +779,7 @@ def _images_by_id(by_id: dict, instance_id):
         raise LatentProbeError(f"no donor {instance_id}", "internal: donors come from the same instances")
     images = _safe_images(inst)
     if images is None:
-        raise LatentProbeError(f"the image of {instance_id} cannot be read (it could be at the start of the run)",
+        raise LatentProbeError(f"the image of {instance_id} cannot be read now (it could be when the run started)",
                                "fix the data's image paths")
     return images
 
