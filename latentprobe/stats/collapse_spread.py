@@ -46,6 +46,7 @@ import numpy as np
 from scipy import stats
 
 from ..errors import LatentProbeError
+from .instance_bootstrap import resample_counts
 from .latent_effect import group_spread
 from .parallel import map_in_threads
 
@@ -245,10 +246,7 @@ def _refitted_interval(wx, wy, halves, seed: int, alpha: float, n_boot: int) -> 
 
     def ratio(rows, axis=-1):
         rows = np.asarray(rows, dtype=int)
-        flat = rows.reshape(-1, rows.shape[-1])
-        counts = np.zeros((len(flat), n))
-        np.add.at(counts, (np.repeat(np.arange(len(flat)), flat.shape[1]), flat.ravel()), 1.0)
-        return _cross_fitted_ratios(wx, wy, counts, halves)[0].reshape(rows.shape[:-1])
+        return _cross_fitted_ratios(wx, wy, resample_counts(rows, n), halves)[0].reshape(rows.shape[:-1])
 
     return _bca((np.arange(n),), ratio, alpha, n_boot, seed)
 

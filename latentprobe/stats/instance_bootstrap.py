@@ -34,10 +34,7 @@ def bootstrap_interval_from_counts(statistic_of_counts: Callable[[np.ndarray], n
 
     def statistic(indices, axis=-1):
         indices = np.asarray(indices)
-        flat = indices.reshape(-1, indices.shape[-1])
-        counts = np.zeros((flat.shape[0], n))
-        np.add.at(counts, (np.repeat(np.arange(flat.shape[0]), flat.shape[1]), flat.ravel()), 1.0)
-        return statistic_of_counts(counts).reshape(indices.shape[:-1])
+        return statistic_of_counts(resample_counts(indices, n)).reshape(indices.shape[:-1])
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DegenerateDataWarning for constant resamples, handled below
@@ -48,3 +45,17 @@ def bootstrap_interval_from_counts(statistic_of_counts: Callable[[np.ndarray], n
     if not (np.isfinite(low) and np.isfinite(high)) and np.isfinite(draws).all() and np.ptp(draws) == 0:
         low = high = float(draws[0])
     return float(low), float(high)
+
+
+def resample_counts(indices, n: int) -> np.ndarray:
+    """Resamples of instance indices (..., m), as scipy's bootstrap hands them to a statistic, as counts (R, n): how
+    often each of the n instances was drawn in each of the R = prod(...) resamples.
+
+    >>> resample_counts(np.array([[0, 0, 2], [1, 2, 2]]), 3).tolist()
+    [[2.0, 0.0, 1.0], [0.0, 1.0, 2.0]]
+    """
+    indices = np.asarray(indices, dtype=int)
+    flat = indices.reshape(-1, indices.shape[-1])
+    counts = np.zeros((flat.shape[0], n))
+    np.add.at(counts, (np.repeat(np.arange(flat.shape[0]), flat.shape[1]), flat.ravel()), 1.0)
+    return counts
