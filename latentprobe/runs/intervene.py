@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,7 +34,8 @@ import torch
 
 from ..data.instances import Instance, load_images
 from ..model.decoding import DecodeConfig, DecodeResult, LatentDecoder, RowOutput, prefill_without_start
-from ..stats.effects import answer_flipped, applied_mask, applied_only, latent_change_metrics, summarize
+from ..stats.effects import (ANSWER_PROBABILITY_COLUMNS, answer_flipped, applied_mask, applied_only,
+                             latent_change_metrics, summarize)
 from ..model.conditions import warn_about_conditions
 from ..errors import LatentProbeError
 from ..fileio import atomic_write
@@ -41,7 +43,7 @@ from ..interventions.knockout import KnockoutHooks
 from ..interventions import (InputIntervention, Intervention, LatentIntervention, LatentStats, LayerEditHooks,
                             PinLatents, PinLatentStates, RowBinding, TextIntervention, derangement)
 from ..model.recording import Recorder, RecordSpec
-from .store import TraceStore, TraceWriter
+from .store import TraceStore, TraceWriter, decode_json
 from ..model.answers import canonical_answer
 from ..stats.contributions import contribution_table
 from ..interventions.controls import CONTROL_KINDS, step_means
@@ -55,12 +57,14 @@ MEDIATORS = ("fed_back", "all_layers")
 
 @dataclass
 class CleanRun:
-    """What the clean run of one instance left behind, for binding edits and comparing outcomes."""
+    """What the clean run of one instance left behind, for binding edits and comparing outcomes. ``images`` are
+    decoded only while a batch that uses them runs (`_Run.images_of`): held for every instance, a benchmark's
+    photographs (about 10 MB each, decoded) grew the run's memory with its size."""
 
     instance: Instance
-    images: list
     record: dict[str, Any]
     latents: dict[int, torch.Tensor]  # layer (0 = fed-back vector) -> (S, D)
+    images: list | None = None
 
 
 @dataclass
@@ -324,20 +328,21 @@ class _Run:
     # -- clean ------------------------------------------------------------------------------------------
     def clean_pass(self, instances, batch_size) -> dict[str, CleanRun]:
         store = TraceStore(self.writer.run_dir)
-        previous = {}
+        previous, by_record = {}, None
         if len(store.index()):
             frame = store.index()
             previous = {r.instance_id: r for r in frame[frame.intervention == "clean"].itertuples()}
+            by_record = frame.set_index("record_id")
         clean: dict[str, CleanRun] = {}
         todo = []
         for inst in instances:
             if inst.id in previous:
                 row = previous[inst.id]
                 if row.status == "ok":
-                    images = load_images(inst)
+                    load_images(inst)  # still readable (a clear error now, not in the middle of the edits)
                     latents = self._latents_from_store(store, row.record_id)
-                    clean[inst.id] = CleanRun(inst, images, store.index().set_index("record_id").loc[row.record_id]
-                                              .to_dict() | {"record_id": row.record_id}, latents)
+                    clean[inst.id] = CleanRun(inst, by_record.loc[row.record_id].to_dict()
+                                              | {"record_id": row.record_id}, latents)
                 else:
                     self.failures.append((inst.id, row.error))
             else:
@@ -361,7 +366,7 @@ class _Run:
                 for layer, pos in self.layer_positions.items():
                     if layer and "latent_layers" in tensors:
                         latents[layer] = tensors["latent_layers"][pos]
-                clean[inst.id] = CleanRun(inst, imgs, record, latents)
+                clean[inst.id] = CleanRun(inst, record, latents)
         self.writer.flush()
         return clean
 
@@ -397,7 +402,24 @@ class _Run:
                                    "have nothing to edit", "check the subject's protocol or force latent mode")
 
     # -- interventions ------------------------------------------------------------------------------------
+    @contextmanager
+    def images_of(self, chunk: list[Instance], clean: dict[str, CleanRun], donor_of: dict[str, str]):
+        """The images of a batch's instances and of their donors, decoded for the batch and let go after it."""
+        wanted = {inst.id for inst in chunk} | {donor_of[inst.id] for inst in chunk if inst.id in donor_of}
+        opened = [clean[i] for i in sorted(wanted) if i in clean and clean[i].images is None]
+        try:
+            for run in opened:
+                run.images = load_images(run.instance)
+            yield
+        finally:
+            for run in opened:
+                run.images = None
+
     def intervene_batch(self, chunk: list[Instance], clean: dict[str, CleanRun], donor_of: dict[str, str], done):
+        with self.images_of(chunk, clean, donor_of):
+            self._intervene_batch(chunk, clean, donor_of, done)
+
+    def _intervene_batch(self, chunk: list[Instance], clean: dict[str, CleanRun], donor_of: dict[str, str], done):
         subject, decoder = self.subject, self.decoder
         self.done = done
         cached = []
@@ -646,8 +668,16 @@ class _Run:
         self.failures.append((inst.id, reason))
 
     def result_rows(self, store: TraceStore) -> pd.DataFrame:
-        frame = store.index()
-        return frame[(frame.intervention != "clean") & (frame.status == "ok")].reset_index(drop=True)
+        """The edited runs' rows. Only the answer probabilities the summaries read are decoded from JSON; answer
+        ids, segments and attributes stay JSON text (as effects_rows writes them): as Python objects they were a
+        quarter of the memory a 1,024-instance run added (bench/bench_memory.py)."""
+        frame = store.index(decode=())
+        rows = frame[(frame.intervention != "clean") & (frame.status == "ok")].reset_index(drop=True)
+        del frame
+        for column in ANSWER_PROBABILITY_COLUMNS:
+            if column in rows.columns:
+                rows[column] = decode_json(rows[column])
+        return rows
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Collection, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -209,25 +209,27 @@ class TraceStore:
         self._index: pd.DataFrame | None = None
         self._handles: dict[str, Any] = {}
 
-    def index(self, columns: list[str] | None = None) -> pd.DataFrame:
-        """One row per record, sorted by record id; JSON columns (``NAME_json``) are decoded back to Python objects
-        (column ``NAME``)."""
-        if self._index is None or columns is not None:
+    def index(self, columns: list[str] | None = None, *, decode: Collection[str] | None = None) -> pd.DataFrame:
+        """One row per record, sorted by record id; JSON columns (``NAME_json``) become column ``NAME``, decoded
+        back to Python objects. With ``decode``, only the columns it names are decoded and every other one keeps
+        its JSON text (a run's answer ids, segments and attributes as Python lists and dicts are most of a large
+        index's memory); such a read, like one of some ``columns``, is not cached."""
+        if self._index is None or columns is not None or decode is not None:
             parts = sorted((self.run_dir / "index").glob("*.parquet"))
             if not parts:
                 frame = pd.DataFrame(columns=["record_id", "instance_id"])
             else:
-                frames = [_read_index_part(p, columns) for p in parts]
-                frame = pd.concat(frames, ignore_index=True)
+                frame = _concat_index_parts([_read_index_part(p, columns) for p in parts])
             encoded = [c for c in frame.columns if c.endswith("_json")]
             for column in encoded:
-                frame[column[:-5]] = frame[column].map(lambda v: json.loads(v) if isinstance(v, str) else v)
+                name = column[:-5]
+                frame[name] = decode_json(frame[column]) if decode is None or name in decode else frame[column]
             # the decoded objects replace their JSON text: holding both doubled the index's memory (a third of an
             # intervention run's peak at 1,024 instances, bench/bench_memory.py)
             frame = frame.drop(columns=encoded)
             if "record_id" in frame.columns:
                 frame = frame.sort_values("record_id", ignore_index=True)
-            if columns is not None:
+            if columns is not None or decode is not None:
                 return frame
             self._index = frame
         return self._index
@@ -490,12 +492,42 @@ def read_manifest(run_dir: Path) -> dict:
 
 
 def _read_index_part(path: Path, columns):
+    import pyarrow.parquet as pq
+
     try:
-        return pd.read_parquet(path, columns=columns)
+        return pq.read_table(path, columns=columns)
     except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for a truncated file
         raise LatentProbeError(f"index part {path} is damaged ({type(exc).__name__}: {str(exc)[:120]})",
                                "run the same command again with --resume: it re-runs exactly that part's "
                                "instances") from None
+
+
+def decode_json(column: pd.Series) -> pd.Series:
+    """A column of JSON text as Python objects (a missing value stays as it is)."""
+    return column.map(lambda v: json.loads(v) if isinstance(v, str) else v)
+
+
+def _concat_index_parts(tables: list) -> pd.DataFrame:
+    """One DataFrame of the index parts' Arrow tables, rows in the parts' order: the parts of one schema are joined
+    in Arrow and converted once, and the few frames (one per schema) joined in pandas, as ``pd.concat`` of the
+    parts' own frames would (a column a part lacks is NaN there). Converting each of hundreds of small parts to
+    pandas first held about twice the memory at the end of a 1,024-instance run (bench/bench_memory.py)."""
+    import pyarrow as pa
+
+    starts = np.cumsum([0] + [t.num_rows for t in tables])
+    groups: dict = {}
+    for number, table in enumerate(tables):  # keyed by the schema without its pandas metadata
+        groups.setdefault(table.schema.remove_metadata(), []).append(number)
+    frames, origin = [], []
+    for numbers in groups.values():
+        frames.append(pa.concat_tables([tables[n] for n in numbers]).to_pandas())
+        origin.extend(np.arange(starts[n], starts[n + 1]) for n in numbers)
+        for n in numbers:
+            tables[n] = None  # each part's buffers go as soon as its schema's frame exists
+    if len(frames) == 1:
+        return frames[0]
+    frame = pd.concat(frames, ignore_index=True)
+    return frame.iloc[np.argsort(np.concatenate(origin), kind="stable")].reset_index(drop=True)
 
 
 def _save_shard(tensors: dict[str, torch.Tensor], path: str) -> None:

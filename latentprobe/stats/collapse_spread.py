@@ -208,34 +208,78 @@ def _principal_directions(centred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(real, energy, 0.0), (vectors.transpose(0, 2, 1) @ centred) * scale[:, :, None]
 
 
+def _fitted_directions(states: np.ndarray, weights: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of ``weights`` (U, m) over the fitted half's ``states`` (m, r): how many top principal
+    directions its weighted centred states have (their participation ratio, rounded, at least 1), (U,), and those
+    directions, (U, K, r) with K the largest such count (rows beyond a row's own count are 0).
+
+    Only an instance with weight > 0 adds a row to the centred block, so each block holds just those rows (a
+    bootstrap resample draws about 63% of the instances): rows are sorted by that count and decomposed in chunks
+    padded to the chunk's largest count, which shrinks the eigendecompositions' side from min(m, r) to
+    min(drawn, r) without changing any direction (a padded row has weight 0, so it is all 0)."""
+    counts = (weights > 0).sum(axis=1)
+    order = np.argsort(counts, kind="stable")
+
+    def one_chunk(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        size = max(int(counts[rows].max()), 1)
+        # each row's drawn instances first (stable, so in index order), then weight-0 instances as padding
+        picked = np.argsort(weights[rows] <= 0, axis=1, kind="stable")[:, :size]
+        w = np.take_along_axis(weights[rows], picked, axis=1)
+        total = w.sum(axis=1, keepdims=True)
+        mean = np.einsum("bm,bmr->br", w, states[picked]) / np.where(total > 0, total, 1.0)
+        centred = np.sqrt(w)[:, :, None] * (states[picked] - mean[:, None, :])
+        energy, vt = _principal_directions(centred)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            k = np.round(energy.sum(axis=1) ** 2 / (energy ** 2).sum(axis=1))
+        return np.clip(np.nan_to_num(k, nan=1.0), 1, energy.shape[1]).astype(int), vt
+
+    parts = map_in_threads(one_chunk, [order[i:i + chunk] for i in range(0, len(order), chunk)])
+    k = np.empty(len(weights), dtype=int)
+    for rows, (part_k, _) in zip((order[i:i + chunk] for i in range(0, len(order), chunk)), parts):
+        k[rows] = part_k
+    most = int(k.max(initial=1))
+    directions = np.zeros((len(weights), most, states.shape[1]))
+    for rows, (part_k, vt) in zip((order[i:i + chunk] for i in range(0, len(order), chunk)), parts):
+        width = min(most, vt.shape[1])
+        directions[rows, :width] = vt[:, :width] * (np.arange(width)[None, :] < part_k[:, None])[:, :, None]
+    return k, directions
+
+
 def _cross_fitted_ratios(wx: np.ndarray, wy: np.ndarray, weights: np.ndarray, halves, chunk: int = 64):
     """The cross-fitted ratio for each row of instance ``weights`` (B, N): 1 for the full sample, bootstrap
     counts for a resample, 0 for a left-out instance. An instance stays in its half in every resample, so a
     repeated instance never helps find the directions it is measured on. Per half the top principal directions
     of the weighted fitted half (as many as their participation ratio) are found, and the other half's weighted
     spread of latents and tokens along them is summed; the ratio is latents over tokens. Returns the ratios and
-    the mean number of directions used, (B,) each."""
-    def one_chunk(start: int) -> tuple[np.ndarray, np.ndarray]:
-        w = weights[start:start + chunk]
-        numerator, denominator, used = np.zeros(len(w)), np.zeros(len(w)), np.zeros(len(w))
-        for fit, held in (halves, halves[::-1]):
-            energy, vt = _principal_directions(_weighted_centred(wx[fit], w[:, fit]))
-            with np.errstate(invalid="ignore", divide="ignore"):
-                k = np.round(energy.sum(axis=1) ** 2 / (energy ** 2).sum(axis=1))
-            k = np.clip(np.nan_to_num(k, nan=1.0), 1, energy.shape[1]).astype(int)
-            keep = np.arange(energy.shape[1])[None, :] < k[:, None]
-            for states, out in ((wx, numerator), (wy, denominator)):
-                along = _weighted_centred(states[held], w[:, held]) @ vt.transpose(0, 2, 1)  # (B, held, directions)
-                out += ((along ** 2).sum(axis=1) * keep).sum(axis=1) / k
-            used += k / 2
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(denominator > 0, numerator / denominator, math.nan), used
+    the mean number of directions used, (B,) each.
 
-    # chunks are independent (the eigendecompositions release the GIL): side by side, same result in any order
-    parts = map_in_threads(one_chunk, range(0, len(weights), chunk))
-    if not parts:
+    Rows that weigh the fitted half alike share its directions, which are found once: a jackknife sample that
+    leaves out an instance of the other half fits this half exactly as the full sample does."""
+    numerator, denominator, used = np.zeros(len(weights)), np.zeros(len(weights)), np.zeros(len(weights))
+    for fit, held in (halves, halves[::-1]):
+        distinct, which = np.unique(weights[:, fit], axis=0, return_inverse=True)
+        k, directions = _fitted_directions(wx[fit], distinct, chunk)
+        k, directions = k[which.reshape(-1)], directions[which.reshape(-1)]
+
+        def one_chunk(start: int) -> tuple[np.ndarray, np.ndarray]:
+            w, vt = weights[start:start + chunk, held], directions[start:start + chunk]
+            keep = np.arange(vt.shape[1])[None, :] < k[start:start + chunk, None]
+            spread = []
+            for states in (wx, wy):
+                along = _weighted_centred(states[held], w) @ vt.transpose(0, 2, 1)  # (B, held, directions)
+                spread.append(((along ** 2).sum(axis=1) * keep).sum(axis=1) / k[start:start + chunk])
+            return spread[0], spread[1]
+
+        # chunks are independent (the products release the GIL): side by side, same result in any order
+        parts = map_in_threads(one_chunk, range(0, len(weights), chunk))
+        if parts:
+            numerator += np.concatenate([p[0] for p in parts])
+            denominator += np.concatenate([p[1] for p in parts])
+        used += k / 2
+    if not len(weights):
         return np.full(0, math.nan), np.full(0, math.nan)
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, numerator / denominator, math.nan), used
 
 
 def _refitted_interval(wx, wy, halves, seed: int, alpha: float, n_boot: int) -> tuple[float, float]:

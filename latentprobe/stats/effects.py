@@ -467,10 +467,14 @@ def _optional_difference(df: pd.DataFrame, clean: str, intervened: str) -> pd.Se
     return _as_float(df[intervened]) - _as_float(df[clean])
 
 
+# The only list-valued columns of the per-row table the summaries read (the answer distributions of the KL).
+ANSWER_PROBABILITY_COLUMNS = ("clean_answer_probs", "intervened_answer_probs")
+
+
 def _optional_kl(df: pd.DataFrame, epsilon: float) -> pd.Series:
-    if "clean_answer_probs" not in df.columns or "intervened_answer_probs" not in df.columns:
+    if any(column not in df.columns for column in ANSWER_PROBABILITY_COLUMNS):
         return pd.Series(np.nan, index=df.index)
-    pairs = zip(df["clean_answer_probs"], df["intervened_answer_probs"])
+    pairs = zip(*(df[column] for column in ANSWER_PROBABILITY_COLUMNS))
     return pd.Series([kl_divergence(p, q, epsilon) for p, q in pairs], index=df.index)
 
 
