@@ -10,6 +10,7 @@ from torch import nn
 
 from latentprobe.runs.conformance import run_check
 from latentprobe.data import builtin_instances, builtin_text_instances
+from latentprobe.model.compat import cache_keywords
 from latentprobe.model.decoding import DecodeConfig, LATENT, LatentDecoder, replay
 from latentprobe.errors import LatentProbeError
 from latentprobe.model.recording import Recorder, RecordSpec, site_tensor
@@ -68,18 +69,20 @@ def coconut_reference(model, ids, latent_id, eos_id, max_new_tokens):
 @torch.no_grad()
 def codi_reference(model, prj, ids_with_bot, eot_id, eos_id, n_latent, max_new_tokens):
     """zhenyi4/codi test.py, batch 1: prefill question + bot, project its last state, feed and project 6 latents,
-    feed eot, then argmax over the logits without the last id, eos kept, with the KV cache."""
+    feed eot, then argmax over the logits without the last id, eos kept, with the KV cache (passed under the name
+    the installed transformers takes: `cache` from 5.25, where `past_key_values` warns and goes away in 5.40)."""
     out = model(input_ids=ids_with_bot.unsqueeze(0), use_cache=True, output_hidden_states=True)
     cache, latent = out.past_key_values, prj(out.hidden_states[-1][:, -1:])
     vectors = []
     for _ in range(n_latent):
         vectors.append(latent[0, 0])
-        out = model(inputs_embeds=latent, use_cache=True, output_hidden_states=True, past_key_values=cache)
+        out = model(**cache_keywords(model, dict(inputs_embeds=latent, use_cache=True, output_hidden_states=True,
+                                                 past_key_values=cache)))
         cache, latent = out.past_key_values, prj(out.hidden_states[-1][:, -1:])
     x = model.get_input_embeddings()(torch.tensor([[eot_id]]))
     tokens = []
     for _ in range(max_new_tokens):
-        out = model(inputs_embeds=x, use_cache=True, past_key_values=cache)
+        out = model(**cache_keywords(model, dict(inputs_embeds=x, use_cache=True, past_key_values=cache)))
         cache = out.past_key_values
         next_token = int(out.logits[:, -1, : model.config.vocab_size - 1].argmax())
         tokens.append(next_token)
