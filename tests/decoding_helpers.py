@@ -45,3 +45,35 @@ def with_protocol(subject, protocol, force_start):
     return Subject(name=subject.name, model=subject.model, tokenizer=subject.tokenizer,
                    image_processor=subject.image_processor, protocol=protocol,
                    prompt_style=PromptStyle(force_latent_start=force_start), max_new_tokens=16)
+
+
+def count_live_images(monkeypatch, modules) -> list:
+    """Make each module's ``load_images`` return trackable lists and count, at every prompt prefill, how many of
+    them are still alive; returns a one-element list holding the largest count seen (issue 22: a run holds only
+    the images of the batch it is decoding, never the dataset's)."""
+    import gc
+    import weakref
+
+    alive, most = weakref.WeakSet(), [0]
+
+    class Images(list):  # a list that a WeakSet can hold (by identity)
+        __hash__ = object.__hash__
+
+    def tracked(real):
+        def load(instance, *args, **kwargs):
+            images = Images(real(instance, *args, **kwargs))
+            alive.add(images)
+            return images
+        return load
+
+    real_prefill = LatentDecoder.prefill
+
+    def counting_prefill(self, *args, **kwargs):
+        gc.collect()
+        most[0] = max(most[0], len(alive))
+        return real_prefill(self, *args, **kwargs)
+
+    for module in modules:
+        monkeypatch.setattr(module, "load_images", tracked(module.load_images))
+    monkeypatch.setattr(LatentDecoder, "prefill", counting_prefill)
+    return most

@@ -15,7 +15,7 @@ from latentprobe.interventions import (LatentFunction, LatentNoise, LatentPatch,
 from latentprobe.model.recording import Recorder, RecordSpec
 from latentprobe.runs.store import TraceStore
 
-from decoding_helpers import make_instances
+from decoding_helpers import count_live_images, make_instances
 
 SIZES = [(56, 56), (84, 112), (112, 56)]
 CONFIG = DecodeConfig(max_new_tokens=10)
@@ -348,37 +348,13 @@ def test_intervene_holds_only_a_batchs_images_never_the_datasets(tiny_subject, t
     the end of the run (a benchmark's photographs are about 10 MB each, decoded); now a batch's own images and its
     donors' are decoded when the batch's edits run and let go after it, so at most two batches' worth are alive
     at any prefill. The rows are those of the same run holding every image (the edits read the same pixels)."""
-    import gc
-    import weakref
-
     import latentprobe.runs.common as common
     import latentprobe.runs.intervene as intervene_module
-
-    alive, most = weakref.WeakSet(), [0]
-
-    class Images(list):  # a list that a WeakSet can hold (by identity)
-        __hash__ = object.__hash__
-
-    def tracked(real):
-        def load(instance, *args, **kwargs):
-            images = Images(real(instance, *args, **kwargs))
-            alive.add(images)
-            return images
-        return load
-
-    real_prefill = LatentDecoder.prefill
-
-    def counting_prefill(self, *args, **kwargs):
-        gc.collect()
-        most[0] = max(most[0], len(alive))
-        return real_prefill(self, *args, **kwargs)
 
     instances = builtin_instances(24)
     ivs = make_interventions("latent", ["noise"], scales=[3.0]) + make_interventions("input", ["image-swap"])
     intervene(tiny_subject, instances, ivs, tmp_path / "all", batch_size=4, n_boot=20, placebo=False)
-    monkeypatch.setattr(common, "load_images", tracked(common.load_images))
-    monkeypatch.setattr(intervene_module, "load_images", tracked(intervene_module.load_images))
-    monkeypatch.setattr(LatentDecoder, "prefill", counting_prefill)
+    most = count_live_images(monkeypatch, [common, intervene_module])
     intervene(tiny_subject, instances, ivs, tmp_path / "batch", batch_size=4, n_boot=20, placebo=False)
     assert 0 < most[0] <= 2 * 4, most[0]  # a batch's own images and its donors' (24 instances in 6 batches)
     columns = ["instance_id", "intervention", "intervened_parsed", "intervened_gold_prob", "correct_x0_z1"]

@@ -5,7 +5,6 @@ what the organisms' wiring forces, and refusing bad grids before any model runs.
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from latentprobe.cli import main
 from latentprobe.model.decoding import DecodeConfig, LatentDecoder
@@ -14,6 +13,8 @@ from latentprobe.interventions import LatentPatch, LayerEditHooks, RowBinding
 from latentprobe.where.patching import (PatchGrid, attribution_agreement, default_instances, normalized_effect,
                                   patch_map, reference_run, resolve_grid, run_cells, summarize_patching)
 from latentprobe.model.subjects import load_subject
+
+from decoding_helpers import count_live_images
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster (tests/conftest.py)
@@ -286,32 +287,9 @@ def test_a_map_holds_only_its_chunks_images_never_the_datasets(subjects, held_ou
     """Issue 22 (memory flat in the number of instances): patch_map read every instance's images up front and kept
     them to the end (1,024 instances: 1.15x the peak of 64); now it reads a chunk's own and its donors' images when
     the chunk runs, so at most two chunks' worth are alive at any prefill."""
-    import gc
-    import weakref
-
     import latentprobe.where.patching as patching
 
-    alive, most = weakref.WeakSet(), [0]
-
-    class Images(list):  # a list that a WeakSet can hold (by identity)
-        __hash__ = object.__hash__
-
-    real_load = patching.load_images
-
-    def tracked_load(instance):
-        images = Images(real_load(instance))
-        alive.add(images)
-        return images
-
-    real_prefill = LatentDecoder.prefill
-
-    def counting_prefill(self, *args, **kwargs):
-        gc.collect()
-        most[0] = max(most[0], len(alive))
-        return real_prefill(self, *args, **kwargs)
-
-    monkeypatch.setattr(patching, "load_images", tracked_load)
-    monkeypatch.setattr(LatentDecoder, "prefill", counting_prefill)
+    most = count_live_images(monkeypatch, [patching])
     subject = _subject(subjects, "bottleneck")
     patch_map(subject, held_out[:24], layers=[0], steps=[0], groups=[], batch_size=4, n_boot=20, attribution=False,
               directions=("denoise",))
