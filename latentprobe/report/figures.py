@@ -424,6 +424,30 @@ def plot_probe_bars(probes: pd.DataFrame, path, *, margin: float | None = None) 
 UNSIGNED_METRICS = ("flip_rate", "change_ratio", "kl_clean_to_intervened", "answer_changed")
 
 
+def _symlog_threshold(rows: pd.DataFrame, margin: float | None) -> float | None:
+    """Where a forest panel's axis should turn logarithmic, or None for a linear axis: when its largest value
+    is over 20 times the threshold (an out-of-distribution edit such as a blank image moves the latents thousands
+    of times the spread between instances, and a linear axis then squeezes every other row, margin included, into
+    one pixel at 0). Values up to the threshold (5 margins; without a margin, the median |estimate|) stay linear,
+    so the margin and the effects near it read as before.
+
+    >>> rows = pd.DataFrame({"estimate": [0.0, 1.0, 1.1, 9000.0], "ci_low": [-0.1, 0.8, 0.9, 5000.0],
+    ...                      "ci_high": [0.1, 1.2, 1.3, 15000.0]})
+    >>> _symlog_threshold(rows, 0.2), _symlog_threshold(rows.iloc[:3], 0.2)
+    (1.0, None)
+    """
+    values = rows[["estimate", "ci_low", "ci_high"]].abs().to_numpy(dtype=float)
+    values = values[np.isfinite(values)]
+    estimates = rows["estimate"].abs().to_numpy(dtype=float)
+    estimates = estimates[np.isfinite(estimates)]
+    if not len(values) or not len(estimates):
+        return None
+    linear_within = 5 * margin if margin else float(np.median(estimates))
+    if linear_within <= 0 or values.max() <= 20 * linear_within:
+        return None
+    return linear_within
+
+
 def plot_effects_forest(effects: pd.DataFrame, path, *, metrics=None, reference_lines=None) -> list[Path]:
     """Grouped forest plot of the effects summary: one panel per metric side by side (scales differ), one row
     per target x intervention (x step), and in each row one point per subject (its colour in every figure,
@@ -470,14 +494,23 @@ def plot_effects_forest(effects: pd.DataFrame, path, *, metrics=None, reference_
                 ax.errorbar(row.estimate, position[row.row_label] + offsets[row.subject], xerr=[[below], [above]],
                             fmt="o", markersize=4, color=subject_colour(row.subject), capsize=2, linewidth=1)
             ax.axvline(0.0, color="grey", linewidth=1)
-            if reference_lines and name in reference_lines:
-                margin = reference_lines[name]
+            margin = reference_lines.get(name) if reference_lines else None
+            linear_within = _symlog_threshold(rows, margin)
+            if linear_within is not None:
+                ax.set_xscale("symlog", linthresh=linear_within)
+                # symlog pads its limits in log space (a panel of positive effects got an axis down to -100)
+                low = min(np.nanmin(rows[["estimate", "ci_low"]].to_numpy(dtype=float)), -(margin or 0.0))
+                high = np.nanmax(rows[["estimate", "ci_high"]].to_numpy(dtype=float))
+                ax.set_xlim(low - 0.5 * linear_within if low < 0 else -0.5 * linear_within, high * 1.5)
+            scale_note = "" if linear_within is None else f"; log beyond ±{linear_within:.2g}"
+            if margin is not None:
                 signed = name not in UNSIGNED_METRICS  # a signed effect is negligible inside (-margin, margin)
                 for value in ((-margin, margin) if signed else (margin,)):
                     ax.axvline(value, color="black", linestyle="--", linewidth=1)
-                ax.set_title(f"{name} (dashed: margin {'±' if signed else ''}{margin:g})", fontsize="medium")
+                ax.set_title(f"{name} (dashed: margin {'±' if signed else ''}{margin:g}{scale_note})",
+                             fontsize="medium")
             else:
-                ax.set_title(name, fontsize="medium")
+                ax.set_title(name + (f" ({scale_note[2:]})" if scale_note else ""), fontsize="medium")
             for k in range(len(labels) - 1):  # thin separators between intervention rows
                 ax.axhline(k + 0.5, color="0.85", linewidth=0.6)
             ax.set_xlabel("estimate, 95% CI")
