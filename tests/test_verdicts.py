@@ -282,3 +282,17 @@ def test_a_mean_of_one_instance_decides_nothing():
         row = mean_row("x", "NIE_gold_prob", value, value, value, 1, 0.0, Margins())
         assert decide_family([row], Margins()).verdict == "inconclusive"
 
+
+
+def test_input_latent_not_measured_says_why_in_the_users_words():
+    """A plain model's input edits ran but measured no mediator; a subject with no input edit is another case;
+    neither message may point at the project's issue numbers."""
+    from latentprobe.verdicts.causal import verdict_input_latent
+
+    effects = pd.DataFrame({"subject": ["plain"], "target": ["input"], "intervention": ["image-swap"],
+                            "metric": ["flip_rate"], "estimate": [0.1], "ci_low": [0.0], "ci_high": [0.2], "n": [80]})
+    ran = verdict_input_latent(effects, "plain")
+    absent = verdict_input_latent(effects, "someone-else")
+    assert ran.verdict == absent.verdict == "not measured"
+    assert "plain model" in ran.evidence and absent.evidence == "no input edit ran for this subject"
+    assert "issue" not in ran.evidence + absent.evidence

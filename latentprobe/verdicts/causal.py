@@ -114,8 +114,11 @@ def verdict_input_latent(effects: pd.DataFrame | None, subject: str, margins: Ma
     rows = tidy[(tidy.subject == subject) & (tidy.target == "input") & tidy.metric_base.isin(INPUT_LATENT_METRICS)] \
         if len(tidy) else tidy
     if rows.empty:
-        return Verdict(subject, "input_latent", NOT_MEASURED, rule=rule, margin=margin,
-                       evidence="no latent_r2 rows for input interventions (made before issue 18, or no input edit)")
+        edited = len(tidy) and ((tidy.subject == subject) & (tidy.target == "input")).any()
+        why = ("its input edits ran but measured no latents and no text mediator: a subject without either (a plain "
+               "model) has nothing between input and answer to measure, and a table from a latentprobe older than "
+               "the placebo-corrected R2 has no latent_r2 rows" if edited else "no input edit ran for this subject")
+        return Verdict(subject, "input_latent", NOT_MEASURED, rule=rule, margin=margin, evidence=why)
     rows = rows[~rows.intervention.map(is_placebo)]
     pooled = rows[rows.step.isna()] if rows.step.isna().any() else rows
     by_role = {}

@@ -103,7 +103,7 @@ def verdict_collapse(similarity: pd.DataFrame | None, subject: str, *, margin: f
     if rows.empty:
         why = ("no latent states of this subject in the similarity table (a subject without latent tokens, such as a "
                "text mediator or a plain model)" if mine.empty else
-               "no collapse_ratio rows (a similarity table made before issue 18)")
+               "no collapse_ratio rows (a similarity table from a latentprobe older than the collapse ratio)")
         return Verdict(subject, "collapse", NOT_MEASURED, rule=rule, evidence=why)
     kind = rows.yardstick if "yardstick" in rows.columns else pd.Series(SINGLE_TOKEN, index=rows.index)
     available = list(dict.fromkeys(rows.reference))

@@ -174,7 +174,8 @@ def verdict_visual_info(probes: pd.DataFrame | None, subject: str, *, margin: fl
     if verdict == INCONCLUSIVE and half_width and np.isfinite(chosen["estimate"]):
         distance = abs(chosen["estimate"] - margin)
         needed_n = int(np.ceil(chosen["n"] * (half_width / distance) ** 2)) if distance > 0 else None
-    what = "score over chance" if unconditional else "selectivity (table made before issue 18)"
+    what = "score over chance" if unconditional else \
+        "selectivity (a probe table from a latentprobe older than the score over chance)"
     rule = (f"per attribute, informative if the latents' {what} (best layer x step chosen inside the training "
             f"folds) has its {confidence:.0%} interval above {margin:g} and its permutation p-value, Holm-adjusted "
             f"over {len(per_attribute)} attribute(s), below {alpha:g}; limited if the interval is below {margin:g} "
