@@ -221,3 +221,14 @@ def test_unmeasured_effect_rows_are_no_evidence():
 def test_reading_guide_states_the_margins_given():
     text = " ".join(item for _, items in reading_guide(Margins(answer_change=0.02)) for item in items)
     assert "answer_change=0.02" in text
+
+
+def test_the_demos_subjects_have_different_colours():
+    """Every figure colours a subject the same way; the demo's eight organisms must get eight different colours
+    (organism-blind and organism-collapsed once hashed onto organism-capimagine's)."""
+    from latentprobe.organisms.recipes import ORGANISMS
+    from latentprobe.report.figures import subject_colour
+
+    names = [f"organism-{name}" for name in ORGANISMS]
+    assert len(names) >= 8
+    assert len({subject_colour(name) for name in names}) == len(names)

@@ -37,8 +37,12 @@ BASELINE_STYLES = {"image_mean": (0, (5, 2)), "prompt_last": (0, (1, 1.5))}  # d
 # One colour per subject in every figure: known subjects have fixed places in the palette (organisms and the
 # real families they imitate share a colour, as they never share a figure in the demo); others hash into it.
 # Palette places: 0 blue, 1 orange, 2 green, 3 vermillion, 4 purple, 5 brown, 6 pink, 7 grey, 8 yellow, 9 sky.
+# The demo's eight organisms take eight different places (blind and collapsed hashed onto capimagine's
+# vermillion, so three subjects of one figure looked alike); they share theirs only with real models (Qwen2.5-VL,
+# Monet) that never appear beside them.
 _SUBJECT_PLACES = {"organism-bottleneck": 0, "organism-shortcut": 1, "organism-mirage": 2, "organism-capimagine": 3,
-                   "organism-lvr": 4, "qwen2.5-vl": 5, "random-init": 6, "organism-direct": 7, "tiny": 8, "monet": 9}
+                   "organism-lvr": 4, "qwen2.5-vl": 5, "random-init": 6, "organism-direct": 7, "tiny": 8, "monet": 9,
+                   "organism-blind": 5, "organism-collapsed": 9}
 _SUBJECT_ALIASES = {"lvr": "organism-lvr", "mirage": "organism-mirage", "capimagine": "organism-capimagine"}
 
 
