@@ -452,6 +452,18 @@ def _symlog_threshold(rows: pd.DataFrame, margin: float | None) -> float | None:
     return linear_within
 
 
+def _symlog_limit(value: float, linear_within: float) -> float:
+    """An axis end just beyond ``value`` on a symlog axis: half the linear range past it inside that range, half
+    the value again beyond it (where the axis is logarithmic).
+
+    >>> _symlog_limit(-0.2, 1.0), _symlog_limit(9000.0, 1.0), _symlog_limit(-9000.0, 1.0)
+    (-0.7, 13500.0, -13500.0)
+    """
+    if abs(value) > linear_within:
+        return 1.5 * value
+    return value + (0.5 * linear_within if value >= 0 else -0.5 * linear_within)
+
+
 def plot_effects_forest(effects: pd.DataFrame, path, *, metrics=None, reference_lines=None) -> list[Path]:
     """Grouped forest plot of the effects summary: one panel per metric side by side (scales differ), one row
     per target x intervention (x step), and in each row one point per subject (its colour in every figure,
@@ -504,8 +516,8 @@ def plot_effects_forest(effects: pd.DataFrame, path, *, metrics=None, reference_
                 ax.set_xscale("symlog", linthresh=linear_within)
                 # symlog pads its limits in log space (a panel of positive effects got an axis down to -100)
                 low = min(np.nanmin(rows[["estimate", "ci_low"]].to_numpy(dtype=float)), -(margin or 0.0))
-                high = np.nanmax(rows[["estimate", "ci_high"]].to_numpy(dtype=float))
-                ax.set_xlim(low - 0.5 * linear_within if low < 0 else -0.5 * linear_within, high * 1.5)
+                high = max(np.nanmax(rows[["estimate", "ci_high"]].to_numpy(dtype=float)), margin or 0.0)
+                ax.set_xlim(*(_symlog_limit(v, linear_within) for v in (low, high)))
             scale_note = "" if linear_within is None else f"; log beyond ±{linear_within:.2g}"
             if margin is not None:
                 signed = name not in UNSIGNED_METRICS  # a signed effect is negligible inside (-margin, margin)

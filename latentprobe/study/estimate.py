@@ -5,8 +5,8 @@ instances in a temporary folder, counting decodes (`DecodeCounter`) and timing t
 number of instances exactly (every instance gets the same runs), and so do prompt prefills while every clean
 batch's prefill fits the budget of `latentprobe.runs.kept_prefills` (beyond its first batches, or a large model's
 first one, a batch prefills its clean prompt once more: one prefill per instance beyond the estimate); wall time
-is extrapolated from the pilot's seconds per instance (batches of the study's size: the pilot runs at the same batch size when it can), and so is
-the disk its stores take (every instance records the same tensors: all image tokens of the clean pass with
+is extrapolated from the pilot's seconds per instance (batches of the study's size: the pilot runs at the same
+batch size when it can), and so is the disk its stores take (every instance records the same tensors: all image tokens of the clean pass with
 ``image_states = "all"``, the largest part for a model with many image tokens); peak memory is the pilot's (one
 batch of the same size is the peak of the full run, whose batches are alike) plus the prefills the full run keeps
 (at most `KEPT_PREFILL_BATCHES` batches, and a budget in bytes). The pilot's effects then go
