@@ -32,6 +32,7 @@ them (BCa bootstrap), rescaled on the normal scale to another level where the de
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -282,6 +283,7 @@ def _plan(stats: RowStats, margins: Margins, family_size: int = 1) -> None:
         return
     from scipy.stats import norm
     from statsmodels.stats.power import TTestPower
+    from statsmodels.tools.sm_exceptions import ConvergenceWarning
 
     se = (stats.ci_high - stats.ci_low) / (2 * norm.ppf(1 - alpha / 2))
     sd = se * math.sqrt(n)
@@ -289,15 +291,20 @@ def _plan(stats: RowStats, margins: Margins, family_size: int = 1) -> None:
         return
     per_row_alpha = alpha / max(family_size, 1)  # Holm's first step: the bound to beat for the best row
     analysis = TTestPower()
-    stats.detectable_effect = float(analysis.solve_power(nobs=max(n, 2), alpha=per_row_alpha, power=power,
-                                                         alternative="two-sided")) * sd
     gap = margin - abs(stats.estimate)
-    stats.needed_n_equivalence = (_ceil(analysis.solve_power(effect_size=gap / sd, alpha=alpha / 2, power=power,
-                                                             alternative="larger")) if gap > 0 else math.inf)
     beyond = abs(stats.estimate) - margin  # the minimum-effect test needs the estimate past the margin
-    stats.needed_n_effect = (_ceil(analysis.solve_power(effect_size=beyond / sd, alpha=per_row_alpha,
-                                                        power=power, alternative="larger"))
-                             if beyond > 0 else math.inf)
+    with warnings.catch_warnings():
+        # statsmodels warns when its root search fails and returns NaN, which the planning columns then hold (an
+        # effect too small to plan for): a user's log gets the NaN in its table, not a solver message
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        stats.detectable_effect = float(analysis.solve_power(nobs=max(n, 2), alpha=per_row_alpha, power=power,
+                                                             alternative="two-sided")) * sd
+        stats.needed_n_equivalence = (_ceil(analysis.solve_power(effect_size=gap / sd, alpha=alpha / 2,
+                                                                 power=power, alternative="larger"))
+                                      if gap > 0 else math.inf)
+        stats.needed_n_effect = (_ceil(analysis.solve_power(effect_size=beyond / sd, alpha=per_row_alpha,
+                                                            power=power, alternative="larger"))
+                                 if beyond > 0 else math.inf)
 
 
 def _ceil(value) -> float:
