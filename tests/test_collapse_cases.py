@@ -124,3 +124,63 @@ def test_the_refitted_estimate_equals_the_full_sample_cross_fit_and_ignores_the_
     turned = collapse_ratio(latents @ rotation, tokens @ rotation, pool @ rotation, n_boot=200)
     for key in ("estimate", "ci_low", "ci_high"):
         assert turned[key] == pytest.approx(first[key], rel=1e-6)
+
+
+def _naive_cross_fitted_ratio(wx, wys, rows, halves):
+    """The cross-fitted ratio of the resample ``rows`` (instance indices, repeats kept), written out: per half an
+    SVD of the drawn, centred fitted rows in the full whitened space, as many top directions as their
+    participation ratio, the held rows' spread along them."""
+    numerator, denominators = 0.0, np.zeros(len(wys))
+    for fit, held in (halves, halves[::-1]):
+        fitted = wx[[r for r in rows if r in set(fit)]]
+        _, singular, vt = np.linalg.svd(fitted - fitted.mean(axis=0), full_matrices=False)
+        energy = singular ** 2
+        k = int(np.clip(round(energy.sum() ** 2 / (energy ** 2).sum()), 1, len(energy)))
+        held_rows = [r for r in rows if r in set(held)]
+        for target, states in enumerate([wx, *wys]):
+            block = states[held_rows] - states[held_rows].mean(axis=0)
+            spread = ((block @ vt[:k].T) ** 2).sum() / k
+            if target == 0:
+                numerator += spread
+            else:
+                denominators[target - 1] += spread
+    return numerator / denominators
+
+
+def test_several_yardsticks_share_the_fits_and_equal_a_written_out_cross_fit_and_its_bca_interval():
+    # The oracle: the statistic written out per resample (SVDs in the full space, repeated rows instead of
+    # weights, no shared fits, no span basis) under scipy's own BCa with the same seed.
+    from scipy import stats
+
+    from latentprobe.stats.collapse_spread import collapse_ratios, whitening_or_identity
+
+    rng = np.random.default_rng(8)
+    n, d, seed = 16, 6, 2
+    latents = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + 4.0
+    yardsticks = {"token": rng.normal(size=(n, d)), "mean": 0.3 * rng.normal(size=(n, d))}
+    pool = rng.normal(size=(120, d)) * np.linspace(0.5, 3.0, d)
+    got = collapse_ratios(latents, yardsticks, pool, seed=seed, n_boot=60)
+
+    w, whitened = whitening_or_identity(pool)
+    assert whitened
+    wx = (latents - latents.mean(axis=0)) @ w
+    wys = [(y - y.mean(axis=0)) @ w for y in yardsticks.values()]
+    order = np.random.default_rng([seed, 7]).permutation(n)
+    halves = (order[: n // 2], order[n // 2:])
+    expected = _naive_cross_fitted_ratio(wx, wys, list(range(n)), halves)
+
+    def statistic(rows, axis=-1):
+        rows = np.asarray(rows)
+        flat = rows.reshape(-1, rows.shape[-1])
+        values = np.stack([_naive_cross_fitted_ratio(wx, wys, list(r), halves) for r in flat], axis=1)
+        return values.reshape((len(wys),) + rows.shape[:-1])
+
+    oracle = stats.bootstrap((np.arange(n),), statistic, vectorized=True, n_resamples=60, method="BCa",
+                             rng=np.random.default_rng(seed))
+    for index, name in enumerate(yardsticks):
+        assert got[name]["estimate"] == pytest.approx(expected[index], rel=1e-9)
+        assert got[name]["ci_low"] == pytest.approx(oracle.confidence_interval.low[index], rel=1e-9)
+        assert got[name]["ci_high"] == pytest.approx(oracle.confidence_interval.high[index], rel=1e-9)
+        alone = collapse_ratio(latents, yardsticks[name], pool, seed=seed, n_boot=60)
+        assert {k: alone[k] for k in ("estimate", "ci_low", "ci_high")} == \
+            {k: got[name][k] for k in ("estimate", "ci_low", "ci_high")}

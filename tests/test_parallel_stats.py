@@ -45,3 +45,71 @@ def test_items_come_back_in_order_and_a_bad_thread_count_is_one_clear_line(monke
     monkeypatch.setenv("LATENTPROBE_THREADS", "zero")
     with pytest.raises(LatentProbeError, match="LATENTPROBE_THREADS='zero'.*unset it"):
         worker_count()
+
+
+def _collapse_of_seed(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    latents = rng.normal(size=(40, 10)) @ rng.normal(size=(10, 10))
+    return collapse_ratio(latents, rng.normal(size=(40, 10)), rng.normal(size=(100, 10)), n_boot=100, seed=seed)
+
+
+def test_analyses_in_processes_equal_those_in_this_process_in_order(monkeypatch):
+    from latentprobe.stats.parallel import map_in_processes
+
+    monkeypatch.setenv("LATENTPROBE_THREADS", "2")
+    in_processes = list(map_in_processes(_collapse_of_seed, [3, 1, 2]))
+    monkeypatch.setenv("LATENTPROBE_THREADS", "1")
+    assert in_processes == list(map_in_processes(_collapse_of_seed, [3, 1, 2]))
+    assert in_processes[1] == _collapse_of_seed(1)
+
+
+def test_a_script_without_a_main_guard_runs_once_when_its_analyses_run_in_processes(tmp_path):
+    # A spawned worker imports the parent's __main__ again: an unguarded script (a user's study) would run again
+    # in every worker, its writes included.
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "my_study.py"
+    script.write_text(textwrap.dedent("""
+        import pathlib
+        from latentprobe.stats.parallel import map_in_processes, start_processes
+        with open(pathlib.Path(__file__).with_name("ran.txt"), "a") as log:
+            log.write("ran\\n")
+        start_processes(3)
+        print(list(map_in_processes(abs, [-1, -2, -3])))
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "LATENTPROBE_THREADS": "2"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[1, 2, 3]"
+    assert (tmp_path / "ran.txt").read_text() == "ran\n"
+
+
+@pytest.mark.slow
+def test_a_report_of_two_subjects_analysed_in_processes_equals_one_made_in_this_process(tmp_path, monkeypatch):
+    from latentprobe.data.loading import load_instances
+    from latentprobe.model.recording import RecordSpec
+    from latentprobe.model.subjects import load_subject
+    from latentprobe.organisms.training import organism_held_out_data
+    from latentprobe.organisms.recipes import ORGANISMS
+    from latentprobe.report.build import build_report
+    from latentprobe.runs.trace import trace
+
+    instances, _ = load_instances(organism_held_out_data(ORGANISMS["bottleneck"], 16))
+    runs = []
+    for name in ("organism-bottleneck", "organism-collapsed"):
+        runs.append(tmp_path / name)
+        trace(load_subject(name), instances, runs[-1], spec=RecordSpec(layers="all", image="all"), batch_size=16)
+    tables = {}
+    for threads in ("1", "2"):
+        monkeypatch.setenv("LATENTPROBE_THREADS", threads)
+        out = tmp_path / f"report-{threads}"
+        build_report(runs, out, attributes=["answer"], n_boot=50,
+                     probe_kwargs=dict(n_splits=3, inner_splits=2, alphas=(1.0,), n_permutations=9))
+        tables[threads] = {name: pd.read_csv(out / name) for name in
+                           ("verdicts.csv", "figures/similarity.csv", "figures/probes.csv")}
+        assert len(list((out / "figures").glob("*-probe-heatmap.png"))) == 2
+    for name, table in tables["1"].items():
+        pd.testing.assert_frame_equal(tables["2"][name], table, obj=name)

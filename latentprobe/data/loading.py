@@ -6,6 +6,8 @@ This dispatch sits above both `latentprobe.data.instances` (the `Instance` noun 
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +34,15 @@ def default_limit(data: str | None, limit: int | None) -> int | None:
     return DEFAULT_INSTANCES if data is None else None
 
 
-def load_instances(source: str | None, limit: int | None = None, split: str | None = None,
+def load_instances(source: str | os.PathLike | None, limit: int | None = None, split: str | None = None,
                    benchmark_options: dict[str, Any] | None = None) -> tuple[list[Instance], str]:
     """Instances from ``source``: None (the built-in images), ``builtin-text`` (the built-in text set, for
     text-only subjects), ``builtin-hops`` (the held-out 2-hop lookups the text organisms are evaluated on: 600,
     `latentprobe.data.tasks.hops`), a JSONL file, or ``BENCHMARK:FOLDER`` for a
     benchmark in its own published format (``benchmark_options`` go to its loader). Returns (instances, a label
     of the source for the manifest)."""
+    if isinstance(source, os.PathLike):  # a file given as a Path
+        source = os.fspath(source)
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise LatentProbeError(f"limit must be a positive integer, got {limit!r}", "pass --limit 1 or more")
     if source is None:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -23,6 +24,7 @@ from . import figures as fig
 from ..errors import LatentProbeError
 from ..fileio import atomic_write, safe_name
 from ..stats.image_readout import pool_tokens, pooling_plan
+from ..stats.parallel import map_in_processes
 from ..stats.probes import probe_table
 from ..stats.similarity import inter_instance_similarity, intra_instance_similarity, similarity_table
 from ..runs.store import TraceStore
@@ -128,6 +130,7 @@ def _analyse_subject(run_dir, figure_dir, *, seed: int, n_boot: int, floor_runs,
     probes = None
     if attributes:
         probes, _ = probe_study(run_dir, attributes, figure_dir, seed=seed, figures=False, **probe_kwargs)
+        appendix += probe_heatmaps(probes, figure_dir / "probes")
     return {"subject": str(similarity.subject.iloc[0]) if len(similarity) else str(run_dir),
             "similarity": similarity, "appendix": appendix, "probes": probes, "seconds": time.time() - started}
 
@@ -513,23 +516,11 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
     usable = list(first_with_latents.values())
     similarity = probes = None
     rest_started = time.time()
-    if usable:
-        analysed = []
-        for run_dir in usable:
-            analysed.append(_analyse_subject(run_dir, figure_dir, seed=seed, n_boot=n_boot, floor_runs=run_dirs,
-                                             attributes=list(attributes), probe_kwargs=dict(probe_kwargs or {})))
-            if say is not None:
-                say(f"report    {analysed[-1]['subject']:<11} collapse and probes ({analysed[-1]['seconds']:.0f}s)")
-        rest_started = time.time()
-        similarity = pd.concat([a["similarity"] for a in analysed], ignore_index=True)
-        figures["collapse"] = collapse_comparison([a["similarity"] for a in analysed], figure_dir, margins.collapse)
-        figures["appendix"] = [item for a in analysed for item in a["appendix"]]
-        if attributes:
-            probes = pd.concat([a["probes"] for a in analysed], ignore_index=True)
-            _write_table(probes, figure_dir / "probes")  # every subject's rows (each study wrote only its own)
-            made = probe_figures(probes, figure_dir / "probes", margin=margins.visual_info)
-            figures["visual_info"] = made["visual_info"]
-            figures["appendix"] += made["appendix"]
+    # Each subject's collapse and probes (most of a report's time, figures included) start in processes now and
+    # are collected below; the effects section, which does not need them, is made meanwhile.
+    analyses = map_in_processes(functools.partial(
+        _analyse_subject, figure_dir=figure_dir, seed=seed, n_boot=n_boot, floor_runs=run_dirs,
+        attributes=list(attributes), probe_kwargs=dict(probe_kwargs or {})), usable)
     effects = effect_tables([d for d, _ in stored])
     if effects is not None and len(effects):
         causal = effects[effects.target != "attention"] if "target" in effects.columns else effects
@@ -546,6 +537,23 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
             paths = fig.plot_effects_forest(causal, figure_dir / "effects-input-latent", metrics=[metric],
                                             reference_lines={metric: margin})
             figures["input_latent"] = [(paths[0], INPUT_LATENT_CAPTION.format(margin=margin))]
+    if usable:
+        analysed = []
+        rest_seconds = time.time() - rest_started  # the effects section, made while the analyses ran
+        for result in analyses:
+            analysed.append(result)
+            if say is not None:
+                say(f"report    {result['subject']:<11} collapse and probes ({result['seconds']:.0f}s)")
+        rest_started = time.time() - rest_seconds
+        similarity = pd.concat([a["similarity"] for a in analysed], ignore_index=True)
+        figures["collapse"] = collapse_comparison([a["similarity"] for a in analysed], figure_dir, margins.collapse)
+        figures["appendix"] = [item for a in analysed for item in a["appendix"]]
+        if attributes:
+            probes = pd.concat([a["probes"] for a in analysed], ignore_index=True)
+            _write_table(probes, figure_dir / "probes")  # every subject's rows (each study wrote only its own)
+            made = probe_figures(probes, figure_dir / "probes", margin=margins.visual_info, heatmaps=False)
+            figures["visual_info"] = made["visual_info"]
+            figures["appendix"] += made["appendix"]
     provenance = run_provenance(run_dirs, kinds, out_dir)
     incomplete = [w for _, store in stored for w in store.completeness()["warnings"]]
     for warning in incomplete:
@@ -594,17 +602,29 @@ PROBE_CAPTION = ("Probe score, control-task score and selectivity (score - contr
                  "tokens pooled onto a grid, the witness that an attribute is readable at all).")
 
 
-def probe_figures(probes: pd.DataFrame, stem: Path, margin: float) -> dict[str, list]:
-    """The probe bars of every subject in one figure (for the finding) and the per-subject heatmaps (appendix)."""
+def probe_figures(probes: pd.DataFrame, stem: Path, margin: float, *, heatmaps: bool = True) -> dict[str, list]:
+    """The probe bars of every subject in one figure (for the finding) and, with ``heatmaps``, the per-subject
+    heatmaps (appendix; `build_report` makes them with each subject's analysis)."""
     made = {"visual_info": [], "appendix": []}
     try:
         paths = fig.plot_probe_bars(probes, stem.with_name("probe-bars"), margin=margin)
         made["visual_info"].append((paths[0], PROBE_CAPTION.format(margin=margin)))
+    except LatentProbeError as exc:  # every probe skipped: the table says why
+        log.warning("no probe figure: %s", exc)
+    if heatmaps:
+        made["appendix"] += probe_heatmaps(probes, stem)
+    return made
+
+
+def probe_heatmaps(probes: pd.DataFrame, stem: Path) -> list:
+    """Each subject's probe accuracy at every layer and latent step (appendix), as [(path, caption)]."""
+    made = []
+    try:
         for subject in probes.subject.unique():
             paths = fig.plot_probe_heatmap(probes[probes.subject == subject],
                                            stem.with_name(f"{_safe(subject)}-probe-heatmap"))
-            made["appendix"].append((paths[0], f"{subject}: probe accuracy of the latent states at every layer "
-                                               "(rows) and latent step (columns), chance in each panel's title."))
+            made.append((paths[0], f"{subject}: probe accuracy of the latent states at every layer (rows) and "
+                                   "latent step (columns), chance in each panel's title."))
     except LatentProbeError as exc:  # every probe skipped: the table says why
         log.warning("no probe figure: %s", exc)
     return made

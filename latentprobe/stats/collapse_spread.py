@@ -9,11 +9,12 @@ same layer) and a pool of token states of that layer:
    massive-activation direction) is removed and counts for nothing; raw cosines, which it dominates, stay only as
    the paper's view.
 2. **Whiten** by the layer's pooled token covariance (Ledoit-Wolf shrinkage, ``sklearn.covariance``; the pool is
-   the token states given -- the layer's image tokens and the single tokens, never the latents, whose own tiny
-   directions would otherwise be blown up to unit variance; with fewer than 2 x D pooled states the covariance
-   cannot be estimated and the states are only centred, which the result records as ``whitened=False``), so a direction in which *all* tokens
-   vary a lot (an anisotropic hidden space) does not dominate, and a unit of spread means the same in every
-   direction.
+   the token states given -- the layer's image tokens, or the yardstick's own tokens when no pool is given, never
+   the latents, whose own tiny directions would otherwise be blown up to unit variance; with fewer than 2 x D
+   pooled states the covariance cannot be estimated and the states are only centred, which the result records
+   as ``whitened=False``), so a direction in which *all* tokens vary a lot (an anisotropic hidden space) does
+   not dominate, and a unit of spread means the same in every direction. Every yardstick of a step is measured
+   in the pool's one whitening, so the latents' subspaces (step 3) are fitted once for all of them.
 3. **Compare per direction, in the latents' own subspace, cross-fitted.** Latents that vary fully in a 16-d
    subspace of a 3584-d space are not collapsed: they hold instance-specific information in those 16 dimensions.
    The instances are split in two halves (seeded); the top principal directions of one half's whitened latents
@@ -118,19 +119,25 @@ def _paired_ratio(numerator, denominator, alpha, n_boot, seed) -> tuple[float, f
     return _bca((numerator, denominator), ratio, alpha, n_boot, seed, paired=True)
 
 
-def _bca(data: tuple, statistic, alpha: float, n_boot: int, seed: int, **options) -> tuple[float, float]:
+def _bca(data: tuple, statistic, alpha: float, n_boot: int, seed: int, outputs: int | None = None,
+         **options):
     """``scipy.stats.bootstrap``'s BCa interval of a vectorised ``statistic``; the percentile interval of the finite
-    draws where BCa's acceleration is undefined (a degenerate jackknife)."""
+    draws where BCa's acceleration is undefined (a degenerate jackknife). A statistic of ``outputs`` values (its
+    first axis) gets an interval each, as an (outputs, 2) array, from the same resamples; otherwise (low, high)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = stats.bootstrap(data, statistic, vectorized=True, n_resamples=n_boot, confidence_level=1 - alpha,
                                  method="BCa", rng=np.random.default_rng(seed), **options)
-    low, high = (float(v) for v in result.confidence_interval)
-    if not (math.isfinite(low) and math.isfinite(high)):
-        draws = result.bootstrap_distribution[np.isfinite(result.bootstrap_distribution)]
-        if len(draws):
-            low, high = (float(v) for v in np.quantile(draws, [alpha / 2, 1 - alpha / 2]))
-    return low, high
+    lows, highs = (np.atleast_1d(np.asarray(v, dtype=float)) for v in result.confidence_interval)
+    draws = np.asarray(result.bootstrap_distribution, dtype=float).reshape(len(lows), -1)
+    intervals = np.stack([lows, highs], axis=1)
+    for row, (low, high) in enumerate(intervals):
+        finite = draws[row][np.isfinite(draws[row])]
+        if not (math.isfinite(low) and math.isfinite(high)) and len(finite):
+            intervals[row] = np.quantile(finite, [alpha / 2, 1 - alpha / 2])
+    if outputs is None:
+        return float(intervals[0, 0]), float(intervals[0, 1])
+    return intervals
 
 
 def _top_directions(whitened: np.ndarray) -> np.ndarray:
@@ -155,33 +162,72 @@ def collapse_ratio(latents, tokens, pool=None, *, seed: int = 0, alpha: float = 
     >>> round(collapse_ratio(diverse, tokens, n_boot=200)["estimate"], 1) > 0.5
     True
     """
-    x, y = _rows(latents, "latents"), _rows(tokens, "tokens")
-    if x.shape != y.shape:
-        raise LatentProbeError(f"latents {x.shape} and tokens {y.shape} differ in shape",
-                               "pass one single-token state per instance, at the latents' layer")
+    return collapse_ratios(latents, {"tokens": tokens}, pool, seed=seed, alpha=alpha, n_boot=n_boot)["tokens"]
+
+
+def collapse_ratios(latents, yardsticks, pool=None, *, seed: int = 0, alpha: float = 0.05,
+                    n_boot: int = 1000) -> dict[str, dict]:
+    """`collapse_ratio` of the same latents against each of several ``yardsticks`` ({name: (N, D) states of the
+    same instances}), as {name: result}. With a ``pool`` every yardstick is measured in the pool's whitening, so the
+    latents' subspaces are fitted once for all of them (the fits are most of the cost): each result equals
+    `collapse_ratio` against that yardstick alone. Without a pool each yardstick whitens by its own states.
+
+    >>> rng = np.random.default_rng(0); latents = rng.normal(size=(30, 6))
+    >>> both = collapse_ratios(latents, {"a": rng.normal(size=(30, 6)), "b": 3 * rng.normal(size=(30, 6))},
+    ...                        rng.normal(size=(200, 6)), n_boot=100)
+    >>> bool(both["b"]["estimate"] < both["a"]["estimate"] / 4)
+    True
+    """
+    x = _rows(latents, "latents")
+    ys = {name: _rows(states, f"yardstick {name!r}") for name, states in dict(yardsticks).items()}
+    for name, y in ys.items():
+        if x.shape != y.shape:
+            raise LatentProbeError(f"latents {x.shape} and tokens {y.shape} differ in shape",
+                                   "pass one single-token state per instance, at the latents' layer")
     n = len(x)
     if n < 4:
-        return dict(estimate=math.nan, ci_low=math.nan, ci_high=math.nan, n=n, dimensions=math.nan,
-                    full_ratio=math.nan, yardstick_spread=math.nan, whitened=False)
-    # The pool is token states only: the latents' own (possibly tiny) directions must not set the whitening, or
-    # their noise would be blown up to unit variance.
-    w, whitened = whitening_or_identity(np.vstack([y] + ([_rows(pool, "token pool")] if pool is not None else [])))
-    wx, wy = (x - x.mean(axis=0)) @ w, (y - y.mean(axis=0)) @ w
+        return {name: dict(estimate=math.nan, ci_low=math.nan, ci_high=math.nan, n=n, dimensions=math.nan,
+                           full_ratio=math.nan, yardstick_spread=math.nan, whitened=False) for name in ys}
+    if pool is None:  # each yardstick is its own whitening pool
+        groups = [([name], whitening_or_identity(y)) for name, y in ys.items()]
+    else:
+        # The pool is token states only: the latents' own (possibly tiny) directions must not set the whitening,
+        # or their noise would be blown up to unit variance.
+        groups = [(list(ys), whitening_or_identity(_rows(pool, "token pool")))]
+    results = {}
+    for names, (w, whitened) in groups:
+        measured = _collapse_in_whitening(x, [ys[name] for name in names], w, seed, alpha, n_boot)
+        for name, result in zip(names, measured):
+            results[name] = {**result, "whitened": whitened}
+    return {name: results[name] for name in ys}
+
+
+def _collapse_in_whitening(x, ys, w, seed: int, alpha: float, n_boot: int) -> list[dict]:
+    n = len(x)
+    wx = (x - x.mean(axis=0)) @ w
+    wys = [(y - y.mean(axis=0)) @ w for y in ys]
     # Every direction the cross-fit can pick lies in the span of the latents' rows: work in that basis (r <= n
     # coordinates instead of D), which changes no projection and makes the refitted bootstrap cheap.
     _, singular, basis = np.linalg.svd(wx, full_matrices=False)
     basis = basis[singular > singular.max(initial=0.0) * 1e-12] if singular.max(initial=0.0) > 0 else basis[:1]
-    wx, wy = wx @ basis.T, wy @ basis.T
+    wx, wys_in_span = wx @ basis.T, [wy @ basis.T for wy in wys]
     order = np.random.default_rng([seed, 7]).permutation(n)
     halves = (order[: n // 2], order[n // 2:])
-    ratios, dims = _cross_fitted_ratios(wx, wy, np.ones((1, n)), halves)
-    estimate = float(ratios[0])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        full = float((wx ** 2).sum() / (wy ** 2).sum()) if (wy ** 2).sum() > 0 else math.nan
-    low, high = _refitted_interval(wx, wy, halves, seed, alpha, n_boot) if math.isfinite(estimate) \
-        else (math.nan, math.nan)
-    return dict(estimate=estimate, ci_low=low, ci_high=high, n=n, dimensions=float(dims[0]), full_ratio=full,
-                yardstick_spread=float((wy ** 2).sum(axis=1).mean() / x.shape[1]), whitened=whitened)
+    ratios, dims = _cross_fitted_ratios(wx, wys_in_span, np.ones((1, n)), halves)
+    estimates = ratios[:, 0]
+    finite = np.isfinite(estimates)
+    intervals = np.full((len(ys), 2), math.nan)
+    if finite.any():  # the interval of a yardstick whose estimate is not finite stays NaN
+        kept = [wy for wy, keep in zip(wys_in_span, finite) if keep]
+        intervals[finite] = _refitted_interval(wx, kept, halves, seed, alpha, n_boot)
+    results = []
+    for wy, y, estimate, (low, high) in zip(wys, ys, estimates, intervals):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            full = float((wx ** 2).sum() / (wy ** 2).sum()) if (wy ** 2).sum() > 0 else math.nan
+        results.append(dict(estimate=float(estimate), ci_low=float(low), ci_high=float(high), n=n,
+                            dimensions=float(dims[0]), full_ratio=full,
+                            yardstick_spread=float((wy ** 2).sum(axis=1).mean() / x.shape[1])))
+    return results
 
 
 def _weighted_centred(states: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -245,54 +291,59 @@ def _fitted_directions(states: np.ndarray, weights: np.ndarray, chunk: int) -> t
     return k, directions
 
 
-def _cross_fitted_ratios(wx: np.ndarray, wy: np.ndarray, weights: np.ndarray, halves, chunk: int = 64):
-    """The cross-fitted ratio for each row of instance ``weights`` (B, N): 1 for the full sample, bootstrap
-    counts for a resample, 0 for a left-out instance. An instance stays in its half in every resample, so a
-    repeated instance never helps find the directions it is measured on. Per half the top principal directions
-    of the weighted fitted half (as many as their participation ratio) are found, and the other half's weighted
-    spread of latents and tokens along them is summed; the ratio is latents over tokens. Returns the ratios and
-    the mean number of directions used, (B,) each.
+def _cross_fitted_ratios(wx: np.ndarray, wys: list, weights: np.ndarray, halves, chunk: int = 64):
+    """The cross-fitted ratio against each yardstick of ``wys`` for each row of instance ``weights`` (B, N): 1 for
+    the full sample, bootstrap counts for a resample, 0 for a left-out instance. An instance stays in its half in
+    every resample, so a repeated instance never helps find the directions it is measured on. Per half the top
+    principal directions of the weighted fitted half of the latents (as many as their participation ratio) are
+    found, and the other half's weighted spread of latents and of each yardstick along them is summed; a ratio is
+    latents over yardstick. Returns the ratios (Y, B) and the mean number of directions used (B,).
 
-    Rows that weigh the fitted half alike share its directions, which are found once: a jackknife sample that
-    leaves out an instance of the other half fits this half exactly as the full sample does."""
-    numerator, denominator, used = np.zeros(len(weights)), np.zeros(len(weights)), np.zeros(len(weights))
+    The fits depend on the latents only, so every yardstick is measured on the same directions, found once; rows
+    that weigh the fitted half alike share them too: a jackknife sample that leaves out an instance of the other
+    half fits this half exactly as the full sample does."""
+    numerator, used = np.zeros(len(weights)), np.zeros(len(weights))
+    denominators = np.zeros((len(wys), len(weights)))
     for fit, held in (halves, halves[::-1]):
         distinct, which = np.unique(weights[:, fit], axis=0, return_inverse=True)
         k, directions = _fitted_directions(wx[fit], distinct, chunk)
         k, directions = k[which.reshape(-1)], directions[which.reshape(-1)]
 
-        def one_chunk(start: int) -> tuple[np.ndarray, np.ndarray]:
+        def one_chunk(start: int) -> np.ndarray:
             w, vt = weights[start:start + chunk, held], directions[start:start + chunk]
             keep = np.arange(vt.shape[1])[None, :] < k[start:start + chunk, None]
             spread = []
-            for states in (wx, wy):
+            for states in [wx, *wys]:
                 along = _weighted_centred(states[held], w) @ vt.transpose(0, 2, 1)  # (B, held, directions)
                 spread.append(((along ** 2).sum(axis=1) * keep).sum(axis=1) / k[start:start + chunk])
-            return spread[0], spread[1]
+            return np.stack(spread)
 
         # chunks are independent (the products release the GIL): side by side, same result in any order
         parts = map_in_threads(one_chunk, range(0, len(weights), chunk))
         if parts:
-            numerator += np.concatenate([p[0] for p in parts])
-            denominator += np.concatenate([p[1] for p in parts])
+            spreads = np.concatenate(parts, axis=1)
+            numerator += spreads[0]
+            denominators += spreads[1:]
         used += k / 2
     if not len(weights):
-        return np.full(0, math.nan), np.full(0, math.nan)
+        return np.full((len(wys), 0), math.nan), np.full(0, math.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denominator > 0, numerator / denominator, math.nan), used
+        return np.where(denominators > 0, numerator[None, :] / denominators, math.nan), used
 
 
-def _refitted_interval(wx, wy, halves, seed: int, alpha: float, n_boot: int) -> tuple[float, float]:
-    """BCa interval over instances with the subspaces refitted in every resample (and every jackknife sample):
-    unconditional on the fitted directions, whose error at small n biases the ratio towards 0 (directions found
-    on a few instances miss part of the latents' subspace) -- a bias BCa's correction sees."""
+def _refitted_interval(wx, wys, halves, seed: int, alpha: float, n_boot: int) -> np.ndarray:
+    """BCa intervals over instances, (Y, 2) for the yardsticks ``wys``, with the subspaces refitted in every
+    resample (and every jackknife sample): unconditional on the fitted directions, whose error at small n biases
+    the ratio towards 0 (directions found on a few instances miss part of the latents' subspace) -- a bias BCa's
+    correction sees. The yardsticks share the resamples (one seed), as each would alone."""
     n = len(wx)
 
     def ratio(rows, axis=-1):
         rows = np.asarray(rows, dtype=int)
-        return _cross_fitted_ratios(wx, wy, resample_counts(rows, n), halves)[0].reshape(rows.shape[:-1])
+        ratios = _cross_fitted_ratios(wx, wys, resample_counts(rows, n), halves)[0]
+        return ratios.reshape((len(wys),) + rows.shape[:-1])
 
-    return _bca((np.arange(n),), ratio, alpha, n_boot, seed)
+    return _bca((np.arange(n),), ratio, alpha, n_boot, seed, outputs=len(wys))
 
 
 def spread_beyond_noise(latents, floor, *, alpha: float = 0.05, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -389,14 +440,14 @@ def collapse_rows(latents, yardsticks, *, pooled=(), pool=None, floor=None, n_bo
             rows.append({**base, "statistic": "noise_excess", "representation": "latent", "reference": "placebo",
                          "step": step, "estimate": noise["spread"] - noise["floor"], "ci_low": noise["excess_low"],
                          "ci_high": math.nan, "n": len(x)})
-        for name, states in dict(yardsticks).items():
-            y = _rows(states, f"yardstick {name!r}")[have]
-            result = collapse_ratio(x, y, pool, seed=seed + step, alpha=alpha, n_boot=n_boot)
+        ys = {name: _rows(states, f"yardstick {name!r}")[have] for name, states in dict(yardsticks).items()}
+        results = collapse_ratios(x, ys, pool, seed=seed + step, alpha=alpha, n_boot=n_boot) if ys else {}
+        for name, result in results.items():
             rows.append({"statistic": "collapse_ratio", "representation": "latent", "reference": name, "step": step,
                          "estimate": result["estimate"], "ci_low": result["ci_low"], "ci_high": result["ci_high"],
                          "n": result["n"], "yardstick": POOLED if name in pooled else SINGLE_TOKEN,
                          "whitened": result["whitened"], "dimensions": result["dimensions"],
-                         "yardstick_relative_spread": _relative_spread(y)})
+                         "yardstick_relative_spread": _relative_spread(ys[name])})
     steps = [s for s in range(latents.shape[1]) if present[:, s].sum() >= 4]
     if len(steps) >= 2:
         first, last = steps[0], steps[-1]

@@ -67,11 +67,10 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import r2_score
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
-from threadpoolctl import threadpool_limits
 
 from ..errors import LatentProbeError
 from .instance_bootstrap import bootstrap_interval_from_counts
-from .parallel import map_in_threads
+from .parallel import map_in_threads, one_blas_thread
 
 TASKS = ("classification", "regression")
 REPRESENTATIONS = ("latent", "image_tokens", "image_mean", "prompt_last", "random_init")
@@ -630,7 +629,7 @@ def run_probes(
 
     # One BLAS thread: these are many small products, where multi-threaded BLAS spends its time spinning
     # (measured 4.6x faster single-threaded on 2 busy cores).
-    with threadpool_limits(limits=1):
+    with one_blas_thread():
         predictions, inner_best, chosen_alpha = _cross_validate(features, good, targets, groups, folds,
                                                                 inner_folds, alphas, task)
 

@@ -210,6 +210,12 @@ def run_study(config: StudyConfig, out_dir: str | Path, *, resume: bool = False,
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / STUDY_FILE, study_toml(config))
     result = StudyResult(out_dir=out_dir)
+    if rank == 0 and "report" not in done:
+        # The report analyses each subject in a process of its own (latentprobe.stats.parallel): started now,
+        # their imports (seconds each) use the cores the decodes leave idle.
+        from ..stats.parallel import start_processes
+
+        start_processes(len(config.subjects), preload=["latentprobe.report.build"])
     runs = []
     for name in config.subjects:
         instances, source = data[name]
