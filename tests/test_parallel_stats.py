@@ -88,28 +88,25 @@ def test_a_script_without_a_main_guard_runs_once_when_its_analyses_run_in_proces
 
 
 @pytest.mark.slow
-def test_a_report_of_two_subjects_analysed_in_processes_equals_one_made_in_this_process(tmp_path, monkeypatch):
-    from latentprobe.data.loading import load_instances
-    from latentprobe.model.recording import RecordSpec
-    from latentprobe.model.subjects import load_subject
-    from latentprobe.organisms.training import organism_held_out_data
-    from latentprobe.organisms.recipes import ORGANISMS
+def test_a_studys_report_analysed_in_processes_beside_the_decodes_equals_one_made_in_this_process(
+        tmp_path, monkeypatch):
+    # The study starts each subject's collapse and probes in a process as soon as its runs are decoded; the same
+    # runs reported afresh in this one process must give the same tables.
     from latentprobe.report.build import build_report
-    from latentprobe.runs.trace import trace
+    from latentprobe.study.config import StudyConfig
+    from latentprobe.study.run import _probe_kwargs, probe_attributes, run_study, study_instances
 
-    instances, _ = load_instances(organism_held_out_data(ORGANISMS["bottleneck"], 16))
-    runs = []
-    for name in ("organism-bottleneck", "organism-collapsed"):
-        runs.append(tmp_path / name)
-        trace(load_subject(name), instances, runs[-1], spec=RecordSpec(layers="all", image="all"), batch_size=16)
-    tables = {}
-    for threads in ("1", "2"):
-        monkeypatch.setenv("LATENTPROBE_THREADS", threads)
-        out = tmp_path / f"report-{threads}"
-        build_report(runs, out, attributes=["answer"], n_boot=50,
-                     probe_kwargs=dict(n_splits=3, inner_splits=2, alphas=(1.0,), n_permutations=9))
-        tables[threads] = {name: pd.read_csv(out / name) for name in
-                           ("verdicts.csv", "figures/similarity.csv", "figures/probes.csv")}
-        assert len(list((out / "figures").glob("*-probe-heatmap.png"))) == 2
-    for name, table in tables["1"].items():
-        pd.testing.assert_frame_equal(tables["2"][name], table, obj=name)
+    monkeypatch.setenv("LATENTPROBE_THREADS", "2")
+    config = StudyConfig(subjects=["organism-bottleneck", "organism-collapsed"], n_instances=12, batch_size=12,
+                         information=["patch"], disruption=["noise"], noise_scales=[3.0], bootstrap=60,
+                         readout_instances=24, probe_folds=3, probe_inner_folds=2, probe_alphas=[1.0],
+                         probe_permutations=9)
+    result = run_study(config, tmp_path / "study", say=lambda *_: None)
+    monkeypatch.setenv("LATENTPROBE_THREADS", "1")
+    build_report(result.runs, tmp_path / "here", seed=config.seed, n_boot=config.bootstrap,
+                 attributes=probe_attributes(config, study_instances(config, config.subjects[0])[0]),
+                 probe_kwargs=_probe_kwargs(config), margins=config.margins_object())
+    for name in ("verdicts.csv", "figures/similarity.csv", "figures/probes.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "here" / name),
+                                      pd.read_csv(tmp_path / "study" / "report" / name), obj=name)
+    assert len(list((tmp_path / "study" / "report" / "figures").glob("*-probe-heatmap.png"))) == 2

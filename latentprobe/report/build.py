@@ -123,6 +123,30 @@ def collapse_comparison(tables: Sequence[pd.DataFrame], out_dir: str | Path, mar
     return made
 
 
+def _subject_analysis(figure_dir, seed, n_boot, floor_runs, attributes, probe_kwargs):
+    """`_analyse_subject` with a report's settings, as a function of the run folder (it pickles: a partial)."""
+    return functools.partial(_analyse_subject, figure_dir=Path(figure_dir), seed=seed, n_boot=n_boot,
+                             floor_runs=[Path(d) for d in floor_runs], attributes=list(attributes),
+                             probe_kwargs=dict(probe_kwargs or {}))
+
+
+def start_subject_analysis(run_dirs: Sequence[str | Path], out_dir: str | Path, *, count: int,
+                           attributes: Sequence[str] = (), seed: int = 0, n_boot: int = 1000,
+                           probe_kwargs: dict | None = None) -> dict:
+    """Start now, in the processes shared by ``count`` subjects (`latentprobe.stats.parallel`), the collapse and
+    probes that `build_report` into ``out_dir`` with the same settings would make of one subject's ``run_dirs``
+    (its readout trace and edits run, as the report lists them); returns ``started`` for `build_report`: {the
+    analysed folder: a call returning the result}, empty when the subject has no latents."""
+    from ..stats.parallel import start_in_process
+
+    stores = [(str(Path(d)), TraceStore(d)) for d in run_dirs if run_kind(d) in ("trace", "intervene")]
+    analysed = next((d for d, store in stores if _has_latents(store)), None)
+    if analysed is None:
+        return {}
+    function = _subject_analysis(Path(out_dir) / "figures", seed, n_boot, run_dirs, attributes, probe_kwargs)
+    return {analysed: start_in_process(function, Path(analysed), count)}
+
+
 def _analyse_subject(run_dir, figure_dir, *, seed: int, n_boot: int, floor_runs, attributes, probe_kwargs) -> dict:
     """One subject's collapse and probes for `build_report`: its tables, appendix figures and seconds taken."""
     started = time.time()
@@ -476,14 +500,17 @@ def _when(created) -> str:
 
 def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attributes: Sequence[str] = (),
                  seed: int = 0, n_boot: int = 1000, title: str | None = None,
-                 probe_kwargs: dict | None = None, margins=None, say=None) -> tuple[Path, Path]:
+                 probe_kwargs: dict | None = None, margins=None, say=None,
+                 started: dict | None = None) -> tuple[Path, Path]:
     """Everything measured in ``run_dirs`` (trace, intervene, patch, ground and lens folders) into report.md and
     report.html, with verdicts.csv (one decision per subject x finding, columns ``verdicts.VERDICT_COLUMNS``) and
     verdict-rows.csv (every row each verdict combined, with its own decision).
 
     Traces and intervention runs decide the verdicts; patching, knockout, grounding and lens runs make the
     "Where and when" section. Writes into ``out_dir`` as it is (`latentprobe report` builds into a fresh folder
-    and swaps it in, so an existing report is never overwritten piecemeal)."""
+    and swaps it in, so an existing report is never overwritten piecemeal). ``started`` maps a run folder to a
+    call returning its collapse and probes, begun earlier with these settings (`start_subject_analysis`; a study
+    starts each subject's as soon as its runs are decoded)."""
     from ..verdicts import Margins, evidence_rows, verdict_table
     from .patch_figures import patching_blocks
     from .render import report_verdicts, write_report
@@ -518,9 +545,9 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
     rest_started = time.time()
     # Each subject's collapse and probes (most of a report's time, figures included) start in processes now and
     # are collected below; the effects section, which does not need them, is made meanwhile.
-    analyses = map_in_processes(functools.partial(
-        _analyse_subject, figure_dir=figure_dir, seed=seed, n_boot=n_boot, floor_runs=run_dirs,
-        attributes=list(attributes), probe_kwargs=dict(probe_kwargs or {})), usable)
+    started = {str(Path(d)): call for d, call in (started or {}).items()}
+    analyses = map_in_processes(_subject_analysis(figure_dir, seed, n_boot, run_dirs, attributes, probe_kwargs),
+                                [d for d in usable if d not in started])
     effects = effect_tables([d for d, _ in stored])
     if effects is not None and len(effects):
         causal = effects[effects.target != "attention"] if "target" in effects.columns else effects
@@ -540,7 +567,8 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
     if usable:
         analysed = []
         rest_seconds = time.time() - rest_started  # the effects section, made while the analyses ran
-        for result in analyses:
+        for run_dir in usable:
+            result = started[run_dir]() if run_dir in started else next(analyses)
             analysed.append(result)
             if say is not None:
                 say(f"report    {result['subject']:<11} collapse and probes ({result['seconds']:.0f}s)")

@@ -98,27 +98,39 @@ def map_in_processes(function: Callable[[T], R], items: Sequence[T]) -> Iterator
     workers = min(worker_count(), len(items))
     if workers <= 1:
         return (function(item) for item in items)
-    try:
-        futures = _submit(workers, [(function, (item,)) for item in items])
-    except BrokenProcessPool:  # a worker of the reused pool died earlier: start afresh
-        _POOLS.pop(_pool_key(workers), None)
-        futures = _submit(workers, [(function, (item,)) for item in items])
+    futures = _submit(workers, [(function, (item,)) for item in items])
 
     def results() -> Iterator[R]:
         try:
             for future in futures:
-                try:
-                    yield future.result()
-                except BrokenProcessPool:
-                    _POOLS.pop(_pool_key(workers), None)
-                    raise LatentProbeError("an analysis process died before it finished (out of memory, or killed)",
-                                           "run again with LATENTPROBE_THREADS=1 to analyse in this one process") \
-                        from None
+                yield _result_of(future, workers)
         finally:
             for future in futures:
                 future.cancel()  # the caller stopped early: work not yet started is dropped
 
     return results()
+
+
+def start_in_process(function: Callable[[T], R], item: T, count: int) -> Callable[[], R]:
+    """Start ``function(item)`` now in the processes `map_in_processes` uses for ``count`` items and return a call
+    that waits for its result; when a single process would do, a call that computes it here when called.
+
+    >>> start_in_process(abs, -4, count=3)()
+    4
+    """
+    workers = min(worker_count(), count)
+    if workers <= 1:
+        return functools.partial(function, item)
+    return functools.partial(_result_of, _submit(workers, [(function, (item,))])[0], workers)
+
+
+def _result_of(future, workers: int):
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        _POOLS.pop(_pool_key(workers), None)
+        raise LatentProbeError("an analysis process died before it finished (out of memory, or killed)",
+                               "run again with LATENTPROBE_THREADS=1 to analyse in this one process") from None
 
 
 def start_processes(count: int, preload: Sequence[str] = ()) -> None:
@@ -141,9 +153,17 @@ def _pool_key(workers: int) -> tuple[int, int]:
 
 def _submit(workers: int, calls: list, preload: tuple[str, ...] = ()) -> list:
     key = _pool_key(workers)
+    try:
+        return _submit_to(key, calls, preload)
+    except BrokenProcessPool:  # a worker of the reused pool died earlier: start afresh, once
+        _POOLS.pop(key, None)
+        return _submit_to(key, calls, preload)
+
+
+def _submit_to(key: tuple[int, int], calls: list, preload: tuple[str, ...]) -> list:
     if key not in _POOLS:
         # spawn, never fork: the parent may hold torch's and OpenMP's threads, which a forked child cannot use.
-        _POOLS[key] = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+        _POOLS[key] = ProcessPoolExecutor(max_workers=key[0], mp_context=multiprocessing.get_context("spawn"),
                                           initializer=_start_worker, initargs=(key[1], os.getpid(), preload))
     with _children_skip_main():  # a worker starts when a call finds none idle
         return [_POOLS[key].submit(function, *args) for function, args in calls]

@@ -210,12 +210,15 @@ def run_study(config: StudyConfig, out_dir: str | Path, *, resume: bool = False,
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / STUDY_FILE, study_toml(config))
     result = StudyResult(out_dir=out_dir)
-    if rank == 0 and "report" not in done:
-        # The report analyses each subject in a process of its own (latentprobe.stats.parallel): started now,
-        # their imports (seconds each) use the cores the decodes leave idle.
+    report_runs, started_analyses = [], {}
+    # One process: each subject's readout follows its edits, and its collapse and probes (most of the report's
+    # time) start at once in processes of their own, beside the next subject's decodes. Under torchrun rank 0
+    # makes every readout after the ranks' edits.
+    pipelined = world == 1 and "report" not in done
+    if pipelined:
         from ..stats.parallel import start_processes
 
-        start_processes(len(config.subjects), preload=["latentprobe.report.build"])
+        start_processes(len(config.subjects), preload=["latentprobe.report.build"])  # their imports take seconds
     runs = []
     for name in config.subjects:
         instances, source = data[name]
@@ -224,23 +227,33 @@ def run_study(config: StudyConfig, out_dir: str | Path, *, resume: bool = False,
         stage = f"edits:{name}"
         if stage in done:
             result.stages_skipped.append(stage)
-            continue
-        subject = load_study_subject(config, name)
-        edits = study_edits(subject, config)
-        result.skipped_edits[name] = edits.skipped
-        with prepare(subject) if prepare is not None else contextlib.nullcontext():
-            _edits_stage(subject, instances, source, edits.interventions, run_dir, config, progress=progress,
-                         resume=run_dir.exists(), shard=(rank, world) if world > 1 else None)
-        result.stages_run.append(stage)
-        for line in subject_lines(name, run_dir, instances, edits.interventions, time.time() - started):
-            say(line)
-        if rank == 0:
-            _mark_done(out_dir, done, stage)
+        else:
+            subject = load_study_subject(config, name)
+            edits = study_edits(subject, config)
+            result.skipped_edits[name] = edits.skipped
+            with prepare(subject) if prepare is not None else contextlib.nullcontext():
+                _edits_stage(subject, instances, source, edits.interventions, run_dir, config, progress=progress,
+                             resume=run_dir.exists(), shard=(rank, world) if world > 1 else None)
+            result.stages_run.append(stage)
+            for line in subject_lines(name, run_dir, instances, edits.interventions, time.time() - started):
+                say(line)
+            if rank == 0:
+                _mark_done(out_dir, done, stage)
+        if world == 1:
+            subject_runs = _readout_stage(config, name, data, run_dir, out_dir, done, result, progress=progress,
+                                          say=say)
+            report_runs += subject_runs
+            if pipelined:
+                started_analyses.update(_start_analysis(config, data, subject_runs, out_dir / "report"))
     result.runs = runs
     if rank != 0:  # the other ranks' share is on disk; rank 0 makes the readouts, the maps and the report
         result.seconds = time.time() - started
         return result
-    result.runs = runs = _readout_stages(config, data, runs, out_dir, done, result, progress=progress, say=say)
+    if world > 1:
+        report_runs = [d for name, run_dir in zip(config.subjects, runs)
+                       for d in _readout_stage(config, name, data, run_dir, out_dir, done, result,
+                                               progress=progress, say=say)]
+    result.runs = runs = report_runs
     if config.maps:
         for name in config.subjects:
             for kind in config.map_kinds:
@@ -265,11 +278,10 @@ def run_study(config: StudyConfig, out_dir: str | Path, *, resume: bool = False,
     attributes = probe_attributes(config, data[config.subjects[0]][0])
     from ..report.build import build_report
 
-    probe_kwargs = dict(n_splits=config.probe_folds, inner_splits=config.probe_inner_folds,
-                        alphas=tuple(config.probe_alphas), n_permutations=config.probe_permutations)
     md, html = build_report(runs, report_dir, attributes=attributes, seed=config.seed, n_boot=config.bootstrap,
-                            probe_kwargs=probe_kwargs, margins=config.margins_object(),
-                            title=title or f"latentprobe study: {', '.join(config.subjects)}", say=say)
+                            probe_kwargs=_probe_kwargs(config), margins=config.margins_object(),
+                            title=title or f"latentprobe study: {', '.join(config.subjects)}", say=say,
+                            started=started_analyses)
     if result.maps:
         _append_maps_section(md, [m for m in result.maps if m.exists()])
     result.stages_run.append("report")
@@ -279,38 +291,46 @@ def run_study(config: StudyConfig, out_dir: str | Path, *, resume: bool = False,
     return result
 
 
-def _readout_stages(config: StudyConfig, data: dict, runs: list[Path], out_dir: Path, done: set[str],
-                    result: StudyResult, *, progress, say) -> list[Path]:
-    """With ``readout_instances`` above a subject's edit instances: a clean trace of that many instances of the same
-    data (every layer, the study's image states) into ``runs/SUBJECT-readout``, listed before the subject's edits
-    store so the report's collapse and probes read it (the causal findings read the edits store). Returns the
-    report's run list."""
-    if config.readout_instances is None:
-        return runs
+def _readout_stage(config: StudyConfig, name: str, data: dict, run_dir: Path, out_dir: Path, done: set[str],
+                   result: StudyResult, *, progress, say) -> list[Path]:
+    """With ``readout_instances`` above the subject's edit instances: a clean trace of that many instances of the
+    same data (every layer, the study's image states) into ``runs/SUBJECT-readout``, listed before the subject's
+    edits store so the report's collapse and probes read it (the causal findings read the edits store). Returns
+    the subject's runs as the report lists them."""
+    instances, _ = data[name]
+    if config.readout_instances is None or config.readout_instances <= len(instances):
+        return [run_dir]
     from ..model.recording import RecordSpec
     from ..runs.trace import trace
 
-    ordered = []
-    for name, run_dir in zip(config.subjects, runs):
-        instances, _ = data[name]
-        if config.readout_instances <= len(instances):
-            ordered.append(run_dir)
-            continue
-        readout, source = study_instances(config, name, config.readout_instances)
-        folder = out_dir / "runs" / f"{subject_folder(name)}-readout"
-        ordered += [folder, run_dir]
-        stage = f"readout:{name}"
-        if stage in done:
-            result.stages_skipped.append(stage)
-            continue
-        subject = load_study_subject(config, name)
-        trace(subject, readout, folder, config=decode_config(config, subject), batch_size=config.batch_size,
-              spec=RecordSpec(layers="all", image=config.image_states), resume=folder.exists(), data_source=source,
-              progress=progress)
-        say(f"readout   {name:<11} {len(readout)} instances traced for collapse and probes")
-        result.stages_run.append(stage)
-        _mark_done(out_dir, done, stage)
-    return ordered
+    readout, source = study_instances(config, name, config.readout_instances)
+    folder = out_dir / "runs" / f"{subject_folder(name)}-readout"
+    stage = f"readout:{name}"
+    if stage in done:
+        result.stages_skipped.append(stage)
+        return [folder, run_dir]
+    subject = load_study_subject(config, name)
+    trace(subject, readout, folder, config=decode_config(config, subject), batch_size=config.batch_size,
+          spec=RecordSpec(layers="all", image=config.image_states), resume=folder.exists(), data_source=source,
+          progress=progress)
+    say(f"readout   {name:<11} {len(readout)} instances traced for collapse and probes")
+    result.stages_run.append(stage)
+    _mark_done(out_dir, done, stage)
+    return [folder, run_dir]
+
+
+def _start_analysis(config: StudyConfig, data: dict, subject_runs: list[Path], report_dir: Path) -> dict:
+    """The subject's collapse and probes, started in the report's processes with the report's settings."""
+    from ..report.build import start_subject_analysis
+
+    return start_subject_analysis(subject_runs, report_dir, count=len(config.subjects),
+                                  attributes=probe_attributes(config, data[config.subjects[0]][0]), seed=config.seed,
+                                  n_boot=config.bootstrap, probe_kwargs=_probe_kwargs(config))
+
+
+def _probe_kwargs(config: StudyConfig) -> dict:
+    return dict(n_splits=config.probe_folds, inner_splits=config.probe_inner_folds, alphas=tuple(config.probe_alphas),
+                n_permutations=config.probe_permutations)
 
 
 def subject_lines(name: str, run_dir: Path, instances, interventions, seconds: float) -> list[str]:
