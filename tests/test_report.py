@@ -232,3 +232,23 @@ def test_the_demos_subjects_have_different_colours():
     names = [f"organism-{name}" for name in ORGANISMS]
     assert len(names) >= 8
     assert len({subject_colour(name) for name in names}) == len(names)
+
+
+def test_the_collapse_comparison_plots_the_ratio_the_verdict_reads():
+    # It plotted the old spread ratio against the image-token mean, where the LVR organism (verdict: collapsed,
+    # collapse ratio 0.04) sat at 0.2-0.5, above the margin drawn on the same panel.
+    from latentprobe.report.figures import _collapse_panel
+    from latentprobe.stats.similarity import similarity_table
+
+    rng = np.random.default_rng(0)
+    tokens = rng.normal(size=(12, 4, 6))
+    table = similarity_table(rng.normal(size=(12, 2, 6)), {"image_mean": tokens.mean(axis=1)}, "s", n_boot=20,
+                             single_tokens={"image_token": tokens[:, 0]}, token_pool=tokens.reshape(-1, 6))
+    title, rows, value, _ = _collapse_panel(table)
+    assert "one image token" in title and value == "estimate"
+    assert set(rows.statistic) == {"collapse_ratio"} and set(rows.reference) == {"image_token"}
+    assert len(rows) == 2  # one per latent step
+    pooled_only = table[~((table.statistic == "collapse_ratio") & (table.reference == "image_token"))]
+    assert set(_collapse_panel(pooled_only)[1].reference) == {"image_mean"}
+    old = table[table.statistic != "collapse_ratio"]  # a table from before issue 18
+    assert set(_collapse_panel(old)[1].statistic) == {"spread_ratio"}

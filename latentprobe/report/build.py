@@ -620,9 +620,10 @@ LATENT_ANSWER_CAPTION = ("Answer changes under latent and text edits (flip rate,
                          "the natural indirect effect of an image swap on correctness (NIE). Dashed: the margins; "
                          "an interval wholly inside them is negligible. Points: subjects.")
 COLLAPSE_CAPTION = ("Left: raw cosine between instances per latent step (the paper's view, inflated by a direction all "
-                    "states share). Right: the spread ratio the verdict reads (latent spread / image-token spread, "
-                    "95% CI; 1 = as varied as the image tokens, 0 = every instance alike). Dashed: the margin "
-                    "{margin:g}; an interval wholly below it is `collapsed`.")
+                    "states share). Right: the collapse ratio the verdict reads (the latents' whitened spread per "
+                    "direction in their own cross-fitted subspace over one image token's, 95% BCa interval, log "
+                    "scale; 1 = as varied as an image token, near 0 = every instance alike). Dashed: the margin "
+                    "{margin:g}; an interval wholly below it is `collapsed`, wholly above it `not collapsed`.")
 PROBE_CAPTION = ("Probe score, control-task score and selectivity (score - control) of the best layer/step per "
                  "representation (chosen inside the training folds); error bars: fold std (score, control) and "
                  "the bootstrap 95% CI (selectivity, a diagnostic). Dotted: chance; dashed: chance + the margin "

@@ -240,10 +240,12 @@ def plot_similarity_by_step(table: pd.DataFrame, path, *, subject: str | None = 
 
 def plot_subject_comparison(table: pd.DataFrame, path, *, representation: str = "latent",
                             margin: float | None = None) -> list[Path]:
-    """One line per subject over latent steps: raw cosine between instances, and (where the table has it) the
-    spread ratio against the image-token baseline (1 = as varied as the image tokens, 0 = collapsed), from a
-    concatenation of ``similarity_table`` outputs. ``margin``: the collapse verdict's margin, drawn on the
-    spread-ratio panel (an interval wholly below it is `collapsed`, wholly above `not collapsed`).
+    """One line per subject over latent steps: raw cosine between instances (the paper's view), and the collapse
+    statistic the verdict reads, from a concatenation of ``similarity_table`` outputs: the ``collapse_ratio``
+    against one image token (against the image-token mean where no single token was recorded), with its
+    interval, on a log axis (ratios of organisms span 0.01-50); tables without it (before issue 18) show the
+    ``spread_ratio`` against the image-token mean. ``margin``: the collapse verdict's margin, drawn on that panel
+    (an interval wholly below it is `collapsed`, wholly above it `not collapsed`).
 
     >>> import numpy as np, pandas as pd, tempfile, pathlib
     >>> from latentprobe.stats.similarity import similarity_table
@@ -256,12 +258,10 @@ def plot_subject_comparison(table: pd.DataFrame, path, *, representation: str = 
     rows = table[table.representation == representation]
     if rows.empty:
         raise LatentProbeError(f"no {representation!r} rows in the similarity table", "check the representation name")
-    ratios = rows[rows.statistic == "spread_ratio"] if "statistic" in rows.columns else rows.iloc[0:0]
-    reference = next((r for r in ("image_mean", "prompt_last") if r in set(ratios.get("reference", []))), None)
     panels = [("raw cosine between instances", _cosine_rows(rows), "mean_similarity", f"mean {SIMILARITY_LABEL}")]
-    if reference is not None:
-        panels.append((f"spread ratio vs {reference} (collapse = 0)", ratios[ratios.reference == reference],
-                       "estimate", f"latent spread / {reference} spread"))
+    verdict_panel = _collapse_panel(rows)
+    if verdict_panel is not None:
+        panels.append(verdict_panel)
     with _style():
         fig = Figure(figsize=(5.2 * len(panels), 4.0), layout="constrained")
         axes = fig.subplots(1, len(panels), squeeze=False).ravel()
@@ -276,16 +276,43 @@ def plot_subject_comparison(table: pd.DataFrame, path, *, representation: str = 
             ax.set_xlabel(STEP_LABEL)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # latent steps are whole numbers
             ax.set_ylabel(ylabel)
-        if reference is not None:
-            axes[1].axhline(1.0, color="grey", linestyle=":", linewidth=1)
+        if verdict_panel is not None:
+            ratio_axis, ratio_rows = axes[1], verdict_panel[1]
+            ratio_axis.axhline(1.0, color="grey", linestyle=":", linewidth=1)
             if margin is not None:
-                axes[1].axhline(margin, color="black", linestyle="--", linewidth=1.2,
-                                label=f"margin {margin:g} (collapsed below)")
-            axes[1].set_ylim(bottom=0)
+                ratio_axis.axhline(margin, color="black", linestyle="--", linewidth=1.2,
+                                   label=f"margin {margin:g} (collapsed below)")
+            values = ratio_rows[[c for c in ("estimate", "ci_low", "ci_high") if c in ratio_rows]].to_numpy(float)
+            positive = values[np.isfinite(values) & (values > 0)]
+            if verdict_panel[2] == "estimate" and positive.size and ratio_rows.statistic.eq("collapse_ratio").all():
+                ratio_axis.set_yscale("log")  # 0.01 and 40 on one axis; a bound at 0 is drawn at the axis' foot
+                ratio_axis.set_ylim(min(positive.min(), margin or 1.0) / 2, max(positive.max(), 1.0) * 2)
+            else:
+                ratio_axis.set_ylim(bottom=0)
         handles, labels = axes[-1].get_legend_handles_labels()  # below the panels: inside, it covered the bands
         fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize="small")
         fig.suptitle("Collapse across subjects: latent tokens between instances")
         return save_figure(fig, path)
+
+
+def _collapse_panel(rows: pd.DataFrame):
+    """(title, rows, value column, y label) of the panel the collapse verdict reads, or None."""
+    if "statistic" not in rows.columns:
+        return None
+    ratios = rows[rows.statistic == "collapse_ratio"]
+    if len(ratios):
+        single = ratios[ratios.yardstick == "single token"] if "yardstick" in ratios.columns else ratios.iloc[0:0]
+        chosen = single if len(single) else ratios
+        reference = str(chosen.reference.iloc[0])
+        what = "one image token" if len(single) else reference
+        return (f"collapse ratio vs {what} (the verdict's)", chosen[chosen.reference == reference], "estimate",
+                "latent / token spread per direction")
+    spread = rows[rows.statistic == "spread_ratio"]
+    reference = next((r for r in ("image_mean", "prompt_last") if r in set(spread.get("reference", []))), None)
+    if reference is None:
+        return None
+    return (f"spread ratio vs {reference} (collapse = 0)", spread[spread.reference == reference], "estimate",
+            f"latent spread / {reference} spread")
 
 
 # --------------------------------------------------------------------------------------------- probes
