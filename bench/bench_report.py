@@ -12,9 +12,11 @@ Two sections, each a ratio of variants timed in one run, repetitions interleaved
              decodes, as before round seven) against ``processes`` (the default: each subject's collapse and probes
              start in a process of their own as soon as its runs are decoded). Wall time of each demo, run as a
              separate ``python -m latentprobe demo`` so that neither inherits the other's warm state; the verdict
-             tables of the two must be equal, and the script says whether they are.
+             tables of the two must be equal, and the script says whether they are. ``--against COMMIT`` adds
+             that commit's demo (its package extracted with ``git archive``) as a third variant.
 
-    python bench/bench_report.py                          # both sections (about 8 minutes on 2 cores)
+    python bench/bench_report.py                          # both sections (about 5 minutes on 2 cores)
+    python bench/bench_report.py --sections demo --against 57bd4ab   # and round six's demo beside them
     python bench/bench_report.py --sections collapse --reps 5
 """
 
@@ -27,8 +29,10 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -64,18 +68,36 @@ def collapse_section(reps: int) -> dict:
     return row
 
 
-def demo_section(reps: int) -> dict:
+def extract_commit(commit: str, folder: Path) -> dict:
+    """The ``latentprobe`` package of ``commit`` (``git archive``) in ``folder``, and the environment that runs it."""
+    archive = subprocess.run(["git", "-C", str(C.ROOT), "archive", commit, "latentprobe"], check=True,
+                             capture_output=True).stdout
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(folder)
+    env = {"PYTHONPATH": str(folder)}
+    found = subprocess.run([sys.executable, "-c", "import latentprobe; print(latentprobe.__file__)"], cwd=folder,
+                           env={**os.environ, **env}, check=True, capture_output=True, text=True).stdout.strip()
+    if not found.startswith(str(folder)):
+        raise SystemExit(f"--against {commit}: python imports {found}, not the extracted commit")
+    return env
+
+
+def demo_section(reps: int, against: str | None) -> dict:
     variants = {"one process": {"LATENTPROBE_THREADS": "1"}, "processes": {}}
     times: dict[str, list[float]] = {name: [] for name in variants}
     verdicts: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        if against:
+            variants[f"commit {against}"] = extract_commit(against, Path(tmp) / "before")
+            times[f"commit {against}"] = []
         for rep in range(reps):
-            order = list(variants)[rep % 2:] + list(variants)[: rep % 2]
+            order = list(variants)[rep % len(variants):] + list(variants)[: rep % len(variants)]
             for name in order:
                 out = Path(tmp) / f"{name.replace(' ', '-')}-{rep}"
                 env = {k: v for k, v in os.environ.items() if k != "LATENTPROBE_THREADS"} | variants[name]
                 started = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "latentprobe", "demo", "--out", str(out)], env=env,
+                # run from the temporary folder: from the checkout, its own package would shadow a commit's
+                subprocess.run([sys.executable, "-m", "latentprobe", "demo", "--out", str(out)], env=env, cwd=tmp,
                                check=True, stdout=subprocess.DEVNULL)
                 times[name].append(time.perf_counter() - started)
                 verdicts[name] = (out / "report" / "verdicts.csv").read_text()
@@ -84,14 +106,29 @@ def demo_section(reps: int) -> dict:
            "ratio": C.median(times["processes"]) / C.median(times["one process"]),
            "all_s": {k: [round(v, 1) for v in vs] for k, vs in times.items()},
            "same_verdicts": verdicts["one process"] == verdicts["processes"], "reps": reps}
+    if against:
+        before = times[f"commit {against}"]
+        row |= {"commit": against, "commit_s": C.median(before),
+                "ratio_to_commit": C.median(times["processes"]) / C.median(before),
+                "same_verdict_words_as_commit": _words(verdicts[f"commit {against}"]) == _words(verdicts["processes"])}
     C.print_table("latentprobe demo, wall s", [row], list(row))
     return row
+
+
+def _words(verdicts_csv: str) -> list:
+    import io
+
+    import pandas as pd
+
+    table = pd.read_csv(io.StringIO(verdicts_csv))
+    return sorted(zip(table.subject, table.finding, table.verdict))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="collapse,demo")
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default: 5 collapse, 2 demo)")
+    parser.add_argument("--against", default=None, help="also time the demo of this earlier commit (a git revision)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     sections = args.sections.split(",")
@@ -99,7 +136,7 @@ def main():
     if "collapse" in sections:
         payload["collapse"] = collapse_section(args.reps or 5)
     if "demo" in sections:
-        payload["demo"] = demo_section(args.reps or 2)
+        payload["demo"] = demo_section(args.reps or 2, args.against)
     path = Path(args.out) if args.out else C.RESULTS_DIR / "bench_report-cpu.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"script": "bench_report", "machine": C.machine_info("cpu"),
