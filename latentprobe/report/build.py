@@ -545,9 +545,9 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
     rest_started = time.time()
     # Each subject's collapse and probes (most of a report's time, figures included) start in processes now and
     # are collected below; the effects section, which does not need them, is made meanwhile.
-    started = {str(Path(d)): call for d, call in (started or {}).items()}
+    started = {Path(d).resolve(): call for d, call in (started or {}).items()}  # one folder, however spelled
     analyses = map_in_processes(_subject_analysis(figure_dir, seed, n_boot, run_dirs, attributes, probe_kwargs),
-                                [d for d in usable if d not in started])
+                                [d for d in usable if Path(d).resolve() not in started])
     effects = effect_tables([d for d, _ in stored])
     if effects is not None and len(effects):
         causal = effects[effects.target != "attention"] if "target" in effects.columns else effects
@@ -568,7 +568,8 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
         analysed = []
         rest_seconds = time.time() - rest_started  # the effects section, made while the analyses ran
         for run_dir in usable:
-            result = started[run_dir]() if run_dir in started else next(analyses)
+            key = Path(run_dir).resolve()
+            result = started[key]() if key in started else next(analyses)
             analysed.append(result)
             if say is not None:
                 say(f"report    {result['subject']:<11} collapse and probes ({result['seconds']:.0f}s)")
