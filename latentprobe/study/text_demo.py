@@ -57,12 +57,8 @@ def run_text_demo(out_dir: str | Path, *, n_instances: int = DEFAULT_INSTANCES, 
 
     ``n_instances`` held-out questions per subject (2 to 600; 80 lets a subject without a latent route reach
     ``disconnect`` at the default margin); ``margins`` are the verdicts' `latentprobe.verdicts.Margins`."""
-    from ..model.decoding import DecodeConfig
-    from ..model.recording import RecordSpec
-    from ..model.subjects import SUBJECTS, load_subject
     from ..report.build import build_report
-    from ..runs.intervene import intervene
-    from ..runs.trace import trace
+    from .demo import one_thread_each
 
     if isinstance(n_instances, bool) or not isinstance(n_instances, int) or not 2 <= n_instances <= 600:
         raise LatentProbeError(f"demo n_instances={n_instances!r} is not a whole number from 2 to 600",
@@ -75,7 +71,31 @@ def run_text_demo(out_dir: str | Path, *, n_instances: int = DEFAULT_INSTANCES, 
         raise LatentProbeError("no text organism is installed (latentprobe/organisms/weights/text-*.safetensors)",
                                "train one with `latentprobe organisms train text-routed --overwrite-shipped`")
     started = time.time()
-    runs, instances = [], []
+    with one_thread_each():  # tiny organisms: a second torch thread only spins (see `one_thread_each`)
+        runs, instances, source = _decode_text_organisms(subjects, n_instances, seed, n_boot, out_dir, progress,
+                                                         say, started)
+        attributes = [a for a in TEXT_PROBE_ATTRIBUTES if a in instances[0].attributes]
+        # the image demo's light probe grid: `latentprobe probe` on a trace is the thorough one
+        fast_probes = dict(n_splits=3, inner_splits=2, Cs=(0.1, 1.0))
+        report_dir = out_dir / "report"
+        md, html = build_report(runs, report_dir, attributes=attributes, seed=seed, n_boot=n_boot,
+                                probe_kwargs=fast_probes, margins=margins,
+                                title="latentprobe demo --text: do the text organisms' latent steps carry the "
+                                      "question to the answer?", say=say)
+    truth = write_text_truth(report_dir, subjects)
+    return {"report_md": md, "report_html": html, "runs": runs, "seconds": time.time() - started,
+            "verdicts": report_dir / "verdicts.csv", "truth": truth}
+
+
+def _decode_text_organisms(subjects, n_instances, seed, n_boot, out_dir, progress, say, started):
+    """Each text organism's trace and intervention run: (run folders, the last one's instances, their source)."""
+    from ..model.decoding import DecodeConfig
+    from ..model.recording import RecordSpec
+    from ..model.subjects import SUBJECTS, load_subject
+    from ..runs.intervene import intervene
+    from ..runs.trace import trace
+
+    runs, instances, source = [], [], None
     for name in subjects:
         spec = SUBJECTS.get(name)
         if spec is None or getattr(spec, "backbone", None) != "text":
@@ -97,17 +117,7 @@ def run_text_demo(out_dir: str | Path, *, n_instances: int = DEFAULT_INSTANCES, 
             f"latent steps {summary.mean_latent_steps:.1f}, {len(edits)} edits + placebos "
             f"({time.time() - started:.0f}s)")
     say(f"data      {len(instances)} held-out hops questions per subject ({source})")
-    attributes = [a for a in TEXT_PROBE_ATTRIBUTES if a in instances[0].attributes]
-    # the image demo's light probe grid: `latentprobe probe` on a trace is the thorough one
-    fast_probes = dict(n_splits=3, inner_splits=2, Cs=(0.1, 1.0))
-    report_dir = out_dir / "report"
-    md, html = build_report(runs, report_dir, attributes=attributes, seed=seed, n_boot=n_boot,
-                            probe_kwargs=fast_probes, margins=margins,
-                            title="latentprobe demo --text: do the text organisms' latent steps carry the question "
-                                  "to the answer?", say=say)
-    truth = write_text_truth(report_dir, subjects)
-    return {"report_md": md, "report_html": html, "runs": runs, "seconds": time.time() - started,
-            "verdicts": report_dir / "verdicts.csv", "truth": truth}
+    return runs, instances, source
 
 
 def write_text_truth(report_dir: Path, subjects: list[str]) -> Path | None:
