@@ -6,9 +6,12 @@ Stages, per subject, then once:
    trace: the collapse and probe analyses read its clean records), then every information and disruption edit,
    the placebo and the controls this version registers, each decoded from that clean run's prefill where the edit
    cannot change the prompt, with both mediator definitions;
+   **readout** (``readout_instances``, right after the subject's edits): a clean trace of more instances for the
+   collapse and probes. In one process the subject's collapse and probes then start at once in an analysis process
+   of their own (`latentprobe.stats.parallel`), beside the next subject's decodes;
 2. **maps** (``[maps] enabled``): patching maps, grounding maps and the logit lens (`latentprobe.where`);
 3. **report** (`latentprobe.report.build.build_report`): effects, collapse, probes and verdicts over every
-   subject's edits run, in one Markdown + HTML report with verdicts.csv.
+   subject's edits run, in one Markdown + HTML report with verdicts.csv (it collects the analyses started above).
 
 The run folder holds ``study.toml`` (the resolved study file; ``--config`` takes it back), ``stages.json`` (the
 finished stages), ``runs/SUBJECT`` (one store per subject), ``maps/SUBJECT-KIND`` and ``report/``. A killed study
