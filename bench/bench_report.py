@@ -132,6 +132,11 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     sections = args.sections.split(",")
+    unknown = set(sections) - {"collapse", "demo"}
+    if unknown:
+        parser.error(f"--sections: unknown {', '.join(sorted(unknown))} (choose from collapse, demo)")
+    if args.reps is not None and args.reps < 1:
+        parser.error(f"--reps {args.reps}: pass 1 or more repetitions")
     payload = {}
     if "collapse" in sections:
         payload["collapse"] = collapse_section(args.reps or 5)

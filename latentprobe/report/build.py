@@ -542,7 +542,7 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
             first_with_latents[name] = str(run_dir)
     usable = list(first_with_latents.values())
     similarity = probes = None
-    rest_started = time.time()
+    rest_started = time.time()  # what the last line times: all but the waits for the analyses
     # Each subject's collapse and probes (most of a report's time, figures included) start in processes now and
     # are collected below; the effects section, which does not need them, is made meanwhile.
     started = {Path(d).resolve(): call for d, call in (started or {}).items()}  # one folder, however spelled
@@ -566,14 +566,14 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, attribu
             figures["input_latent"] = [(paths[0], INPUT_LATENT_CAPTION.format(margin=margin))]
     if usable:
         analysed = []
-        rest_seconds = time.time() - rest_started  # the effects section, made while the analyses ran
+        waited = time.time()
         for run_dir in usable:
             key = Path(run_dir).resolve()
             result = started[key]() if key in started else next(analyses)
             analysed.append(result)
             if say is not None:
                 say(f"report    {result['subject']:<11} collapse and probes ({result['seconds']:.0f}s)")
-        rest_started = time.time() - rest_seconds
+        rest_started += time.time() - waited
         similarity = pd.concat([a["similarity"] for a in analysed], ignore_index=True)
         figures["collapse"] = collapse_comparison([a["similarity"] for a in analysed], figure_dir, margins.collapse)
         figures["appendix"] = [item for a in analysed for item in a["appendix"]]

@@ -284,7 +284,7 @@ def plot_subject_comparison(table: pd.DataFrame, path, *, representation: str = 
                                    label=f"margin {margin:g} (collapsed below)")
             values = ratio_rows[[c for c in ("estimate", "ci_low", "ci_high") if c in ratio_rows]].to_numpy(float)
             positive = values[np.isfinite(values) & (values > 0)]
-            if verdict_panel[2] == "estimate" and positive.size and ratio_rows.statistic.eq("collapse_ratio").all():
+            if positive.size and ratio_rows.statistic.eq("collapse_ratio").all():
                 ratio_axis.set_yscale("log")  # 0.01 and 40 on one axis; a bound at 0 is drawn at the axis' foot
                 ratio_axis.set_ylim(min(positive.min(), margin or 1.0) / 2, max(positive.max(), 1.0) * 2)
             else:

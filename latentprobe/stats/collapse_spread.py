@@ -221,7 +221,7 @@ def _collapse_in_whitening(x, ys, w, seed: int, alpha: float, n_boot: int) -> li
         kept = [wy for wy, keep in zip(wys_in_span, finite) if keep]
         intervals[finite] = _refitted_interval(wx, kept, halves, seed, alpha, n_boot)
     results = []
-    for wy, y, estimate, (low, high) in zip(wys, ys, estimates, intervals):
+    for wy, estimate, (low, high) in zip(wys, estimates, intervals):
         with np.errstate(invalid="ignore", divide="ignore"):
             full = float((wx ** 2).sum() / (wy ** 2).sum()) if (wy ** 2).sum() > 0 else math.nan
         results.append(dict(estimate=float(estimate), ci_low=float(low), ci_high=float(high), n=n,

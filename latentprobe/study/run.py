@@ -218,6 +218,7 @@ def run_study(config: StudyConfig, out_dir: str | Path, *, resume: bool = False,
     # time) start at once in processes of their own, beside the next subject's decodes. Under torchrun rank 0
     # makes every readout after the ranks' edits.
     pipelined = world == 1 and "report" not in done
+    attributes = probe_attributes(config, data[config.subjects[0]][0])
     if pipelined:
         from ..stats.parallel import start_processes
 
@@ -247,7 +248,7 @@ def run_study(config: StudyConfig, out_dir: str | Path, *, resume: bool = False,
                                           say=say)
             report_runs += subject_runs
             if pipelined:
-                started_analyses.update(_start_analysis(config, data, subject_runs, out_dir / "report"))
+                started_analyses.update(_start_analysis(config, attributes, subject_runs, out_dir / "report"))
     result.runs = runs
     if rank != 0:  # the other ranks' share is on disk; rank 0 makes the readouts, the maps and the report
         result.seconds = time.time() - started
@@ -278,7 +279,6 @@ def run_study(config: StudyConfig, out_dir: str | Path, *, resume: bool = False,
         result.stages_skipped.append("report")
         result.seconds = time.time() - started
         return result
-    attributes = probe_attributes(config, data[config.subjects[0]][0])
     from ..report.build import build_report
 
     md, html = build_report(runs, report_dir, attributes=attributes, seed=config.seed, n_boot=config.bootstrap,
@@ -322,13 +322,12 @@ def _readout_stage(config: StudyConfig, name: str, data: dict, run_dir: Path, ou
     return [folder, run_dir]
 
 
-def _start_analysis(config: StudyConfig, data: dict, subject_runs: list[Path], report_dir: Path) -> dict:
+def _start_analysis(config: StudyConfig, attributes: list[str], subject_runs: list[Path], report_dir: Path) -> dict:
     """The subject's collapse and probes, started in the report's processes with the report's settings."""
     from ..report.build import start_subject_analysis
 
-    return start_subject_analysis(subject_runs, report_dir, count=len(config.subjects),
-                                  attributes=probe_attributes(config, data[config.subjects[0]][0]), seed=config.seed,
-                                  n_boot=config.bootstrap, probe_kwargs=_probe_kwargs(config))
+    return start_subject_analysis(subject_runs, report_dir, count=len(config.subjects), attributes=attributes,
+                                  seed=config.seed, n_boot=config.bootstrap, probe_kwargs=_probe_kwargs(config))
 
 
 def _probe_kwargs(config: StudyConfig) -> dict:

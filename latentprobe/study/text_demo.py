@@ -72,8 +72,8 @@ def run_text_demo(out_dir: str | Path, *, n_instances: int = DEFAULT_INSTANCES, 
                                "train one with `latentprobe organisms train text-routed --overwrite-shipped`")
     started = time.time()
     with one_thread_each():  # tiny organisms: a second torch thread only spins (see `one_thread_each`)
-        runs, instances, source = _decode_text_organisms(subjects, n_instances, seed, n_boot, out_dir, progress,
-                                                         say, started)
+        runs, instances = _decode_text_organisms(subjects, n_instances, seed, n_boot, out_dir, progress, say,
+                                                 started)
         attributes = [a for a in TEXT_PROBE_ATTRIBUTES if a in instances[0].attributes]
         # the image demo's light probe grid: `latentprobe probe` on a trace is the thorough one
         fast_probes = dict(n_splits=3, inner_splits=2, Cs=(0.1, 1.0))
@@ -88,7 +88,7 @@ def run_text_demo(out_dir: str | Path, *, n_instances: int = DEFAULT_INSTANCES, 
 
 
 def _decode_text_organisms(subjects, n_instances, seed, n_boot, out_dir, progress, say, started):
-    """Each text organism's trace and intervention run: (run folders, the last one's instances, their source)."""
+    """Each text organism's trace and intervention run: (run folders, the last one's instances)."""
     from ..model.decoding import DecodeConfig
     from ..model.recording import RecordSpec
     from ..model.subjects import SUBJECTS, load_subject
@@ -117,7 +117,7 @@ def _decode_text_organisms(subjects, n_instances, seed, n_boot, out_dir, progres
             f"latent steps {summary.mean_latent_steps:.1f}, {len(edits)} edits + placebos "
             f"({time.time() - started:.0f}s)")
     say(f"data      {len(instances)} held-out hops questions per subject ({source})")
-    return runs, instances, source
+    return runs, instances
 
 
 def write_text_truth(report_dir: Path, subjects: list[str]) -> Path | None:
